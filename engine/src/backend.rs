@@ -1,0 +1,50 @@
+//! What a backend (CPU reference or wgpu) must do for inference and scoring. The drivers in `session.rs`
+//! use only this trait, so both backends run exactly the same generation and scoring logic.
+use crate::cpu::SampleParams;
+use crate::error::Result;
+
+/// What to compute after running a chunk of tokens through the layers.
+pub enum Want<'a> {
+    /// Only fill the KV cache (a prompt chunk before the last one).
+    Nothing,
+    /// Logits at every position of the chunk, [T, V] (parity tests; small models only).
+    AllLogits,
+    /// NLL of `targets[i]` given positions ..=i of the chunk; `targets.len() <= T`.
+    Nll(&'a [u32]),
+    /// Sample the token following the last position.
+    Sample { params: SampleParams, u: f32 },
+}
+
+pub enum Got {
+    Nothing,
+    Logits(Vec<f32>),
+    Nll(Vec<f32>),
+    Token(u32),
+}
+
+pub trait Backend {
+    /// Human-readable name of the device, e.g. "NVIDIA H100 (Vulkan, DiscreteGpu)" or "cpu reference".
+    fn device_name(&self) -> String;
+    /// Clears the KV cache and the repetition-penalty history and sizes the cache for `positions`.
+    fn begin(&mut self, positions: usize) -> Result<()>;
+    /// Marks tokens for the repetition penalty.
+    fn mark_seen(&mut self, tokens: &[u32]) -> Result<()>;
+    /// Runs `tokens` at positions `start..start+T` (the cache must hold 0..start) and computes `want`.
+    fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got>;
+    /// Most tokens one `forward` call accepts (chunking keeps activations under the adapter's limits).
+    fn max_chunk(&self) -> usize;
+    /// Bytes of device memory the backend allocated (weights, cache, activations), and its high-water mark.
+    fn memory(&self) -> MemoryReport;
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MemoryReport {
+    pub ternary_weights: u64,
+    pub embedding: u64,
+    pub lm_head: u64,
+    pub other_weights: u64,
+    pub kv_cache: u64,
+    pub activations: u64,
+    pub total: u64,
+    pub peak: u64,
+}

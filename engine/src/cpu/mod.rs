@@ -1,0 +1,26 @@
+//! The CPU reference: one plain, readable function per op, in the shapes of llm.c (outputs first, then
+//! inputs, then sizes). It is the oracle every WGSL kernel is tested against, and the fallback backend when
+//! no GPU adapter exists. Each function shares its name with its kernel file in `shaders/` and its launcher
+//! in `gpu::`.
+pub mod act_quant;
+pub mod attention;
+pub mod embedding;
+pub mod forward;
+pub mod lm_head;
+pub mod matmul_ternary;
+pub mod nll;
+pub mod relu2_mul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod sample;
+
+pub use act_quant::act_quant;
+pub use attention::attention;
+pub use embedding::embedding;
+pub use lm_head::lm_head;
+pub use matmul_ternary::matmul_ternary;
+pub use nll::nll;
+pub use relu2_mul::relu2_mul;
+pub use rmsnorm::{rmsnorm, rmsnorm_quant};
+pub use rope::{rope, rope_table};
+pub use sample::{sample, SampleParams};

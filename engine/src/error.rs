@@ -1,0 +1,40 @@
+//! One error type for everything the engine can refuse. Every message names the file or tensor at fault,
+//! because the user's only recourse is to fix that input.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid config.json: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("unsupported model_type {0:?}: bitnode runs only \"bitnet\" checkpoints")]
+    UnknownModelType(String),
+    #[error("{path}: corrupt or truncated safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("tensor {name}: {msg}")]
+    Tensor { name: String, msg: String },
+    #[error("missing tensor {0} (checked every shard)")]
+    MissingTensor(String),
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("prompt is {tokens} tokens but the model's context is {context} (with {reserve} reserved for generation)")]
+    PromptTooLong { tokens: usize, context: usize, reserve: usize },
+    #[error("no usable GPU adapter: {0}")]
+    NoAdapter(String),
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io { path: path.into(), source }
+    }
+    pub fn tensor(name: &str, msg: impl Into<String>) -> Self {
+        EngineError::Tensor { name: name.to_string(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,222 @@
+//! The device, its queue, the pipeline cache and buffer helpers that enforce the adapter's size limits.
+use crate::error::{EngineError, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// The largest buffer / storage binding we create: the adapter's limit, optionally lowered (tests,
+    /// `BITNODE_MAX_BINDING`) to exercise tiling.
+    pub max_binding: u64,
+    pub shader_f16: bool,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// The first uncaptured wgpu error; reported by the next read instead of returning garbage.
+    error: Arc<Mutex<Option<String>>>,
+    allocated: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Gpu {
+    pub fn new(adapter: wgpu::Adapter, max_binding: Option<u64>) -> Result<Gpu> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features();
+        let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("bitnode"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| EngineError::NoAdapter(format!("{}: {e}", info.name)))?;
+        let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e| {
+            // Validation errors are bugs in bitnode and device loss is fatal for the job: keep the first
+            // one and fail the next read with it rather than return wrong numbers.
+            let mut slot = match sink.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if slot.is_none() {
+                tracing::error!("wgpu error: {e}");
+                *slot = Some(e.to_string());
+            }
+        }));
+        let hw = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let max_binding = max_binding.map_or(hw, |m| m.min(hw)).max(4096);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            max_binding,
+            shader_f16,
+            pipelines: Mutex::new(HashMap::new()),
+            error,
+            allocated: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// A compute pipeline from (kernel source, entry point, override constants), cached.
+    pub fn pipeline(&self, src: &str, entry: &str, constants: &[(&str, f64)]) -> Arc<wgpu::ComputePipeline> {
+        let key = format!("{:p}/{entry}/{constants:?}", src.as_ptr());
+        let mut cache = match self.pipelines.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(p) = cache.get(&key) {
+            return p.clone();
+        }
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(entry),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        cache.insert(key, p.clone());
+        p
+    }
+
+    /// The first wgpu error since the device was created, as an engine error.
+    pub fn check_error(&self) -> Result<()> {
+        let slot = match self.error.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        match &*slot {
+            Some(e) => Err(EngineError::Gpu(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn track(&self, size: u64) {
+        let now = self.allocated.fetch_add(size, Ordering::Relaxed) + size;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, size: u64) {
+        self.allocated.fetch_sub(size, Ordering::Relaxed);
+    }
+
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    fn check(&self, label: &str, size: u64) -> Result<()> {
+        if size > self.max_binding {
+            return Err(EngineError::Gpu(format!(
+                "buffer {label} needs {size} bytes but the adapter allows {} per binding; this tensor should have been tiled",
+                self.max_binding
+            )));
+        }
+        Ok(())
+    }
+
+    /// A zeroed storage buffer (4-byte aligned, at least 16 bytes).
+    pub fn storage(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
+        let size = size.max(16).div_ceil(4) * 4;
+        self.check(label, size)?;
+        self.track(size);
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A storage buffer initialised with `data`.
+    pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+        let mut bytes = data.to_vec();
+        while bytes.len() < 16 || bytes.len() % 4 != 0 {
+            bytes.push(0);
+        }
+        self.check(label, bytes.len() as u64)?;
+        self.track(bytes.len() as u64);
+        Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        }))
+    }
+
+    pub fn uniform(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        self.track(data.len() as u64);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: data,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    pub fn readback_buffer(&self, size: u64) -> wgpu::Buffer {
+        self.track(size);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Waits for all submitted work, then copies `size` bytes of a MAP_READ buffer out.
+    pub fn read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(format!("device lost while waiting: {e}")))?;
+        rx.recv()
+            .map_err(|_| EngineError::Gpu("map callback never ran".into()))?
+            .map_err(|e| EngineError::Gpu(format!("map failed: {e}")))?;
+        let data = slice.get_mapped_range().to_vec();
+        staging.unmap();
+        self.check_error()?;
+        Ok(data)
+    }
+
+    /// Copies a storage buffer's first `size` bytes back to the host (tests, debugging).
+    pub fn download(&self, buf: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("download"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        self.read(&staging, size)
+    }
+}

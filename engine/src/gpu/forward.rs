@@ -1,0 +1,428 @@
+//! The model forward pass on wgpu. All weights are uploaded once (ternary projections packed at 2 bits,
+//! embedding / lm_head in f16 or f32 row tiles); activations live in buffers sized for one chunk of tokens
+//! so that no buffer exceeds the adapter's binding limit; the KV cache is sized per request. A chunk is one
+//! compute pass of about 10 dispatches per layer with bind groups built in advance.
+use super::kernels::{self, MatrixTile, Op, Step, TernaryTile};
+use super::Gpu;
+use crate::backend::{Backend, Got, MemoryReport, Want};
+use crate::error::{EngineError, Result};
+use crate::model::Model;
+use crate::session::{EmbedDtype, EngineOptions};
+use std::sync::Arc;
+
+struct LayerBufs {
+    input_layernorm: wgpu::Buffer,
+    post_attention_layernorm: wgpu::Buffer,
+    attn_sub_norm: wgpu::Buffer,
+    ffn_sub_norm: wgpu::Buffer,
+    qkv: Vec<TernaryTile>,
+    o: Vec<TernaryTile>,
+    gate_up: Vec<TernaryTile>,
+    down: Vec<TernaryTile>,
+}
+
+struct Acts {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xq: wgpu::Buffer,
+    xs: wgpu::Buffer,
+    qsum: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    att: wgpu::Buffer,
+    h: wgpu::Buffer,
+    xf: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    nll: wgpu::Buffer,
+    seen: wgpu::Buffer,
+    sampled: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    bytes: u64,
+}
+
+struct Ops {
+    body: Vec<Op>,
+    final_norm: Op,
+    lm: Vec<Op>,
+    nll: Op,
+    sample: Op,
+}
+
+pub struct GpuBackend {
+    gpu: Arc<Gpu>,
+    model: Arc<Model>,
+    f16: bool,
+    embed: Vec<MatrixTile>,
+    head: Option<Vec<MatrixTile>>,
+    norm: wgpu::Buffer,
+    layers: Vec<LayerBufs>,
+    acts: Acts,
+    tmax: usize,
+    lmax: usize,
+    cap: usize,
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    rope: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    ops: Option<Ops>,
+    seen: Vec<u32>,
+    weight_bytes: (u64, u64, u64, u64),
+    kv_bytes: u64,
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+impl GpuBackend {
+    pub fn new(model: Arc<Model>, adapter: wgpu::Adapter, opts: &EngineOptions) -> Result<Self> {
+        let gpu = Arc::new(Gpu::new(adapter, opts.max_binding)?);
+        Self::with_gpu(model, gpu, opts.embed_dtype)
+    }
+
+    pub fn with_gpu(model: Arc<Model>, gpu: Arc<Gpu>, embed: EmbedDtype) -> Result<Self> {
+        let f16 = match embed {
+            EmbedDtype::Auto => gpu.shader_f16,
+            EmbedDtype::F16 => true,
+            EmbedDtype::F32 => false,
+        };
+        let cfg = &model.config;
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let embed_tiles = kernels::matrix_tiles(&gpu, &model.embed, f16)?;
+        let head = match &model.lm_head {
+            Some(h) => Some(kernels::matrix_tiles(&gpu, h, f16)?),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(model.layers.len());
+        let mut tern = 0u64;
+        let mut other = 0u64;
+        for l in &model.layers {
+            let qkv = kernels::ternary_tiles(&gpu, &[&l.q_proj, &l.k_proj, &l.v_proj], false)?;
+            let o = kernels::ternary_tiles(&gpu, &[&l.o_proj], false)?;
+            let gate_up = kernels::ternary_tiles(&gpu, &[&l.gate_proj, &l.up_proj], true)?;
+            let down = kernels::ternary_tiles(&gpu, &[&l.down_proj], false)?;
+            tern += [&qkv, &o, &gate_up, &down].iter().flat_map(|t| t.iter()).map(|t| t.bytes).sum::<u64>();
+            other += 4 * (2 * c + qd + f) as u64;
+            layers.push(LayerBufs {
+                input_layernorm: gpu.storage_init("input_layernorm", f32_bytes(&l.input_layernorm))?,
+                post_attention_layernorm: gpu.storage_init("post_attention_layernorm", f32_bytes(&l.post_attention_layernorm))?,
+                attn_sub_norm: gpu.storage_init("attn_sub_norm", f32_bytes(&l.attn_sub_norm))?,
+                ffn_sub_norm: gpu.storage_init("ffn_sub_norm", f32_bytes(&l.ffn_sub_norm))?,
+                qkv,
+                o,
+                gate_up,
+                down,
+            });
+        }
+        let norm = gpu.storage_init("norm", f32_bytes(&model.norm))?;
+        let ebytes: u64 = embed_tiles.iter().map(|t| t.buf.size()).sum();
+        let hbytes: u64 = head.as_ref().map_or(0, |h| h.iter().map(|t| t.buf.size()).sum());
+
+        // Chunk size: the widest activation row times T must fit one binding.
+        let widest = (c.max(f).max(qd + 2 * kvd) * 4) as u64;
+        let tmax = ((gpu.max_binding / widest) as usize).clamp(1, 512);
+        if (v * 4) as u64 > gpu.max_binding {
+            return Err(EngineError::Gpu(format!("one row of logits ({} bytes) exceeds the binding limit {}", v * 4, gpu.max_binding)));
+        }
+        let lmax = ((gpu.max_binding / (v * 4) as u64) as usize).clamp(1, tmax);
+        let before = gpu.allocated();
+        let s = |label: &str, bytes: usize| gpu.storage(label, bytes as u64);
+        let acts = Acts {
+            step: gpu.uniform("step", bytemuck::bytes_of(&Step::default())),
+            tokens: s("tokens", tmax * 4)?,
+            x: s("x", tmax * c * 4)?,
+            xq: s("xq", tmax * c.max(f).max(qd))?,
+            xs: s("xs", tmax * 4)?,
+            qsum: s("qsum", tmax * 4)?,
+            qkv: s("qkv", tmax * (qd + 2 * kvd) * 4)?,
+            att: s("att", tmax * qd * 4)?,
+            h: s("h", tmax * f * 4)?,
+            xf: s("xf", tmax * c * 4)?,
+            logits: s("logits", lmax * v * 4)?,
+            targets: s("targets", tmax * 4)?,
+            nll: s("nll", tmax * 4)?,
+            seen: s("seen", v.div_ceil(32) * 4)?,
+            sampled: s("sampled", 4)?,
+            staging: gpu.readback_buffer(((lmax * v * 4).max(tmax * 4).max(16)) as u64),
+            bytes: 0,
+        };
+        let acts = Acts { bytes: gpu.allocated() - before, ..acts };
+        tracing::info!(
+            device = %gpu.name(), embed_f16 = f16, ternary_mib = tern >> 20, embed_mib = ebytes >> 20,
+            lm_head_mib = hbytes >> 20, embed_tiles = embed_tiles.len(), chunk = tmax, "model on device"
+        );
+        Ok(GpuBackend {
+            gpu,
+            f16,
+            embed: embed_tiles,
+            head,
+            norm,
+            layers,
+            acts,
+            tmax,
+            lmax,
+            cap: 0,
+            kv: vec![],
+            rope: None,
+            ops: None,
+            seen: vec![0; v.div_ceil(32)],
+            weight_bytes: (tern, ebytes, hbytes, other + 4 * c as u64),
+            kv_bytes: 0,
+            model,
+        })
+    }
+
+    pub fn embed_f16(&self) -> bool {
+        self.f16
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn build_ops(&self) -> Result<Ops> {
+        let g = &self.gpu;
+        let a = &self.acts;
+        let cfg = &self.model.config;
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let eps = cfg.rms_norm_eps as f32;
+        let (cos, sin) = self.rope.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let mut body = vec![];
+        for t in &self.embed {
+            body.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.x, &a.step));
+        }
+        for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
+            body.push(kernels::rmsnorm_quant(g, c, eps, &l.input_layernorm, &a.x, &a.xq, &a.xs, &a.qsum, &a.step));
+            for t in &l.qkv {
+                body.push(kernels::matmul_ternary(g, t, 0, 0, qd + 2 * kvd, &a.xq, &a.xs, &a.qsum, &a.qkv, &a.step));
+            }
+            body.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
+            body.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
+            body.push(kernels::rmsnorm_quant(g, qd, eps, &l.attn_sub_norm, &a.att, &a.xq, &a.xs, &a.qsum, &a.step));
+            for t in &l.o {
+                body.push(kernels::matmul_ternary(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+            }
+            body.push(kernels::rmsnorm_quant(g, c, eps, &l.post_attention_layernorm, &a.x, &a.xq, &a.xs, &a.qsum, &a.step));
+            for t in &l.gate_up {
+                body.push(kernels::matmul_ternary(g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step));
+            }
+            body.push(kernels::rmsnorm_quant(g, f, eps, &l.ffn_sub_norm, &a.h, &a.xq, &a.xs, &a.qsum, &a.step));
+            for t in &l.down {
+                body.push(kernels::matmul_ternary(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+            }
+        }
+        let final_norm = kernels::rmsnorm(g, c, eps, &self.norm, &a.x, &a.xf, &a.step);
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let lm = head.iter().map(|t| kernels::lm_head(g, self.f16, c, v, t, &a.xf, &a.logits, &a.step)).collect();
+        let nll = kernels::nll(g, v, &a.logits, &a.targets, &a.nll, &a.step);
+        let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sampled, &a.step);
+        Ok(Ops { body, final_norm, lm, nll, sample })
+    }
+
+    fn write_step(&self, s: &Step) {
+        self.gpu.queue.write_buffer(&self.acts.step, 0, bytemuck::bytes_of(s));
+    }
+
+    fn submit(&self, f: impl FnOnce(&mut wgpu::ComputePass<'_>), copy: Option<(&wgpu::Buffer, u64)>) {
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            f(&mut pass);
+        }
+        if let Some((src, size)) = copy {
+            enc.copy_buffer_to_buffer(src, 0, &self.acts.staging, 0, size);
+        }
+        self.gpu.queue.submit([enc.finish()]);
+    }
+}
+
+impl Backend for GpuBackend {
+    fn device_name(&self) -> String {
+        self.gpu.name()
+    }
+
+    fn begin(&mut self, positions: usize) -> Result<()> {
+        let cfg = &self.model.config;
+        if positions > self.cap || self.ops.is_none() {
+            let cap = positions.max(1).div_ceil(64) * 64;
+            let cap = cap.min(cfg.max_position_embeddings.max(positions));
+            let per = (cfg.num_kv_heads * cap * cfg.head_dim * 4) as u64;
+            if per > self.gpu.max_binding {
+                return Err(EngineError::Gpu(format!(
+                    "a KV cache of {cap} positions needs {per} bytes per layer, over this adapter's binding limit of {}; use fewer tokens",
+                    self.gpu.max_binding
+                )));
+            }
+            for (k, v) in self.kv.drain(..) {
+                self.gpu.release(k.size() + v.size());
+            }
+            if let Some((c, s)) = self.rope.take() {
+                self.gpu.release(c.size() + s.size());
+            }
+            self.ops = None;
+            for _ in 0..cfg.num_layers {
+                self.kv.push((self.gpu.storage("k_cache", per)?, self.gpu.storage("v_cache", per)?));
+            }
+            self.kv_bytes = per * 2 * cfg.num_layers as u64;
+            let (cos, sin) = crate::cpu::rope_table(cfg.rope_theta, cfg.head_dim, cap);
+            self.rope = Some((self.gpu.storage_init("rope_cos", f32_bytes(&cos))?, self.gpu.storage_init("rope_sin", f32_bytes(&sin))?));
+            self.cap = cap;
+            self.ops = Some(self.build_ops()?);
+        }
+        self.seen.fill(0);
+        self.gpu.queue.write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
+        Ok(())
+    }
+
+    fn mark_seen(&mut self, tokens: &[u32]) -> Result<()> {
+        let mut changed = false;
+        for &t in tokens {
+            if let Some(w) = self.seen.get_mut(t as usize / 32) {
+                *w |= 1 << (t % 32);
+                changed = true;
+            }
+        }
+        if changed {
+            if tokens.len() == 1 {
+                let i = tokens[0] as usize / 32;
+                self.gpu.queue.write_buffer(&self.acts.seen, (i * 4) as u64, bytemuck::cast_slice(&self.seen[i..i + 1]));
+            } else {
+                self.gpu.queue.write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
+            }
+        }
+        Ok(())
+    }
+
+    fn max_chunk(&self) -> usize {
+        self.tmax
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let (tern, e, h, other) = self.weight_bytes;
+        MemoryReport {
+            ternary_weights: tern,
+            embedding: e,
+            lm_head: h,
+            other_weights: other,
+            kv_cache: self.kv_bytes,
+            activations: self.acts.bytes,
+            total: self.gpu.allocated(),
+            peak: self.gpu.peak(),
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got> {
+        let cfg = &self.model.config;
+        let v = cfg.vocab_size;
+        let t = tokens.len();
+        if t == 0 || t > self.tmax {
+            return Err(EngineError::Invalid(format!("chunk of {t} tokens (allowed 1..={})", self.tmax)));
+        }
+        if start + t > self.cap {
+            return Err(EngineError::Invalid(format!("positions {start}..{} exceed the cache of {}", start + t, self.cap)));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= v) {
+            return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {v}")));
+        }
+        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        self.gpu.queue.write_buffer(&self.acts.tokens, 0, bytemuck::cast_slice(tokens));
+        let mut step = Step { t: t as u32, start: start as u32, ..Default::default() };
+        let tt = t as u32;
+        match want {
+            Want::Nothing => {
+                self.write_step(&step);
+                self.submit(|p| ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+                Ok(Got::Nothing)
+            }
+            Want::Sample { params, u } => {
+                step.lm_t0 = tt - 1;
+                step.lm_t = 1;
+                step.temperature = params.temperature;
+                step.top_k = params.top_k;
+                step.top_p = params.top_p;
+                step.penalty = params.repetition_penalty;
+                step.u = u;
+                self.write_step(&step);
+                self.submit(
+                    |p| {
+                        ops.body.iter().for_each(|o| o.record(p, tt, 1));
+                        ops.final_norm.record(p, tt, 1);
+                        ops.lm.iter().for_each(|o| o.record(p, tt, 1));
+                        ops.sample.record(p, tt, 1);
+                    },
+                    Some((&self.acts.sampled, 4)),
+                );
+                let b = self.gpu.read(&self.acts.staging, 4)?;
+                let tok = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                if tok as usize >= v {
+                    return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
+                }
+                Ok(Got::Token(tok))
+            }
+            Want::Nll(targets) => {
+                let n = targets.len().min(t);
+                if n == 0 {
+                    self.write_step(&step);
+                    self.submit(|p| ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+                    return Ok(Got::Nll(vec![]));
+                }
+                self.gpu.queue.write_buffer(&self.acts.targets, 0, bytemuck::cast_slice(&targets[..n]));
+                let mut first = true;
+                let mut s0 = 0;
+                while s0 < n {
+                    let cnt = (n - s0).min(self.lmax);
+                    step.lm_t0 = s0 as u32;
+                    step.lm_t = cnt as u32;
+                    self.write_step(&step);
+                    let last = s0 + cnt == n;
+                    let lt = cnt as u32;
+                    self.submit(
+                        |p| {
+                            if first {
+                                ops.body.iter().for_each(|o| o.record(p, tt, lt));
+                                ops.final_norm.record(p, tt, lt);
+                            }
+                            ops.lm.iter().for_each(|o| o.record(p, tt, lt));
+                            ops.nll.record(p, tt, lt);
+                        },
+                        if last { Some((&self.acts.nll, (n * 4) as u64)) } else { None },
+                    );
+                    first = false;
+                    s0 += cnt;
+                }
+                let b = self.gpu.read(&self.acts.staging, (n * 4) as u64)?;
+                Ok(Got::Nll(bytemuck::cast_slice::<u8, f32>(&b).to_vec()))
+            }
+            Want::AllLogits => {
+                let mut all = Vec::with_capacity(t * v);
+                let mut first = true;
+                let mut s0 = 0;
+                while s0 < t {
+                    let cnt = (t - s0).min(self.lmax);
+                    step.lm_t0 = s0 as u32;
+                    step.lm_t = cnt as u32;
+                    self.write_step(&step);
+                    let lt = cnt as u32;
+                    self.submit(
+                        |p| {
+                            if first {
+                                ops.body.iter().for_each(|o| o.record(p, tt, lt));
+                                ops.final_norm.record(p, tt, lt);
+                            }
+                            ops.lm.iter().for_each(|o| o.record(p, tt, lt));
+                        },
+                        Some((&self.acts.logits, (cnt * v * 4) as u64)),
+                    );
+                    first = false;
+                    let b = self.gpu.read(&self.acts.staging, (cnt * v * 4) as u64)?;
+                    all.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&b));
+                    s0 += cnt;
+                }
+                Ok(Got::Logits(all))
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! One launcher per WGSL kernel, named as the kernel and its CPU twin. A launcher checks shapes, builds
+//! the bind group once and returns an [`Op`]; the forward pass records prepared ops, so a decode step does
+//! no allocation and creates no bind groups.
+use super::Gpu;
+use crate::error::{EngineError, Result};
+use crate::model::{MappedMatrix, TernaryLinear};
+use bitnode_shaders as sh;
+use std::sync::Arc;
+
+/// Tokens per workgroup in matmul_ternary.wgsl and lm_head.wgsl (their `TT`).
+pub const TT: u32 = 4;
+
+/// The per-submission values every kernel reads (binding 1). Mirrors `struct Step` in the shaders.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Step {
+    pub t: u32,
+    pub start: u32,
+    pub lm_t0: u32,
+    pub lm_t: u32,
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub penalty: f32,
+    pub u: f32,
+    pub _pad: [u32; 3],
+}
+
+/// How many workgroups an op needs, given the chunk's token count T and the lm_head row count.
+#[derive(Debug, Clone, Copy)]
+pub enum Grid {
+    /// (T, 1, 1)
+    Tokens,
+    /// (T, n, 1)
+    TokensBy(u32),
+    /// (n, T, 1)
+    ByTokens(u32),
+    /// (ceil(rows/8), ceil(T/TT), 1)
+    Rows(u32),
+    /// (ceil(rows/8), ceil(lm_t/TT), 1)
+    LmRows(u32),
+    /// (lm_t, 1, 1)
+    LmTokens,
+    /// (1, 1, 1)
+    One,
+}
+
+impl Grid {
+    pub fn dims(&self, t: u32, lm_t: u32) -> (u32, u32, u32) {
+        match *self {
+            Grid::Tokens => (t, 1, 1),
+            Grid::TokensBy(n) => (t, n, 1),
+            Grid::ByTokens(n) => (n, t, 1),
+            Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
+            Grid::LmRows(r) => (r.div_ceil(8), lm_t.div_ceil(TT), 1),
+            Grid::LmTokens => (lm_t, 1, 1),
+            Grid::One => (1, 1, 1),
+        }
+    }
+}
+
+pub struct Op {
+    pub name: &'static str,
+    pub pipeline: Arc<wgpu::ComputePipeline>,
+    pub bind: wgpu::BindGroup,
+    pub grid: Grid,
+    /// Kept alive for the bind group.
+    _params: wgpu::Buffer,
+}
+
+impl Op {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, t: u32, lm_t: u32) {
+        let (x, y, z) = self.grid.dims(t, lm_t);
+        if x == 0 || y == 0 || z == 0 {
+            return;
+        }
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// Runs ops in one compute pass and submits (kernel tests, scoring tails).
+pub fn run(gpu: &Gpu, ops: &[&Op], t: u32, lm_t: u32) {
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        for op in ops {
+            op.record(&mut pass, t, lm_t);
+        }
+    }
+    gpu.queue.submit([enc.finish()]);
+}
+
+fn op(gpu: &Gpu, name: &'static str, src: &str, consts: &[(&str, f64)], params: &[u32], bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer, grid: Grid) -> Op {
+    let pipeline = gpu.pipeline(src, name, consts);
+    let pbuf = gpu.uniform(name, bytemuck::cast_slice(params));
+    let mut entries = vec![
+        wgpu::BindGroupEntry { binding: 0, resource: pbuf.as_entire_binding() },
+        wgpu::BindGroupEntry { binding: 1, resource: step.as_entire_binding() },
+    ];
+    for (b, buf) in bufs {
+        entries.push(wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() });
+    }
+    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(name),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    Op { name, pipeline, bind, grid, _params: pbuf }
+}
+
+/// Rows [row0, row0+rows) of a full-precision matrix (embedding / lm_head) in one buffer.
+pub struct MatrixTile {
+    pub buf: wgpu::Buffer,
+    pub row0: u32,
+    pub rows: u32,
+}
+
+/// Splits a [V, C] matrix into row tiles that each fit one binding, stored as f16 pairs or f32.
+pub fn matrix_tiles(gpu: &Gpu, m: &MappedMatrix, f16: bool) -> Result<Vec<MatrixTile>> {
+    let row_bytes = (m.cols * if f16 { 2 } else { 4 }) as u64;
+    let per = (gpu.max_binding / row_bytes).max(1) as usize;
+    if row_bytes > gpu.max_binding {
+        return Err(EngineError::Gpu(format!("one row of {} ({row_bytes} bytes) exceeds the binding limit {}", m.name, gpu.max_binding)));
+    }
+    let mut tiles = vec![];
+    let mut r0 = 0;
+    while r0 < m.rows {
+        let r1 = (r0 + per).min(m.rows);
+        let buf = if f16 {
+            gpu.storage_init(&m.name, bytemuck::cast_slice(&m.rows_f16(r0, r1)))?
+        } else {
+            gpu.storage_init(&m.name, bytemuck::cast_slice(&m.rows_f32(r0, r1)))?
+        };
+        tiles.push(MatrixTile { buf, row0: r0 as u32, rows: (r1 - r0) as u32 });
+        r0 = r1;
+    }
+    Ok(tiles)
+}
+
+/// Output rows [row0, row0+rows) of one (possibly fused) ternary projection.
+pub struct TernaryTile {
+    pub w: wgpu::Buffer,
+    pub scales: wgpu::Buffer,
+    pub row0: u32,
+    pub rows: u32,
+    pub words: u32,
+    pub gate_up: bool,
+    pub bytes: u64,
+}
+
+/// Packs projections that share an input into row tiles. Plain: the parts' rows are concatenated (q|k|v
+/// becomes one output of NH*HD + 2*NKV*HD columns) with a scale per row. `gate_up`: parts are [gate, up];
+/// each tile holds its gate rows then the matching up rows, for the fused relu^2 epilogue.
+pub fn ternary_tiles(gpu: &Gpu, parts: &[&TernaryLinear], gate_up: bool) -> Result<Vec<TernaryTile>> {
+    let inp = parts[0].inp;
+    if parts.iter().any(|p| p.inp != inp) || (gate_up && (parts.len() != 2 || parts[0].out != parts[1].out)) {
+        return Err(EngineError::Invalid("fused ternary parts disagree in shape".into()));
+    }
+    let words = inp / 16;
+    let row_bytes = (words * 4) as u64 * if gate_up { 2 } else { 1 };
+    if row_bytes > gpu.max_binding {
+        return Err(EngineError::Gpu(format!("a ternary row of {row_bytes} bytes exceeds the binding limit {}", gpu.max_binding)));
+    }
+    let per = (gpu.max_binding / row_bytes).max(1) as usize;
+    // (part, row) for each output row
+    let rows: Vec<(usize, usize)> = if gate_up {
+        (0..parts[0].out).map(|r| (0, r)).collect()
+    } else {
+        parts.iter().enumerate().flat_map(|(pi, p)| (0..p.out).map(move |r| (pi, r))).collect()
+    };
+    let mut tiles = vec![];
+    let mut r0 = 0;
+    while r0 < rows.len() {
+        let r1 = (r0 + per).min(rows.len());
+        let mut w: Vec<u32> = Vec::with_capacity((r1 - r0) * words * if gate_up { 2 } else { 1 });
+        let mut sc: Vec<f32> = vec![];
+        for &(pi, r) in &rows[r0..r1] {
+            w.extend_from_slice(parts[pi].row(r));
+            sc.push(parts[pi].scale);
+        }
+        if gate_up {
+            for &(_, r) in &rows[r0..r1] {
+                w.extend_from_slice(parts[1].row(r));
+                sc.push(parts[1].scale);
+            }
+        }
+        let bytes = (w.len() * 4) as u64;
+        tiles.push(TernaryTile {
+            w: gpu.storage_init("ternary", bytemuck::cast_slice(&w))?,
+            scales: gpu.storage_init("scales", bytemuck::cast_slice(&sc))?,
+            row0: r0 as u32,
+            rows: (r1 - r0) as u32,
+            words: words as u32,
+            gate_up,
+            bytes,
+        });
+        r0 = r1;
+    }
+    Ok(tiles)
+}
+
+pub fn embedding(gpu: &Gpu, f16: bool, c: usize, tile: &MatrixTile, tokens: &wgpu::Buffer, x: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "embedding", sh::EMBEDDING, &[("F16", if f16 { 1.0 } else { 0.0 })], &[c as u32, tile.row0, tile.rows, 0],
+        &[(2, tokens), (3, &tile.buf), (4, x)], step, Grid::Tokens)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_quant(gpu: &Gpu, c: usize, eps: f32, w: &wgpu::Buffer, x: &wgpu::Buffer, q: &wgpu::Buffer, s: &wgpu::Buffer, qsum: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "rmsnorm_quant", sh::RMSNORM_QUANT, &[], &[c as u32, eps.to_bits(), 0, 0],
+        &[(2, w), (3, x), (4, q), (5, s), (6, qsum)], step, Grid::Tokens)
+}
+
+pub fn rmsnorm(gpu: &Gpu, c: usize, eps: f32, w: &wgpu::Buffer, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "rmsnorm", sh::RMSNORM_QUANT, &[], &[c as u32, eps.to_bits(), 0, 0], &[(2, w), (3, x), (7, y)], step, Grid::Tokens)
+}
+
+/// `mode`: 0 store, 1 add into y (residual), 2 gate/up relu^2 (tile must be gate_up).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, y_off: usize, y_stride: usize, q: &wgpu::Buffer, s: &wgpu::Buffer, qsum: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64)],
+        &[tile.words, tile.rows, (y_off as u32) + tile.row0, y_stride as u32],
+        &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)], step, Grid::Rows(tile.rows))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rope(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, cos: &wgpu::Buffer, sin: &wgpu::Buffer, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    let stride = (nh + 2 * nkv) * hd;
+    op(gpu, "rope", sh::ROPE, &[], &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
+        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc)], step, Grid::TokensBy((nh + nkv) as u32))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    let stride = (nh + 2 * nkv) * hd;
+    let scale = (hd as f32).powf(-0.5);
+    op(gpu, "attention", sh::ATTENTION, &[], &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0],
+        &[(2, qkv), (3, kc), (4, vc), (5, out)], step, Grid::ByTokens(nh as u32))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head(gpu: &Gpu, f16: bool, c: usize, v: usize, tile: &MatrixTile, x: &wgpu::Buffer, logits: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "lm_head", sh::LM_HEAD, &[("F16", if f16 { 1.0 } else { 0.0 })], &[c as u32, tile.rows, tile.row0, v as u32],
+        &[(2, &tile.buf), (3, x), (4, logits)], step, Grid::LmRows(tile.rows))
+}
+
+pub fn nll(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, targets: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "nll", sh::NLL, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, targets), (4, out)], step, Grid::LmTokens)
+}
+
+pub fn sample(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, seen: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "sample", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (4, out)], step, Grid::One)
+}

@@ -1,0 +1,18 @@
+//! bitnode's engine: BitNet b1.58 checkpoints on wgpu with hand-written ternary WGSL kernels, and a plain
+//! CPU reference of every op that serves as test oracle and fallback backend.
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod gpu;
+pub mod loader;
+pub mod model;
+pub mod rng;
+pub mod session;
+pub mod synth;
+pub mod ternary;
+pub mod tokenizer;
+pub mod util;
+
+pub use error::{EngineError, Result};
+pub use session::{EmbedDtype, Engine, EngineOptions};

@@ -1,0 +1,237 @@
+//! Generation and scoring drivers over any backend, and the choice of backend.
+use crate::backend::{Backend, Got, Want};
+use crate::cpu::forward::CpuBackend;
+use crate::cpu::SampleParams;
+use crate::error::{EngineError, Result};
+use crate::gpu;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Storage of the embedding and lm_head on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedDtype {
+    /// f16 where the adapter has shader-f16, f32 otherwise.
+    Auto,
+    F16,
+    F32,
+}
+
+impl std::str::FromStr for EmbedDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(EmbedDtype::Auto),
+            "f16" => Ok(EmbedDtype::F16),
+            "f32" => Ok(EmbedDtype::F32),
+            _ => Err(format!("embed dtype {s:?}: expected auto, f16 or f32")),
+        }
+    }
+}
+
+/// How to pick and configure the compute device. Every field can also come from the environment
+/// (`BITNODE_ADAPTER`, `BITNODE_MAX_BINDING`, `BITNODE_EMBED_DTYPE`), which the CLI reads through clap.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// `None`/"auto": discrete GPU, then integrated, then virtual/CPU-emulated Vulkan, then the CPU reference.
+    /// "cpu": the CPU reference. A number: that index in `bitnode devices`. Anything else: a case-insensitive
+    /// substring of the adapter name.
+    pub adapter: Option<String>,
+    /// Caps the buffer and binding size below the adapter's (tiling tests; phones).
+    pub max_binding: Option<u64>,
+    pub embed_dtype: EmbedDtype,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { adapter: None, max_binding: None, embed_dtype: EmbedDtype::Auto }
+    }
+}
+
+pub struct Engine {
+    pub model: Arc<Model>,
+    pub tokenizer: Tokenizer,
+    pub backend: Box<dyn Backend>,
+    pub eos: Vec<u32>,
+}
+
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub stop_reason: &'static str,
+}
+
+impl Engine {
+    pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Engine> {
+        if !dir.is_dir() {
+            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+        }
+        // Config and tokenizer first: they are cheap and catch most wrong directories before the big map.
+        let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
+        let model = Arc::new(Model::from_parts(dir, config, files)?);
+        let backend = make_backend(model.clone(), opts)?;
+        let mut eos = model.config.eos_token_ids.clone();
+        for t in ["<|end_of_text|>", "<|eot_id|>", "</s>"] {
+            if let Some(id) = tokenizer.token_id(t) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        Ok(Engine { model, tokenizer, backend, eos })
+    }
+
+    /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
+    pub fn generate_ids(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        params: &SampleParams,
+        seed: u64,
+        stop_at_eos: bool,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation> {
+        generate(self.backend.as_mut(), &self.model.config, &self.eos, prompt, max_tokens, params, seed, stop_at_eos, on_token)
+    }
+
+    /// Mean NLL of `ids` in non-overlapping windows of the model's context: each window starts from an empty
+    /// cache and position i predicts token i+1 (the convention of tests/reference/make_fixtures.py).
+    /// Returns (predicted tokens, total nll in nats).
+    pub fn score_ids(&mut self, ids: &[u32]) -> Result<(usize, f64)> {
+        let ctx = self.model.config.max_position_embeddings;
+        let chunk = self.backend.max_chunk().max(1);
+        let (mut count, mut total) = (0usize, 0f64);
+        for window in ids.chunks(ctx) {
+            if window.len() < 2 {
+                continue;
+            }
+            self.backend.begin(window.len())?;
+            let mut start = 0;
+            while start < window.len() {
+                let end = (start + chunk).min(window.len());
+                // Targets for positions start..end that have a next token inside the window.
+                let tend = end.min(window.len() - 1);
+                let targets = &window[start + 1..tend + 1];
+                match self.backend.forward(&window[start..end], start, Want::Nll(targets))? {
+                    Got::Nll(v) => {
+                        count += v.len();
+                        total += v.iter().map(|x| *x as f64).sum::<f64>();
+                    }
+                    _ => return Err(EngineError::Invalid("backend returned no nll".into())),
+                }
+                start = end;
+            }
+        }
+        Ok((count, total))
+    }
+
+    /// Logits at every position of `ids` (one window), [T, V].
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.backend.begin(ids.len())?;
+        let chunk = self.backend.max_chunk().max(1);
+        let mut all = Vec::new();
+        let mut start = 0;
+        while start < ids.len() {
+            let end = (start + chunk).min(ids.len());
+            if let Got::Logits(l) = self.backend.forward(&ids[start..end], start, Want::AllLogits)? {
+                all.extend(l);
+            }
+            start = end;
+        }
+        Ok(all)
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    backend: &mut dyn Backend,
+    config: &crate::config::ModelConfig,
+    eos: &[u32],
+    prompt: &[u32],
+    max_tokens: usize,
+    params: &SampleParams,
+    seed: u64,
+    stop_at_eos: bool,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Generation> {
+    let ctx = config.max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(EngineError::Invalid("the prompt encodes to no tokens".into()));
+    }
+    if prompt.len() >= ctx {
+        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context: ctx, reserve: 1 });
+    }
+    let mut rng = Rng::new(seed);
+    let positions = (prompt.len() + max_tokens).min(ctx);
+    backend.begin(positions)?;
+    backend.mark_seen(prompt)?;
+    let t0 = Instant::now();
+    let chunk = backend.max_chunk().max(1);
+    let mut start = 0;
+    let mut out = Vec::new();
+    let mut next = None;
+    if max_tokens == 0 {
+        return Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds: 0.0, decode_seconds: 0.0, stop_reason: "max_tokens" });
+    }
+    while start < prompt.len() {
+        let end = (start + chunk).min(prompt.len());
+        let want = if end == prompt.len() { Want::Sample { params: *params, u: rng.uniform() } } else { Want::Nothing };
+        if let Got::Token(t) = backend.forward(&prompt[start..end], start, want)? {
+            next = Some(t);
+        }
+        start = end;
+    }
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut pos = prompt.len();
+    let mut stop_reason = "max_tokens";
+    while let Some(tok) = next.take() {
+        out.push(tok);
+        on_token(tok);
+        if stop_at_eos && eos.contains(&tok) {
+            stop_reason = "eos";
+            break;
+        }
+        if out.len() >= max_tokens {
+            break;
+        }
+        if pos + 1 >= positions {
+            stop_reason = "context";
+            break;
+        }
+        backend.mark_seen(&[tok])?;
+        match backend.forward(&[tok], pos, Want::Sample { params: *params, u: rng.uniform() })? {
+            Got::Token(t) => next = Some(t),
+            _ => return Err(EngineError::Invalid("backend returned no token".into())),
+        }
+        pos += 1;
+    }
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds, decode_seconds, stop_reason })
+}
+
+/// Picks the backend: a wgpu adapter by preference order or by the override, else the CPU reference.
+pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn Backend>> {
+    let want = opts.adapter.as_deref().unwrap_or("auto");
+    if want.eq_ignore_ascii_case("cpu") {
+        return Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)));
+    }
+    match gpu::pick_adapter(want)? {
+        Some(adapter) => Ok(Box::new(gpu::forward::GpuBackend::new(model, adapter, opts)?)),
+        None if want.eq_ignore_ascii_case("auto") => {
+            tracing::warn!("no wgpu adapter found: falling back to the CPU reference backend (slow)");
+            eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow)");
+            Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)))
+        }
+        None => Err(EngineError::NoAdapter(format!("no adapter matches {want:?}; see `bitnode devices`"))),
+    }
+}

@@ -1,0 +1,389 @@
+//! The `bitnode` command line. The engine does the work; this file parses arguments, picks the device and
+//! prints results. Errors reach the user as one clear line and a non-zero exit, never a panic.
+mod config;
+
+use anyhow::{bail, Context};
+use bitnode_engine::cpu::SampleParams;
+use bitnode_engine::session::{EmbedDtype, Engine, EngineOptions};
+use bitnode_engine::synth::{self, SynthFormat};
+use bitnode_protocol::{InferRequest, InferResult, ScoreResult};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "bitnode", version, about = "A private compute mesh of your own devices for 1.58-bit LLMs")]
+struct Cli {
+    /// bitnode home (identity, config, jobs). Default: $BITNODE_HOME, else the platform data directory.
+    #[arg(long, global = true, env = "BITNODE_HOME")]
+    home: Option<PathBuf>,
+    /// Log format for stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone, Default)]
+struct DeviceArgs {
+    /// Compute device: auto (discrete, then integrated, then CPU-emulated Vulkan, then the CPU reference),
+    /// cpu, an index from `bitnode devices`, or part of an adapter name.
+    #[arg(long = "device", env = "BITNODE_ADAPTER")]
+    device: Option<String>,
+    /// Largest buffer/binding to create, in bytes (lower than the adapter's limit to force tiling).
+    #[arg(long, env = "BITNODE_MAX_BINDING")]
+    max_binding: Option<u64>,
+    /// Embedding / lm_head storage on the device: auto (f16 where the adapter has shader-f16), f16, f32.
+    #[arg(long, env = "BITNODE_EMBED_DTYPE")]
+    embed_dtype: Option<EmbedDtype>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming it as it is produced.
+    Infer {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter directory (PEFT format).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// 0 disables top-k.
+        #[arg(long, default_value_t = 0)]
+        top_k: u32,
+        /// 1.0 disables top-p.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 1.0 disables the penalty.
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print a JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+    /// Mean negative log-likelihood (nats/token) and perplexity of a text file.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        text_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+    /// Model utilities.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Benchmarks (results go to BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+    /// List compute adapters with backend, type, limits and features.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Write a random BitNet model in the real file layout, with a tokenizer.
+    Synth {
+        #[arg(long, value_parser = ["tiny", "125m", "1b", "2b4t"])]
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// online: latent bf16 weights; packed: uint8 + weight_scale (as microsoft/bitnet-b1.58-2B-4T).
+        #[arg(long, default_value = "packed", value_parser = ["online", "packed"])]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode speed and device memory at batch 1.
+    Infer {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 128)]
+        gen: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BITNODE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wgpu_core=error,wgpu_hal=error,naga=error"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Result<EngineOptions> {
+    let cfg = config::Config::load(home)?;
+    let embed_dtype = match (&dev.embed_dtype, &cfg.engine.embed_dtype) {
+        (Some(d), _) => *d,
+        (None, Some(s)) => s.parse().map_err(|e: String| anyhow::anyhow!("config.toml [engine] embed_dtype: {e}"))?,
+        (None, None) => EmbedDtype::Auto,
+    };
+    Ok(EngineOptions {
+        adapter: dev.device.clone().or(cfg.engine.adapter),
+        max_binding: dev.max_binding.or(cfg.engine.max_binding),
+        embed_dtype,
+    })
+}
+
+fn load_engine(model: &std::path::Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
+    if let Some(a) = adapter {
+        bail!("--adapter {}: LoRA adapters are applied by the Engine II milestone and are not supported by this build yet", a.display());
+    }
+    Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = config::home(cli.home.as_deref());
+    match cli.cmd {
+        Cmd::Infer { model, adapter, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, json, dev } => {
+            let opts = engine_options(&home, &dev)?;
+            let req = InferRequest {
+                model: model.display().to_string(),
+                adapter: adapter.as_ref().map(|a| a.display().to_string()),
+                prompt,
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+            };
+            let mut engine = load_engine(&model, &adapter, &opts)?;
+            let res = infer(&mut engine, &req, true)?;
+            if json {
+                println!();
+                println!("{}", serde_json::to_string(&res)?);
+            } else {
+                println!();
+                eprintln!(
+                    "[{} prompt tokens, {} generated, {:.1} tok/s decode, stop: {}, device: {}]",
+                    res.prompt_tokens,
+                    res.tokens.len(),
+                    res.decode_tokens_per_second,
+                    res.stop_reason,
+                    res.device
+                );
+            }
+        }
+        Cmd::Score { model, adapter, text_file, json, dev } => {
+            let opts = engine_options(&home, &dev)?;
+            let text = std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
+            let mut engine = load_engine(&model, &adapter, &opts)?;
+            let ids = engine.tokenizer.encode(&text)?;
+            let (n, total) = engine.score_ids(&ids)?;
+            if n == 0 {
+                bail!("{}: the text has fewer than two tokens, nothing to score", text_file.display());
+            }
+            let nll = total / n as f64;
+            let res = ScoreResult { tokens: n, nll, ppl: nll.exp() };
+            if json {
+                println!("{}", serde_json::to_string(&res)?);
+            } else {
+                println!("tokens: {n}\nnll: {nll:.6} nats/token\nperplexity: {:.4}", res.ppl);
+            }
+        }
+        Cmd::Model { cmd: ModelCmd::Synth { preset, out, seed, format } } => {
+            let p = synth::preset(&preset)?;
+            let fmt = if format == "online" { SynthFormat::Online } else { SynthFormat::Packed };
+            synth::synth(p, &out, seed, fmt)?;
+            println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
+        }
+        Cmd::Bench { cmd: BenchCmd::Infer { model, prompt_len, gen, json, dev } } => {
+            let opts = engine_options(&home, &dev)?;
+            bench_infer(&model, prompt_len, gen, json, &opts)?;
+        }
+        Cmd::Devices { json } => {
+            let list: Vec<_> = bitnode_engine::gpu::adapters().iter().enumerate().map(|(i, a)| bitnode_engine::gpu::summarize(i, a)).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no wgpu adapters found; bitnode will use the CPU reference backend (slow)");
+            } else {
+                for a in &list {
+                    println!("[{}] {} ({}, {})", a.index, a.name, a.backend, a.device_type);
+                    println!("    driver: {} {}", a.driver, a.driver_info);
+                    println!(
+                        "    max_buffer_size: {}  max_storage_buffer_binding_size: {}  max_workgroups/dim: {}  workgroup storage: {}",
+                        a.max_buffer_size, a.max_storage_buffer_binding_size, a.max_compute_workgroups_per_dimension, a.max_compute_workgroup_storage_size
+                    );
+                    println!("    shader-f16: {}  features: {}", a.shader_f16, a.features.join(", "));
+                }
+                println!("preference: discrete > integrated > virtual > other > cpu; choose with --device, BITNODE_ADAPTER or [engine] adapter");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one inference request, streaming text to stdout when `stream` is set.
+fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Result<InferResult> {
+    let ids = engine.tokenizer.encode(&req.prompt)?;
+    let params = SampleParams { temperature: req.temperature, top_k: req.top_k, top_p: req.top_p, repetition_penalty: req.repetition_penalty };
+    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", params.top_p);
+    }
+    if params.temperature < 0.0 || !params.temperature.is_finite() {
+        bail!("--temperature must be >= 0, got {}", params.temperature);
+    }
+    if params.repetition_penalty <= 0.0 || !params.repetition_penalty.is_finite() {
+        bail!("--repetition-penalty must be > 0, got {}", params.repetition_penalty);
+    }
+    let mut generated: Vec<u32> = vec![];
+    let mut printed = 0usize;
+    let Engine { backend, model, eos, tokenizer } = engine;
+    let tok = &*tokenizer;
+    let mut out = std::io::stdout();
+    // Decode the whole continuation each time and print the new suffix: byte-level tokens can split a UTF-8
+    // character, which then shows as U+FFFD until its last byte arrives.
+    let mut on_token = |id: u32| {
+        generated.push(id);
+        if stream {
+            if let Ok(text) = tok.decode(&generated) {
+                if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+                    let _ = out.write_all(&text.as_bytes()[printed..]);
+                    let _ = out.flush();
+                    printed = text.len();
+                }
+            }
+        }
+    };
+    let g = bitnode_engine::session::generate(backend.as_mut(), &model.config, eos, &ids, req.max_tokens, &params, req.seed, true, &mut on_token)?;
+    let text = tokenizer.decode(&g.tokens)?;
+    if stream && text.len() > printed && text.is_char_boundary(printed) {
+        let _ = std::io::stdout().write_all(&text.as_bytes()[printed..]);
+    }
+    let n = g.tokens.len();
+    Ok(InferResult {
+        text,
+        tokens: g.tokens,
+        prompt_tokens: g.prompt_tokens,
+        decode_tokens_per_second: if n > 1 && g.decode_seconds > 0.0 { (n - 1) as f64 / g.decode_seconds } else { 0.0 },
+        prefill_tokens_per_second: if g.prefill_seconds > 0.0 { g.prompt_tokens as f64 / g.prefill_seconds } else { 0.0 },
+        stop_reason: g.stop_reason.to_string(),
+        device: backend.device_name(),
+    })
+}
+
+fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, json: bool, opts: &EngineOptions) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut engine = Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = engine.model.config.clone();
+    if prompt_len == 0 || prompt_len + gen > cfg.max_position_embeddings {
+        bail!("--prompt-len {prompt_len} + --gen {gen} must be between 1 and the context {}", cfg.max_position_embeddings);
+    }
+    // A deterministic prompt of ordinary (non-special) ids, BOS first.
+    let bos = cfg.bos_token_id.unwrap_or(0);
+    let span = (cfg.vocab_size.min(128000) - 1) as u64;
+    let mut prompt = vec![bos];
+    let mut r = bitnode_engine::rng::Rng::new(7);
+    while prompt.len() < prompt_len {
+        prompt.push((r.next_u64() % span) as u32);
+    }
+    let greedy = SampleParams::default();
+    // Warm-up: compiles pipelines and touches every buffer once.
+    engine.generate_ids(&prompt, gen.min(8), &greedy, 0, false, &mut |_| {})?;
+    let g = engine.generate_ids(&prompt, gen, &greedy, 0, false, &mut |_| {})?;
+    let n = g.tokens.len();
+    let decode = if n > 1 { (n - 1) as f64 / g.decode_seconds } else { 0.0 };
+    let prefill = prompt_len as f64 / g.prefill_seconds;
+    let mem = engine.backend.memory();
+    let device = engine.backend.device_name();
+    // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
+    let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
+    let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
+    let bytes_per_token = mem.ternary_weights + head_bytes + mem.other_weights + kv_read;
+    let bw = bandwidth_for(&device);
+    let bound = bw.map(|b| b / bytes_per_token as f64);
+    let v = serde_json::json!({
+        "model": model.display().to_string(),
+        "device": device,
+        "prompt_len": prompt_len,
+        "gen": n,
+        "load_seconds": load_s,
+        "prefill_tokens_per_second": prefill,
+        "decode_tokens_per_second": decode,
+        "peak_device_memory_bytes": mem.peak,
+        "memory": mem,
+        "bytes_read_per_token": bytes_per_token,
+        "memory_bandwidth_bytes_per_second": bw,
+        "bandwidth_bound_tokens_per_second": bound,
+        "fraction_of_bandwidth_bound": bound.map(|b| decode / b),
+    });
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("device:            {device}");
+        println!("prefill:           {prefill:.1} tok/s ({prompt_len} tokens)");
+        println!("decode:            {decode:.1} tok/s ({n} tokens)");
+        println!("peak device mem:   {:.1} MiB (ternary {:.1}, embedding {:.1}, lm_head {:.1}, kv {:.1}, activations {:.1})",
+            mib(mem.peak), mib(mem.ternary_weights), mib(mem.embedding), mib(mem.lm_head), mib(mem.kv_cache), mib(mem.activations));
+        if let Some(b) = bound {
+            println!("bandwidth bound:   {b:.0} tok/s; decode reaches {:.1}% of it", 100.0 * decode / b);
+        }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Peak memory bandwidth of GPUs we know, in bytes/s, for the "fraction of the bound" figure.
+fn bandwidth_for(device: &str) -> Option<f64> {
+    let d = device.to_lowercase();
+    let table: &[(&str, f64)] = &[
+        ("h200", 4.8e12),
+        ("h100 nvl", 3.9e12),
+        ("h100 pcie", 2.0e12),
+        ("h100", 3.35e12),
+        ("a100", 2.0e12),
+        ("rtx 4090", 1.008e12),
+        ("rtx 4070 ti", 0.504e12),
+        ("l40s", 0.864e12),
+    ];
+    table.iter().find(|(n, _)| d.contains(n)).map(|(_, b)| *b)
+}

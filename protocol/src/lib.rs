@@ -1,0 +1,54 @@
+//! Types shared by the bitnode CLI, daemon and engine. A job is one serde type, used by the local commands
+//! and (in the mesh) on the wire, so a local run and a delegated run cannot drift apart.
+//! No tokio, no wgpu here.
+use serde::{Deserialize, Serialize};
+
+/// `bitnode infer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    pub model: String,
+    pub adapter: Option<String>,
+    pub prompt: String,
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: u32,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 1.0 = off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+/// What `bitnode infer --json` prints as its last line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferResult {
+    pub text: String,
+    /// Generated token ids, prompt excluded.
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub decode_tokens_per_second: f64,
+    pub prefill_tokens_per_second: f64,
+    /// "eos", "max_tokens" or "context".
+    pub stop_reason: String,
+    pub device: String,
+}
+
+/// `bitnode score`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    pub model: String,
+    pub adapter: Option<String>,
+    pub text: String,
+}
+
+/// What `bitnode score --json` prints as its last line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResult {
+    /// Predicted tokens.
+    pub tokens: usize,
+    /// Mean negative log-likelihood, nats per predicted token.
+    pub nll: f64,
+    pub ppl: f64,
+}

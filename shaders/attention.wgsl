@@ -1,0 +1,103 @@
+// Causal grouped-query attention against the KV cache, for prefill (T queries) and decode (T = 1) alike.
+// Workgroup (head, t): query t of the chunk at position start+t attends to positions 0..=start+t of kv head
+// head / (NH/NKV). Keys are visited in blocks of 256 with an online softmax (running max and sum, output
+// rescaled per block), so no score buffer grows with the context and any context length works.
+
+struct Params {
+    nh: u32,
+    nkv: u32,
+    hd: u32,
+    stride: u32,   // row length of qkv
+    cap: u32,      // positions the cache holds
+    scale: f32,    // HD^-0.5
+    _a: u32,
+    _b: u32,
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;          // [T, stride], q in the first NH*HD
+@group(0) @binding(3) var<storage, read> kc: array<f32>;           // [NKV, P, HD]
+@group(0) @binding(4) var<storage, read> vc: array<f32>;           // [NKV, P, HD]
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;    // [T, NH*HD]
+
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> pr: array<f32, 256>;
+var<workgroup> red: array<f32, 256>;
+
+fn reduce(v: f32, lid: u32, is_max: bool) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            if is_max {
+                red[lid] = max(red[lid], red[lid + off]);
+            } else {
+                red[lid] += red[lid + off];
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let h = wg.x;
+    let t = wg.y;
+    let lid = lid3.x;
+    if t >= step.t {
+        return;
+    }
+    let kvh = h / (p.nh / p.nkv);
+    let n = step.start + t + 1u;
+    if lid < p.hd {
+        qs[lid] = qkv[t * p.stride + h * p.hd + lid];
+    }
+    workgroupBarrier();
+    var m = -3.0e38;
+    var l = 0.0;
+    var o = 0.0;   // output element `lid` (lid < HD)
+    for (var b = 0u; b < n; b += 256u) {
+        let j = b + lid;
+        var sc = -3.0e38;
+        if j < n {
+            let kb = (kvh * p.cap + j) * p.hd;
+            var d = 0.0;
+            for (var i = 0u; i < p.hd; i++) {
+                d += qs[i] * kc[kb + i];
+            }
+            sc = d * p.scale;
+        }
+        let bm = reduce(sc, lid, true);
+        let nm = max(m, bm);
+        var e = 0.0;
+        if j < n {
+            e = exp(sc - nm);
+        }
+        pr[lid] = e;
+        let bl = reduce(e, lid, false);
+        let f = exp(m - nm);
+        l = l * f + bl;
+        if lid < p.hd {
+            var acc = 0.0;
+            let cnt = min(256u, n - b);
+            for (var jj = 0u; jj < cnt; jj++) {
+                acc += pr[jj] * vc[(kvh * p.cap + b + jj) * p.hd + lid];
+            }
+            o = o * f + acc;
+        }
+        m = nm;
+        workgroupBarrier();
+    }
+    if lid < p.hd {
+        out[t * p.nh * p.hd + h * p.hd + lid] = o / l;
+    }
+}

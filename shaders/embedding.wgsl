@@ -1,0 +1,60 @@
+// Embedding gather for one row tile of the table: x[t] = E[tokens[t]] for the tokens whose row lies in
+// [row0, row0 + rows). Large vocabularies are split into tiles that each fit a storage binding; every tile
+// is dispatched and copies only its own rows.
+//
+// The table is stored as u32 words: two f16 values per word (unpack2x16float, which needs no shader-f16
+// extension) when F16, else one f32 bit pattern per word.
+
+override F16: bool = true;
+
+struct Params {
+    c: u32,     // C, hidden size
+    row0: u32,  // first vocabulary row held by this tile
+    rows: u32,  // rows in this tile
+    _pad: u32,
+}
+
+struct Step {
+    t: u32,       // tokens in this chunk
+    start: u32,   // position of the first token
+    lm_t0: u32,   // first chunk row the lm_head reads
+    lm_t: u32,    // rows the lm_head reads
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    penalty: f32,
+    u: f32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> tokens: array<u32>;    // [T]
+@group(0) @binding(3) var<storage, read> table: array<u32>;     // [rows, C] as f16 pairs or f32
+@group(0) @binding(4) var<storage, read_write> x: array<f32>;   // [T, C]
+
+@compute @workgroup_size(256)
+fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wg.x;
+    if t >= step.t {
+        return;
+    }
+    let tok = tokens[t];
+    if tok < p.row0 || tok >= p.row0 + p.rows {
+        return;
+    }
+    let r = tok - p.row0;
+    for (var c = lid.x; c < p.c; c += 256u) {
+        var v: f32;
+        if F16 {
+            let i = r * p.c + c;
+            let pair = unpack2x16float(table[i / 2u]);
+            v = select(pair.x, pair.y, (i & 1u) == 1u);
+        } else {
+            v = bitcast<f32>(table[r * p.c + c]);
+        }
+        x[t * p.c + c] = v;
+    }
+}

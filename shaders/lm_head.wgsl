@@ -1,0 +1,81 @@
+// Logits for one row tile of the (f16 or f32) output matrix: logits[t, row0 + r] = sum_c x[lm_t0 + t, c] * W[r, c].
+// The matrix is the largest tensor of a BitNet model (657 MB in f16 for 2B-4T), so it is split into row
+// tiles that each fit a storage binding; each tile is one dispatch. Layout as in matmul_ternary: 8 rows x 32
+// lanes per workgroup, each weight word reused for TT tokens.
+
+override F16: bool = true;
+const TT: u32 = 4u;
+
+struct Params {
+    c: u32,      // C
+    rows: u32,   // rows in this tile
+    row0: u32,   // first vocabulary row of this tile
+    v: u32,      // V, row length of logits
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> wt: array<u32>;           // [rows, C] f16 pairs or f32 bits
+@group(0) @binding(3) var<storage, read> x: array<f32>;            // [T, C] final-normed hidden states
+@group(0) @binding(4) var<storage, read_write> logits: array<f32>; // [lm_t, V]
+
+var<workgroup> red: array<f32, 1024>;   // [TT][256]
+
+@compute @workgroup_size(256)
+fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let lane = lid % 32u;
+    let row = wg.x * 8u + lid / 32u;
+    let t0 = wg.y * TT;
+    var acc: array<f32, TT>;
+    if row < p.rows {
+        if F16 {
+            let half_c = p.c / 2u;
+            for (var j = lane; j < half_c; j += 32u) {
+                let wv = unpack2x16float(wt[row * half_c + j]);
+                for (var tt = 0u; tt < TT; tt++) {
+                    let t = t0 + tt;
+                    if t < step.lm_t {
+                        let xb = (step.lm_t0 + t) * p.c + 2u * j;
+                        acc[tt] += x[xb] * wv.x + x[xb + 1u] * wv.y;
+                    }
+                }
+            }
+        } else {
+            for (var j = lane; j < p.c; j += 32u) {
+                let wv = bitcast<f32>(wt[row * p.c + j]);
+                for (var tt = 0u; tt < TT; tt++) {
+                    let t = t0 + tt;
+                    if t < step.lm_t {
+                        acc[tt] += x[(step.lm_t0 + t) * p.c + j] * wv;
+                    }
+                }
+            }
+        }
+    }
+    for (var tt = 0u; tt < TT; tt++) {
+        red[tt * 256u + lid] = acc[tt];
+    }
+    workgroupBarrier();
+    for (var off = 16u; off > 0u; off >>= 1u) {
+        if lane < off {
+            for (var tt = 0u; tt < TT; tt++) {
+                red[tt * 256u + lid] += red[tt * 256u + lid + off];
+            }
+        }
+        workgroupBarrier();
+    }
+    if lane == 0u && row < p.rows {
+        for (var tt = 0u; tt < TT; tt++) {
+            let t = t0 + tt;
+            if t < step.lm_t {
+                logits[t * p.v + p.row0 + row] = red[tt * 256u + lid];
+            }
+        }
+    }
+}

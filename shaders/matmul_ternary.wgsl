@@ -1,0 +1,106 @@
+// Ternary projection of int8-quantized activations, for one row tile of the weight:
+//   y[t, y_off + r] (=|+=) (sum_i T[r, i] * q[t, i]) * scale[r] / s[t]
+// Weights stay packed at 2 bits (16 per u32, layout in engine/src/ternary.rs): `(word >> 2s) & 0x03030303`
+// gives four codes (T+1) that line up with activation word 4w+s, so one dot4I8Packed does four
+// multiply-adds; the +1 offset is removed with qsum[t] = sum_i q[t, i]. Integer sums are exact, so the GPU
+// result equals the CPU reference bit for bit up to the final float scaling.
+//
+// MODE 0 stores, MODE 1 adds into y (the residual stream: saves a separate residual-add kernel), MODE 2 is
+// the fused gate/up of the MLP: the tile holds `rows` gate rows followed by the `rows` matching up rows and
+// writes relu(gate)^2 * up.
+//
+// A workgroup is 8 rows x 32 lanes; lanes stride over the words of a row so reads are coalesced, and each
+// weight word is reused for TT tokens (prefill).
+
+override MODE: u32 = 0u;
+const TT: u32 = 4u;
+
+struct Params {
+    words: u32,     // I / 16
+    rows: u32,      // output rows in this tile
+    y_off: u32,     // column of y that tile row 0 writes
+    y_stride: u32,  // row length of y
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> w: array<u32>;          // [rows (x2 in MODE 2), I/16]
+@group(0) @binding(3) var<storage, read> scale: array<f32>;      // [rows (x2 in MODE 2)]
+@group(0) @binding(4) var<storage, read> q: array<u32>;          // [T, I/4] packed int8
+@group(0) @binding(5) var<storage, read> s: array<f32>;          // [T]
+@group(0) @binding(6) var<storage, read> qsum: array<i32>;       // [T]
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;    // [T, y_stride]
+
+var<workgroup> red: array<i32, 2048>;   // [2][TT][256]
+
+@compute @workgroup_size(256)
+fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let lane = lid % 32u;
+    let row = wg.x * 8u + lid / 32u;
+    let t0 = wg.y * TT;
+    var acc: array<i32, TT>;
+    var accu: array<i32, TT>;
+    let qwords = p.words * 4u;
+    if row < p.rows {
+        for (var i = lane; i < p.words; i += 32u) {
+            let wv = w[row * p.words + i];
+            var wu = 0u;
+            if MODE == 2u {
+                wu = w[(p.rows + row) * p.words + i];
+            }
+            for (var tt = 0u; tt < TT; tt++) {
+                let t = t0 + tt;
+                if t < step.t {
+                    let base = t * qwords + 4u * i;
+                    for (var sh = 0u; sh < 4u; sh++) {
+                        let xq = q[base + sh];
+                        acc[tt] += dot4I8Packed((wv >> (2u * sh)) & 0x03030303u, xq);
+                        if MODE == 2u {
+                            accu[tt] += dot4I8Packed((wu >> (2u * sh)) & 0x03030303u, xq);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (var tt = 0u; tt < TT; tt++) {
+        red[tt * 256u + lid] = acc[tt];
+        red[1024u + tt * 256u + lid] = accu[tt];
+    }
+    workgroupBarrier();
+    for (var off = 16u; off > 0u; off >>= 1u) {
+        if lane < off {
+            for (var tt = 0u; tt < TT; tt++) {
+                red[tt * 256u + lid] += red[tt * 256u + lid + off];
+                if MODE == 2u {
+                    red[1024u + tt * 256u + lid] += red[1024u + tt * 256u + lid + off];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if lane == 0u && row < p.rows {
+        for (var tt = 0u; tt < TT; tt++) {
+            let t = t0 + tt;
+            if t < step.t {
+                let dst = t * p.y_stride + p.y_off + row;
+                let g = f32(red[tt * 256u + lid] - qsum[t]) * scale[row] / s[t];
+                if MODE == 0u {
+                    y[dst] = g;
+                } else if MODE == 1u {
+                    y[dst] += g;
+                } else {
+                    let u = f32(red[1024u + tt * 256u + lid] - qsum[t]) * scale[p.rows + row] / s[t];
+                    let r = max(g, 0.0);
+                    y[dst] = r * r * u;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+// Per-token negative log-likelihood: nll[t] = logsumexp(logits[t]) - logits[t, target[t]].
+// Scoring reduces the [T, V] logits to T numbers on the device, so a 4096-token window never copies
+// gigabytes of logits back. One workgroup per token.
+
+struct Params {
+    v: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> logits: array<f32>;       // [lm_t, V]
+@group(0) @binding(3) var<storage, read> targets: array<u32>;      // [T] targets of the chunk rows
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;    // [T]
+
+var<workgroup> red: array<f32, 256>;
+
+fn reduce(v: f32, lid: u32, is_max: bool) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            if is_max {
+                red[lid] = max(red[lid], red[lid + off]);
+            } else {
+                red[lid] += red[lid + off];
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn nll(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.x;
+    let lid = lid3.x;
+    if t >= step.lm_t {
+        return;
+    }
+    let base = t * p.v;
+    var m = -3.0e38;
+    for (var i = lid; i < p.v; i += 256u) {
+        m = max(m, logits[base + i]);
+    }
+    let mx = reduce(m, lid, true);
+    var acc = 0.0;
+    for (var i = lid; i < p.v; i += 256u) {
+        acc += exp(logits[base + i] - mx);
+    }
+    let sum = reduce(acc, lid, false);
+    if lid == 0u {
+        out[step.lm_t0 + t] = log(sum) + mx - logits[base + targets[step.lm_t0 + t]];
+    }
+}

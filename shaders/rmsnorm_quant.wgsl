@@ -1,0 +1,121 @@
+// RMSNorm, optionally fused with the per-token int8 activation quantizer of the ternary projection that
+// consumes it (one pass over the row instead of three).
+//   y = w * (x / sqrt(mean(x^2) + eps))
+//   s = 127 / max(|y|).clamp(1e-5);  q = clamp(round(y * s), -128, 127)   (round is half-to-even in WGSL)
+// q is written packed, four int8 per u32 (byte k = element 4j+k), ready for dot4I8Packed, together with
+// the per-token scale s and the integer sum of q (the ternary kernel uses it to undo the +1 code offset).
+// One workgroup per token.
+
+struct Params {
+    c: u32,      // row length
+    eps: f32,
+    _a: u32,
+    _b: u32,
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> w: array<f32>;            // [C]
+@group(0) @binding(3) var<storage, read> x: array<f32>;            // [T, C]
+@group(0) @binding(4) var<storage, read_write> q: array<u32>;      // [T, C/4]   (rmsnorm_quant)
+@group(0) @binding(5) var<storage, read_write> s: array<f32>;      // [T]        (rmsnorm_quant)
+@group(0) @binding(6) var<storage, read_write> qsum: array<i32>;   // [T]        (rmsnorm_quant)
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;      // [T, C]     (rmsnorm)
+
+var<workgroup> red: array<f32, 256>;
+var<workgroup> redi: array<i32, 256>;
+
+fn reduce_sum(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            red[lid] += red[lid + off];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_max(v: f32, lid: u32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            red[lid] = max(red[lid], red[lid + off]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn inv_rms(t: u32, lid: u32) -> f32 {
+    var acc = 0.0;
+    for (var i = lid; i < p.c; i += 256u) {
+        let v = x[t * p.c + i];
+        acc += v * v;
+    }
+    let ms = reduce_sum(acc, lid) / f32(p.c);
+    return 1.0 / sqrt(ms + p.eps);
+}
+
+@compute @workgroup_size(256)
+fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.x;
+    let lid = lid3.x;
+    if t >= step.t {
+        return;
+    }
+    let r = inv_rms(t, lid);
+    var m = 0.0;
+    for (var i = lid; i < p.c; i += 256u) {
+        m = max(m, abs(w[i] * (x[t * p.c + i] * r)));
+    }
+    let scale = 127.0 / max(reduce_max(m, lid), 1e-5);
+    var sum = 0;
+    let words = p.c / 4u;
+    for (var j = lid; j < words; j += 256u) {
+        var word = 0u;
+        for (var k = 0u; k < 4u; k++) {
+            let i = 4u * j + k;
+            let v = i32(clamp(round(w[i] * (x[t * p.c + i] * r) * scale), -128.0, 127.0));
+            sum += v;
+            word |= (u32(v) & 0xffu) << (8u * k);
+        }
+        q[t * words + j] = word;
+    }
+    redi[lid] = sum;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            redi[lid] += redi[lid + off];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        s[t] = scale;
+        qsum[t] = redi[0];
+    }
+}
+
+@compute @workgroup_size(256)
+fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.x;
+    let lid = lid3.x;
+    if t >= step.t {
+        return;
+    }
+    let r = inv_rms(t, lid);
+    for (var i = lid; i < p.c; i += 256u) {
+        y[t * p.c + i] = w[i] * (x[t * p.c + i] * r);
+    }
+}

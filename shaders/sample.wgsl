@@ -1,0 +1,221 @@
+// Picks the next token from logits [V] on the device, so decode copies back 4 bytes instead of the logits.
+// Same semantics as engine/src/cpu/sample.rs, in transformers' order: repetition penalty (seen tokens, a
+// bitmask), temperature, top-k, top-p, then an inverse-CDF draw with the seeded uniform `u`.
+// Thresholds are found by bisection over an order-preserving u32 key of the f32 values (32 passes, no
+// sort): the top-k threshold is the largest key with count(key >= K) >= k, the top-p threshold the largest
+// key whose kept mass reaches p. A single workgroup; each pass is a strided sweep plus a reduction.
+
+struct Params {
+    v: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
+}
+
+struct Step {
+    t: u32, start: u32, lm_t0: u32, lm_t: u32,
+    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> logits: array<f32>;        // [V]
+@group(0) @binding(3) var<storage, read> seen: array<u32>;          // [ceil(V/32)] bitmask
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;     // [1]
+
+var<workgroup> redf: array<f32, 256>;
+var<workgroup> redu: array<u32, 256>;
+var<workgroup> redi: array<u32, 256>;
+
+fn value(i: u32) -> f32 {
+    var l = logits[i];
+    if step.penalty != 1.0 && ((seen[i / 32u] >> (i % 32u)) & 1u) == 1u {
+        l = select(l * step.penalty, l / step.penalty, l > 0.0);
+    }
+    return l;
+}
+
+fn key(f: f32) -> u32 {
+    let b = bitcast<u32>(f);
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+fn sum_f(v: f32, lid: u32) -> f32 {
+    redf[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            redf[lid] += redf[lid + off];
+        }
+        workgroupBarrier();
+    }
+    let r = redf[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn max_f(v: f32, lid: u32) -> f32 {
+    redf[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            redf[lid] = max(redf[lid], redf[lid + off]);
+        }
+        workgroupBarrier();
+    }
+    let r = redf[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn sum_u(v: u32, lid: u32) -> u32 {
+    redu[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            redu[lid] += redu[lid + off];
+        }
+        workgroupBarrier();
+    }
+    let r = redu[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let v = p.v;
+    if step.temperature <= 0.0 {
+        // Greedy: first index of the maximum, as torch.argmax.
+        var best = -3.4e38;
+        var bi = 0xffffffffu;
+        for (var i = lid; i < v; i += 256u) {
+            let x = value(i);
+            if x > best || bi == 0xffffffffu {
+                best = x;
+                bi = i;
+            }
+        }
+        redf[lid] = best;
+        redi[lid] = bi;
+        workgroupBarrier();
+        for (var off = 128u; off > 0u; off >>= 1u) {
+            if lid < off {
+                let ob = redf[lid + off];
+                let oi = redi[lid + off];
+                if oi != 0xffffffffu && (redi[lid] == 0xffffffffu || ob > redf[lid] || (ob == redf[lid] && oi < redi[lid])) {
+                    redf[lid] = ob;
+                    redi[lid] = oi;
+                }
+            }
+            workgroupBarrier();
+        }
+        if lid == 0u {
+            out[0] = redi[0];
+        }
+        return;
+    }
+    let inv_t = step.temperature;
+    var m = -3.4e38;
+    for (var i = lid; i < v; i += 256u) {
+        m = max(m, value(i) / inv_t);
+    }
+    let mx = max_f(m, lid);
+    // top-k threshold
+    var kk = 0u;
+    if step.top_k > 0u && step.top_k < v {
+        for (var b = 31i; b >= 0i; b--) {
+            let cand = kk | (1u << u32(b));
+            var cnt = 0u;
+            for (var i = lid; i < v; i += 256u) {
+                cnt += select(0u, 1u, key(value(i) / inv_t) >= cand);
+            }
+            if sum_u(cnt, lid) >= step.top_k {
+                kk = cand;
+            }
+        }
+    }
+    // top-p threshold
+    var thr = kk;
+    if step.top_p < 1.0 {
+        var z = 0.0;
+        for (var i = lid; i < v; i += 256u) {
+            let x = value(i) / inv_t;
+            if key(x) >= kk {
+                z += exp(x - mx);
+            }
+        }
+        let goal = step.top_p * sum_f(z, lid);
+        var kp = 0u;
+        for (var b = 31i; b >= 0i; b--) {
+            let cand = kp | (1u << u32(b));
+            let lim = max(cand, kk);
+            var mass = 0.0;
+            for (var i = lid; i < v; i += 256u) {
+                let x = value(i) / inv_t;
+                if key(x) >= lim {
+                    mass += exp(x - mx);
+                }
+            }
+            if sum_f(mass, lid) >= goal {
+                kp = cand;
+            }
+        }
+        thr = max(kp, kk);
+    }
+    // Inverse CDF in id order: each thread owns a contiguous block; prefix sums over blocks find the block.
+    let blk = (v + 255u) / 256u;
+    let lo = lid * blk;
+    let hi = min(lo + blk, v);
+    var part = 0.0;
+    var last = 0xffffffffu;
+    for (var i = lo; i < hi; i++) {
+        let x = value(i) / inv_t;
+        if key(x) >= thr {
+            part += exp(x - mx);
+            last = i;
+        }
+    }
+    redf[lid] = part;
+    redi[lid] = last;
+    workgroupBarrier();
+    if lid == 0u {
+        var total = 0.0;
+        for (var j = 0u; j < 256u; j++) {
+            total += redf[j];
+        }
+        let goal = step.u * total;
+        var acc = 0.0;
+        var pick = 0xffffffffu;
+        var fallback = 0u;
+        for (var j = 0u; j < 256u && pick == 0xffffffffu; j++) {
+            if redi[j] != 0xffffffffu {
+                fallback = redi[j];
+            }
+            if acc + redf[j] > goal && redf[j] > 0.0 {
+                let lo2 = j * blk;
+                let hi2 = min(lo2 + blk, v);
+                for (var i = lo2; i < hi2; i++) {
+                    let x = value(i) / inv_t;
+                    if key(x) >= thr {
+                        acc += exp(x - mx);
+                        if acc > goal {
+                            pick = i;
+                            break;
+                        }
+                    }
+                }
+                if pick == 0xffffffffu {
+                    pick = redi[j];
+                }
+            } else {
+                acc += redf[j];
+            }
+        }
+        if pick == 0xffffffffu {
+            pick = fallback;
+        }
+        out[0] = pick;
+    }
+}

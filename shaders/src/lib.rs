@@ -1,0 +1,22 @@
+//! The WGSL kernels of bitnode, one file per op family. Each kernel has a CPU twin of the same name in
+//! `bitnode_engine::cpu` and a launcher of the same name in `bitnode_engine::gpu`.
+pub const EMBEDDING: &str = include_str!("../embedding.wgsl");
+pub const RMSNORM_QUANT: &str = include_str!("../rmsnorm_quant.wgsl");
+pub const MATMUL_TERNARY: &str = include_str!("../matmul_ternary.wgsl");
+pub const ROPE: &str = include_str!("../rope.wgsl");
+pub const ATTENTION: &str = include_str!("../attention.wgsl");
+pub const LM_HEAD: &str = include_str!("../lm_head.wgsl");
+pub const NLL: &str = include_str!("../nll.wgsl");
+pub const SAMPLE: &str = include_str!("../sample.wgsl");
+
+/// Every kernel, by name (for validation tests and the pipeline cache).
+pub const ALL: &[(&str, &str)] = &[
+    ("embedding", EMBEDDING),
+    ("rmsnorm_quant", RMSNORM_QUANT),
+    ("matmul_ternary", MATMUL_TERNARY),
+    ("rope", ROPE),
+    ("attention", ATTENTION),
+    ("lm_head", LM_HEAD),
+    ("nll", NLL),
+    ("sample", SAMPLE),
+];
