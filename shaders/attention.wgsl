@@ -22,11 +22,11 @@ struct Step {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> qkv: array<f32>;          // [T, stride], q in the first NH*HD
-@group(0) @binding(3) var<storage, read> kc: array<f32>;           // [NKV, P, HD]
+@group(0) @binding(3) var<storage, read> kc: array<vec4<f32>>;     // [NKV, P, HD/4]
 @group(0) @binding(4) var<storage, read> vc: array<f32>;           // [NKV, P, HD]
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;    // [T, NH*HD]
 
-var<workgroup> qs: array<f32, 256>;
+var<workgroup> qs: array<vec4<f32>, 64>;
 var<workgroup> pr: array<f32, 256>;
 var<workgroup> red: array<f32, 256>;
 
@@ -58,23 +58,32 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     }
     let kvh = h / (p.nh / p.nkv);
     let n = step.start + t + 1u;
-    if lid < p.hd {
-        qs[lid] = qkv[t * p.stride + h * p.hd + lid];
+    let hd4 = p.hd / 4u;
+    if lid < hd4 {
+        let qb = t * p.stride + h * p.hd + 4u * lid;
+        qs[lid] = vec4<f32>(qkv[qb], qkv[qb + 1u], qkv[qb + 2u], qkv[qb + 3u]);
     }
     workgroupBarrier();
+    // For the weighted sum of values, thread (g, d) handles head dim d for keys g, g+G, ... of a block:
+    // all 256 threads work even when HD < 256, and each keeps four independent accumulators so that
+    // several value loads are in flight at once.
+    let groups = 256u / p.hd;
+    let g = lid / p.hd;
+    let d = lid % p.hd;
     var m = -3.0e38;
     var l = 0.0;
-    var o = 0.0;   // output element `lid` (lid < HD)
+    var o = 0.0;   // output element `lid` (lid < HD), combined over the groups
     for (var b = 0u; b < n; b += 256u) {
         let j = b + lid;
         var sc = -3.0e38;
         if j < n {
-            let kb = (kvh * p.cap + j) * p.hd;
-            var d = 0.0;
-            for (var i = 0u; i < p.hd; i++) {
-                d += qs[i] * kc[kb + i];
+            // 16-byte loads: a thread reads its key row as HD/4 vectors.
+            let kb = (kvh * p.cap + j) * hd4;
+            var dot4 = vec4<f32>(0.0);
+            for (var i = 0u; i < hd4; i++) {
+                dot4 += qs[i] * kc[kb + i];
             }
-            sc = d * p.scale;
+            sc = (dot4.x + dot4.y + dot4.z + dot4.w) * p.scale;
         }
         let bm = reduce(sc, lid, true);
         let nm = max(m, bm);
@@ -86,11 +95,29 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         let bl = reduce(e, lid, false);
         let f = exp(m - nm);
         l = l * f + bl;
+        let cnt = min(256u, n - b);
+        var a0 = 0.0;
+        var a1 = 0.0;
+        var a2 = 0.0;
+        var a3 = 0.0;
+        let vb = (kvh * p.cap + b) * p.hd + d;
+        var jj = g;
+        let step4 = 4u * groups;
+        for (; jj + 3u * groups < cnt; jj += step4) {
+            a0 += pr[jj] * vc[vb + jj * p.hd];
+            a1 += pr[jj + groups] * vc[vb + (jj + groups) * p.hd];
+            a2 += pr[jj + 2u * groups] * vc[vb + (jj + 2u * groups) * p.hd];
+            a3 += pr[jj + 3u * groups] * vc[vb + (jj + 3u * groups) * p.hd];
+        }
+        for (; jj < cnt; jj += groups) {
+            a0 += pr[jj] * vc[vb + jj * p.hd];
+        }
+        red[lid] = (a0 + a1) + (a2 + a3);
+        workgroupBarrier();
         if lid < p.hd {
             var acc = 0.0;
-            let cnt = min(256u, n - b);
-            for (var jj = 0u; jj < cnt; jj++) {
-                acc += pr[jj] * vc[(kvh * p.cap + b + jj) * p.hd + lid];
+            for (var gg = 0u; gg < groups; gg++) {
+                acc += red[gg * p.hd + lid];
             }
             o = o * f + acc;
         }

@@ -24,7 +24,7 @@ struct Step {
     top_p: f32,
     penalty: f32,
     u: f32,
-    _p0: u32,
+    feedback: u32, // 1: decode step, the token is the one the previous step's sampler left in `sampled`
     _p1: u32,
     _p2: u32,
 }
@@ -34,6 +34,7 @@ struct Step {
 @group(0) @binding(2) var<storage, read> tokens: array<u32>;    // [T]
 @group(0) @binding(3) var<storage, read> table: array<u32>;     // [rows, C] as f16 pairs or f32
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;   // [T, C]
+@group(0) @binding(5) var<storage, read> sampled: array<u32>;   // [1], written by sample.wgsl
 
 @compute @workgroup_size(256)
 fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -41,7 +42,9 @@ fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     if t >= step.t {
         return;
     }
-    let tok = tokens[t];
+    // Reading the sampled token on the device lets the host queue step n+1 before it has read step n's
+    // token back, so encoding and GPU work overlap during decode.
+    let tok = select(tokens[t], sampled[0], step.feedback == 1u);
     if tok < p.row0 || tok >= p.row0 + p.rows {
         return;
     }

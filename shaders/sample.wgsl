@@ -20,7 +20,7 @@ struct Step {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> logits: array<f32>;        // [V]
-@group(0) @binding(3) var<storage, read> seen: array<u32>;          // [ceil(V/32)] bitmask
+@group(0) @binding(3) var<storage, read_write> seen: array<u32>;    // [ceil(V/32)] bitmask; the pick is added
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;     // [1]
 
 var<workgroup> redf: array<f32, 256>;
@@ -113,6 +113,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         }
         if lid == 0u {
             out[0] = redi[0];
+            seen[redi[0] / 32u] |= 1u << (redi[0] % 32u);
         }
         return;
     }
@@ -217,5 +218,6 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
             pick = fallback;
         }
         out[0] = pick;
+        seen[pick / 32u] |= 1u << (pick % 32u);
     }
 }

@@ -2,6 +2,7 @@
 //! use only this trait, so both backends run exactly the same generation and scoring logic.
 use crate::cpu::SampleParams;
 use crate::error::Result;
+use crate::rng::Rng;
 
 /// What to compute after running a chunk of tokens through the layers.
 pub enum Want<'a> {
@@ -31,6 +32,33 @@ pub trait Backend {
     fn mark_seen(&mut self, tokens: &[u32]) -> Result<()>;
     /// Runs `tokens` at positions `start..start+T` (the cache must hold 0..start) and computes `want`.
     fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got>;
+    /// Decode: `first` (already sampled, at position `pos`) is fed back, and up to `steps` more tokens are
+    /// sampled one at a time with a fresh uniform draw from `rng` each; `on_token` sees each new token and
+    /// returns false to stop. The GPU backend overrides this to keep two steps in flight.
+    fn decode(
+        &mut self,
+        first: u32,
+        pos: usize,
+        steps: usize,
+        params: &SampleParams,
+        rng: &mut Rng,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        let mut tok = first;
+        for i in 0..steps {
+            self.mark_seen(&[tok])?;
+            match self.forward(&[tok], pos + i, Want::Sample { params: *params, u: rng.uniform() })? {
+                Got::Token(t) => {
+                    tok = t;
+                    if !on_token(t) {
+                        break;
+                    }
+                }
+                _ => return Err(crate::error::EngineError::Invalid("backend returned no token".into())),
+            }
+        }
+        Ok(())
+    }
     /// Most tokens one `forward` call accepts (chunking keeps activations under the adapter's limits).
     fn max_chunk(&self) -> usize;
     /// Bytes of device memory the backend allocated (weights, cache, activations), and its high-water mark.

@@ -42,8 +42,11 @@ struct RawConfig {
     head_dim: Option<usize>,
     #[serde(default = "default_ctx")]
     max_position_embeddings: usize,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    /// transformers 5 writes `rope_parameters: {rope_theta, rope_type}` instead of `rope_theta`.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
@@ -62,11 +65,9 @@ struct RawConfig {
 fn default_ctx() -> usize {
     2048
 }
-fn default_theta() -> f64 {
-    10000.0
-}
 fn default_eps() -> f64 {
-    1e-6
+    // BitNetConfig's default.
+    1e-5
 }
 
 /// The parsed, validated model shape. Letters as in llm.c: C = hidden, L = layers, NH / NKV heads, HD head dim,
@@ -125,6 +126,19 @@ impl ModelConfig {
                 return Err(cerr("rope_scaling is not supported for bitnet models".into()));
             }
         }
+        let mut rope_theta = raw.rope_theta;
+        if let Some(rp) = &raw.rope_parameters {
+            if let Some(t) = rp.get("rope_type").and_then(|t| t.as_str()) {
+                if t != "default" {
+                    return Err(cerr(format!("rope_type {t:?} is not supported (only \"default\")")));
+                }
+            }
+            if rope_theta.is_none() {
+                rope_theta = rp.get("rope_theta").and_then(|t| t.as_f64());
+            }
+        }
+        // BitNetConfig's default theta.
+        let rope_theta = rope_theta.unwrap_or(500000.0);
         let form = match &raw.quantization_config {
             None => WeightForm::Online,
             Some(q) => {
@@ -150,8 +164,9 @@ impl ModelConfig {
             return Err(cerr(format!("num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}")));
         }
         let hd = raw.head_dim.unwrap_or(if nh > 0 { raw.hidden_size / nh } else { 0 });
-        if hd == 0 || hd % 2 != 0 || hd > 256 {
-            return Err(cerr(format!("head_dim {hd} must be even and at most 256")));
+        if hd == 0 || hd % 4 != 0 || hd > 256 || 256 % hd != 0 {
+            // The attention kernel reads keys as vec4 and splits its 256 threads into 256/HD groups.
+            return Err(cerr(format!("head_dim {hd} must be one of 4, 8, 16, 32, 64, 128, 256")));
         }
         let c = raw.hidden_size;
         let f = raw.intermediate_size;
@@ -173,7 +188,7 @@ impl ModelConfig {
             num_kv_heads: nkv,
             head_dim: hd,
             max_position_embeddings: raw.max_position_embeddings,
-            rope_theta: raw.rope_theta,
+            rope_theta,
             rms_norm_eps: raw.rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings,
             bos_token_id: ids(&raw.bos_token_id).first().copied(),

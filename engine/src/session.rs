@@ -192,28 +192,32 @@ pub fn generate(
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut pos = prompt.len();
     let mut stop_reason = "max_tokens";
-    while let Some(tok) = next.take() {
-        out.push(tok);
-        on_token(tok);
-        if stop_at_eos && eos.contains(&tok) {
+    if let Some(first) = next {
+        out.push(first);
+        on_token(first);
+        if stop_at_eos && eos.contains(&first) {
             stop_reason = "eos";
-            break;
+        } else if out.len() < max_tokens {
+            // Positions left in the cache bound the steps; running out of them is a "context" stop.
+            let room = positions - prompt.len();
+            let steps = (max_tokens - 1).min(room);
+            let mut hit_eos = false;
+            backend.decode(first, prompt.len(), steps, params, &mut rng, &mut |t| {
+                out.push(t);
+                on_token(t);
+                if stop_at_eos && eos.contains(&t) {
+                    hit_eos = true;
+                    return false;
+                }
+                true
+            })?;
+            if hit_eos {
+                stop_reason = "eos";
+            } else if out.len() < max_tokens {
+                stop_reason = "context";
+            }
         }
-        if out.len() >= max_tokens {
-            break;
-        }
-        if pos + 1 >= positions {
-            stop_reason = "context";
-            break;
-        }
-        backend.mark_seen(&[tok])?;
-        match backend.forward(&[tok], pos, Want::Sample { params: *params, u: rng.uniform() })? {
-            Got::Token(t) => next = Some(t),
-            _ => return Err(EngineError::Invalid("backend returned no token".into())),
-        }
-        pos += 1;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
     Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds, decode_seconds, stop_reason })

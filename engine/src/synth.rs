@@ -269,8 +269,11 @@ pub fn synth(preset: &Preset, out: &Path, seed: u64, format: SynthFormat) -> Res
     let bf16 = |x: f32| half::bf16::from_f32(x).to_le_bytes();
     for (name, _, shape, _) in &st.entries {
         if name.ends_with("embed_tokens.weight") {
+            // Tied logits are x . E with x of unit RMS: this std gives logits of std ~3, a distribution that
+            // is neither flat nor one-hot, so sampling settings visibly matter.
+            let std = 3.0 / (shape[1] as f32).sqrt();
             for _ in 0..shape[0] * shape[1] {
-                w.write_all(&bf16(rng.normal())).map_err(io)?;
+                w.write_all(&bf16(std * rng.normal())).map_err(io)?;
             }
         } else if name.ends_with("norm.weight") {
             for _ in 0..shape[0] {

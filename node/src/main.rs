@@ -42,8 +42,9 @@ struct DeviceArgs {
 enum Cmd {
     /// Generate text from a prompt, streaming it as it is produced.
     Infer {
+        /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// A LoRA adapter directory (PEFT format).
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -73,8 +74,9 @@ enum Cmd {
     },
     /// Mean negative log-likelihood (nats/token) and perplexity of a text file.
     Score {
+        /// Model directory. Default: the built-in `tiny` model.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long)]
         adapter: Option<PathBuf>,
         #[arg(long)]
@@ -121,8 +123,9 @@ enum ModelCmd {
 enum BenchCmd {
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
+        /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]
         prompt_len: usize,
         #[arg(long, default_value_t = 128)]
@@ -179,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
         Cmd::Infer { model, adapter, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, json, dev } => {
+            let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
             let req = InferRequest {
                 model: model.display().to_string(),
@@ -209,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Score { model, adapter, text_file, json, dev } => {
+            let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
             let text = std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
             let mut engine = load_engine(&model, &adapter, &opts)?;
@@ -232,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
         }
         Cmd::Bench { cmd: BenchCmd::Infer { model, prompt_len, gen, json, dev } } => {
+            let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
             bench_infer(&model, prompt_len, gen, json, &opts)?;
         }
@@ -256,6 +262,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
+/// `<home>/models/builtin-tiny`, so a first run needs no download.
+fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m);
+    }
+    let dir = home.join("models").join("builtin-tiny");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("note: no --model given; writing the built-in random tiny BitNet to {}", dir.display());
+        let p = synth::preset("tiny")?;
+        synth::synth(p, &dir, 0, SynthFormat::Packed).with_context(|| format!("writing {}", dir.display()))?;
+    }
+    Ok(dir)
 }
 
 /// Runs one inference request, streaming text to stdout when `stream` is set.

@@ -38,6 +38,8 @@ struct Acts {
     seen: wgpu::Buffer,
     sampled: wgpu::Buffer,
     staging: wgpu::Buffer,
+    /// Two 4-byte readback slots: decode keeps two steps in flight.
+    ring: [wgpu::Buffer; 2],
     bytes: u64,
 }
 
@@ -125,7 +127,9 @@ impl GpuBackend {
         if (v * 4) as u64 > gpu.max_binding {
             return Err(EngineError::Gpu(format!("one row of logits ({} bytes) exceeds the binding limit {}", v * 4, gpu.max_binding)));
         }
-        let lmax = ((gpu.max_binding / (v * 4) as u64) as usize).clamp(1, tmax);
+        // Logit rows computed per lm_head pass. Decode needs one; scoring and parity tests loop over passes of
+        // 32, which keeps the logits buffer (and its staging copy) at 16 MiB for a 128k vocabulary.
+        let lmax = ((gpu.max_binding / (v * 4) as u64) as usize).clamp(1, tmax.min(32));
         let before = gpu.allocated();
         let s = |label: &str, bytes: usize| gpu.storage(label, bytes as u64);
         let acts = Acts {
@@ -145,6 +149,7 @@ impl GpuBackend {
             seen: s("seen", v.div_ceil(32) * 4)?,
             sampled: s("sampled", 4)?,
             staging: gpu.readback_buffer(((lmax * v * 4).max(tmax * 4).max(16)) as u64),
+            ring: [gpu.readback_buffer(16), gpu.readback_buffer(16)],
             bytes: 0,
         };
         let acts = Acts { bytes: gpu.allocated() - before, ..acts };
@@ -192,7 +197,7 @@ impl GpuBackend {
         let (cos, sin) = self.rope.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let mut body = vec![];
         for t in &self.embed {
-            body.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.x, &a.step));
+            body.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step));
         }
         for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
             body.push(kernels::rmsnorm_quant(g, c, eps, &l.input_layernorm, &a.x, &a.xq, &a.xs, &a.qsum, &a.step));
@@ -224,6 +229,31 @@ impl GpuBackend {
 
     fn write_step(&self, s: &Step) {
         self.gpu.queue.write_buffer(&self.acts.step, 0, bytemuck::bytes_of(s));
+    }
+
+    /// Waits for submission `idx` only (later ones keep running) and reads the token in ring slot `slot`.
+    fn read_slot(&self, idx: wgpu::SubmissionIndex, slot: usize) -> Result<u32> {
+        let buf = &self.acts.ring[slot];
+        let s = buf.slice(..4);
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.gpu
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None })
+            .map_err(|e| EngineError::Gpu(format!("device lost while waiting: {e}")))?;
+        rx.recv()
+            .map_err(|_| EngineError::Gpu("map callback never ran".into()))?
+            .map_err(|e| EngineError::Gpu(format!("map failed: {e}")))?;
+        let b = s.get_mapped_range().to_vec();
+        buf.unmap();
+        self.gpu.check_error()?;
+        let tok = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if tok as usize >= self.model.config.vocab_size {
+            return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
+        }
+        Ok(tok)
     }
 
     fn submit(&self, f: impl FnOnce(&mut wgpu::ComputePass<'_>), copy: Option<(&wgpu::Buffer, u64)>) {
@@ -300,6 +330,76 @@ impl Backend for GpuBackend {
         self.tmax
     }
 
+    /// Pipelined decode: step n+1 is queued before step n's token is read back (the embedding kernel takes
+    /// the token straight from the sampler's buffer and the sampler marks it seen), so the CPU records one
+    /// step while the GPU runs the previous one. When the caller stops (EOS), at most one speculative step
+    /// has run; its cache entry lies beyond the returned sequence and is never read.
+    fn decode(
+        &mut self,
+        _first: u32,
+        pos: usize,
+        steps: usize,
+        params: &crate::cpu::SampleParams,
+        rng: &mut crate::rng::Rng,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<()> {
+        if pos + steps > self.cap {
+            return Err(EngineError::Invalid(format!("positions up to {} exceed the cache of {}", pos + steps, self.cap)));
+        }
+        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let mut inflight: std::collections::VecDeque<(wgpu::SubmissionIndex, usize)> = Default::default();
+        let mut stopped = false;
+        let mut i = 0;
+        while i < steps && !stopped {
+            if inflight.len() == 2 {
+                if let Some((idx, slot)) = inflight.pop_front() {
+                    let tok = self.read_slot(idx, slot)?;
+                    if !on_token(tok) {
+                        stopped = true;
+                        break;
+                    }
+                }
+            }
+            let step = Step {
+                t: 1,
+                start: (pos + i) as u32,
+                lm_t0: 0,
+                lm_t: 1,
+                temperature: params.temperature,
+                top_k: params.top_k,
+                top_p: params.top_p,
+                penalty: params.repetition_penalty,
+                u: rng.uniform(),
+                feedback: 1,
+                _pad: [0; 2],
+            };
+            self.write_step(&step);
+            let slot = i % 2;
+            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                ops.body.iter().for_each(|o| o.record(&mut p, 1, 1));
+                ops.final_norm.record(&mut p, 1, 1);
+                ops.lm.iter().for_each(|o| o.record(&mut p, 1, 1));
+                ops.sample.record(&mut p, 1, 1);
+            }
+            enc.copy_buffer_to_buffer(&self.acts.sampled, 0, &self.acts.ring[slot], 0, 4);
+            let idx = self.gpu.queue.submit([enc.finish()]);
+            inflight.push_back((idx, slot));
+            i += 1;
+        }
+        while let Some((idx, slot)) = inflight.pop_front() {
+            let tok = self.read_slot(idx, slot)?;
+            if !stopped && !on_token(tok) {
+                stopped = true;
+            }
+        }
+        // Keep the host copy of the penalty set in step with what the sampler marked on the device.
+        let b = self.gpu.download(&self.acts.seen, (self.seen.len() * 4) as u64)?;
+        self.seen.copy_from_slice(bytemuck::cast_slice(&b));
+        Ok(())
+    }
+
     fn memory(&self) -> MemoryReport {
         let (tern, e, h, other) = self.weight_bytes;
         MemoryReport {
@@ -360,6 +460,8 @@ impl Backend for GpuBackend {
                 if tok as usize >= v {
                     return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
                 }
+                // The sampler marked it seen on the device; mirror that in the host copy.
+                self.seen[tok as usize / 32] |= 1 << (tok % 32);
                 Ok(Got::Token(tok))
             }
             Want::Nll(targets) => {

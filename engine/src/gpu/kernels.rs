@@ -23,7 +23,9 @@ pub struct Step {
     pub top_p: f32,
     pub penalty: f32,
     pub u: f32,
-    pub _pad: [u32; 3],
+    /// 1: the embedding reads the token from the sampler's output (pipelined decode).
+    pub feedback: u32,
+    pub _pad: [u32; 2],
 }
 
 /// How many workgroups an op needs, given the chunk's token count T and the lm_head row count.
@@ -201,9 +203,10 @@ pub fn ternary_tiles(gpu: &Gpu, parts: &[&TernaryLinear], gate_up: bool) -> Resu
     Ok(tiles)
 }
 
-pub fn embedding(gpu: &Gpu, f16: bool, c: usize, tile: &MatrixTile, tokens: &wgpu::Buffer, x: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+#[allow(clippy::too_many_arguments)]
+pub fn embedding(gpu: &Gpu, f16: bool, c: usize, tile: &MatrixTile, tokens: &wgpu::Buffer, sampled: &wgpu::Buffer, x: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     op(gpu, "embedding", sh::EMBEDDING, &[("F16", if f16 { 1.0 } else { 0.0 })], &[c as u32, tile.row0, tile.rows, 0],
-        &[(2, tokens), (3, &tile.buf), (4, x)], step, Grid::Tokens)
+        &[(2, tokens), (3, &tile.buf), (4, x), (5, sampled)], step, Grid::Tokens)
 }
 
 #[allow(clippy::too_many_arguments)]

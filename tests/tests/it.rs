@@ -1,0 +1,5 @@
+//! One integration-test binary (fast to link), one module per concern.
+#![allow(clippy::unwrap_used)]
+mod kernels;
+mod parity;
+mod tiling;

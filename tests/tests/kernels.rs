@@ -1,0 +1,294 @@
+//! Every WGSL kernel against its CPU twin on random inputs, through the same launchers the model uses.
+use bitnode_engine::cpu::{self, SampleParams};
+use bitnode_engine::gpu::kernels::{self as k, Step};
+use bitnode_engine::model::{Model, TernaryLinear};
+use bitnode_engine::rng::Rng;
+use bitnode_engine::ternary;
+use bitnode_tests::{gpu, max_rel_diff, randn, tempdir};
+use std::sync::Arc;
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    bytemuck::cast_slice(b).to_vec()
+}
+
+fn step_buf(g: &bitnode_engine::gpu::Gpu, s: Step) -> wgpu::Buffer {
+    g.uniform("step", bytemuck::bytes_of(&s))
+}
+
+fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> TernaryLinear {
+    let mut words = vec![];
+    for _ in 0..out {
+        let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
+        ternary::pack_row(&t, &mut words);
+    }
+    TernaryLinear { out, inp, words, scale: 0.5 + rng.uniform() }
+}
+
+fn pack_q(q: &[i8]) -> Vec<u32> {
+    q.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | ((*v as u8 as u32) << (8 * i)))).collect()
+}
+
+fn tiny_model() -> Arc<Model> {
+    let dir = tempdir("kernel-model");
+    let p = bitnode_engine::synth::preset("tiny").unwrap();
+    bitnode_engine::synth::synth(p, &dir, 3, bitnode_engine::synth::SynthFormat::Online).unwrap();
+    Arc::new(Model::load(&dir).unwrap())
+}
+
+#[test]
+fn rmsnorm_quant_matches_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(1);
+    for &(t, c) in &[(1usize, 128usize), (5, 352), (3, 2560)] {
+        let x = randn(&mut rng, t * c, 2.0);
+        let w: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform()).collect();
+        let step = step_buf(&g, Step { t: t as u32, ..Default::default() });
+        let (xb, wb) = (g.storage_init("x", bytemuck::cast_slice(&x)).unwrap(), g.storage_init("w", bytemuck::cast_slice(&w)).unwrap());
+        let (qb, sb, sumb, yb) = (g.storage("q", (t * c) as u64).unwrap(), g.storage("s", 4 * t as u64).unwrap(), g.storage("qs", 4 * t as u64).unwrap(), g.storage("y", (4 * t * c) as u64).unwrap());
+        let op = k::rmsnorm_quant(&g, c, 1e-5, &wb, &xb, &qb, &sb, &sumb, &step);
+        let op2 = k::rmsnorm(&g, c, 1e-5, &wb, &xb, &yb, &step);
+        k::run(&g, &[&op, &op2], t as u32, 0);
+        let gq: Vec<i8> = g.download(&qb, (t * c) as u64).unwrap().iter().map(|b| *b as i8).collect();
+        let gs = f32s(&g.download(&sb, 4 * t as u64).unwrap());
+        let gsum: Vec<i32> = bytemuck::cast_slice(&g.download(&sumb, 4 * t as u64).unwrap()).to_vec();
+        let gy = f32s(&g.download(&yb, (4 * t * c) as u64).unwrap());
+        let (mut cq, mut cs, mut cy) = (vec![0i8; t * c], vec![0f32; t], vec![0f32; t * c]);
+        cpu::rmsnorm_quant(&mut cq, &mut cs, &x, &w, 1e-5, t, c);
+        cpu::rmsnorm(&mut cy, &x, &w, 1e-5, t, c);
+        let (d, i) = max_rel_diff(&gy, &cy);
+        assert!(d < 1e-5, "rmsnorm T={t} C={c}: diff {d} at {i}");
+        let (d, i) = max_rel_diff(&gs, &cs);
+        assert!(d < 1e-5, "scale T={t} C={c}: diff {d} at {i}");
+        // A different summation order may move a value that sits on a rounding boundary by one step.
+        let off: Vec<usize> = (0..t * c).filter(|&i| gq[i] != cq[i]).collect();
+        assert!(off.len() * 200 <= t * c, "T={t} C={c}: {} of {} quantized values differ", off.len(), t * c);
+        for &i in &off {
+            assert!((gq[i] as i32 - cq[i] as i32).abs() <= 1, "q[{i}]: gpu {} cpu {}", gq[i], cq[i]);
+        }
+        for ti in 0..t {
+            assert_eq!(gsum[ti], gq[ti * c..(ti + 1) * c].iter().map(|v| *v as i32).sum::<i32>(), "qsum of token {ti}");
+        }
+    }
+}
+
+#[test]
+fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
+    let mut rng = Rng::new(2);
+    // 8 KiB bindings split these weights into several tiles.
+    for limit in [None, Some(8192u64)] {
+        let g = gpu(limit);
+        for &(t, o, i) in &[(1usize, 96usize, 128usize), (6, 160, 352), (3, 64, 2560)] {
+            let w = random_linear(&mut rng, o, i);
+            let w2 = random_linear(&mut rng, o, i);
+            let q: Vec<i8> = (0..t * i).map(|_| (rng.next_u64() % 256) as u8 as i8).collect();
+            let s: Vec<f32> = (0..t).map(|_| 10.0 + 100.0 * rng.uniform()).collect();
+            let qsum: Vec<i32> = (0..t).map(|ti| q[ti * i..(ti + 1) * i].iter().map(|v| *v as i32).sum()).collect();
+            let step = step_buf(&g, Step { t: t as u32, ..Default::default() });
+            let qb = g.storage_init("q", bytemuck::cast_slice(&pack_q(&q))).unwrap();
+            let sb = g.storage_init("s", bytemuck::cast_slice(&s)).unwrap();
+            let sumb = g.storage_init("qsum", bytemuck::cast_slice(&qsum)).unwrap();
+            let mut y1 = vec![0f32; t * o];
+            let mut y2 = vec![0f32; t * o];
+            cpu::matmul_ternary(&mut y1, &q, &s, &w, t);
+            cpu::matmul_ternary(&mut y2, &q, &s, &w2, t);
+            // mode 0: store
+            let tiles = k::ternary_tiles(&g, &[&w], false).unwrap();
+            if limit.is_some() && i * o / 4 > 8192 {
+                assert!(tiles.len() > 1, "expected tiling for {o}x{i}");
+            }
+            let yb = g.storage("y", (4 * t * o) as u64).unwrap();
+            let ops: Vec<_> = tiles.iter().map(|tl| k::matmul_ternary(&g, tl, 0, 0, o, &qb, &sb, &sumb, &yb, &step)).collect();
+            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+            let gy = f32s(&g.download(&yb, (4 * t * o) as u64).unwrap());
+            let (d, at) = max_rel_diff(&gy, &y1);
+            assert!(d < 1e-6, "store {t}x{o}x{i}: diff {d} at {at}");
+            // mode 1: accumulate onto a residual
+            let base = randn(&mut rng, t * o, 1.0);
+            let rb = g.storage_init("r", bytemuck::cast_slice(&base)).unwrap();
+            let ops: Vec<_> = tiles.iter().map(|tl| k::matmul_ternary(&g, tl, 1, 0, o, &qb, &sb, &sumb, &rb, &step)).collect();
+            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+            let gr = f32s(&g.download(&rb, (4 * t * o) as u64).unwrap());
+            let want: Vec<f32> = base.iter().zip(&y1).map(|(a, b)| a + b).collect();
+            let (d, at) = max_rel_diff(&gr, &want);
+            assert!(d < 1e-6, "accumulate: diff {d} at {at}");
+            // mode 2: fused gate/up with relu^2
+            let gu = k::ternary_tiles(&g, &[&w, &w2], true).unwrap();
+            let hb = g.storage("h", (4 * t * o) as u64).unwrap();
+            let ops: Vec<_> = gu.iter().map(|tl| k::matmul_ternary(&g, tl, 2, 0, o, &qb, &sb, &sumb, &hb, &step)).collect();
+            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+            let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
+            let mut want = vec![0f32; t * o];
+            cpu::relu2_mul(&mut want, &y1, &y2);
+            let (d, at) = max_rel_diff(&gh, &want);
+            assert!(d < 1e-5, "gate_up: diff {d} at {at}");
+        }
+    }
+}
+
+#[test]
+fn rope_and_attention_match_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(3);
+    for &(nh, nkv, hd, start, t) in &[(4usize, 2usize, 32usize, 0usize, 7usize), (4, 1, 16, 5, 1), (6, 3, 64, 300, 4), (2, 2, 128, 0, 260)] {
+        let cap = start + t;
+        let stride = (nh + 2 * nkv) * hd;
+        let (cos, sin) = cpu::rope_table(10000.0, hd, cap);
+        // Earlier positions of the cache hold random keys/values; the chunk writes positions start..start+t.
+        let mut kc = randn(&mut rng, nkv * cap * hd, 1.0);
+        let mut vc = randn(&mut rng, nkv * cap * hd, 1.0);
+        let qkv = randn(&mut rng, t * stride, 1.0);
+        let step = step_buf(&g, Step { t: t as u32, start: start as u32, ..Default::default() });
+        let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
+        let kb = g.storage_init("k", bytemuck::cast_slice(&kc)).unwrap();
+        let vb = g.storage_init("v", bytemuck::cast_slice(&vc)).unwrap();
+        let cb = g.storage_init("cos", bytemuck::cast_slice(&cos)).unwrap();
+        let sb = g.storage_init("sin", bytemuck::cast_slice(&sin)).unwrap();
+        let ob = g.storage("out", (4 * t * nh * hd) as u64).unwrap();
+        let r = k::rope(&g, nh, nkv, hd, cap, &cb, &sb, &qkvb, &kb, &vb, &step);
+        let a = k::attention(&g, nh, nkv, hd, cap, &qkvb, &kb, &vb, &ob, &step);
+        k::run(&g, &[&r, &a], t as u32, 0);
+        // CPU twin
+        let positions: Vec<usize> = (start..start + t).collect();
+        let mut q = vec![0f32; t * nh * hd];
+        let mut kk = vec![0f32; t * nkv * hd];
+        for ti in 0..t {
+            q[ti * nh * hd..(ti + 1) * nh * hd].copy_from_slice(&qkv[ti * stride..ti * stride + nh * hd]);
+            kk[ti * nkv * hd..(ti + 1) * nkv * hd].copy_from_slice(&qkv[ti * stride + nh * hd..ti * stride + (nh + nkv) * hd]);
+        }
+        cpu::rope(&mut q, &positions, &cos, &sin, nh, hd);
+        cpu::rope(&mut kk, &positions, &cos, &sin, nkv, hd);
+        for ti in 0..t {
+            for h in 0..nkv {
+                let dst = (h * cap + start + ti) * hd;
+                kc[dst..dst + hd].copy_from_slice(&kk[(ti * nkv + h) * hd..(ti * nkv + h + 1) * hd]);
+                let vsrc = ti * stride + (nh + nkv) * hd + h * hd;
+                vc[dst..dst + hd].copy_from_slice(&qkv[vsrc..vsrc + hd]);
+            }
+        }
+        let mut out = vec![0f32; t * nh * hd];
+        cpu::attention(&mut out, &q, &kc, &vc, start, t, nh, nkv, hd, cap);
+        let gq = f32s(&g.download(&qkvb, (4 * t * stride) as u64).unwrap());
+        for ti in 0..t {
+            let (d, at) = max_rel_diff(&gq[ti * stride..ti * stride + nh * hd], &q[ti * nh * hd..(ti + 1) * nh * hd]);
+            assert!(d < 1e-5, "rope q: diff {d} at {at}");
+        }
+        let (d, at) = max_rel_diff(&f32s(&g.download(&kb, (4 * nkv * cap * hd) as u64).unwrap()), &kc);
+        assert!(d < 1e-5, "rope k cache: diff {d} at {at}");
+        let (d, at) = max_rel_diff(&f32s(&g.download(&vb, (4 * nkv * cap * hd) as u64).unwrap()), &vc);
+        assert!(d == 0.0, "v cache: diff {d} at {at}");
+        let (d, at) = max_rel_diff(&f32s(&g.download(&ob, (4 * t * nh * hd) as u64).unwrap()), &out);
+        assert!(d < 1e-5, "attention nh={nh} nkv={nkv} hd={hd} start={start} t={t}: diff {d} at {at}");
+    }
+}
+
+#[test]
+fn embedding_and_lm_head_match_cpu_in_f16_and_f32() {
+    let model = tiny_model();
+    let mut rng = Rng::new(4);
+    let (v, c) = (model.embed.rows, model.embed.cols);
+    for f16 in [false, true] {
+        // 64 KiB bindings: the f32 table is 256 KiB, so both kernels run over several tiles.
+        let g = gpu(Some(64 * 1024));
+        let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
+        assert!(tiles.len() > 1);
+        let t = 6;
+        let tokens: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+        let x = randn(&mut rng, t * c, 1.0);
+        let lm_t0 = 1u32;
+        let lm_t = 5u32;
+        let step = step_buf(&g, Step { t: t as u32, lm_t0, lm_t, ..Default::default() });
+        let tb = g.storage_init("tokens", bytemuck::cast_slice(&tokens)).unwrap();
+        let eb = g.storage("emb", (4 * t * c) as u64).unwrap();
+        let sampled = g.storage("sampled", 4).unwrap();
+        let xb = g.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
+        let lb = g.storage("logits", (4 * lm_t as usize * v) as u64).unwrap();
+        let mut ops = vec![];
+        for tl in &tiles {
+            ops.push(k::embedding(&g, f16, c, tl, &tb, &sampled, &eb, &step));
+            ops.push(k::lm_head(&g, f16, c, v, tl, &xb, &lb, &step));
+        }
+        k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, lm_t);
+        let round = |w: &mut Vec<f32>| {
+            if f16 {
+                w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            }
+        };
+        let mut want = vec![0f32; t * c];
+        cpu::embedding(&mut want, &tokens, &model.embed);
+        round(&mut want);
+        let got = f32s(&g.download(&eb, (4 * t * c) as u64).unwrap());
+        assert_eq!(got, want, "embedding f16={f16}");
+        let mut w = model.embed.rows_f32(0, v);
+        round(&mut w);
+        let mut logits = vec![0f32; lm_t as usize * v];
+        cpu::lm_head(&mut logits, &x[lm_t0 as usize * c..], &w, lm_t as usize, c, v);
+        let got = f32s(&g.download(&lb, (4 * lm_t as usize * v) as u64).unwrap());
+        let (d, at) = max_rel_diff(&got, &logits);
+        assert!(d < 2e-5, "lm_head f16={f16}: diff {d} at {at}");
+    }
+}
+
+#[test]
+fn nll_matches_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(5);
+    let (t, v) = (7usize, 1000usize);
+    let logits = randn(&mut rng, t * v, 3.0);
+    let targets: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+    let step = step_buf(&g, Step { t: t as u32, lm_t0: 0, lm_t: t as u32, ..Default::default() });
+    let lb = g.storage_init("logits", bytemuck::cast_slice(&logits)).unwrap();
+    let tb = g.storage_init("targets", bytemuck::cast_slice(&targets)).unwrap();
+    let ob = g.storage("nll", 4 * t as u64).unwrap();
+    let op = k::nll(&g, v, &lb, &tb, &ob, &step);
+    k::run(&g, &[&op], t as u32, t as u32);
+    let mut want = vec![0f32; t];
+    cpu::nll(&mut want, &logits, &targets, v);
+    let (d, at) = max_rel_diff(&f32s(&g.download(&ob, 4 * t as u64).unwrap()), &want);
+    assert!(d < 1e-5, "nll: diff {d} at {at}");
+}
+
+#[test]
+fn sample_matches_cpu_for_every_setting() {
+    let g = gpu(None);
+    let mut rng = Rng::new(6);
+    let v = 3000usize;
+    let settings = [
+        SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 },
+        SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.3 },
+        SampleParams { temperature: 0.7, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 },
+        SampleParams { temperature: 1.0, top_k: 40, top_p: 1.0, repetition_penalty: 1.0 },
+        SampleParams { temperature: 0.9, top_k: 0, top_p: 0.9, repetition_penalty: 1.0 },
+        SampleParams { temperature: 1.2, top_k: 50, top_p: 0.8, repetition_penalty: 1.1 },
+        SampleParams { temperature: 1.0, top_k: 1, top_p: 1.0, repetition_penalty: 1.0 },
+    ];
+    let lb = g.storage("logits", 4 * v as u64).unwrap();
+    let sb = g.storage("seen", (v.div_ceil(32) * 4) as u64).unwrap();
+    let ob = g.storage("out", 4).unwrap();
+    let step = g.uniform("step", bytemuck::bytes_of(&Step::default()));
+    let op = k::sample(&g, v, &lb, &sb, &ob, &step);
+    let mut distinct = std::collections::HashSet::new();
+    for (si, p) in settings.iter().enumerate() {
+        for trial in 0..12 {
+            let logits = randn(&mut rng, v, 3.0);
+            let seen: Vec<bool> = (0..v).map(|_| rng.uniform() < 0.05).collect();
+            let mut mask = vec![0u32; v.div_ceil(32)];
+            for (i, s) in seen.iter().enumerate() {
+                if *s {
+                    mask[i / 32] |= 1 << (i % 32);
+                }
+            }
+            let u = rng.uniform();
+            g.queue.write_buffer(&lb, 0, bytemuck::cast_slice(&logits));
+            g.queue.write_buffer(&sb, 0, bytemuck::cast_slice(&mask));
+            let st = Step { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, penalty: p.repetition_penalty, u, ..Default::default() };
+            g.queue.write_buffer(&step, 0, bytemuck::bytes_of(&st));
+            k::run(&g, &[&op], 1, 1);
+            let got = u32::from_le_bytes(g.download(&ob, 4).unwrap().try_into().unwrap());
+            let want = cpu::sample(&logits, &seen, p, u);
+            assert_eq!(got, want, "setting {si} {p:?} trial {trial}");
+            distinct.insert((si, got));
+        }
+    }
+    // Sampled settings must actually sample: many distinct tokens across trials.
+    assert!(distinct.len() > 40, "only {} distinct (setting, token) pairs", distinct.len());
+}
