@@ -58,20 +58,21 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
             }
         }
     }
-    for (var tt = 0u; tt < TT; tt++) {
+    let ntt = min(TT, step.lm_t - min(step.lm_t, t0));
+    for (var tt = 0u; tt < ntt; tt++) {
         red[tt * 256u + lid] = acc[tt];
     }
     workgroupBarrier();
     for (var off = 16u; off > 0u; off >>= 1u) {
         if lane < off {
-            for (var tt = 0u; tt < TT; tt++) {
+            for (var tt = 0u; tt < ntt; tt++) {
                 red[tt * 256u + lid] += red[tt * 256u + lid + off];
             }
         }
         workgroupBarrier();
     }
     if lane == 0u && row < p.rows {
-        for (var tt = 0u; tt < TT; tt++) {
+        for (var tt = 0u; tt < ntt; tt++) {
             let t = t0 + tt;
             if t < step.lm_t {
                 logits[t * p.v + p.row0 + row] = red[tt * 256u + lid];

@@ -69,14 +69,16 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
             }
         }
     }
-    for (var tt = 0u; tt < TT; tt++) {
+    // Only the tokens this workgroup really has are reduced (one during decode); ntt is uniform.
+    let ntt = min(TT, step.t - min(step.t, t0));
+    for (var tt = 0u; tt < ntt; tt++) {
         red[tt * 256u + lid] = acc[tt];
         red[1024u + tt * 256u + lid] = accu[tt];
     }
     workgroupBarrier();
     for (var off = 16u; off > 0u; off >>= 1u) {
         if lane < off {
-            for (var tt = 0u; tt < TT; tt++) {
+            for (var tt = 0u; tt < ntt; tt++) {
                 red[tt * 256u + lid] += red[tt * 256u + lid + off];
                 if MODE == 2u {
                     red[1024u + tt * 256u + lid] += red[1024u + tt * 256u + lid + off];
@@ -86,7 +88,7 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         workgroupBarrier();
     }
     if lane == 0u && row < p.rows {
-        for (var tt = 0u; tt < TT; tt++) {
+        for (var tt = 0u; tt < ntt; tt++) {
             let t = t0 + tt;
             if t < step.t {
                 let dst = t * p.y_stride + p.y_off + row;
