@@ -59,10 +59,26 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// GPU time of each kernel for one decode step at position `pos`, in microseconds, summed by kernel
+    /// name with the number of dispatches, plus the CPU time to record the step. `None` where the backend
+    /// cannot time kernels.
+    fn profile_step(&mut self, _pos: usize) -> Result<Option<Profile>> {
+        Ok(None)
+    }
     /// Most tokens one `forward` call accepts (chunking keeps activations under the adapter's limits).
     fn max_chunk(&self) -> usize;
     /// Bytes of device memory the backend allocated (weights, cache, activations), and its high-water mark.
     fn memory(&self) -> MemoryReport;
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Profile {
+    /// (kernel, dispatches, total GPU microseconds) for one decode step.
+    pub kernels: Vec<(String, usize, f64)>,
+    pub dispatches: usize,
+    pub gpu_us: f64,
+    /// CPU time to record and submit the step's dispatches (one pass, as decode does).
+    pub record_us: f64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -130,6 +130,9 @@ enum BenchCmd {
         prompt_len: usize,
         #[arg(long, default_value_t = 128)]
         gen: usize,
+        /// Also time every kernel of one decode step (GPU timestamp queries).
+        #[arg(long)]
+        profile: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -236,10 +239,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
         }
-        Cmd::Bench { cmd: BenchCmd::Infer { model, prompt_len, gen, json, dev } } => {
+        Cmd::Bench { cmd: BenchCmd::Infer { model, prompt_len, gen, profile, json, dev } } => {
             let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
-            bench_infer(&model, prompt_len, gen, json, &opts)?;
+            bench_infer(&model, prompt_len, gen, profile, json, &opts)?;
         }
         Cmd::Devices { json } => {
             let list: Vec<_> = bitnode_engine::gpu::adapters().iter().enumerate().map(|(i, a)| bitnode_engine::gpu::summarize(i, a)).collect();
@@ -328,7 +331,7 @@ fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Resul
     })
 }
 
-fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, json: bool, opts: &EngineOptions) -> anyhow::Result<()> {
+fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, profile: bool, json: bool, opts: &EngineOptions) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let mut engine = Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -353,6 +356,7 @@ fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, json: boo
     let prefill = prompt_len as f64 / g.prefill_seconds;
     let mem = engine.backend.memory();
     let device = engine.backend.device_name();
+    let prof = if profile { engine.backend.profile_step(prompt_len + n / 2)? } else { None };
     // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
     let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
     let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
@@ -373,6 +377,7 @@ fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, json: boo
         "memory_bandwidth_bytes_per_second": bw,
         "bandwidth_bound_tokens_per_second": bound,
         "fraction_of_bandwidth_bound": bound.map(|b| decode / b),
+        "profile": prof,
     });
     if json {
         println!("{}", serde_json::to_string(&v)?);
@@ -384,6 +389,12 @@ fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, json: boo
             mib(mem.peak), mib(mem.ternary_weights), mib(mem.embedding), mib(mem.lm_head), mib(mem.kv_cache), mib(mem.activations));
         if let Some(b) = bound {
             println!("bandwidth bound:   {b:.0} tok/s; decode reaches {:.1}% of it", 100.0 * decode / b);
+        }
+        if let Some(p) = &prof {
+            println!("one decode step:   {} dispatches, {:.0} us of kernel time, {:.0} us to record and submit", p.dispatches, p.gpu_us, p.record_us);
+            for (k, c, us) in &p.kernels {
+                println!("    {k:<16} {c:>5} dispatches {us:>9.1} us");
+            }
         }
     }
     Ok(())

@@ -29,7 +29,8 @@ impl Gpu {
         let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
         let desc = wgpu::DeviceDescriptor {
             label: Some("bitnode"),
-            required_features: wgpu::Features::empty(),
+            // Timestamps only feed `bitnode bench infer --profile`; ask for them where they exist.
+            required_features: features & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,

@@ -330,6 +330,68 @@ impl Backend for GpuBackend {
         self.tmax
     }
 
+    fn profile_step(&mut self, pos: usize) -> Result<Option<crate::backend::Profile>> {
+        if !self.gpu.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) || pos >= self.cap {
+            return Ok(None);
+        }
+        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let all: Vec<&Op> = ops.body.iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(std::iter::once(&ops.sample)).collect();
+        let step = Step { t: 1, start: pos as u32, lm_t: 1, feedback: 1, ..Default::default() };
+        self.write_step(&step);
+        // CPU cost of recording the step as decode does: one pass, every dispatch.
+        let t0 = std::time::Instant::now();
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            all.iter().for_each(|o| o.record(&mut p, 1, 1));
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        let record_us = t0.elapsed().as_secs_f64() * 1e6;
+        self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| EngineError::Gpu(e.to_string()))?;
+        // GPU cost: each dispatch in its own timed pass.
+        let n = all.len() as u32;
+        let qs = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("profile"), ty: wgpu::QueryType::Timestamp, count: 2 * n });
+        let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile"),
+            size: 16 * n as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile-read"),
+            size: 16 * n as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        for (i, o) in all.iter().enumerate() {
+            let tw = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(2 * i as u32), end_of_pass_write_index: Some(2 * i as u32 + 1) };
+            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(tw) });
+            o.record(&mut p, 1, 1);
+        }
+        enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16 * n as u64);
+        self.gpu.queue.submit([enc.finish()]);
+        let b = self.gpu.read(&read, 16 * n as u64)?;
+        let ticks: &[u64] = bytemuck::cast_slice(&b);
+        let period = self.gpu.queue.get_timestamp_period() as f64 / 1000.0;
+        let mut by: Vec<(String, usize, f64)> = vec![];
+        let mut total = 0.0;
+        for (i, o) in all.iter().enumerate() {
+            let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            total += us;
+            match by.iter_mut().find(|e| e.0 == o.name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += us;
+                }
+                None => by.push((o.name.to_string(), 1, us)),
+            }
+        }
+        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Ok(Some(crate::backend::Profile { kernels: by, dispatches: all.len(), gpu_us: total, record_us }))
+    }
+
     /// Pipelined decode: step n+1 is queued before step n's token is read back (the embedding kernel takes
     /// the token straight from the sampler's buffer and the sampler marks it seen), so the CPU records one
     /// step while the GPU runs the previous one. When the caller stops (EOS), at most one speculative step
