@@ -79,10 +79,18 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         if j < n {
             // 16-byte loads: a thread reads its key row as HD/4 vectors.
             let kb = (kvh * p.cap + j) * hd4;
-            var dot4 = vec4<f32>(0.0);
-            for (var i = 0u; i < hd4; i++) {
-                dot4 += qs[i] * kc[kb + i];
+            // Two independent accumulators keep two loads in flight per thread.
+            var d0 = vec4<f32>(0.0);
+            var d1 = vec4<f32>(0.0);
+            var i = 0u;
+            for (; i + 1u < hd4; i += 2u) {
+                d0 += qs[i] * kc[kb + i];
+                d1 += qs[i + 1u] * kc[kb + i + 1u];
             }
+            if i < hd4 {
+                d0 += qs[i] * kc[kb + i];
+            }
+            let dot4 = d0 + d1;
             sc = (dot4.x + dot4.y + dot4.z + dot4.w) * p.scale;
         }
         let bm = reduce(sc, lid, true);

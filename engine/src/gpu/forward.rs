@@ -45,6 +45,9 @@ struct Acts {
 
 struct Ops {
     body: Vec<Op>,
+    /// The layers for one decode token, with the norms fused into the projections (None when an input is
+    /// wider than the fused kernel holds).
+    decode_body: Option<Vec<Op>>,
     final_norm: Op,
     lm: Vec<Op>,
     nll: Op,
@@ -219,12 +222,37 @@ impl GpuBackend {
                 body.push(kernels::matmul_ternary(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
             }
         }
+        let decode_body = if c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
+            let mut d = vec![];
+            for t in &self.embed {
+                d.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step));
+            }
+            for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
+                for t in &l.qkv {
+                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 0, eps, &a.x, &l.input_layernorm, &a.qkv, &a.step));
+                }
+                d.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
+                d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
+                for t in &l.o {
+                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.att, &l.attn_sub_norm, &a.x, &a.step));
+                }
+                for t in &l.gate_up {
+                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 2, eps, &a.x, &l.post_attention_layernorm, &a.h, &a.step));
+                }
+                for t in &l.down {
+                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.h, &l.ffn_sub_norm, &a.x, &a.step));
+                }
+            }
+            Some(d)
+        } else {
+            None
+        };
         let final_norm = kernels::rmsnorm(g, c, eps, &self.norm, &a.x, &a.xf, &a.step);
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let lm = head.iter().map(|t| kernels::lm_head(g, self.f16, c, v, t, &a.xf, &a.logits, &a.step)).collect();
         let nll = kernels::nll(g, v, &a.logits, &a.targets, &a.nll, &a.step);
         let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sampled, &a.step);
-        Ok(Ops { body, final_norm, lm, nll, sample })
+        Ok(Ops { body, decode_body, final_norm, lm, nll, sample })
     }
 
     fn write_step(&self, s: &Step) {
@@ -335,7 +363,7 @@ impl Backend for GpuBackend {
             return Ok(None);
         }
         let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
-        let all: Vec<&Op> = ops.body.iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(std::iter::once(&ops.sample)).collect();
+        let all: Vec<&Op> = ops.decode_body.as_ref().unwrap_or(&ops.body).iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(std::iter::once(&ops.sample)).collect();
         let step = Step { t: 1, start: pos as u32, lm_t: 1, feedback: 1, ..Default::default() };
         self.write_step(&step);
         // CPU cost of recording the step as decode does: one pass, every dispatch.
@@ -440,7 +468,7 @@ impl Backend for GpuBackend {
             let mut enc = self.gpu.device.create_command_encoder(&Default::default());
             {
                 let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                ops.body.iter().for_each(|o| o.record(&mut p, 1, 1));
+                ops.decode_body.as_ref().unwrap_or(&ops.body).iter().for_each(|o| o.record(&mut p, 1, 1));
                 ops.final_norm.record(&mut p, 1, 1);
                 ops.lm.iter().for_each(|o| o.record(&mut p, 1, 1));
                 ops.sample.record(&mut p, 1, 1);

@@ -223,8 +223,20 @@ pub fn rmsnorm(gpu: &Gpu, c: usize, eps: f32, w: &wgpu::Buffer, x: &wgpu::Buffer
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, y_off: usize, y_stride: usize, q: &wgpu::Buffer, s: &wgpu::Buffer, qsum: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     op(gpu, "matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64)],
-        &[tile.words, tile.rows, (y_off as u32) + tile.row0, y_stride as u32],
+        &[tile.words, tile.rows, (y_off as u32) + tile.row0, y_stride as u32, 0, 0, 0, 0],
         &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)], step, Grid::Rows(tile.rows))
+}
+
+/// Widest input the fused decode kernel holds in workgroup memory (its `xq_s` is 2048 words).
+pub const FUSED_MAX_INPUT: usize = 8192;
+
+/// Decode-step (T = 1) fusion of `rmsnorm_quant` and `matmul_ternary`: normalises `x` [I] with `nw`,
+/// quantizes it and projects it, in one dispatch. Same modes as `matmul_ternary`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, eps: f32, x: &wgpu::Buffer, nw: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    op(gpu, "rmsnorm_matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64)],
+        &[tile.words, tile.rows, tile.row0, 0, eps.to_bits(), 0, 0, 0],
+        &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)], step, Grid::Rows(tile.rows))
 }
 
 #[allow(clippy::too_many_arguments)]
