@@ -35,14 +35,27 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     var acc: array<f32, TT>;
     if row < p.rows {
         if F16 {
+            // Four consecutive words (eight weights) per lane and step: four loads in flight.
             let half_c = p.c / 2u;
-            for (var j = lane; j < half_c; j += 32u) {
-                let wv = unpack2x16float(wt[row * half_c + j]);
+            let rb = row * half_c;
+            for (var j0 = 4u * lane; j0 < half_c; j0 += 128u) {
+                let n = min(4u, half_c - j0);
+                var wv = vec4<u32>(0u);
+                if n == 4u {
+                    wv = vec4<u32>(wt[rb + j0], wt[rb + j0 + 1u], wt[rb + j0 + 2u], wt[rb + j0 + 3u]);
+                } else {
+                    for (var k = 0u; k < n; k++) {
+                        wv[k] = wt[rb + j0 + k];
+                    }
+                }
                 for (var tt = 0u; tt < TT; tt++) {
                     let t = t0 + tt;
                     if t < step.lm_t {
-                        let xb = (step.lm_t0 + t) * p.c + 2u * j;
-                        acc[tt] += x[xb] * wv.x + x[xb + 1u] * wv.y;
+                        let xb = (step.lm_t0 + t) * p.c + 2u * j0;
+                        for (var k = 0u; k < n; k++) {
+                            let f = unpack2x16float(wv[k]);
+                            acc[tt] += x[xb + 2u * k] * f.x + x[xb + 2u * k + 1u] * f.y;
+                        }
                     }
                 }
             }

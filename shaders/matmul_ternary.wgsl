@@ -163,17 +163,27 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     let lane = lid % 32u;
     let row = wg.x * 8u + lid / 32u;
     let c = p.words * 16u;
-    // RMSNorm statistics, exactly as rmsnorm_quant.wgsl.
+    // RMSNorm statistics, exactly as rmsnorm_quant.wgsl: four neighbouring elements per step so that
+    // each thread has four loads in flight.
     var acc2 = 0.0;
-    for (var i = lid; i < c; i += 256u) {
-        let v = xin[i];
-        acc2 += v * v;
+    for (var j = lid; j < c / 4u; j += 256u) {
+        let b = 4u * j;
+        let v0 = xin[b];
+        let v1 = xin[b + 1u];
+        let v2 = xin[b + 2u];
+        let v3 = xin[b + 3u];
+        acc2 += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
     }
     let ms = fused_sum(acc2, lid) / f32(c);
     let r = 1.0 / sqrt(ms + p.eps);
     var m = 0.0;
-    for (var i = lid; i < c; i += 256u) {
-        m = max(m, abs(nw[i] * (xin[i] * r)));
+    for (var j = lid; j < c / 4u; j += 256u) {
+        let b = 4u * j;
+        let y0 = abs(nw[b] * (xin[b] * r));
+        let y1 = abs(nw[b + 1u] * (xin[b + 1u] * r));
+        let y2 = abs(nw[b + 2u] * (xin[b + 2u] * r));
+        let y3 = abs(nw[b + 3u] * (xin[b + 3u] * r));
+        m = max(m, max(max(y0, y1), max(y2, y3)));
     }
     let sx = 127.0 / max(fused_max(m, lid), 1e-5);
     var sum = 0;
@@ -201,17 +211,35 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     var a = 0;
     var au = 0;
     if row < p.rows {
-        for (var i = lane; i < p.words; i += 32u) {
-            let wv = w[row * p.words + i];
-            var wu = 0u;
-            if MODE == 2u {
-                wu = w[(p.rows + row) * p.words + i];
-            }
-            for (var sh = 0u; sh < 4u; sh++) {
-                let xq = xq_s[4u * i + sh];
-                a += dot4I8Packed((wv >> (2u * sh)) & 0x03030303u, xq);
+        // Each lane takes four consecutive words per step: four independent loads in flight, and the
+        // 32 lanes of a row still read one contiguous 512-byte span.
+        let base = row * p.words;
+        let baseu = (p.rows + row) * p.words;
+        for (var i0 = 4u * lane; i0 < p.words; i0 += 128u) {
+            let n = min(4u, p.words - i0);
+            var wv = vec4<u32>(0u);
+            var wu = vec4<u32>(0u);
+            if n == 4u {
+                wv = vec4<u32>(w[base + i0], w[base + i0 + 1u], w[base + i0 + 2u], w[base + i0 + 3u]);
                 if MODE == 2u {
-                    au += dot4I8Packed((wu >> (2u * sh)) & 0x03030303u, xq);
+                    wu = vec4<u32>(w[baseu + i0], w[baseu + i0 + 1u], w[baseu + i0 + 2u], w[baseu + i0 + 3u]);
+                }
+            } else {
+                for (var k = 0u; k < n; k++) {
+                    wv[k] = w[base + i0 + k];
+                    if MODE == 2u {
+                        wu[k] = w[baseu + i0 + k];
+                    }
+                }
+            }
+            for (var k = 0u; k < n; k++) {
+                let i = i0 + k;
+                for (var sh = 0u; sh < 4u; sh++) {
+                    let xq = xq_s[4u * i + sh];
+                    a += dot4I8Packed((wv[k] >> (2u * sh)) & 0x03030303u, xq);
+                    if MODE == 2u {
+                        au += dot4I8Packed((wu[k] >> (2u * sh)) & 0x03030303u, xq);
+                    }
                 }
             }
         }

@@ -58,11 +58,18 @@ fn reduce_max(v: f32, lid: u32) -> f32 {
     return r;
 }
 
+// Four neighbouring elements per step (four loads in flight); rmsnorm_matmul_ternary in
+// matmul_ternary.wgsl repeats this exact order so that fused and unfused paths agree bit for bit.
 fn inv_rms(t: u32, lid: u32) -> f32 {
     var acc = 0.0;
-    for (var i = lid; i < p.c; i += 256u) {
-        let v = x[t * p.c + i];
-        acc += v * v;
+    let o = t * p.c;
+    for (var j = lid; j < p.c / 4u; j += 256u) {
+        let b = o + 4u * j;
+        let v0 = x[b];
+        let v1 = x[b + 1u];
+        let v2 = x[b + 2u];
+        let v3 = x[b + 3u];
+        acc += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
     }
     let ms = reduce_sum(acc, lid) / f32(p.c);
     return 1.0 / sqrt(ms + p.eps);
@@ -77,8 +84,14 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
     let r = inv_rms(t, lid);
     var m = 0.0;
-    for (var i = lid; i < p.c; i += 256u) {
-        m = max(m, abs(w[i] * (x[t * p.c + i] * r)));
+    for (var j = lid; j < p.c / 4u; j += 256u) {
+        let b = 4u * j;
+        let o = t * p.c + b;
+        let y0 = abs(w[b] * (x[o] * r));
+        let y1 = abs(w[b + 1u] * (x[o + 1u] * r));
+        let y2 = abs(w[b + 2u] * (x[o + 2u] * r));
+        let y3 = abs(w[b + 3u] * (x[o + 3u] * r));
+        m = max(m, max(max(y0, y1), max(y2, y3)));
     }
     let scale = 127.0 / max(reduce_max(m, lid), 1e-5);
     var sum = 0;

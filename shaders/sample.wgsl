@@ -90,11 +90,19 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         // Greedy: first index of the maximum, as torch.argmax.
         var best = -3.4e38;
         var bi = 0xffffffffu;
-        for (var i = lid; i < v; i += 256u) {
-            let x = value(i);
-            if x > best || bi == 0xffffffffu {
-                best = x;
-                bi = i;
+        // Four neighbouring logits per step, loaded before they are compared (four loads in flight);
+        // within a thread indices rise, so `>` keeps the first maximum.
+        for (var i0 = 4u * lid; i0 < v; i0 += 1024u) {
+            let n = min(4u, v - i0);
+            var xs = vec4<f32>(-3.4e38);
+            for (var k = 0u; k < n; k++) {
+                xs[k] = value(i0 + k);
+            }
+            for (var k = 0u; k < n; k++) {
+                if xs[k] > best || bi == 0xffffffffu {
+                    best = xs[k];
+                    bi = i0 + k;
+                }
             }
         }
         redf[lid] = best;
