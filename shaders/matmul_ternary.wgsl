@@ -123,6 +123,10 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 @group(0) @binding(9) var<storage, read> nw: array<f32>;       // [I] RMSNorm weight
 
 var<workgroup> xq_s: array<u32, 2048>;   // [I/4] packed int8 activations
+
+// Rows per workgroup of the fused kernel (256 / ROWS lanes per row). More rows per workgroup spread the
+// per-workgroup normalisation over more outputs; fewer give more workgroups to hide latency.
+override ROWS: u32 = 8u;
 var<workgroup> redf: array<f32, 256>;
 var<workgroup> red2: array<i32, 512>;    // [2][256]
 
@@ -160,8 +164,9 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         return;
     }
     let lid = lid3.x;
-    let lane = lid % 32u;
-    let row = wg.x * 8u + lid / 32u;
+    let lanes = 256u / ROWS;
+    let lane = lid % lanes;
+    let row = wg.x * ROWS + lid / lanes;
     let c = p.words * 16u;
     // RMSNorm statistics, exactly as rmsnorm_quant.wgsl: four neighbouring elements per step so that
     // each thread has four loads in flight.
@@ -215,7 +220,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         // 32 lanes of a row still read one contiguous 512-byte span.
         let base = row * p.words;
         let baseu = (p.rows + row) * p.words;
-        for (var i0 = 4u * lane; i0 < p.words; i0 += 128u) {
+        for (var i0 = 4u * lane; i0 < p.words; i0 += 4u * lanes) {
             let n = min(4u, p.words - i0);
             var wv = vec4<u32>(0u);
             var wu = vec4<u32>(0u);
@@ -247,7 +252,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     red2[lid] = a;
     red2[256u + lid] = au;
     workgroupBarrier();
-    for (var off = 16u; off > 0u; off >>= 1u) {
+    for (var off = lanes / 2u; off > 0u; off >>= 1u) {
         if lane < off {
             red2[lid] += red2[lid + off];
             red2[256u + lid] += red2[256u + lid + off];

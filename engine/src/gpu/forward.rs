@@ -67,6 +67,8 @@ pub struct GpuBackend {
     lmax: usize,
     cap: usize,
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    /// Partial results of the split decode attention (None when they would exceed the binding limit).
+    attn_part: Option<wgpu::Buffer>,
     rope: Option<(wgpu::Buffer, wgpu::Buffer)>,
     ops: Option<Ops>,
     seen: Vec<u32>,
@@ -172,6 +174,7 @@ impl GpuBackend {
             lmax,
             cap: 0,
             kv: vec![],
+            attn_part: None,
             rope: None,
             ops: None,
             seen: vec![0; v.div_ceil(32)],
@@ -232,7 +235,10 @@ impl GpuBackend {
                     d.push(kernels::rmsnorm_matmul_ternary(g, t, 0, eps, &a.x, &l.input_layernorm, &a.qkv, &a.step));
                 }
                 d.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
-                d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
+                match &self.attn_part {
+                    Some(part) => d.extend(kernels::attention_split(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, part, &a.att, &a.step)),
+                    None => d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step)),
+                }
                 for t in &l.o {
                     d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.att, &l.attn_sub_norm, &a.x, &a.step));
                 }
@@ -325,6 +331,11 @@ impl Backend for GpuBackend {
                 self.kv.push((self.gpu.storage("k_cache", per)?, self.gpu.storage("v_cache", per)?));
             }
             self.kv_bytes = per * 2 * cfg.num_layers as u64;
+            if let Some(b) = self.attn_part.take() {
+                self.gpu.release(b.size());
+            }
+            let pb = kernels::attention_part_bytes(cfg.num_heads, cfg.head_dim, cap);
+            self.attn_part = if pb <= self.gpu.max_binding { Some(self.gpu.storage("attention_part", pb)?) } else { None };
             let (cos, sin) = crate::cpu::rope_table(cfg.rope_theta, cfg.head_dim, cap);
             self.rope = Some((self.gpu.storage_init("rope_cos", f32_bytes(&cos))?, self.gpu.storage_init("rope_sin", f32_bytes(&sin))?));
             self.cap = cap;

@@ -39,12 +39,16 @@ pub enum Grid {
     ByTokens(u32),
     /// (ceil(rows/8), ceil(T/TT), 1)
     Rows(u32),
+    /// (ceil(rows/n), 1, 1)
+    RowsBy(u32, u32),
     /// (ceil(rows/8), ceil(lm_t/TT), 1)
     LmRows(u32),
     /// (lm_t, 1, 1)
     LmTokens,
     /// (1, 1, 1)
     One,
+    /// (x, y, 1) regardless of T
+    Fixed(u32, u32),
 }
 
 impl Grid {
@@ -54,9 +58,11 @@ impl Grid {
             Grid::TokensBy(n) => (t, n, 1),
             Grid::ByTokens(n) => (n, t, 1),
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
+            Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r) => (r.div_ceil(8), lm_t.div_ceil(TT), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
+            Grid::Fixed(x, y) => (x, y, 1),
         }
     }
 }
@@ -234,9 +240,16 @@ pub const FUSED_MAX_INPUT: usize = 8192;
 /// quantizes it and projects it, in one dispatch. Same modes as `matmul_ternary`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, eps: f32, x: &wgpu::Buffer, nw: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "rmsnorm_matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64)],
+    let rows = fused_rows();
+    op(gpu, "rmsnorm_matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64), ("ROWS", rows as f64)],
         &[tile.words, tile.rows, tile.row0, 0, eps.to_bits(), 0, 0, 0],
-        &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)], step, Grid::Rows(tile.rows))
+        &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)], step, Grid::RowsBy(tile.rows, rows))
+}
+
+/// Rows per workgroup of the fused decode projection: 8 unless `BITNODE_FUSED_ROWS` (1, 2, 4, ..., 32)
+/// says otherwise (a tuning knob for `bench infer`).
+pub fn fused_rows() -> u32 {
+    std::env::var("BITNODE_FUSED_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(8)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,6 +265,27 @@ pub fn attention(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &
     let scale = (hd as f32).powf(-0.5);
     op(gpu, "attention", sh::ATTENTION, &[], &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0],
         &[(2, qkv), (3, kc), (4, vc), (5, out)], step, Grid::ByTokens(nh as u32))
+}
+
+/// Keys per workgroup of `attention_split` (its `SPLIT`).
+pub const ATTENTION_SPLIT: usize = 32;
+
+/// Bytes of the partial-result buffer `attention_split` needs for a cache of `cap` positions.
+pub fn attention_part_bytes(nh: usize, hd: usize, cap: usize) -> u64 {
+    (nh * cap.div_ceil(ATTENTION_SPLIT) * (hd + 2) * 4) as u64
+}
+
+/// Decode-only attention in two dispatches: per (head, 32-key chunk) partials, then a per-head merge.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
+    let stride = (nh + 2 * nkv) * hd;
+    let scale = (hd as f32).powf(-0.5);
+    let params = [nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0];
+    let nsplit = cap.div_ceil(ATTENTION_SPLIT) as u32;
+    [
+        op(gpu, "attention_split", sh::ATTENTION, &[], &params, &[(2, qkv), (3, kc), (4, vc), (6, part)], step, Grid::Fixed(nh as u32, nsplit)),
+        op(gpu, "attention_merge", sh::ATTENTION, &[], &params, &[(5, out), (6, part)], step, Grid::Fixed(nh as u32, 1)),
+    ]
 }
 
 #[allow(clippy::too_many_arguments)]
