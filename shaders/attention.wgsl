@@ -146,8 +146,148 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
 const SPLIT: u32 = 32u;
 
 @group(0) @binding(6) var<storage, read_write> part: array<f32>;   // [NH, nsplit, HD + 2]
+// attention_split_rope only: the rope kernel folded in (see below).
+@group(0) @binding(7) var<storage, read> cos_t: array<f32>;        // [P, HD/2]
+@group(0) @binding(8) var<storage, read> sin_t: array<f32>;        // [P, HD/2]
+// The caches, writable: a buffer may not be bound read-only and writable in one dispatch, so this entry
+// reads and writes them only through these.
+@group(0) @binding(9) var<storage, read_write> kcw: array<vec4<f32>>;  // [NKV, P, HD/4]
+@group(0) @binding(10) var<storage, read_write> vcw: array<f32>;       // [NKV, P, HD]
 
 var<workgroup> sc_s: array<f32, 32>;
+var<workgroup> qf: array<f32, 256>;
+var<workgroup> kcur: array<vec4<f32>, 64>;
+var<workgroup> vcur: array<f32, 256>;
+
+// One element of the rotated head vector starting at `base` of the qkv row, at position `pos`.
+fn rotated(base: u32, i: u32, pos: u32) -> f32 {
+    let half = p.hd / 2u;
+    let j = i % half;
+    let c = cos_t[pos * half + j];
+    let sn = sin_t[pos * half + j];
+    let x1 = qkv[base + j];
+    let x2 = qkv[base + half + j];
+    return select(x2 * c + x1 * sn, x1 * c - x2 * sn, i < half);
+}
+
+// Decode attention with RoPE folded in, so a decode layer needs no rope dispatch. Each workgroup rotates
+// its query itself; the current position's key and value are taken straight from the qkv row (rotated
+// here) rather than from the cache, and the workgroups of the first query head of each KV group that own
+// the last chunk write them into the cache for the following steps. Later reads of those cache entries
+// happen in later dispatches, so no workgroup reads what another writes in this one.
+@compute @workgroup_size(256)
+fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let h = wg.x;
+    let sidx = wg.y;
+    let lid = lid3.x;
+    let pos = step.start;
+    let n = pos + 1u;
+    let k0 = sidx * SPLIT;
+    if step.t != 1u || k0 >= n {
+        return;
+    }
+    let cnt = min(SPLIT, n - k0);
+    let nsplit = (p.cap + SPLIT - 1u) / SPLIT;
+    let group = p.nh / p.nkv;
+    let kvh = h / group;
+    let hd4 = p.hd / 4u;
+    let kbase = p.nh * p.hd + kvh * p.hd;
+    let vbase = (p.nh + p.nkv) * p.hd + kvh * p.hd;
+    let owns_last = k0 + cnt == n;
+    if lid < p.hd {
+        qf[lid] = rotated(h * p.hd, lid, pos);
+        if owns_last {
+            vcur[lid] = qkv[vbase + lid];
+        }
+    }
+    workgroupBarrier();
+    if lid < hd4 {
+        qs[lid] = vec4<f32>(qf[4u * lid], qf[4u * lid + 1u], qf[4u * lid + 2u], qf[4u * lid + 3u]);
+    }
+    workgroupBarrier();
+    if owns_last {
+        if lid < p.hd {
+            qf[lid] = rotated(kbase, lid, pos);
+        }
+        workgroupBarrier();
+        if lid < hd4 {
+            kcur[lid] = vec4<f32>(qf[4u * lid], qf[4u * lid + 1u], qf[4u * lid + 2u], qf[4u * lid + 3u]);
+            if h % group == 0u {
+                kcw[(kvh * p.cap + pos) * hd4 + lid] = kcur[lid];
+            }
+        }
+        if h % group == 0u && lid < p.hd {
+            vcw[(kvh * p.cap + pos) * p.hd + lid] = vcur[lid];
+        }
+        workgroupBarrier();
+    }
+    let key = lid / 8u;
+    let sub = lid % 8u;
+    var d4 = vec4<f32>(0.0);
+    if key < cnt {
+        if k0 + key == pos {
+            for (var i = sub; i < hd4; i += 8u) {
+                d4 += qs[i] * kcur[i];
+            }
+        } else {
+            let kb = (kvh * p.cap + k0 + key) * hd4;
+            for (var i = sub; i < hd4; i += 8u) {
+                d4 += qs[i] * kcw[kb + i];
+            }
+        }
+    }
+    red[lid] = d4.x + d4.y + d4.z + d4.w;
+    workgroupBarrier();
+    if sub == 0u && key < SPLIT {
+        var sc = -3.0e38;
+        if key < cnt {
+            sc = ((red[lid] + red[lid + 1u]) + (red[lid + 2u] + red[lid + 3u]) + ((red[lid + 4u] + red[lid + 5u]) + (red[lid + 6u] + red[lid + 7u]))) * p.scale;
+        }
+        sc_s[key] = sc;
+    }
+    workgroupBarrier();
+    var m = -3.0e38;
+    for (var j = 0u; j < cnt; j++) {
+        m = max(m, sc_s[j]);
+    }
+    if lid < SPLIT {
+        pr[lid] = select(0.0, exp(sc_s[lid] - m), lid < cnt);
+    }
+    workgroupBarrier();
+    var l = 0.0;
+    for (var j = 0u; j < cnt; j++) {
+        l += pr[j];
+    }
+    let groups = 256u / p.hd;
+    let g = lid / p.hd;
+    let d = lid % p.hd;
+    var acc = 0.0;
+    let vb = (kvh * p.cap + k0) * p.hd + d;
+    for (var jj = g; jj < cnt; jj += groups) {
+        var vv: f32;
+        if k0 + jj == pos {
+            vv = vcur[d];
+        } else {
+            vv = vcw[vb + jj * p.hd];
+        }
+        acc += pr[jj] * vv;
+    }
+    workgroupBarrier();
+    red[lid] = acc;
+    workgroupBarrier();
+    let ob = (h * nsplit + sidx) * (p.hd + 2u);
+    if lid < p.hd {
+        var o = 0.0;
+        for (var gg = 0u; gg < groups; gg++) {
+            o += red[gg * p.hd + lid];
+        }
+        part[ob + lid] = o;
+    }
+    if lid == 0u {
+        part[ob + p.hd] = m;
+        part[ob + p.hd + 1u] = l;
+    }
+}
 
 @compute @workgroup_size(256)
 fn attention_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {

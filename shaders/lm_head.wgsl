@@ -4,6 +4,8 @@
 // lanes per workgroup, each weight word reused for TT tokens.
 
 override F16: bool = true;
+// Rows per workgroup (256 / ROWS lanes per row).
+override ROWS: u32 = 8u;
 const TT: u32 = 4u;
 
 struct Params {
@@ -29,8 +31,9 @@ var<workgroup> red: array<f32, 1024>;   // [TT][256]
 @compute @workgroup_size(256)
 fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
-    let lane = lid % 32u;
-    let row = wg.x * 8u + lid / 32u;
+    let lanes = 256u / ROWS;
+    let lane = lid % lanes;
+    let row = wg.x * ROWS + lid / lanes;
     let t0 = wg.y * TT;
     var acc: array<f32, TT>;
     if row < p.rows {
@@ -38,7 +41,7 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
             // Four consecutive words (eight weights) per lane and step: four loads in flight.
             let half_c = p.c / 2u;
             let rb = row * half_c;
-            for (var j0 = 4u * lane; j0 < half_c; j0 += 128u) {
+            for (var j0 = 4u * lane; j0 < half_c; j0 += 4u * lanes) {
                 let n = min(4u, half_c - j0);
                 var wv = vec4<u32>(0u);
                 if n == 4u {
@@ -60,7 +63,7 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
                 }
             }
         } else {
-            for (var j = lane; j < p.c; j += 32u) {
+            for (var j = lane; j < p.c; j += lanes) {
                 let wv = bitcast<f32>(wt[row * p.c + j]);
                 for (var tt = 0u; tt < TT; tt++) {
                     let t = t0 + tt;
@@ -76,7 +79,7 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
         red[tt * 256u + lid] = acc[tt];
     }
     workgroupBarrier();
-    for (var off = 16u; off > 0u; off >>= 1u) {
+    for (var off = lanes / 2u; off > 0u; off >>= 1u) {
         if lane < off {
             for (var tt = 0u; tt < ntt; tt++) {
                 red[tt * 256u + lid] += red[tt * 256u + lid + off];

@@ -360,3 +360,45 @@ fn attention_split_matches_cpu_for_decode() {
         assert!(d < 1e-5, "split attention nh={nh} nkv={nkv} hd={hd} start={start}: diff {d} at {at}");
     }
 }
+
+#[test]
+fn attention_split_rope_matches_rope_then_attention() {
+    let g = gpu(None);
+    let mut rng = Rng::new(9);
+    for &(nh, nkv, hd, start) in &[(4usize, 2usize, 32usize, 0usize), (4, 1, 16, 31), (20, 5, 128, 300), (2, 2, 256, 64)] {
+        let cap = start + 1 + 5;
+        let stride = (nh + 2 * nkv) * hd;
+        let (cos, sin) = cpu::rope_table(500000.0, hd, cap);
+        let kc0 = randn(&mut rng, nkv * cap * hd, 1.0);
+        let vc0 = randn(&mut rng, nkv * cap * hd, 1.0);
+        let qkv = randn(&mut rng, stride, 1.0);
+        let step = step_buf(&g, Step { t: 1, start: start as u32, ..Default::default() });
+        let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
+        let kb = g.storage_init("k", bytemuck::cast_slice(&kc0)).unwrap();
+        let vb = g.storage_init("v", bytemuck::cast_slice(&vc0)).unwrap();
+        let cb = g.storage_init("cos", bytemuck::cast_slice(&cos)).unwrap();
+        let sb = g.storage_init("sin", bytemuck::cast_slice(&sin)).unwrap();
+        let part = g.storage("part", k::attention_part_bytes(nh, hd, cap)).unwrap();
+        let ob = g.storage("out", (4 * nh * hd) as u64).unwrap();
+        let ops = k::attention_split_rope(&g, nh, nkv, hd, cap, &cb, &sb, &qkvb, &kb, &vb, &part, &ob, &step);
+        k::run(&g, &[&ops[0], &ops[1]], 1, 0);
+        // CPU: rope on q and k, cache update, attention.
+        let mut q = qkv[..nh * hd].to_vec();
+        let mut kk = qkv[nh * hd..(nh + nkv) * hd].to_vec();
+        cpu::rope(&mut q, &[start], &cos, &sin, nh, hd);
+        cpu::rope(&mut kk, &[start], &cos, &sin, nkv, hd);
+        let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+        for h in 0..nkv {
+            let dst = (h * cap + start) * hd;
+            kc[dst..dst + hd].copy_from_slice(&kk[h * hd..(h + 1) * hd]);
+            vc[dst..dst + hd].copy_from_slice(&qkv[(nh + nkv + h) * hd..(nh + nkv + h + 1) * hd]);
+        }
+        let mut out = vec![0f32; nh * hd];
+        cpu::attention(&mut out, &q, &kc, &vc, start, 1, nh, nkv, hd, cap);
+        let (d, at) = max_rel_diff(&f32s(&g.download(&ob, (4 * nh * hd) as u64).unwrap()), &out);
+        assert!(d < 1e-5, "nh={nh} nkv={nkv} hd={hd} start={start}: diff {d} at {at}");
+        let (d, at) = max_rel_diff(&f32s(&g.download(&kb, (4 * nkv * cap * hd) as u64).unwrap()), &kc);
+        assert!(d < 1e-5, "k cache: diff {d} at {at}");
+        assert_eq!(f32s(&g.download(&vb, (4 * nkv * cap * hd) as u64).unwrap()), vc, "v cache");
+    }
+}

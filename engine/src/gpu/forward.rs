@@ -234,10 +234,12 @@ impl GpuBackend {
                 for t in &l.qkv {
                     d.push(kernels::rmsnorm_matmul_ternary(g, t, 0, eps, &a.x, &l.input_layernorm, &a.qkv, &a.step));
                 }
-                d.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
                 match &self.attn_part {
-                    Some(part) => d.extend(kernels::attention_split(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, part, &a.att, &a.step)),
-                    None => d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step)),
+                    Some(part) => d.extend(kernels::attention_split_rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step)),
+                    None => {
+                        d.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
+                        d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
+                    }
                 }
                 for t in &l.o {
                     d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.att, &l.attn_sub_norm, &a.x, &a.step));

@@ -41,8 +41,8 @@ pub enum Grid {
     Rows(u32),
     /// (ceil(rows/n), 1, 1)
     RowsBy(u32, u32),
-    /// (ceil(rows/8), ceil(lm_t/TT), 1)
-    LmRows(u32),
+    /// (ceil(rows/n), ceil(lm_t/TT), 1)
+    LmRows(u32, u32),
     /// (lm_t, 1, 1)
     LmTokens,
     /// (1, 1, 1)
@@ -59,7 +59,7 @@ impl Grid {
             Grid::ByTokens(n) => (n, t, 1),
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
-            Grid::LmRows(r) => (r.div_ceil(8), lm_t.div_ceil(TT), 1),
+            Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(TT), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
@@ -246,10 +246,11 @@ pub fn rmsnorm_matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, eps: f32
         &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)], step, Grid::RowsBy(tile.rows, rows))
 }
 
-/// Rows per workgroup of the fused decode projection: 8 unless `BITNODE_FUSED_ROWS` (1, 2, 4, ..., 32)
+/// Rows per workgroup of the fused decode projection: 16 unless `BITNODE_FUSED_ROWS` (1, 2, 4, ..., 32)
 /// says otherwise (a tuning knob for `bench infer`).
 pub fn fused_rows() -> u32 {
-    std::env::var("BITNODE_FUSED_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(8)
+    // 16 measured fastest on an H200 (BENCHMARKS.md): 8 -> 243, 16 -> 270, 32 -> 254 tok/s on 2B-4T.
+    std::env::var("BITNODE_FUSED_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(16)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -288,10 +289,30 @@ pub fn attention_split(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, 
     ]
 }
 
+/// `attention_split` with RoPE folded in: rotates q and the current k itself and writes k, v into the
+/// cache, so a decode layer needs no `rope` dispatch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_split_rope(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, cos: &wgpu::Buffer, sin: &wgpu::Buffer, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
+    let stride = (nh + 2 * nkv) * hd;
+    let scale = (hd as f32).powf(-0.5);
+    let params = [nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0];
+    let nsplit = cap.div_ceil(ATTENTION_SPLIT) as u32;
+    [
+        op(gpu, "attention_split_rope", sh::ATTENTION, &[], &params, &[(2, qkv), (6, part), (7, cos), (8, sin), (9, kc), (10, vc)], step, Grid::Fixed(nh as u32, nsplit)),
+        op(gpu, "attention_merge", sh::ATTENTION, &[], &params, &[(5, out), (6, part)], step, Grid::Fixed(nh as u32, 1)),
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head(gpu: &Gpu, f16: bool, c: usize, v: usize, tile: &MatrixTile, x: &wgpu::Buffer, logits: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "lm_head", sh::LM_HEAD, &[("F16", if f16 { 1.0 } else { 0.0 })], &[c as u32, tile.rows, tile.row0, v as u32],
-        &[(2, &tile.buf), (3, x), (4, logits)], step, Grid::LmRows(tile.rows))
+    let rows = lm_rows();
+    op(gpu, "lm_head", sh::LM_HEAD, &[("F16", if f16 { 1.0 } else { 0.0 }), ("ROWS", rows as f64)], &[c as u32, tile.rows, tile.row0, v as u32],
+        &[(2, &tile.buf), (3, x), (4, logits)], step, Grid::LmRows(tile.rows, rows))
+}
+
+/// Rows per workgroup of lm_head: 8 unless `BITNODE_LM_ROWS` (1, 2, 4, ..., 32) says otherwise.
+pub fn lm_rows() -> u32 {
+    std::env::var("BITNODE_LM_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(8)
 }
 
 pub fn nll(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, targets: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
