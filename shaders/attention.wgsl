@@ -263,15 +263,20 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     let d = lid % p.hd;
     var acc = 0.0;
     let vb = (kvh * p.cap + k0) * p.hd + d;
-    for (var jj = g; jj < cnt; jj += groups) {
-        var vv: f32;
-        if k0 + jj == pos {
-            vv = vcur[d];
-        } else {
-            vv = vcw[vb + jj * p.hd];
-        }
-        acc += pr[jj] * vv;
+    // The current position's value comes from vcur; every other key's from the cache, two loads at a time.
+    var acc1 = 0.0;
+    var jj = g;
+    for (; jj + groups < cnt; jj += 2u * groups) {
+        let j2 = jj + groups;
+        let v1 = select(vcw[vb + jj * p.hd], vcur[d], k0 + jj == pos);
+        let v2 = select(vcw[vb + j2 * p.hd], vcur[d], k0 + j2 == pos);
+        acc += pr[jj] * v1;
+        acc1 += pr[j2] * v2;
     }
+    if jj < cnt {
+        acc += pr[jj] * select(vcw[vb + jj * p.hd], vcur[d], k0 + jj == pos);
+    }
+    acc += acc1;
     workgroupBarrier();
     red[lid] = acc;
     workgroupBarrier();

@@ -22,6 +22,9 @@ struct Step {
 @group(0) @binding(2) var<storage, read> logits: array<f32>;        // [V]
 @group(0) @binding(3) var<storage, read_write> seen: array<u32>;    // [ceil(V/32)] bitmask; the pick is added
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;     // [1]
+@group(0) @binding(5) var<storage, read_write> partial: array<vec2<u32>>; // [ceil(V/CHUNK)] (value bits, index)
+
+const CHUNK: u32 = 4096u;
 
 var<workgroup> redf: array<f32, 256>;
 var<workgroup> redu: array<u32, 256>;
@@ -88,21 +91,16 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
     let v = p.v;
     if step.temperature <= 0.0 {
         // Greedy: first index of the maximum, as torch.argmax.
+        // Greedy: sample_partial left the first maximum of each CHUNK-logit chunk; reduce those.
         var best = -3.4e38;
         var bi = 0xffffffffu;
-        // Four neighbouring logits per step, loaded before they are compared (four loads in flight);
-        // within a thread indices rise, so `>` keeps the first maximum.
-        for (var i0 = 4u * lid; i0 < v; i0 += 1024u) {
-            let n = min(4u, v - i0);
-            var xs = vec4<f32>(-3.4e38);
-            for (var k = 0u; k < n; k++) {
-                xs[k] = value(i0 + k);
-            }
-            for (var k = 0u; k < n; k++) {
-                if xs[k] > best || bi == 0xffffffffu {
-                    best = xs[k];
-                    bi = i0 + k;
-                }
+        let np = (v + CHUNK - 1u) / CHUNK;
+        for (var j = lid; j < np; j += 256u) {
+            let e = partial[j];
+            let x = bitcast<f32>(e.x);
+            if x > best || bi == 0xffffffffu {
+                best = x;
+                bi = e.y;
             }
         }
         redf[lid] = best;
@@ -227,5 +225,52 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         }
         out[0] = pick;
         seen[pick / 32u] |= 1u << (pick % 32u);
+    }
+}
+
+// Greedy decoding, first half: the first maximum of each chunk of CHUNK logits, over many workgroups (a
+// single workgroup walking 128k logits is bound by the latency of its serial loads).
+@compute @workgroup_size(256)
+fn sample_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let v = p.v;
+    if step.temperature > 0.0 {
+        return;
+    }
+    let lo = wg.x * CHUNK;
+    let hi = min(lo + CHUNK, v);
+    var best = -3.4e38;
+    var bi = 0xffffffffu;
+    // Four neighbouring logits per step, loaded before they are compared; indices rise within a
+    // thread, so `>` keeps the first maximum.
+    for (var i0 = lo + 4u * lid; i0 < hi; i0 += 1024u) {
+        let n = min(4u, hi - i0);
+        var xs = vec4<f32>(-3.4e38);
+        for (var k = 0u; k < n; k++) {
+            xs[k] = value(i0 + k);
+        }
+        for (var k = 0u; k < n; k++) {
+            if xs[k] > best || bi == 0xffffffffu {
+                best = xs[k];
+                bi = i0 + k;
+            }
+        }
+    }
+    redf[lid] = best;
+    redi[lid] = bi;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            let ob = redf[lid + off];
+            let oi = redi[lid + off];
+            if oi != 0xffffffffu && (redi[lid] == 0xffffffffu || ob > redf[lid] || (ob == redf[lid] && oi < redi[lid])) {
+                redf[lid] = ob;
+                redi[lid] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        partial[wg.x] = vec2<u32>(bitcast<u32>(redf[0]), redi[0]);
     }
 }

@@ -251,7 +251,8 @@ fn nll_matches_cpu() {
 fn sample_matches_cpu_for_every_setting() {
     let g = gpu(None);
     let mut rng = Rng::new(6);
-    let v = 3000usize;
+    // Over two CHUNKs of the greedy partial pass, and not a multiple of 4.
+    let v = 9001usize;
     let settings = [
         SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 },
         SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.3 },
@@ -264,8 +265,9 @@ fn sample_matches_cpu_for_every_setting() {
     let lb = g.storage("logits", 4 * v as u64).unwrap();
     let sb = g.storage("seen", (v.div_ceil(32) * 4) as u64).unwrap();
     let ob = g.storage("out", 4).unwrap();
+    let pb = g.storage("partial", k::sample_partial_bytes(v)).unwrap();
     let step = g.uniform("step", bytemuck::bytes_of(&Step::default()));
-    let op = k::sample(&g, v, &lb, &sb, &ob, &step);
+    let ops = k::sample(&g, v, &lb, &sb, &pb, &ob, &step);
     let mut distinct = std::collections::HashSet::new();
     for (si, p) in settings.iter().enumerate() {
         for trial in 0..12 {
@@ -282,7 +284,7 @@ fn sample_matches_cpu_for_every_setting() {
             g.queue.write_buffer(&sb, 0, bytemuck::cast_slice(&mask));
             let st = Step { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, penalty: p.repetition_penalty, u, ..Default::default() };
             g.queue.write_buffer(&step, 0, bytemuck::bytes_of(&st));
-            k::run(&g, &[&op], 1, 1);
+            k::run(&g, &[&ops[0], &ops[1]], 1, 1);
             let got = u32::from_le_bytes(g.download(&ob, 4).unwrap().try_into().unwrap());
             let want = cpu::sample(&logits, &seen, p, u);
             assert_eq!(got, want, "setting {si} {p:?} trial {trial}");

@@ -37,6 +37,7 @@ struct Acts {
     nll: wgpu::Buffer,
     seen: wgpu::Buffer,
     sampled: wgpu::Buffer,
+    sample_partial: wgpu::Buffer,
     staging: wgpu::Buffer,
     /// Two 4-byte readback slots: decode keeps two steps in flight.
     ring: [wgpu::Buffer; 2],
@@ -51,7 +52,7 @@ struct Ops {
     final_norm: Op,
     lm: Vec<Op>,
     nll: Op,
-    sample: Op,
+    sample: [Op; 2],
 }
 
 pub struct GpuBackend {
@@ -153,6 +154,7 @@ impl GpuBackend {
             nll: s("nll", tmax * 4)?,
             seen: s("seen", v.div_ceil(32) * 4)?,
             sampled: s("sampled", 4)?,
+            sample_partial: gpu.storage("sample_partial", kernels::sample_partial_bytes(v))?,
             staging: gpu.readback_buffer(((lmax * v * 4).max(tmax * 4).max(16)) as u64),
             ring: [gpu.readback_buffer(16), gpu.readback_buffer(16)],
             bytes: 0,
@@ -259,7 +261,7 @@ impl GpuBackend {
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let lm = head.iter().map(|t| kernels::lm_head(g, self.f16, c, v, t, &a.xf, &a.logits, &a.step)).collect();
         let nll = kernels::nll(g, v, &a.logits, &a.targets, &a.nll, &a.step);
-        let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sampled, &a.step);
+        let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sample_partial, &a.sampled, &a.step);
         Ok(Ops { body, decode_body, final_norm, lm, nll, sample })
     }
 
@@ -376,7 +378,7 @@ impl Backend for GpuBackend {
             return Ok(None);
         }
         let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
-        let all: Vec<&Op> = ops.decode_body.as_ref().unwrap_or(&ops.body).iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(std::iter::once(&ops.sample)).collect();
+        let all: Vec<&Op> = ops.decode_body.as_ref().unwrap_or(&ops.body).iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(ops.sample.iter()).collect();
         let step = Step { t: 1, start: pos as u32, lm_t: 1, feedback: 1, ..Default::default() };
         self.write_step(&step);
         // CPU cost of recording the step as decode does: one pass, every dispatch.
@@ -484,7 +486,7 @@ impl Backend for GpuBackend {
                 ops.decode_body.as_ref().unwrap_or(&ops.body).iter().for_each(|o| o.record(&mut p, 1, 1));
                 ops.final_norm.record(&mut p, 1, 1);
                 ops.lm.iter().for_each(|o| o.record(&mut p, 1, 1));
-                ops.sample.record(&mut p, 1, 1);
+                ops.sample.iter().for_each(|o| o.record(&mut p, 1, 1));
             }
             enc.copy_buffer_to_buffer(&self.acts.sampled, 0, &self.acts.ring[slot], 0, 4);
             let idx = self.gpu.queue.submit([enc.finish()]);
@@ -554,7 +556,7 @@ impl Backend for GpuBackend {
                         ops.body.iter().for_each(|o| o.record(p, tt, 1));
                         ops.final_norm.record(p, tt, 1);
                         ops.lm.iter().for_each(|o| o.record(p, tt, 1));
-                        ops.sample.record(p, tt, 1);
+                        ops.sample.iter().for_each(|o| o.record(p, tt, 1));
                     },
                     Some((&self.acts.sampled, 4)),
                 );

@@ -310,15 +310,29 @@ pub fn lm_head(gpu: &Gpu, f16: bool, c: usize, v: usize, tile: &MatrixTile, x: &
         &[(2, &tile.buf), (3, x), (4, logits)], step, Grid::LmRows(tile.rows, rows))
 }
 
-/// Rows per workgroup of lm_head: 8 unless `BITNODE_LM_ROWS` (1, 2, 4, ..., 32) says otherwise.
+/// Rows per workgroup of lm_head: 16 unless `BITNODE_LM_ROWS` (1, 2, 4, ..., 32) says otherwise.
 pub fn lm_rows() -> u32 {
-    std::env::var("BITNODE_LM_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(8)
+    // Measured on an H200 (BENCHMARKS.md): 2 -> 507 us, 4 -> 451, 8 -> 431, 16 -> 397 us per 2B-4T step.
+    std::env::var("BITNODE_LM_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(16)
 }
 
 pub fn nll(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, targets: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     op(gpu, "nll", sh::NLL, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, targets), (4, out)], step, Grid::LmTokens)
 }
 
-pub fn sample(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, seen: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "sample", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (4, out)], step, Grid::One)
+/// Logits per workgroup of `sample_partial` (its `CHUNK`).
+pub const SAMPLE_CHUNK: usize = 4096;
+
+/// Bytes of the partial-argmax buffer for a vocabulary of `v`.
+pub fn sample_partial_bytes(v: usize) -> u64 {
+    (v.div_ceil(SAMPLE_CHUNK) * 8) as u64
+}
+
+/// The sampler in two dispatches: greedy decoding first takes a per-chunk argmax over many workgroups
+/// (`sample_partial`), then `sample` reduces the chunks; other settings use `sample` alone.
+pub fn sample(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, seen: &wgpu::Buffer, partial: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
+    [
+        op(gpu, "sample_partial", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (5, partial)], step, Grid::Fixed(v.div_ceil(SAMPLE_CHUNK) as u32, 1)),
+        op(gpu, "sample", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (4, out), (5, partial)], step, Grid::One),
+    ]
 }
