@@ -38,38 +38,27 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     var acc: array<f32, TT>;
     if row < p.rows {
         if F16 {
-            // Eight consecutive words (sixteen weights) per lane and step, all loaded before use: eight
-            // loads in flight per thread. The tail (C/2 not a multiple of 8) goes word by word.
+            // Four consecutive words (eight weights) per lane and step: four loads in flight.
             let half_c = p.c / 2u;
             let rb = row * half_c;
-            var j0 = 8u * lane;
-            for (; j0 + 8u <= half_c; j0 += 8u * lanes) {
-                let wa = vec4<u32>(wt[rb + j0], wt[rb + j0 + 1u], wt[rb + j0 + 2u], wt[rb + j0 + 3u]);
-                let wb = vec4<u32>(wt[rb + j0 + 4u], wt[rb + j0 + 5u], wt[rb + j0 + 6u], wt[rb + j0 + 7u]);
+            for (var j0 = 4u * lane; j0 < half_c; j0 += 4u * lanes) {
+                let n = min(4u, half_c - j0);
+                var wv = vec4<u32>(0u);
+                if n == 4u {
+                    wv = vec4<u32>(wt[rb + j0], wt[rb + j0 + 1u], wt[rb + j0 + 2u], wt[rb + j0 + 3u]);
+                } else {
+                    for (var k = 0u; k < n; k++) {
+                        wv[k] = wt[rb + j0 + k];
+                    }
+                }
                 for (var tt = 0u; tt < TT; tt++) {
                     let t = t0 + tt;
                     if t < step.lm_t {
                         let xb = (step.lm_t0 + t) * p.c + 2u * j0;
-                        var a = 0.0;
-                        for (var k = 0u; k < 4u; k++) {
-                            let f = unpack2x16float(wa[k]);
-                            let g = unpack2x16float(wb[k]);
-                            a += x[xb + 2u * k] * f.x + x[xb + 2u * k + 1u] * f.y;
-                            a += x[xb + 8u + 2u * k] * g.x + x[xb + 8u + 2u * k + 1u] * g.y;
+                        for (var k = 0u; k < n; k++) {
+                            let f = unpack2x16float(wv[k]);
+                            acc[tt] += x[xb + 2u * k] * f.x + x[xb + 2u * k + 1u] * f.y;
                         }
-                        acc[tt] += a;
-                    }
-                }
-            }
-            // Words left over after the last full group of eight: spread over the lanes.
-            let done = (half_c / 8u) * 8u;
-            for (var j = done + lane; j < half_c; j += lanes) {
-                let f = unpack2x16float(wt[rb + j]);
-                for (var tt = 0u; tt < TT; tt++) {
-                    let t = t0 + tt;
-                    if t < step.lm_t {
-                        let xb = (step.lm_t0 + t) * p.c + 2u * j;
-                        acc[tt] += x[xb] * f.x + x[xb + 1u] * f.y;
                     }
                 }
             }
