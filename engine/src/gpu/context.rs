@@ -33,7 +33,9 @@ impl Gpu {
             required_features: features & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
+            // Small allocation blocks: the model is a few large buffers, and on a phone the memory an allocator
+            // reserves ahead matters more than allocation speed.
+            memory_hints: wgpu::MemoryHints::MemoryUsage,
             trace: wgpu::Trace::Off,
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
