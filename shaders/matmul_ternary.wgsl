@@ -128,7 +128,7 @@ var<workgroup> xq_s: array<u32, 2048>;   // [I/4] packed int8 activations
 // per-workgroup normalisation over more outputs; fewer give more workgroups to hide latency.
 override ROWS: u32 = 8u;
 var<workgroup> redf: array<f32, 256>;
-var<workgroup> red2: array<i32, 512>;    // [2][256]
+var<workgroup> red2: array<i32, 768>;    // [3][256]: gate, up, activation sum
 
 fn fused_sum(v: f32, lid: u32) -> f32 {
     redf[lid] = v;
@@ -191,30 +191,23 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         m = max(m, max(max(y0, y1), max(y2, y3)));
     }
     let sx = 127.0 / max(fused_max(m, lid), 1e-5);
-    var sum = 0;
     for (var j = lid; j < c / 4u; j += 256u) {
         var word = 0u;
         for (var k = 0u; k < 4u; k++) {
             let i = 4u * j + k;
             let v = i32(clamp(round(nw[i] * (xin[i] * r) * sx), -128.0, 127.0));
-            sum += v;
             word |= (u32(v) & 0xffu) << (8u * k);
         }
         xq_s[j] = word;
     }
-    red2[lid] = sum;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            red2[lid] += red2[lid + off];
-        }
-        workgroupBarrier();
-    }
-    let qs = red2[0];
     workgroupBarrier();
     // The projection, as matmul_ternary with one token.
     var a = 0;
     var au = 0;
+    // The sum of the row's int8 activations (to undo the +1 code offset) is gathered here too: the
+    // lanes of a row cover every word once, so their partial sums add up to it, and the lane reduction
+    // below carries it at no extra barrier.
+    var qsl = 0;
     if row < p.rows {
         // Each lane takes four consecutive words per step: four independent loads in flight, and the
         // 32 lanes of a row still read one contiguous 512-byte span.
@@ -241,6 +234,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
                 let i = i0 + k;
                 for (var sh = 0u; sh < 4u; sh++) {
                     let xq = xq_s[4u * i + sh];
+                    qsl += dot4I8Packed(0x01010101u, xq);
                     a += dot4I8Packed((wv[k] >> (2u * sh)) & 0x03030303u, xq);
                     if MODE == 2u {
                         au += dot4I8Packed((wu[k] >> (2u * sh)) & 0x03030303u, xq);
@@ -251,14 +245,17 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     }
     red2[lid] = a;
     red2[256u + lid] = au;
+    red2[512u + lid] = qsl;
     workgroupBarrier();
     for (var off = lanes / 2u; off > 0u; off >>= 1u) {
         if lane < off {
             red2[lid] += red2[lid + off];
             red2[256u + lid] += red2[256u + lid + off];
+            red2[512u + lid] += red2[512u + lid + off];
         }
         workgroupBarrier();
     }
+    let qs = red2[512u + lid];
     if lane == 0u && row < p.rows {
         let dst = p.y_off + row;
         let g = f32(red2[lid] - qs) * scale[row] / sx;
