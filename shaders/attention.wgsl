@@ -14,10 +14,6 @@ struct Params {
     _b: u32,
 }
 
-struct Step {
-    t: u32, start: u32, lm_t0: u32, lm_t: u32,
-    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
-}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
@@ -139,9 +135,9 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
 
 // ---------------------------------------------------------------------------------------------------------
 // Decode (T = 1) split over the keys ("flash decoding"): at batch 1 the kernel above has only NH
-// workgroups, each walking every key. attention_split gives each workgroup SPLIT keys of one head and
-// writes a partial result (unnormalised output, running max, sum); attention_merge combines them per head.
-// Two dispatches instead of one, but every workgroup's chain of dependent loads is short.
+// workgroups, each walking every key. attention_split_rope gives each workgroup SPLIT keys of one head
+// and writes a partial result (unnormalised output, running max, sum); attention_merge combines them per
+// head. Two dispatches instead of one, but every workgroup's chain of dependent loads is short.
 
 const SPLIT: u32 = 32u;
 
@@ -277,83 +273,6 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
         acc += pr[jj] * select(vcw[vb + jj * p.hd], vcur[d], k0 + jj == pos);
     }
     acc += acc1;
-    workgroupBarrier();
-    red[lid] = acc;
-    workgroupBarrier();
-    let ob = (h * nsplit + sidx) * (p.hd + 2u);
-    if lid < p.hd {
-        var o = 0.0;
-        for (var gg = 0u; gg < groups; gg++) {
-            o += red[gg * p.hd + lid];
-        }
-        part[ob + lid] = o;
-    }
-    if lid == 0u {
-        part[ob + p.hd] = m;
-        part[ob + p.hd + 1u] = l;
-    }
-}
-
-@compute @workgroup_size(256)
-fn attention_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let h = wg.x;
-    let sidx = wg.y;
-    let lid = lid3.x;
-    let n = step.start + 1u;
-    let k0 = sidx * SPLIT;
-    if step.t != 1u || k0 >= n {
-        return;
-    }
-    let cnt = min(SPLIT, n - k0);
-    let nsplit = (p.cap + SPLIT - 1u) / SPLIT;
-    let kvh = h / (p.nh / p.nkv);
-    let hd4 = p.hd / 4u;
-    if lid < hd4 {
-        let qb = h * p.hd + 4u * lid;
-        qs[lid] = vec4<f32>(qkv[qb], qkv[qb + 1u], qkv[qb + 2u], qkv[qb + 3u]);
-    }
-    workgroupBarrier();
-    // Scores: 8 threads per key, each a strided share of the head dimension.
-    let key = lid / 8u;
-    let sub = lid % 8u;
-    var d4 = vec4<f32>(0.0);
-    if key < cnt {
-        let kb = (kvh * p.cap + k0 + key) * hd4;
-        for (var i = sub; i < hd4; i += 8u) {
-            d4 += qs[i] * kc[kb + i];
-        }
-    }
-    red[lid] = d4.x + d4.y + d4.z + d4.w;
-    workgroupBarrier();
-    if sub == 0u && key < SPLIT {
-        var sc = -3.0e38;
-        if key < cnt {
-            sc = ((red[lid] + red[lid + 1u]) + (red[lid + 2u] + red[lid + 3u]) + ((red[lid + 4u] + red[lid + 5u]) + (red[lid + 6u] + red[lid + 7u]))) * p.scale;
-        }
-        sc_s[key] = sc;
-    }
-    workgroupBarrier();
-    var m = -3.0e38;
-    for (var j = 0u; j < cnt; j++) {
-        m = max(m, sc_s[j]);
-    }
-    if lid < SPLIT {
-        pr[lid] = select(0.0, exp(sc_s[lid] - m), lid < cnt);
-    }
-    workgroupBarrier();
-    var l = 0.0;
-    for (var j = 0u; j < cnt; j++) {
-        l += pr[j];
-    }
-    // Weighted values: thread (g, d) takes keys g, g+G, ...
-    let groups = 256u / p.hd;
-    let g = lid / p.hd;
-    let d = lid % p.hd;
-    var acc = 0.0;
-    let vb = (kvh * p.cap + k0) * p.hd + d;
-    for (var jj = g; jj < cnt; jj += groups) {
-        acc += pr[jj] * vc[vb + jj * p.hd];
-    }
     workgroupBarrier();
     red[lid] = acc;
     workgroupBarrier();

@@ -14,20 +14,6 @@ struct Params {
     _pad: u32,
 }
 
-struct Step {
-    t: u32,       // tokens in this chunk
-    start: u32,   // position of the first token
-    lm_t0: u32,   // first chunk row the lm_head reads
-    lm_t: u32,    // rows the lm_head reads
-    temperature: f32,
-    top_k: u32,
-    top_p: f32,
-    penalty: f32,
-    u: f32,
-    feedback: u32, // 1: decode step, the token is the one the previous step's sampler left in `sampled`
-    _p1: u32,
-    _p2: u32,
-}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;

@@ -14,10 +14,6 @@ struct Params {
     _c: u32,
 }
 
-struct Step {
-    t: u32, start: u32, lm_t0: u32, lm_t: u32,
-    temperature: f32, top_k: u32, top_p: f32, penalty: f32, u: f32, _p0: u32, _p1: u32, _p2: u32,
-}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;

@@ -1,13 +1,14 @@
 //! The WGSL kernels of bitnode, one file per op family. Each kernel has a CPU twin of the same name in
-//! `bitnode_engine::cpu` and a launcher of the same name in `bitnode_engine::gpu`.
-pub const EMBEDDING: &str = include_str!("../embedding.wgsl");
-pub const RMSNORM_QUANT: &str = include_str!("../rmsnorm_quant.wgsl");
-pub const MATMUL_TERNARY: &str = include_str!("../matmul_ternary.wgsl");
-pub const ROPE: &str = include_str!("../rope.wgsl");
-pub const ATTENTION: &str = include_str!("../attention.wgsl");
-pub const LM_HEAD: &str = include_str!("../lm_head.wgsl");
-pub const NLL: &str = include_str!("../nll.wgsl");
-pub const SAMPLE: &str = include_str!("../sample.wgsl");
+//! `bitnode_engine::cpu` and a launcher of the same name in `bitnode_engine::gpu`. WGSL has no includes,
+//! so `common.wgsl` (the shared `Step` struct) is prepended to each at compile time.
+pub const EMBEDDING: &str = concat!(include_str!("../common.wgsl"), include_str!("../embedding.wgsl"));
+pub const RMSNORM_QUANT: &str = concat!(include_str!("../common.wgsl"), include_str!("../rmsnorm_quant.wgsl"));
+pub const MATMUL_TERNARY: &str = concat!(include_str!("../common.wgsl"), include_str!("../matmul_ternary.wgsl"));
+pub const ROPE: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope.wgsl"));
+pub const ATTENTION: &str = concat!(include_str!("../common.wgsl"), include_str!("../attention.wgsl"));
+pub const LM_HEAD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head.wgsl"));
+pub const NLL: &str = concat!(include_str!("../common.wgsl"), include_str!("../nll.wgsl"));
+pub const SAMPLE: &str = concat!(include_str!("../common.wgsl"), include_str!("../sample.wgsl"));
 
 /// Every kernel, by name (for validation tests and the pipeline cache).
 pub const ALL: &[(&str, &str)] = &[

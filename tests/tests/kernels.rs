@@ -339,31 +339,6 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
 }
 
 #[test]
-fn attention_split_matches_cpu_for_decode() {
-    let g = gpu(None);
-    let mut rng = Rng::new(8);
-    for &(nh, nkv, hd, start) in &[(4usize, 2usize, 32usize, 0usize), (4, 1, 16, 31), (4, 2, 64, 32), (20, 5, 128, 300), (2, 2, 256, 77), (8, 8, 4, 5)] {
-        let cap = start + 1 + 7; // a cache larger than the keys in use
-        let stride = (nh + 2 * nkv) * hd;
-        let kc = randn(&mut rng, nkv * cap * hd, 1.0);
-        let vc = randn(&mut rng, nkv * cap * hd, 1.0);
-        let qkv = randn(&mut rng, stride, 1.0);
-        let step = step_buf(&g, Step { t: 1, start: start as u32, ..Default::default() });
-        let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
-        let kb = g.storage_init("k", bytemuck::cast_slice(&kc)).unwrap();
-        let vb = g.storage_init("v", bytemuck::cast_slice(&vc)).unwrap();
-        let part = g.storage("part", k::attention_part_bytes(nh, hd, cap)).unwrap();
-        let ob = g.storage("out", (4 * nh * hd) as u64).unwrap();
-        let ops = k::attention_split(&g, nh, nkv, hd, cap, &qkvb, &kb, &vb, &part, &ob, &step);
-        k::run(&g, &[&ops[0], &ops[1]], 1, 0);
-        let mut out = vec![0f32; nh * hd];
-        cpu::attention(&mut out, &qkv[..nh * hd], &kc, &vc, start, 1, nh, nkv, hd, cap);
-        let (d, at) = max_rel_diff(&f32s(&g.download(&ob, (4 * nh * hd) as u64).unwrap()), &out);
-        assert!(d < 1e-5, "split attention nh={nh} nkv={nkv} hd={hd} start={start}: diff {d} at {at}");
-    }
-}
-
-#[test]
 fn attention_split_rope_matches_rope_then_attention() {
     let g = gpu(None);
     let mut rng = Rng::new(9);

@@ -268,29 +268,17 @@ pub fn attention(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &
         &[(2, qkv), (3, kc), (4, vc), (5, out)], step, Grid::ByTokens(nh as u32))
 }
 
-/// Keys per workgroup of `attention_split` (its `SPLIT`).
+/// Keys per workgroup of `attention_split_rope` (its `SPLIT`).
 pub const ATTENTION_SPLIT: usize = 32;
 
-/// Bytes of the partial-result buffer `attention_split` needs for a cache of `cap` positions.
+/// Bytes of the partial-result buffer `attention_split_rope` needs for a cache of `cap` positions.
 pub fn attention_part_bytes(nh: usize, hd: usize, cap: usize) -> u64 {
     (nh * cap.div_ceil(ATTENTION_SPLIT) * (hd + 2) * 4) as u64
 }
 
-/// Decode-only attention in two dispatches: per (head, 32-key chunk) partials, then a per-head merge.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_split(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
-    let stride = (nh + 2 * nkv) * hd;
-    let scale = (hd as f32).powf(-0.5);
-    let params = [nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0];
-    let nsplit = cap.div_ceil(ATTENTION_SPLIT) as u32;
-    [
-        op(gpu, "attention_split", sh::ATTENTION, &[], &params, &[(2, qkv), (3, kc), (4, vc), (6, part)], step, Grid::Fixed(nh as u32, nsplit)),
-        op(gpu, "attention_merge", sh::ATTENTION, &[], &params, &[(5, out), (6, part)], step, Grid::Fixed(nh as u32, 1)),
-    ]
-}
-
-/// `attention_split` with RoPE folded in: rotates q and the current k itself and writes k, v into the
-/// cache, so a decode layer needs no `rope` dispatch.
+/// Decode-only attention in two dispatches, with RoPE folded in: per (head, 32-key chunk) partials, then
+/// a per-head merge. The first rotates q and the current k itself and writes k, v into the cache, so a
+/// decode layer needs no `rope` dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_split_rope(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, cos: &wgpu::Buffer, sin: &wgpu::Buffer, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
     let stride = (nh + 2 * nkv) * hd;
