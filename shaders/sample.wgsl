@@ -34,6 +34,25 @@ fn value(i: u32) -> f32 {
     return l;
 }
 
+// Workgroup argmax of (value, index) pairs into redf[0] / redi[0]: the larger value wins, ties go to the
+// smaller index (torch.argmax's first maximum); index 0xffffffff marks "none".
+fn argmax_reduce(best: f32, bi: u32, lid: u32) {
+    redf[lid] = best;
+    redi[lid] = bi;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            let ob = redf[lid + off];
+            let oi = redi[lid + off];
+            if oi != 0xffffffffu && (redi[lid] == 0xffffffffu || ob > redf[lid] || (ob == redf[lid] && oi < redi[lid])) {
+                redf[lid] = ob;
+                redi[lid] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
 fn key(f: f32) -> u32 {
     let b = bitcast<u32>(f);
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
@@ -99,20 +118,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
                 bi = e.y;
             }
         }
-        redf[lid] = best;
-        redi[lid] = bi;
-        workgroupBarrier();
-        for (var off = 128u; off > 0u; off >>= 1u) {
-            if lid < off {
-                let ob = redf[lid + off];
-                let oi = redi[lid + off];
-                if oi != 0xffffffffu && (redi[lid] == 0xffffffffu || ob > redf[lid] || (ob == redf[lid] && oi < redi[lid])) {
-                    redf[lid] = ob;
-                    redi[lid] = oi;
-                }
-            }
-            workgroupBarrier();
-        }
+        argmax_reduce(best, bi, lid);
         if lid == 0u {
             out[0] = redi[0];
             seen[redi[0] / 32u] |= 1u << (redi[0] % 32u);
@@ -252,20 +258,7 @@ fn sample_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
             }
         }
     }
-    redf[lid] = best;
-    redi[lid] = bi;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            let ob = redf[lid + off];
-            let oi = redi[lid + off];
-            if oi != 0xffffffffu && (redi[lid] == 0xffffffffu || ob > redf[lid] || (ob == redf[lid] && oi < redi[lid])) {
-                redf[lid] = ob;
-                redi[lid] = oi;
-            }
-        }
-        workgroupBarrier();
-    }
+    argmax_reduce(best, bi, lid);
     if lid == 0u {
         partial[wg.x] = vec2<u32>(bitcast<u32>(redf[0]), redi[0]);
     }
