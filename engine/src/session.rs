@@ -37,9 +37,10 @@ impl std::str::FromStr for EmbedDtype {
 /// (`BITNODE_ADAPTER`, `BITNODE_MAX_BINDING`, `BITNODE_EMBED_DTYPE`), which the CLI reads through clap.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// `None`/"auto": discrete GPU, then integrated, then virtual/CPU-emulated Vulkan, then the CPU reference.
-    /// "cpu": the CPU reference. A number: that index in `bitnode devices`. Anything else: a case-insensitive
-    /// substring of the adapter name.
+    /// `None`/"auto": discrete GPU, then integrated, then virtual, then the CPU reference (software Vulkan is
+    /// skipped: it is slower than the reference). "gpu": the best wgpu adapter of any kind, lavapipe
+    /// included. "cpu": the CPU reference. A number: that index in `bitnode devices`. Anything else: a
+    /// case-insensitive substring of the adapter name.
     pub adapter: Option<String>,
     /// Caps the buffer and binding size below the adapter's (tiling tests; phones).
     pub max_binding: Option<u64>,
@@ -224,6 +225,11 @@ pub fn generate(
 }
 
 /// Picks the backend: a wgpu adapter by preference order or by the override, else the CPU reference.
+///
+/// "auto" skips software Vulkan adapters (lavapipe, SwiftShader): on a machine without a GPU they run
+/// bitnode's kernels 5-20x slower than the plain CPU reference (BENCHMARKS.md), so the reference is the
+/// better fallback. "gpu" takes the best adapter of any kind, software included (the tests run the WGSL
+/// kernels on lavapipe this way).
 pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn Backend>> {
     let want = opts.adapter.as_deref().unwrap_or("auto");
     if want.eq_ignore_ascii_case("cpu") {
@@ -232,7 +238,7 @@ pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn B
     match gpu::pick_adapter(want)? {
         Some(adapter) => Ok(Box::new(gpu::forward::GpuBackend::new(model, adapter, opts)?)),
         None if want.eq_ignore_ascii_case("auto") => {
-            tracing::warn!("no wgpu adapter found: falling back to the CPU reference backend (slow)");
+            tracing::warn!("no GPU adapter found: falling back to the CPU reference backend (slow)");
             eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow)");
             Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)))
         }

@@ -26,8 +26,9 @@ struct Cli {
 
 #[derive(Args, Clone, Default)]
 struct DeviceArgs {
-    /// Compute device: auto (discrete, then integrated, then CPU-emulated Vulkan, then the CPU reference),
-    /// cpu, an index from `bitnode devices`, or part of an adapter name.
+    /// Compute device: auto (discrete, then integrated, then virtual GPU, then the CPU reference), gpu (the
+    /// best wgpu adapter, software Vulkan such as lavapipe included), cpu, an index from `bitnode devices`,
+    /// or part of an adapter name.
     #[arg(long = "device", env = "BITNODE_ADAPTER")]
     device: Option<String>,
     /// Largest buffer/binding to create, in bytes (lower than the adapter's limit to force tiling).
@@ -260,7 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     println!("    shader-f16: {}  features: {}", a.shader_f16, a.features.join(", "));
                 }
-                println!("preference: discrete > integrated > virtual > other > cpu; choose with --device, BITNODE_ADAPTER or [engine] adapter");
+                println!("auto prefers discrete > integrated > virtual > other, then the CPU reference (software Vulkan is slower than it);");
+                println!("choose with --device auto|gpu|cpu|INDEX|NAME, BITNODE_ADAPTER or [engine] adapter");
             }
         }
     }

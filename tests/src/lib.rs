@@ -16,7 +16,7 @@ pub fn fixtures() -> PathBuf {
 /// The preferred wgpu adapter as a device, optionally with a lowered binding limit. Tests need a real
 /// adapter (lavapipe in CI, which `.ci/run` installs): there is no mock, so a missing one is a failure.
 pub fn gpu(max_binding: Option<u64>) -> Arc<Gpu> {
-    let adapter = match gpu::pick_adapter(&std::env::var("BITNODE_ADAPTER").unwrap_or_else(|_| "auto".into())) {
+    let adapter = match gpu::pick_adapter(&std::env::var("BITNODE_ADAPTER").unwrap_or_else(|_| "gpu".into())) {
         Ok(Some(a)) => a,
         Ok(None) => panic!("no wgpu adapter: install a Vulkan driver (mesa-vulkan-drivers gives lavapipe)"),
         Err(e) => panic!("adapter: {e}"),

@@ -64,7 +64,7 @@ fn cpu_reference_matches_transformers() {
 #[test]
 fn gpu_f32_matches_transformers() {
     for case in CASES {
-        check(case, &opts("auto", EmbedDtype::F32), 2e-3, 1e-4);
+        check(case, &opts("gpu", EmbedDtype::F32), 2e-3, 1e-4);
     }
 }
 
@@ -74,7 +74,7 @@ fn gpu_f32_matches_transformers() {
 /// real perturbation that the int8 activation quantizer can amplify, so they are checked in f32 above.)
 #[test]
 fn gpu_f16_embedding_matches_transformers_on_bf16_checkpoint() {
-    check("online_tied", &opts("auto", EmbedDtype::F16), 2e-3, 1e-4);
+    check("online_tied", &opts("gpu", EmbedDtype::F16), 2e-3, 1e-4);
     check("online_tied", &opts("cpu", EmbedDtype::F16), 2e-3, 1e-4);
 }
 

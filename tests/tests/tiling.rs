@@ -11,7 +11,7 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
     let p = bitnode_engine::synth::preset("tiny").unwrap();
     bitnode_engine::synth::synth(p, &dir, 11, bitnode_engine::synth::SynthFormat::Packed).unwrap();
     let run = |limit: Option<u64>, embed: EmbedDtype| {
-        let o = EngineOptions { adapter: Some("auto".into()), max_binding: limit, embed_dtype: embed };
+        let o = EngineOptions { adapter: Some("gpu".into()), max_binding: limit, embed_dtype: embed };
         let mut e = Engine::load(&dir, &o).unwrap();
         let ids = e.tokenizer.encode(&"tiling must not change a single bit. ".repeat(2)).unwrap();
         assert!(ids.len() > 30 && ids.len() < 60, "{} tokens", ids.len());

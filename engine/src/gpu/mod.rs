@@ -73,13 +73,18 @@ pub fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
     }
 }
 
-/// Resolves an adapter choice ("auto", an index, or a name substring). `Ok(None)` means no adapter at all.
+/// Resolves an adapter choice. "auto": the best hardware adapter (discrete, integrated, virtual, other),
+/// `Ok(None)` when there is none. "gpu": the best adapter of any kind, software Vulkan (lavapipe) included.
+/// An index or a name substring picks that adapter. `Ok(None)` also means no adapter at all.
 pub fn pick_adapter(want: &str) -> Result<Option<wgpu::Adapter>> {
     let list = adapters();
     if list.is_empty() {
         return Ok(None);
     }
     if want.is_empty() || want.eq_ignore_ascii_case("auto") {
+        return Ok(list.into_iter().find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu));
+    }
+    if want.eq_ignore_ascii_case("gpu") {
         return Ok(list.into_iter().next());
     }
     if let Ok(i) = want.parse::<usize>() {
