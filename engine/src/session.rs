@@ -238,8 +238,8 @@ pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn B
     match gpu::pick_adapter(want)? {
         Some(adapter) => Ok(Box::new(gpu::forward::GpuBackend::new(model, adapter, opts)?)),
         None if want.eq_ignore_ascii_case("auto") => {
-            tracing::warn!("no GPU adapter found: falling back to the CPU reference backend (slow)");
-            eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow)");
+            tracing::debug!("no hardware GPU adapter: CPU reference backend");
+            eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow; `--device gpu` selects software Vulkan)");
             Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)))
         }
         None => Err(EngineError::NoAdapter(format!("no adapter matches {want:?}; see `bitnode devices`"))),
