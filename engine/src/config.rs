@@ -160,11 +160,11 @@ impl ModelConfig {
         };
         let nh = raw.num_attention_heads;
         let nkv = raw.num_key_value_heads.unwrap_or(nh);
-        if nh == 0 || nkv == 0 || nh % nkv != 0 {
+        if nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) {
             return Err(cerr(format!("num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}")));
         }
-        let hd = raw.head_dim.unwrap_or(if nh > 0 { raw.hidden_size / nh } else { 0 });
-        if hd == 0 || hd % 4 != 0 || hd > 256 || 256 % hd != 0 {
+        let hd = raw.head_dim.unwrap_or(raw.hidden_size.checked_div(nh).unwrap_or(0));
+        if hd == 0 || !hd.is_multiple_of(4) || hd > 256 || 256 % hd != 0 {
             // The attention kernel reads keys as vec4 and splits its 256 threads into 256/HD groups.
             return Err(cerr(format!("head_dim {hd} must be one of 4, 8, 16, 32, 64, 128, 256")));
         }

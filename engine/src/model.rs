@@ -214,7 +214,7 @@ fn load_linear(files: &WeightFiles, form: WeightForm, prefix: &str, out: usize, 
             Ok(TernaryLinear { out, inp, words, scale: 1.0 / s })
         }
         WeightForm::OfflineAutoBitLinear | WeightForm::OfflineBitLinear => {
-            if out % 4 != 0 {
+            if !out.is_multiple_of(4) {
                 return Err(EngineError::tensor(&wname, format!("out dimension {out} is not a multiple of 4")));
             }
             w.expect_shape(&[out / 4, inp])?;

@@ -185,7 +185,7 @@ impl StWriter {
             off += bytes;
         }
         let mut h = serde_json::to_vec(&serde_json::Value::Object(m)).unwrap_or_default();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         h

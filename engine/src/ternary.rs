@@ -8,7 +8,7 @@
 
 /// Packs one row of ternary values (-1, 0, 1) into words.
 pub fn pack_row(t: &[i8], out: &mut Vec<u32>) {
-    debug_assert!(t.len() % 16 == 0);
+    debug_assert!(t.len().is_multiple_of(16));
     for chunk in t.chunks(16) {
         let mut w = 0u32;
         for s in 0..4 {

@@ -43,7 +43,7 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
     let mut worst = (0f32, 0usize);
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let d = (x - y).abs() / (1.0 + y.abs());
-        if !(d <= worst.0) {
+        if d.is_nan() || d > worst.0 {
             worst = (if d.is_nan() { f32::INFINITY } else { d }, i);
         }
     }

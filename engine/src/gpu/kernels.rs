@@ -100,6 +100,7 @@ pub fn run(gpu: &Gpu, ops: &[&Op], t: u32, lm_t: u32) {
     gpu.queue.submit([enc.finish()]);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn op(gpu: &Gpu, name: &'static str, src: &str, consts: &[(&str, f64)], params: &[u32], bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer, grid: Grid) -> Op {
     let pipeline = gpu.pipeline(src, name, consts);
     let pbuf = gpu.uniform(name, bytemuck::cast_slice(params));
