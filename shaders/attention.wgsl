@@ -24,25 +24,6 @@ struct Params {
 
 var<workgroup> qs: array<vec4<f32>, 64>;
 var<workgroup> pr: array<f32, 256>;
-var<workgroup> red: array<f32, 256>;
-
-fn reduce(v: f32, lid: u32, is_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            if is_max {
-                red[lid] = max(red[lid], red[lid + off]);
-            } else {
-                red[lid] += red[lid + off];
-            }
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
@@ -89,14 +70,14 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
             let dot4 = d0 + d1;
             sc = (dot4.x + dot4.y + dot4.z + dot4.w) * p.scale;
         }
-        let bm = reduce(sc, lid, true);
+        let bm = wg_max(sc, lid);
         let nm = max(m, bm);
         var e = 0.0;
         if j < n {
             e = exp(sc - nm);
         }
         pr[lid] = e;
-        let bl = reduce(e, lid, false);
+        let bl = wg_sum(e, lid);
         let f = exp(m - nm);
         l = l * f + bl;
         let cnt = min(256u, n - b);
@@ -116,12 +97,12 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         for (; jj < cnt; jj += groups) {
             a0 += pr[jj] * vc[vb + jj * p.hd];
         }
-        red[lid] = (a0 + a1) + (a2 + a3);
+        wg_f32[lid] = (a0 + a1) + (a2 + a3);
         workgroupBarrier();
         if lid < p.hd {
             var acc = 0.0;
             for (var gg = 0u; gg < groups; gg++) {
-                acc += red[gg * p.hd + lid];
+                acc += wg_f32[gg * p.hd + lid];
             }
             o = o * f + acc;
         }
@@ -232,12 +213,12 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             }
         }
     }
-    red[lid] = d4.x + d4.y + d4.z + d4.w;
+    wg_f32[lid] = d4.x + d4.y + d4.z + d4.w;
     workgroupBarrier();
     if sub == 0u && key < SPLIT {
         var sc = -3.0e38;
         if key < cnt {
-            sc = ((red[lid] + red[lid + 1u]) + (red[lid + 2u] + red[lid + 3u]) + ((red[lid + 4u] + red[lid + 5u]) + (red[lid + 6u] + red[lid + 7u]))) * p.scale;
+            sc = ((wg_f32[lid] + wg_f32[lid + 1u]) + (wg_f32[lid + 2u] + wg_f32[lid + 3u]) + ((wg_f32[lid + 4u] + wg_f32[lid + 5u]) + (wg_f32[lid + 6u] + wg_f32[lid + 7u]))) * p.scale;
         }
         sc_s[key] = sc;
     }
@@ -274,13 +255,13 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     }
     acc += acc1;
     workgroupBarrier();
-    red[lid] = acc;
+    wg_f32[lid] = acc;
     workgroupBarrier();
     let ob = (h * nsplit + sidx) * (p.hd + 2u);
     if lid < p.hd {
         var o = 0.0;
         for (var gg = 0u; gg < groups; gg++) {
-            o += red[gg * p.hd + lid];
+            o += wg_f32[gg * p.hd + lid];
         }
         part[ob + lid] = o;
     }

@@ -1,5 +1,5 @@
 // Prepended to every kernel (shaders/src/lib.rs): the per-submission values each dispatch reads at
-// binding 1. Mirrors `gpu::kernels::Step`.
+// binding 1 (mirrors `gpu::kernels::Step`), and the workgroup-wide reductions the kernels share.
 struct Step {
     t: u32,            // tokens in this chunk
     start: u32,        // position of the first token
@@ -15,3 +15,37 @@ struct Step {
     _p2: u32,
 }
 
+// Scratch for wg_sum / wg_max. Kernels may also use it directly between reductions; every reduction
+// starts by writing it and ends with a barrier.
+var<workgroup> wg_f32: array<f32, 256>;
+
+// Sum of `v` over a 256-thread workgroup, as a tree (the same order everywhere, so kernels that repeat a
+// reduction get the same bits). Must be called in uniform control flow.
+fn wg_sum(v: f32, lid: u32) -> f32 {
+    wg_f32[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            wg_f32[lid] += wg_f32[lid + off];
+        }
+        workgroupBarrier();
+    }
+    let r = wg_f32[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Maximum of `v` over a 256-thread workgroup. Must be called in uniform control flow.
+fn wg_max(v: f32, lid: u32) -> f32 {
+    wg_f32[lid] = v;
+    workgroupBarrier();
+    for (var off = 128u; off > 0u; off >>= 1u) {
+        if lid < off {
+            wg_f32[lid] = max(wg_f32[lid], wg_f32[lid + off]);
+        }
+        workgroupBarrier();
+    }
+    let r = wg_f32[0];
+    workgroupBarrier();
+    return r;
+}

@@ -123,36 +123,7 @@ var<workgroup> xq_s: array<u32, 2048>;   // [I/4] packed int8 activations
 // Rows per workgroup of the fused kernel (256 / ROWS lanes per row). More rows per workgroup spread the
 // per-workgroup normalisation over more outputs; fewer give more workgroups to hide latency.
 override ROWS: u32 = 8u;
-var<workgroup> redf: array<f32, 256>;
 var<workgroup> red2: array<i32, 768>;    // [3][256]: gate, up, activation sum
-
-fn fused_sum(v: f32, lid: u32) -> f32 {
-    redf[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            redf[lid] += redf[lid + off];
-        }
-        workgroupBarrier();
-    }
-    let r = redf[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn fused_max(v: f32, lid: u32) -> f32 {
-    redf[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            redf[lid] = max(redf[lid], redf[lid + off]);
-        }
-        workgroupBarrier();
-    }
-    let r = redf[0];
-    workgroupBarrier();
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
@@ -175,7 +146,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         let v3 = xin[b + 3u];
         acc2 += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
     }
-    let ms = fused_sum(acc2, lid) / f32(c);
+    let ms = wg_sum(acc2, lid) / f32(c);
     let r = 1.0 / sqrt(ms + p.eps);
     var m = 0.0;
     for (var j = lid; j < c / 4u; j += 256u) {
@@ -186,7 +157,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         let y3 = abs(nw[b + 3u] * (xin[b + 3u] * r));
         m = max(m, max(max(y0, y1), max(y2, y3)));
     }
-    let sx = 127.0 / max(fused_max(m, lid), 1e-5);
+    let sx = 127.0 / max(wg_max(m, lid), 1e-5);
     for (var j = lid; j < c / 4u; j += 256u) {
         var word = 0u;
         for (var k = 0u; k < 4u; k++) {

@@ -16,25 +16,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> targets: array<u32>;      // [T] targets of the chunk rows
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;    // [T]
 
-var<workgroup> red: array<f32, 256>;
-
-fn reduce(v: f32, lid: u32, is_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            if is_max {
-                red[lid] = max(red[lid], red[lid + off]);
-            } else {
-                red[lid] += red[lid + off];
-            }
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn nll(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
@@ -48,12 +29,12 @@ fn nll(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3:
     for (var i = lid; i < p.v; i += 256u) {
         m = max(m, logits[base + i]);
     }
-    let mx = reduce(m, lid, true);
+    let mx = wg_max(m, lid);
     var acc = 0.0;
     for (var i = lid; i < p.v; i += 256u) {
         acc += exp(logits[base + i] - mx);
     }
-    let sum = reduce(acc, lid, false);
+    let sum = wg_sum(acc, lid);
     if lid == 0u {
         out[step.lm_t0 + t] = log(sum) + mx - logits[base + targets[step.lm_t0 + t]];
     }

@@ -23,36 +23,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> qsum: array<i32>;   // [T]        (rmsnorm_quant)
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;      // [T, C]     (rmsnorm)
 
-var<workgroup> red: array<f32, 256>;
 var<workgroup> redi: array<i32, 256>;
-
-fn reduce_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            red[lid] += red[lid + off];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_max(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            red[lid] = max(red[lid], red[lid + off]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 // Four neighbouring elements per step (four loads in flight); rmsnorm_matmul_ternary in
 // matmul_ternary.wgsl repeats this exact order so that fused and unfused paths agree bit for bit.
@@ -67,7 +38,7 @@ fn inv_rms(t: u32, lid: u32) -> f32 {
         let v3 = x[b + 3u];
         acc += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
     }
-    let ms = reduce_sum(acc, lid) / f32(p.c);
+    let ms = wg_sum(acc, lid) / f32(p.c);
     return 1.0 / sqrt(ms + p.eps);
 }
 
@@ -89,7 +60,7 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         let y3 = abs(w[b + 3u] * (x[o + 3u] * r));
         m = max(m, max(max(y0, y1), max(y2, y3)));
     }
-    let scale = 127.0 / max(reduce_max(m, lid), 1e-5);
+    let scale = 127.0 / max(wg_max(m, lid), 1e-5);
     var sum = 0;
     let words = p.c / 4u;
     for (var j = lid; j < words; j += 256u) {

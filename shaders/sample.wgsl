@@ -58,34 +58,6 @@ fn key(f: f32) -> u32 {
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
 
-fn sum_f(v: f32, lid: u32) -> f32 {
-    redf[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            redf[lid] += redf[lid + off];
-        }
-        workgroupBarrier();
-    }
-    let r = redf[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn max_f(v: f32, lid: u32) -> f32 {
-    redf[lid] = v;
-    workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            redf[lid] = max(redf[lid], redf[lid + off]);
-        }
-        workgroupBarrier();
-    }
-    let r = redf[0];
-    workgroupBarrier();
-    return r;
-}
-
 fn sum_u(v: u32, lid: u32) -> u32 {
     redu[lid] = v;
     workgroupBarrier();
@@ -130,7 +102,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
     for (var i = lid; i < v; i += 256u) {
         m = max(m, value(i) / inv_t);
     }
-    let mx = max_f(m, lid);
+    let mx = wg_max(m, lid);
     // top-k threshold
     var kk = 0u;
     if step.top_k > 0u && step.top_k < v {
@@ -155,7 +127,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
                 z += exp(x - mx);
             }
         }
-        let goal = step.top_p * sum_f(z, lid);
+        let goal = step.top_p * wg_sum(z, lid);
         var kp = 0u;
         for (var b = 31i; b >= 0i; b--) {
             let cand = kp | (1u << u32(b));
@@ -167,7 +139,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
                     mass += exp(x - mx);
                 }
             }
-            if sum_f(mass, lid) >= goal {
+            if wg_sum(mass, lid) >= goal {
                 kp = cand;
             }
         }
