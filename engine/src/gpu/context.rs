@@ -214,13 +214,19 @@ impl Gpu {
 
     /// Waits for all submitted work, then copies `size` bytes of a MAP_READ buffer out.
     pub fn read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        self.read_after(staging, size, None)
+    }
+
+    /// Copies `size` bytes of a MAP_READ buffer out once submission `after` has finished (all work when
+    /// `None`); later submissions keep running.
+    pub fn read_after(&self, staging: &wgpu::Buffer, size: u64, after: Option<wgpu::SubmissionIndex>) -> Result<Vec<u8>> {
         let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait { submission_index: after, timeout: None })
             .map_err(|e| EngineError::Gpu(format!("device lost while waiting: {e}")))?;
         rx.recv()
             .map_err(|_| EngineError::Gpu("map callback never ran".into()))?

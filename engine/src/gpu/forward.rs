@@ -55,6 +55,19 @@ struct Ops {
     sample: [Op; 2],
 }
 
+impl Ops {
+    /// Every dispatch of one decode step, in order.
+    fn decode_step(&self) -> impl Iterator<Item = &Op> {
+        self.decode_body
+            .as_ref()
+            .unwrap_or(&self.body)
+            .iter()
+            .chain(std::iter::once(&self.final_norm))
+            .chain(self.lm.iter())
+            .chain(self.sample.iter())
+    }
+}
+
 pub struct GpuBackend {
     gpu: Arc<Gpu>,
     model: Arc<Model>,
@@ -269,24 +282,9 @@ impl GpuBackend {
         self.gpu.queue.write_buffer(&self.acts.step, 0, bytemuck::bytes_of(s));
     }
 
-    /// Waits for submission `idx` only (later ones keep running) and reads the token in ring slot `slot`.
-    fn read_slot(&self, idx: wgpu::SubmissionIndex, slot: usize) -> Result<u32> {
-        let buf = &self.acts.ring[slot];
-        let s = buf.slice(..4);
-        let (tx, rx) = std::sync::mpsc::channel();
-        s.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.gpu
-            .device
-            .poll(wgpu::PollType::Wait { submission_index: Some(idx), timeout: None })
-            .map_err(|e| EngineError::Gpu(format!("device lost while waiting: {e}")))?;
-        rx.recv()
-            .map_err(|_| EngineError::Gpu("map callback never ran".into()))?
-            .map_err(|e| EngineError::Gpu(format!("map failed: {e}")))?;
-        let b = s.get_mapped_range().to_vec();
-        buf.unmap();
-        self.gpu.check_error()?;
+    /// Reads a sampled token from `buf` once submission `after` has finished (all work when `None`).
+    fn read_token(&self, buf: &wgpu::Buffer, after: Option<wgpu::SubmissionIndex>) -> Result<u32> {
+        let b = self.gpu.read_after(buf, 4, after)?;
         let tok = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         if tok as usize >= self.model.config.vocab_size {
             return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
@@ -294,16 +292,21 @@ impl GpuBackend {
         Ok(tok)
     }
 
-    fn submit(&self, f: impl FnOnce(&mut wgpu::ComputePass<'_>), copy: Option<(&wgpu::Buffer, u64)>) {
+    /// Records one compute pass, then copies `size` bytes of `src` into the readback buffer `dst`.
+    fn submit(
+        &self,
+        f: impl FnOnce(&mut wgpu::ComputePass<'_>),
+        copy: Option<(&wgpu::Buffer, &wgpu::Buffer, u64)>,
+    ) -> wgpu::SubmissionIndex {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             f(&mut pass);
         }
-        if let Some((src, size)) = copy {
-            enc.copy_buffer_to_buffer(src, 0, &self.acts.staging, 0, size);
+        if let Some((src, dst, size)) = copy {
+            enc.copy_buffer_to_buffer(src, 0, dst, 0, size);
         }
-        self.gpu.queue.submit([enc.finish()]);
+        self.gpu.queue.submit([enc.finish()])
     }
 }
 
@@ -378,17 +381,12 @@ impl Backend for GpuBackend {
             return Ok(None);
         }
         let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
-        let all: Vec<&Op> = ops.decode_body.as_ref().unwrap_or(&ops.body).iter().chain(std::iter::once(&ops.final_norm)).chain(ops.lm.iter()).chain(ops.sample.iter()).collect();
+        let all: Vec<&Op> = ops.decode_step().collect();
         let step = Step { t: 1, start: pos as u32, lm_t: 1, feedback: 1, ..Default::default() };
         self.write_step(&step);
         // CPU cost of recording the step as decode does: one pass, every dispatch.
         let t0 = std::time::Instant::now();
-        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        {
-            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            all.iter().for_each(|o| o.record(&mut p, 1, 1));
-        }
-        self.gpu.queue.submit([enc.finish()]);
+        self.submit(|p| all.iter().for_each(|o| o.record(p, 1, 1)), None);
         let record_us = t0.elapsed().as_secs_f64() * 1e6;
         self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| EngineError::Gpu(e.to_string()))?;
         // GPU cost: each dispatch in its own timed pass.
@@ -458,7 +456,7 @@ impl Backend for GpuBackend {
         while i < steps && !stopped {
             if inflight.len() == 2 {
                 if let Some((idx, slot)) = inflight.pop_front() {
-                    let tok = self.read_slot(idx, slot)?;
+                    let tok = self.read_token(&self.acts.ring[slot], Some(idx))?;
                     if !on_token(tok) {
                         stopped = true;
                         break;
@@ -480,21 +478,15 @@ impl Backend for GpuBackend {
             };
             self.write_step(&step);
             let slot = i % 2;
-            let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-            {
-                let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                ops.decode_body.as_ref().unwrap_or(&ops.body).iter().for_each(|o| o.record(&mut p, 1, 1));
-                ops.final_norm.record(&mut p, 1, 1);
-                ops.lm.iter().for_each(|o| o.record(&mut p, 1, 1));
-                ops.sample.iter().for_each(|o| o.record(&mut p, 1, 1));
-            }
-            enc.copy_buffer_to_buffer(&self.acts.sampled, 0, &self.acts.ring[slot], 0, 4);
-            let idx = self.gpu.queue.submit([enc.finish()]);
+            let idx = self.submit(
+                |p| ops.decode_step().for_each(|o| o.record(p, 1, 1)),
+                Some((&self.acts.sampled, &self.acts.ring[slot], 4)),
+            );
             inflight.push_back((idx, slot));
             i += 1;
         }
         while let Some((idx, slot)) = inflight.pop_front() {
-            let tok = self.read_slot(idx, slot)?;
+            let tok = self.read_token(&self.acts.ring[slot], Some(idx))?;
             if !stopped && !on_token(tok) {
                 stopped = true;
             }
@@ -558,13 +550,9 @@ impl Backend for GpuBackend {
                         ops.lm.iter().for_each(|o| o.record(p, tt, 1));
                         ops.sample.iter().for_each(|o| o.record(p, tt, 1));
                     },
-                    Some((&self.acts.sampled, 4)),
+                    Some((&self.acts.sampled, &self.acts.staging, 4)),
                 );
-                let b = self.gpu.read(&self.acts.staging, 4)?;
-                let tok = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                if tok as usize >= v {
-                    return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
-                }
+                let tok = self.read_token(&self.acts.staging, None)?;
                 // The sampler marked it seen on the device; mirror that in the host copy.
                 self.seen[tok as usize / 32] |= 1 << (tok % 32);
                 Ok(Got::Token(tok))
@@ -595,7 +583,7 @@ impl Backend for GpuBackend {
                             ops.lm.iter().for_each(|o| o.record(p, tt, lt));
                             ops.nll.record(p, tt, lt);
                         },
-                        if last { Some((&self.acts.nll, (n * 4) as u64)) } else { None },
+                        if last { Some((&self.acts.nll, &self.acts.staging, (n * 4) as u64)) } else { None },
                     );
                     first = false;
                     s0 += cnt;
@@ -621,7 +609,7 @@ impl Backend for GpuBackend {
                             }
                             ops.lm.iter().for_each(|o| o.record(p, tt, lt));
                         },
-                        Some((&self.acts.logits, (cnt * v * 4) as u64)),
+                        Some((&self.acts.logits, &self.acts.staging, (cnt * v * 4) as u64)),
                     );
                     first = false;
                     let b = self.gpu.read(&self.acts.staging, (cnt * v * 4) as u64)?;
