@@ -115,9 +115,7 @@ impl Engine {
                 continue;
             }
             self.backend.begin(window.len())?;
-            let mut start = 0;
-            while start < window.len() {
-                let end = (start + chunk).min(window.len());
+            for (start, end) in chunk_ranges(window.len(), chunk) {
                 // Targets for positions start..end that have a next token inside the window.
                 let tend = end.min(window.len() - 1);
                 let targets = &window[start + 1..tend + 1];
@@ -128,7 +126,6 @@ impl Engine {
                     }
                     _ => return Err(EngineError::Invalid("backend returned no nll".into())),
                 }
-                start = end;
             }
         }
         Ok((count, total))
@@ -139,16 +136,19 @@ impl Engine {
         self.backend.begin(ids.len())?;
         let chunk = self.backend.max_chunk().max(1);
         let mut all = Vec::new();
-        let mut start = 0;
-        while start < ids.len() {
-            let end = (start + chunk).min(ids.len());
+        for (start, end) in chunk_ranges(ids.len(), chunk) {
             if let Got::Logits(l) = self.backend.forward(&ids[start..end], start, Want::AllLogits)? {
                 all.extend(l);
             }
-            start = end;
         }
         Ok(all)
     }
+}
+
+/// Consecutive `[start, end)` ranges of at most `chunk` (>= 1) positions covering `0..len`: the pieces a
+/// backend accepts in one `forward` call.
+fn chunk_ranges(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len).step_by(chunk).map(move |start| (start, (start + chunk).min(len)))
 }
 
 /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
@@ -171,25 +171,21 @@ pub fn generate(
     if prompt.len() >= ctx {
         return Err(EngineError::PromptTooLong { tokens: prompt.len(), context: ctx, reserve: 1 });
     }
+    let mut out = Vec::new();
+    if max_tokens == 0 {
+        return Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds: 0.0, decode_seconds: 0.0, stop_reason: "max_tokens" });
+    }
     let mut rng = Rng::new(seed);
     let positions = (prompt.len() + max_tokens).min(ctx);
     backend.begin(positions)?;
     backend.mark_seen(prompt)?;
     let t0 = Instant::now();
-    let chunk = backend.max_chunk().max(1);
-    let mut start = 0;
-    let mut out = Vec::new();
     let mut next = None;
-    if max_tokens == 0 {
-        return Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds: 0.0, decode_seconds: 0.0, stop_reason: "max_tokens" });
-    }
-    while start < prompt.len() {
-        let end = (start + chunk).min(prompt.len());
+    for (start, end) in chunk_ranges(prompt.len(), backend.max_chunk().max(1)) {
         let want = if end == prompt.len() { Want::Sample { params: *params, u: rng.uniform() } } else { Want::Nothing };
         if let Got::Token(t) = backend.forward(&prompt[start..end], start, want)? {
             next = Some(t);
         }
-        start = end;
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();

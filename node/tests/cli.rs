@@ -38,6 +38,16 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of `model` named `name` whose config.json has `from` replaced by `to`.
+fn with_config_edit(model: &Path, name: &str, from: &str, to: &str) -> PathBuf {
+    let d = tmp(name);
+    copy_dir(model, &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    assert!(cfg.contains(from), "config.json has no {from:?}");
+    std::fs::write(d.join("config.json"), cfg.replace(from, to)).unwrap();
+    d
+}
+
 /// Expects failure with a message containing `needle`, and no panic.
 fn fails_with(c: &mut Command, needle: &str) {
     let (o, _, err) = run(c);
@@ -116,16 +126,10 @@ fn bad_inputs_fail_cleanly() {
     std::fs::write(&st, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
     fails_with(&mut infer(&d), "safetensors");
     // Wrong shape: claim a larger hidden size than the tensors have.
-    let d = tmp("shape");
-    copy_dir(&good, &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"hidden_size\": 128", "\"hidden_size\": 256");
-    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let d = with_config_edit(&good, "shape", "\"hidden_size\": 128", "\"hidden_size\": 256");
     fails_with(&mut infer(&d), "shape");
     // Wrong dtype: an online config over packed uint8 weights.
-    let d = tmp("dtype");
-    copy_dir(&good, &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"offline\"", "\"online\"");
-    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let d = with_config_edit(&good, "dtype", "\"offline\"", "\"online\"");
     fails_with(&mut infer(&d), "dtype");
     // Missing tokenizer.
     let d = tmp("notok");
@@ -133,10 +137,7 @@ fn bad_inputs_fail_cleanly() {
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     fails_with(&mut infer(&d), "tokenizer");
     // Unknown model_type.
-    let d = tmp("llama");
-    copy_dir(&good, &d);
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"bitnet\"", "\"llama\"");
-    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let d = with_config_edit(&good, "llama", "\"bitnet\"", "\"llama\"");
     fails_with(&mut infer(&d), "model_type");
     // Prompt longer than the 256-token context.
     let long = "word ".repeat(600);

@@ -28,6 +28,19 @@ fn pack_q(q: &[i8]) -> Vec<u32> {
     q.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | ((*v as u8 as u32) << (8 * i)))).collect()
 }
 
+/// What matmul_ternary's `mode` makes of the projections y1 (and y2, the up rows in mode 2) on top of `y`.
+fn mode_want(mode: u32, y: &[f32], y1: &[f32], y2: &[f32]) -> Vec<f32> {
+    match mode {
+        0 => y1.to_vec(),
+        1 => y.iter().zip(y1).map(|(a, b)| a + b).collect(),
+        _ => {
+            let mut h = vec![0f32; y1.len()];
+            cpu::relu2_mul(&mut h, y1, y2);
+            h
+        }
+    }
+}
+
 fn tiny_model() -> Arc<Model> {
     let dir = tempdir("kernel-model");
     let p = bitnode_engine::synth::preset("tiny").unwrap();
@@ -108,8 +121,7 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let ops: Vec<_> = tiles.iter().map(|tl| k::matmul_ternary(&g, tl, 1, 0, o, &qb, &sb, &sumb, &rb, &step)).collect();
             k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
             let gr = f32s(&g.download(&rb, (4 * t * o) as u64).unwrap());
-            let want: Vec<f32> = base.iter().zip(&y1).map(|(a, b)| a + b).collect();
-            let (d, at) = max_rel_diff(&gr, &want);
+            let (d, at) = max_rel_diff(&gr, &mode_want(1, &base, &y1, &y2));
             assert!(d < 1e-6, "accumulate: diff {d} at {at}");
             // mode 2: fused gate/up with relu^2
             let gu = k::ternary_tiles(&g, &[&w, &w2], true).unwrap();
@@ -117,9 +129,7 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let ops: Vec<_> = gu.iter().map(|tl| k::matmul_ternary(&g, tl, 2, 0, o, &qb, &sb, &sumb, &hb, &step)).collect();
             k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
             let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
-            let mut want = vec![0f32; t * o];
-            cpu::relu2_mul(&mut want, &y1, &y2);
-            let (d, at) = max_rel_diff(&gh, &want);
+            let (d, at) = max_rel_diff(&gh, &mode_want(2, &[], &y1, &y2));
             assert!(d < 1e-5, "gate_up: diff {d} at {at}");
         }
     }
@@ -320,15 +330,7 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
                 let ops: Vec<_> = tiles.iter().map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, &step)).collect();
                 k::run(&g, &ops.iter().collect::<Vec<_>>(), 1, 0);
                 let got = f32s(&g.download(&yb, 4 * o as u64).unwrap());
-                let want: Vec<f32> = match mode {
-                    0 => y1.clone(),
-                    1 => base.iter().zip(&y1).map(|(a, b)| a + b).collect(),
-                    _ => {
-                        let mut h = vec![0f32; o];
-                        cpu::relu2_mul(&mut h, &y1, &y2);
-                        h
-                    }
-                };
+                let want = mode_want(mode, &base, &y1, &y2);
                 // The activation quantizer can move a boundary value by one step under a different
                 // summation order, so allow a small relative difference.
                 let (d, at) = max_rel_diff(&got, &want);
