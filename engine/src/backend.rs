@@ -47,7 +47,14 @@ pub trait Backend {
         let mut tok = first;
         for i in 0..steps {
             self.mark_seen(&[tok])?;
-            match self.forward(&[tok], pos + i, Want::Sample { params: *params, u: rng.uniform() })? {
+            match self.forward(
+                &[tok],
+                pos + i,
+                Want::Sample {
+                    params: *params,
+                    u: rng.uniform(),
+                },
+            )? {
                 Got::Token(t) => {
                     tok = t;
                     if !on_token(t) {

@@ -106,7 +106,10 @@ impl ModelConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let cerr = |msg: String| EngineError::Config { path: path.to_path_buf(), msg };
+        let cerr = |msg: String| EngineError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
         // Check model_type before the full parse so that a llama config gets the precise error.
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| cerr(e.to_string()))?;
         match v.get("model_type").and_then(|m| m.as_str()) {
@@ -144,13 +147,18 @@ impl ModelConfig {
             Some(q) => {
                 if let Some(m) = &q.quant_method {
                     if m != "bitnet" {
-                        return Err(cerr(format!("quant_method {m:?} is not supported (expected \"bitnet\")")));
+                        return Err(cerr(format!(
+                            "quant_method {m:?} is not supported (expected \"bitnet\")"
+                        )));
                     }
                 }
                 if q.use_rms_norm == Some(true) {
                     return Err(cerr("quantization_config.use_rms_norm = true is not supported".into()));
                 }
-                match (q.linear_class.as_deref().unwrap_or("bitlinear"), q.quantization_mode.as_deref().unwrap_or("offline")) {
+                match (
+                    q.linear_class.as_deref().unwrap_or("bitlinear"),
+                    q.quantization_mode.as_deref().unwrap_or("offline"),
+                ) {
                     ("autobitlinear", "online") => WeightForm::Online,
                     ("autobitlinear", "offline") => WeightForm::OfflineAutoBitLinear,
                     ("bitlinear", "offline") => WeightForm::OfflineBitLinear,
@@ -161,7 +169,9 @@ impl ModelConfig {
         let nh = raw.num_attention_heads;
         let nkv = raw.num_key_value_heads.unwrap_or(nh);
         if nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) {
-            return Err(cerr(format!("num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}")));
+            return Err(cerr(format!(
+                "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
+            )));
         }
         let hd = raw.head_dim.unwrap_or(raw.hidden_size.checked_div(nh).unwrap_or(0));
         if hd == 0 || !hd.is_multiple_of(4) || hd > 256 || 256 % hd != 0 {
@@ -170,14 +180,21 @@ impl ModelConfig {
         }
         let c = raw.hidden_size;
         let f = raw.intermediate_size;
-        for (name, dim) in [("hidden_size", c), ("intermediate_size", f), ("q width", nh * hd), ("kv width", nkv * hd)] {
+        for (name, dim) in [
+            ("hidden_size", c),
+            ("intermediate_size", f),
+            ("q width", nh * hd),
+            ("kv width", nkv * hd),
+        ] {
             if dim == 0 || dim % 16 != 0 {
                 // The packed GPU layout holds 16 ternary weights per u32 along the input dimension.
                 return Err(cerr(format!("{name} = {dim} must be a positive multiple of 16")));
             }
         }
         if raw.vocab_size == 0 || raw.num_hidden_layers == 0 || raw.max_position_embeddings == 0 {
-            return Err(cerr("vocab_size, num_hidden_layers and max_position_embeddings must be positive".into()));
+            return Err(cerr(
+                "vocab_size, num_hidden_layers and max_position_embeddings must be positive".into(),
+            ));
         }
         Ok(ModelConfig {
             vocab_size: raw.vocab_size,

@@ -19,7 +19,11 @@ pub enum EngineError {
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
     #[error("prompt is {tokens} tokens but the model's context is {context} (with {reserve} reserved for generation)")]
-    PromptTooLong { tokens: usize, context: usize, reserve: usize },
+    PromptTooLong {
+        tokens: usize,
+        context: usize,
+        reserve: usize,
+    },
     #[error("no usable GPU adapter: {0}")]
     NoAdapter(String),
     #[error("GPU error: {0}")]
@@ -32,9 +36,15 @@ pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl EngineError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.into(), source }
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn tensor(name: &str, msg: impl Into<String>) -> Self {
-        EngineError::Tensor { name: name.to_string(), msg: msg.into() }
+        EngineError::Tensor {
+            name: name.to_string(),
+            msg: msg.into(),
+        }
     }
 }

@@ -42,10 +42,13 @@ impl WeightFiles {
                 path: index_path.clone(),
                 msg: format!("invalid index json: {e}"),
             })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::Safetensors {
-                path: index_path.clone(),
-                msg: "no weight_map object".into(),
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::Safetensors {
+                    path: index_path.clone(),
+                    msg: "no weight_map object".into(),
+                })?;
             let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
@@ -53,18 +56,27 @@ impl WeightFiles {
             for n in names {
                 // A hostile index must not make us open files outside the model directory.
                 if n.contains('/') || n.contains('\\') || n.starts_with('.') {
-                    return Err(EngineError::Safetensors { path: index_path.clone(), msg: format!("shard name {n:?} is not a plain file name") });
+                    return Err(EngineError::Safetensors {
+                        path: index_path.clone(),
+                        msg: format!("shard name {n:?} is not a plain file name"),
+                    });
                 }
                 out.push(dir.join(n));
             }
             if out.is_empty() {
-                return Err(EngineError::Safetensors { path: index_path, msg: "weight_map lists no shards".into() });
+                return Err(EngineError::Safetensors {
+                    path: index_path,
+                    msg: "weight_map lists no shards".into(),
+                });
             }
             out
         } else {
             return Err(EngineError::io(
                 single,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or model.safetensors.index.json"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json",
+                ),
             ));
         };
         let mut shards = Vec::new();
@@ -74,13 +86,19 @@ impl WeightFiles {
             // SAFETY: the map is read-only. If another process truncates the file while we run we may fault;
             // that is the usual contract of mmap-based loaders (safetensors, llama.cpp) and is documented.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&map)
-                .map_err(|e| EngineError::Safetensors { path: path.clone(), msg: e.to_string() })?;
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| EngineError::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
             let shard_idx = shards.len();
             for (name, info) in meta.tensors() {
                 index.insert(name, (shard_idx, info.clone()));
             }
-            shards.push(Shard { path, map, data_start: 8 + n });
+            shards.push(Shard {
+                path,
+                map,
+                data_start: 8 + n,
+            });
         }
         Ok(WeightFiles { shards, index })
     }
@@ -94,15 +112,25 @@ impl WeightFiles {
     }
 
     pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (name_ref, (shard, info)) =
-            self.index.get_key_value(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        let (name_ref, (shard, info)) = self
+            .index
+            .get_key_value(name)
+            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
         let s = &self.shards[*shard];
         let (a, b) = info.data_offsets;
-        let bytes = s.map.get(s.data_start + a..s.data_start + b).ok_or_else(|| EngineError::Safetensors {
-            path: s.path.clone(),
-            msg: format!("tensor {name} lies outside the file"),
-        })?;
-        Ok(TensorRef { name: name_ref, dtype: info.dtype, shape: &info.shape, bytes })
+        let bytes = s
+            .map
+            .get(s.data_start + a..s.data_start + b)
+            .ok_or_else(|| EngineError::Safetensors {
+                path: s.path.clone(),
+                msg: format!("tensor {name} lies outside the file"),
+            })?;
+        Ok(TensorRef {
+            name: name_ref,
+            dtype: info.dtype,
+            shape: &info.shape,
+            bytes,
+        })
     }
 
     /// Total bytes of all mapped files (what a transfer of the model costs).
@@ -114,7 +142,10 @@ impl WeightFiles {
 impl TensorRef<'_> {
     pub fn expect_shape(&self, shape: &[usize]) -> Result<()> {
         if self.shape != shape {
-            return Err(EngineError::tensor(self.name, format!("has shape {:?}, expected {:?}", self.shape, shape)));
+            return Err(EngineError::tensor(
+                self.name,
+                format!("has shape {:?}, expected {:?}", self.shape, shape),
+            ));
         }
         Ok(())
     }
@@ -146,7 +177,10 @@ impl TensorRef<'_> {
     /// The whole tensor as f32 (small tensors: norms, scales).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         if !self.is_float() {
-            return Err(EngineError::tensor(self.name, format!("has dtype {:?}, expected a float dtype", self.dtype)));
+            return Err(EngineError::tensor(
+                self.name,
+                format!("has dtype {:?}, expected a float dtype", self.dtype),
+            ));
         }
         Ok((0..self.numel()).map(|i| self.float_at(i)).collect())
     }

@@ -72,7 +72,9 @@ impl MappedMatrix {
     /// Rows [r0, r1) as f16 bits, row-major (the GPU f16 form; lossless for bf16 sources in f16 range).
     pub fn rows_f16(&self, r0: usize, r1: usize) -> Vec<u16> {
         let t = self.tensor();
-        (r0 * self.cols..r1 * self.cols).map(|i| half::f16::from_f32(t.float_at(i)).to_bits()).collect()
+        (r0 * self.cols..r1 * self.cols)
+            .map(|i| half::f16::from_f32(t.float_at(i)).to_bits())
+            .collect()
     }
     pub fn rows_f32(&self, r0: usize, r1: usize) -> Vec<f32> {
         let t = self.tensor();
@@ -108,16 +110,29 @@ impl Model {
             let t = files.get(name)?;
             t.expect_shape(&[v, cdim])?;
             if !t.is_float() {
-                return Err(EngineError::tensor(name, format!("has dtype {:?}, expected f32/f16/bf16", t.dtype)));
+                return Err(EngineError::tensor(
+                    name,
+                    format!("has dtype {:?}, expected f32/f16/bf16", t.dtype),
+                ));
             }
-            Ok(MappedMatrix { files: files.clone(), name: name.to_string(), rows: v, cols: cdim, dtype: t.dtype })
+            Ok(MappedMatrix {
+                files: files.clone(),
+                name: name.to_string(),
+                rows: v,
+                cols: cdim,
+                dtype: t.dtype,
+            })
         };
         let embed = mapped("model.embed_tokens.weight")?;
         let has_head = files.has("lm_head.weight");
         let lm_head = match (c.tie_word_embeddings, has_head) {
             (Some(true), _) | (None, false) => None,
             (_, true) => Some(mapped("lm_head.weight")?),
-            (Some(false), false) => return Err(EngineError::MissingTensor("lm_head.weight (config says tie_word_embeddings: false)".into())),
+            (Some(false), false) => {
+                return Err(EngineError::MissingTensor(
+                    "lm_head.weight (config says tie_word_embeddings: false)".into(),
+                ))
+            }
         };
         let vec_of = |name: &str, n: usize| -> Result<Vec<f32>> {
             let t = files.get(name)?;
@@ -143,7 +158,15 @@ impl Model {
                 down_proj: lin("mlp.down_proj", cdim, f)?,
             });
         }
-        Ok(Model { dir: dir.to_path_buf(), config, embed, lm_head, norm, layers, files })
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            files,
+        })
     }
 
     /// The matrix the logits are computed with.
@@ -160,10 +183,18 @@ impl Model {
         self.layers
             .iter()
             .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .map(|p| p.bytes())
-                    .sum::<usize>()
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .iter()
+                .map(|p| p.bytes())
+                .sum::<usize>()
             })
             .sum()
     }
@@ -172,10 +203,18 @@ impl Model {
     pub fn num_params(&self) -> usize {
         let c = &self.config;
         let per_layer: usize = self.layers.first().map_or(0, |l| {
-            [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                .iter()
-                .map(|p| p.out * p.inp)
-                .sum::<usize>()
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+            .iter()
+            .map(|p| p.out * p.inp)
+            .sum::<usize>()
                 + 2 * c.hidden_size
                 + l.attn_sub_norm.len()
                 + l.ffn_sub_norm.len()
@@ -193,7 +232,10 @@ fn load_linear(files: &WeightFiles, form: WeightForm, prefix: &str, out: usize, 
         WeightForm::Online => {
             w.expect_shape(&[out, inp])?;
             if !w.is_float() {
-                return Err(EngineError::tensor(&wname, format!("has dtype {:?}; online checkpoints hold float latent weights", w.dtype)));
+                return Err(EngineError::tensor(
+                    &wname,
+                    format!("has dtype {:?}; online checkpoints hold float latent weights", w.dtype),
+                ));
             }
             // Mirrors transformers' WeightQuant: scale = 1 / mean(|W|).clamp(1e-5), T = round(W*scale).clamp(-1,1),
             // effective weight T / scale. The mean is accumulated in f64 and rounded once, the closest f32 to
@@ -211,36 +253,60 @@ fn load_linear(files: &WeightFiles, form: WeightForm, prefix: &str, out: usize, 
                 }
                 ternary::pack_row(&t, &mut words);
             }
-            Ok(TernaryLinear { out, inp, words, scale: 1.0 / s })
+            Ok(TernaryLinear {
+                out,
+                inp,
+                words,
+                scale: 1.0 / s,
+            })
         }
         WeightForm::OfflineAutoBitLinear | WeightForm::OfflineBitLinear => {
             if !out.is_multiple_of(4) {
-                return Err(EngineError::tensor(&wname, format!("out dimension {out} is not a multiple of 4")));
+                return Err(EngineError::tensor(
+                    &wname,
+                    format!("out dimension {out} is not a multiple of 4"),
+                ));
             }
             w.expect_shape(&[out / 4, inp])?;
             if w.dtype != Dtype::U8 && w.dtype != Dtype::I8 {
-                return Err(EngineError::tensor(&wname, format!("has dtype {:?}; offline checkpoints hold packed uint8", w.dtype)));
+                return Err(EngineError::tensor(
+                    &wname,
+                    format!("has dtype {:?}; offline checkpoints hold packed uint8", w.dtype),
+                ));
             }
             let sname = format!("{prefix}.weight_scale");
             let st = files.get(&sname)?;
             if st.numel() != 1 {
-                return Err(EngineError::tensor(&sname, format!("has shape {:?}, expected a single value", st.shape)));
+                return Err(EngineError::tensor(
+                    &sname,
+                    format!("has shape {:?}, expected a single value", st.shape),
+                ));
             }
             let ws = st.to_f32()?[0];
             if !ws.is_finite() || ws == 0.0 {
-                return Err(EngineError::tensor(&sname, format!("is {ws}, expected a finite non-zero scale")));
+                return Err(EngineError::tensor(
+                    &sname,
+                    format!("is {ws}, expected a finite non-zero scale"),
+                ));
             }
             for r in 0..out {
                 for (c, tv) in t.iter_mut().enumerate() {
                     let v = ternary::hf_get(w.bytes, out, inp, r, c);
                     if v > 1 {
-                        return Err(EngineError::tensor(&wname, format!("holds code 3 at row {r} col {c}; valid codes are 0,1,2")));
+                        return Err(EngineError::tensor(
+                            &wname,
+                            format!("holds code 3 at row {r} col {c}; valid codes are 0,1,2"),
+                        ));
                     }
                     *tv = v;
                 }
                 ternary::pack_row(&t, &mut words);
             }
-            let scale = if form == WeightForm::OfflineAutoBitLinear { ws } else { 1.0 / ws };
+            let scale = if form == WeightForm::OfflineAutoBitLinear {
+                ws
+            } else {
+                1.0 / ws
+            };
             Ok(TernaryLinear { out, inp, words, scale })
         }
     }

@@ -49,7 +49,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { adapter: None, max_binding: None, embed_dtype: EmbedDtype::Auto }
+        EngineOptions {
+            adapter: None,
+            max_binding: None,
+            embed_dtype: EmbedDtype::Auto,
+        }
     }
 }
 
@@ -71,7 +75,10 @@ pub struct Generation {
 impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Engine> {
         if !dir.is_dir() {
-            return Err(EngineError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+            return Err(EngineError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
         }
         // Config and tokenizer first: they are cheap and catch most wrong directories before the big map.
         let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
@@ -87,7 +94,12 @@ impl Engine {
                 }
             }
         }
-        Ok(Engine { model, tokenizer, backend, eos })
+        Ok(Engine {
+            model,
+            tokenizer,
+            backend,
+            eos,
+        })
     }
 
     /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
@@ -100,7 +112,17 @@ impl Engine {
         stop_at_eos: bool,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        generate(self.backend.as_mut(), &self.model.config, &self.eos, prompt, max_tokens, params, seed, stop_at_eos, on_token)
+        generate(
+            self.backend.as_mut(),
+            &self.model.config,
+            &self.eos,
+            prompt,
+            max_tokens,
+            params,
+            seed,
+            stop_at_eos,
+            on_token,
+        )
     }
 
     /// Mean NLL of `ids` in non-overlapping windows of the model's context: each window starts from an empty
@@ -148,7 +170,9 @@ impl Engine {
 /// Consecutive `[start, end)` ranges of at most `chunk` (>= 1) positions covering `0..len`: the pieces a
 /// backend accepts in one `forward` call.
 fn chunk_ranges(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len).step_by(chunk).map(move |start| (start, (start + chunk).min(len)))
+    (0..len)
+        .step_by(chunk)
+        .map(move |start| (start, (start + chunk).min(len)))
 }
 
 /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
@@ -169,11 +193,21 @@ pub fn generate(
         return Err(EngineError::Invalid("the prompt encodes to no tokens".into()));
     }
     if prompt.len() >= ctx {
-        return Err(EngineError::PromptTooLong { tokens: prompt.len(), context: ctx, reserve: 1 });
+        return Err(EngineError::PromptTooLong {
+            tokens: prompt.len(),
+            context: ctx,
+            reserve: 1,
+        });
     }
     let mut out = Vec::new();
     if max_tokens == 0 {
-        return Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds: 0.0, decode_seconds: 0.0, stop_reason: "max_tokens" });
+        return Ok(Generation {
+            tokens: out,
+            prompt_tokens: prompt.len(),
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+            stop_reason: "max_tokens",
+        });
     }
     let mut rng = Rng::new(seed);
     let positions = (prompt.len() + max_tokens).min(ctx);
@@ -182,7 +216,14 @@ pub fn generate(
     let t0 = Instant::now();
     let mut next = None;
     for (start, end) in chunk_ranges(prompt.len(), backend.max_chunk().max(1)) {
-        let want = if end == prompt.len() { Want::Sample { params: *params, u: rng.uniform() } } else { Want::Nothing };
+        let want = if end == prompt.len() {
+            Want::Sample {
+                params: *params,
+                u: rng.uniform(),
+            }
+        } else {
+            Want::Nothing
+        };
         if let Got::Token(t) = backend.forward(&prompt[start..end], start, want)? {
             next = Some(t);
         }
@@ -217,7 +258,13 @@ pub fn generate(
         }
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
-    Ok(Generation { tokens: out, prompt_tokens: prompt.len(), prefill_seconds, decode_seconds, stop_reason })
+    Ok(Generation {
+        tokens: out,
+        prompt_tokens: prompt.len(),
+        prefill_seconds,
+        decode_seconds,
+        stop_reason,
+    })
 }
 
 /// Picks the backend: a wgpu adapter by preference order or by the override, else the CPU reference.
@@ -238,6 +285,8 @@ pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn B
             eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow; `--device gpu` selects software Vulkan)");
             Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)))
         }
-        None => Err(EngineError::NoAdapter(format!("no adapter matches {want:?}; see `bitnode devices`"))),
+        None => Err(EngineError::NoAdapter(format!(
+            "no adapter matches {want:?}; see `bitnode devices`"
+        ))),
     }
 }

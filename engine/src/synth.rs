@@ -30,10 +30,54 @@ pub struct Preset {
 }
 
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "tiny", vocab: 512, hidden: 128, layers: 2, heads: 4, kv_heads: 2, head_dim: 32, ffn: 352, ctx: 256, theta: 10000.0 },
-    Preset { name: "125m", vocab: 32000, hidden: 768, layers: 12, heads: 12, kv_heads: 4, head_dim: 64, ffn: 2048, ctx: 2048, theta: 10000.0 },
-    Preset { name: "1b", vocab: 32000, hidden: 2048, layers: 24, heads: 32, kv_heads: 8, head_dim: 64, ffn: 5504, ctx: 2048, theta: 500000.0 },
-    Preset { name: "2b4t", vocab: 128256, hidden: 2560, layers: 30, heads: 20, kv_heads: 5, head_dim: 128, ffn: 6912, ctx: 4096, theta: 500000.0 },
+    Preset {
+        name: "tiny",
+        vocab: 512,
+        hidden: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        ffn: 352,
+        ctx: 256,
+        theta: 10000.0,
+    },
+    Preset {
+        name: "125m",
+        vocab: 32000,
+        hidden: 768,
+        layers: 12,
+        heads: 12,
+        kv_heads: 4,
+        head_dim: 64,
+        ffn: 2048,
+        ctx: 2048,
+        theta: 10000.0,
+    },
+    Preset {
+        name: "1b",
+        vocab: 32000,
+        hidden: 2048,
+        layers: 24,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        ffn: 5504,
+        ctx: 2048,
+        theta: 500000.0,
+    },
+    Preset {
+        name: "2b4t",
+        vocab: 128256,
+        hidden: 2560,
+        layers: 30,
+        heads: 20,
+        kv_heads: 5,
+        head_dim: 128,
+        ffn: 6912,
+        ctx: 4096,
+        theta: 500000.0,
+    },
 ];
 
 pub fn preset(name: &str) -> Result<&'static Preset> {
@@ -48,7 +92,10 @@ pub fn preset(name: &str) -> Result<&'static Preset> {
 /// Special token ids: Llama-3's for a full 128256 vocabulary, the last two ids otherwise.
 fn specials(vocab: usize) -> (usize, Vec<(usize, String)>) {
     if vocab >= 128256 {
-        let mut v = vec![(128000, "<|begin_of_text|>".to_string()), (128001, "<|end_of_text|>".to_string())];
+        let mut v = vec![
+            (128000, "<|begin_of_text|>".to_string()),
+            (128001, "<|end_of_text|>".to_string()),
+        ];
         for id in 128002..vocab {
             let name = match id {
                 128006 => "<|start_header_id|>".to_string(),
@@ -60,7 +107,13 @@ fn specials(vocab: usize) -> (usize, Vec<(usize, String)>) {
         }
         (128000, v)
     } else {
-        (vocab - 2, vec![(vocab - 2, "<|begin_of_text|>".to_string()), (vocab - 1, "<|end_of_text|>".to_string())])
+        (
+            vocab - 2,
+            vec![
+                (vocab - 2, "<|begin_of_text|>".to_string()),
+                (vocab - 1, "<|end_of_text|>".to_string()),
+            ],
+        )
     }
 }
 
@@ -97,12 +150,21 @@ pub fn tokenizer_json(vocab: usize) -> serde_json::Value {
     for (b, ch) in b2u.iter().enumerate() {
         vocab_map.insert(ch.to_string(), json!(b));
     }
-    let cons = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h"];
+    let cons = [
+        "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h",
+    ];
     let vows = ["a", "e", "i", "o", "u"];
-    let syl: Vec<String> = cons.iter().flat_map(|c| vows.iter().map(move |v| format!("{c}{v}"))).collect();
+    let syl: Vec<String> = cons
+        .iter()
+        .flat_map(|c| vows.iter().map(move |v| format!("{c}{v}")))
+        .collect();
     let mut merges: Vec<serde_json::Value> = vec![];
     let mut id = 256;
-    let mut add = |tok: String, left: String, right: String, map: &mut serde_json::Map<String, serde_json::Value>, id: &mut usize| {
+    let mut add = |tok: String,
+                   left: String,
+                   right: String,
+                   map: &mut serde_json::Map<String, serde_json::Value>,
+                   id: &mut usize| {
         if *id < first_special && !map.contains_key(&tok) {
             map.insert(tok, json!(*id));
             merges.push(json!([left, right]));
@@ -111,7 +173,13 @@ pub fn tokenizer_json(vocab: usize) -> serde_json::Value {
     };
     // Two-letter syllables, then "Ġ"+syllable, then longer words built from those.
     for s in &syl {
-        add(s.clone(), s[..1].to_string(), s[1..].to_string(), &mut vocab_map, &mut id);
+        add(
+            s.clone(),
+            s[..1].to_string(),
+            s[1..].to_string(),
+            &mut vocab_map,
+            &mut id,
+        );
     }
     for s in &syl {
         add(format!("Ġ{s}"), "Ġ".into(), s.clone(), &mut vocab_map, &mut id);
@@ -130,7 +198,13 @@ pub fn tokenizer_json(vocab: usize) -> serde_json::Value {
                 if id >= first_special {
                     break 'outer2;
                 }
-                add(format!("Ġ{a}{b}{c}"), format!("Ġ{a}{b}"), c.clone(), &mut vocab_map, &mut id);
+                add(
+                    format!("Ġ{a}{b}{c}"),
+                    format!("Ġ{a}{b}"),
+                    c.clone(),
+                    &mut vocab_map,
+                    &mut id,
+                );
             }
         }
     }
@@ -181,7 +255,10 @@ impl StWriter {
         m.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         let mut off = 0;
         for (name, dt, shape, bytes) in &self.entries {
-            m.insert(name.clone(), serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + bytes]}));
+            m.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + bytes]}),
+            );
             off += bytes;
         }
         let mut h = serde_json::to_vec(&serde_json::Value::Object(m)).unwrap_or_default();
@@ -198,8 +275,12 @@ pub fn synth(preset: &Preset, out: &Path, seed: u64, format: SynthFormat) -> Res
     let (bos, _) = specials(p.vocab);
     let eos = bos + 1;
     let qcfg = match format {
-        SynthFormat::Online => serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}),
-        SynthFormat::Packed => serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}),
+        SynthFormat::Online => {
+            serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"})
+        }
+        SynthFormat::Packed => {
+            serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"})
+        }
     };
     let config = serde_json::json!({
         "architectures": ["BitNetForCausalLM"],
@@ -231,7 +312,12 @@ pub fn synth(preset: &Preset, out: &Path, seed: u64, format: SynthFormat) -> Res
     // Tensor list in checkpoint order.
     let (c, f, qd, kvd) = (p.hidden, p.ffn, p.heads * p.head_dim, p.kv_heads * p.head_dim);
     let mut st = StWriter { entries: vec![] };
-    st.entries.push(("model.embed_tokens.weight".into(), "BF16", vec![p.vocab, c], p.vocab * c * 2));
+    st.entries.push((
+        "model.embed_tokens.weight".into(),
+        "BF16",
+        vec![p.vocab, c],
+        p.vocab * c * 2,
+    ));
     let projs: [(&str, usize, usize); 7] = [
         ("self_attn.q_proj", qd, c),
         ("self_attn.k_proj", kvd, c),
@@ -242,15 +328,26 @@ pub fn synth(preset: &Preset, out: &Path, seed: u64, format: SynthFormat) -> Res
         ("mlp.down_proj", c, f),
     ];
     for l in 0..p.layers {
-        for (n, dim) in [("input_layernorm", c), ("post_attention_layernorm", c), ("self_attn.attn_sub_norm", qd), ("mlp.ffn_sub_norm", f)] {
-            st.entries.push((format!("model.layers.{l}.{n}.weight"), "BF16", vec![dim], dim * 2));
+        for (n, dim) in [
+            ("input_layernorm", c),
+            ("post_attention_layernorm", c),
+            ("self_attn.attn_sub_norm", qd),
+            ("mlp.ffn_sub_norm", f),
+        ] {
+            st.entries
+                .push((format!("model.layers.{l}.{n}.weight"), "BF16", vec![dim], dim * 2));
         }
         for (n, o, i) in projs {
             match format {
-                SynthFormat::Online => st.entries.push((format!("model.layers.{l}.{n}.weight"), "BF16", vec![o, i], o * i * 2)),
+                SynthFormat::Online => {
+                    st.entries
+                        .push((format!("model.layers.{l}.{n}.weight"), "BF16", vec![o, i], o * i * 2))
+                }
                 SynthFormat::Packed => {
-                    st.entries.push((format!("model.layers.{l}.{n}.weight"), "U8", vec![o / 4, i], o / 4 * i));
-                    st.entries.push((format!("model.layers.{l}.{n}.weight_scale"), "BF16", vec![1], 2));
+                    st.entries
+                        .push((format!("model.layers.{l}.{n}.weight"), "U8", vec![o / 4, i], o / 4 * i));
+                    st.entries
+                        .push((format!("model.layers.{l}.{n}.weight_scale"), "BF16", vec![1], 2));
                 }
             }
         }

@@ -11,26 +11,32 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(EngineError::Tokenizer { path, msg: "file not found (a BitNet model directory needs tokenizer.json)".into() });
+            return Err(EngineError::Tokenizer {
+                path,
+                msg: "file not found (a BitNet model directory needs tokenizer.json)".into(),
+            });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| EngineError::Tokenizer { path: path.clone(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         Ok(Tokenizer { inner, path })
     }
 
     /// Encodes with the tokenizer's special tokens (the BOS of Llama-3-style post-processors).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| EngineError::Tokenizer { path: self.path.clone(), msg: format!("encode failed: {e}") })?;
+        let enc = self.inner.encode(text, true).map_err(|e| EngineError::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("encode failed: {e}"),
+        })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer { path: self.path.clone(), msg: format!("decode failed: {e}") })
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("decode failed: {e}"),
+        })
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

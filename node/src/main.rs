@@ -12,7 +12,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "bitnode", version, about = "A private compute mesh of your own devices for 1.58-bit LLMs")]
+#[command(
+    name = "bitnode",
+    version,
+    about = "A private compute mesh of your own devices for 1.58-bit LLMs"
+)]
 struct Cli {
     /// bitnode home (identity, config, jobs). Default: $BITNODE_HOME, else the platform data directory.
     #[arg(long, global = true, env = "BITNODE_HOME")]
@@ -153,7 +157,9 @@ fn main() {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BITNODE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wgpu_core=error,wgpu_hal=error,naga=error"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -165,7 +171,9 @@ fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Result<En
     let cfg = config::Config::load(home)?;
     let embed_dtype = match (&dev.embed_dtype, &cfg.engine.embed_dtype) {
         (Some(d), _) => *d,
-        (None, Some(s)) => s.parse().map_err(|e: String| anyhow::anyhow!("config.toml [engine] embed_dtype: {e}"))?,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("config.toml [engine] embed_dtype: {e}"))?,
         (None, None) => EmbedDtype::Auto,
     };
     Ok(EngineOptions {
@@ -185,7 +193,19 @@ fn load_engine(model: &std::path::Path, adapter: &Option<PathBuf>, opts: &Engine
 fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
-        Cmd::Infer { model, adapter, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, json, dev } => {
+        Cmd::Infer {
+            model,
+            adapter,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            json,
+            dev,
+        } => {
             let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
             let req = InferRequest {
@@ -216,37 +236,77 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Score { model, adapter, text_file, json, dev } => {
+        Cmd::Score {
+            model,
+            adapter,
+            text_file,
+            json,
+            dev,
+        } => {
             let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
-            let text = std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
+            let text =
+                std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
             let mut engine = load_engine(&model, &adapter, &opts)?;
             let ids = engine.tokenizer.encode(&text)?;
             let (n, total) = engine.score_ids(&ids)?;
             if n == 0 {
-                bail!("{}: the text has fewer than two tokens, nothing to score", text_file.display());
+                bail!(
+                    "{}: the text has fewer than two tokens, nothing to score",
+                    text_file.display()
+                );
             }
             let nll = total / n as f64;
-            let res = ScoreResult { tokens: n, nll, ppl: nll.exp() };
+            let res = ScoreResult {
+                tokens: n,
+                nll,
+                ppl: nll.exp(),
+            };
             if json {
                 println!("{}", serde_json::to_string(&res)?);
             } else {
                 println!("tokens: {n}\nnll: {nll:.6} nats/token\nperplexity: {:.4}", res.ppl);
             }
         }
-        Cmd::Model { cmd: ModelCmd::Synth { preset, out, seed, format } } => {
+        Cmd::Model {
+            cmd:
+                ModelCmd::Synth {
+                    preset,
+                    out,
+                    seed,
+                    format,
+                },
+        } => {
             let p = synth::preset(&preset)?;
-            let fmt = if format == "online" { SynthFormat::Online } else { SynthFormat::Packed };
+            let fmt = if format == "online" {
+                SynthFormat::Online
+            } else {
+                SynthFormat::Packed
+            };
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
         }
-        Cmd::Bench { cmd: BenchCmd::Infer { model, prompt_len, gen, profile, json, dev } } => {
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Infer {
+                    model,
+                    prompt_len,
+                    gen,
+                    profile,
+                    json,
+                    dev,
+                },
+        } => {
             let model = model_or_builtin(model, &home)?;
             let opts = engine_options(&home, &dev)?;
             bench_infer(&model, prompt_len, gen, profile, json, &opts)?;
         }
         Cmd::Devices { json } => {
-            let list: Vec<_> = bitnode_engine::gpu::adapters().iter().enumerate().map(|(i, a)| bitnode_engine::gpu::summarize(i, a)).collect();
+            let list: Vec<_> = bitnode_engine::gpu::adapters()
+                .iter()
+                .enumerate()
+                .map(|(i, a)| bitnode_engine::gpu::summarize(i, a))
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
@@ -277,7 +337,10 @@ fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::R
     }
     let dir = home.join("models").join("builtin-tiny");
     if !dir.join("model.safetensors").exists() {
-        eprintln!("note: no --model given; writing the built-in random tiny BitNet to {}", dir.display());
+        eprintln!(
+            "note: no --model given; writing the built-in random tiny BitNet to {}",
+            dir.display()
+        );
         let p = synth::preset("tiny")?;
         synth::synth(p, &dir, 0, SynthFormat::Packed).with_context(|| format!("writing {}", dir.display()))?;
     }
@@ -287,7 +350,12 @@ fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::R
 /// Runs one inference request, streaming text to stdout when `stream` is set.
 fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Result<InferResult> {
     let ids = engine.tokenizer.encode(&req.prompt)?;
-    let params = SampleParams { temperature: req.temperature, top_k: req.top_k, top_p: req.top_p, repetition_penalty: req.repetition_penalty };
+    let params = SampleParams {
+        temperature: req.temperature,
+        top_k: req.top_k,
+        top_p: req.top_p,
+        repetition_penalty: req.repetition_penalty,
+    };
     if !(params.top_p > 0.0 && params.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", params.top_p);
     }
@@ -299,7 +367,12 @@ fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Resul
     }
     let mut generated: Vec<u32> = vec![];
     let mut printed = 0usize;
-    let Engine { backend, model, eos, tokenizer } = engine;
+    let Engine {
+        backend,
+        model,
+        eos,
+        tokenizer,
+    } = engine;
     let tok = &*tokenizer;
     let mut out = std::io::stdout();
     // Decode the whole continuation each time and print the new suffix: byte-level tokens can split a UTF-8
@@ -316,7 +389,17 @@ fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Resul
             }
         }
     };
-    let g = bitnode_engine::session::generate(backend.as_mut(), &model.config, eos, &ids, req.max_tokens, &params, req.seed, true, &mut on_token)?;
+    let g = bitnode_engine::session::generate(
+        backend.as_mut(),
+        &model.config,
+        eos,
+        &ids,
+        req.max_tokens,
+        &params,
+        req.seed,
+        true,
+        &mut on_token,
+    )?;
     let text = tokenizer.decode(&g.tokens)?;
     if stream && text.len() > printed && text.is_char_boundary(printed) {
         let _ = std::io::stdout().write_all(&text.as_bytes()[printed..]);
@@ -326,20 +409,38 @@ fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Resul
         text,
         tokens: g.tokens,
         prompt_tokens: g.prompt_tokens,
-        decode_tokens_per_second: if n > 1 && g.decode_seconds > 0.0 { (n - 1) as f64 / g.decode_seconds } else { 0.0 },
-        prefill_tokens_per_second: if g.prefill_seconds > 0.0 { g.prompt_tokens as f64 / g.prefill_seconds } else { 0.0 },
+        decode_tokens_per_second: if n > 1 && g.decode_seconds > 0.0 {
+            (n - 1) as f64 / g.decode_seconds
+        } else {
+            0.0
+        },
+        prefill_tokens_per_second: if g.prefill_seconds > 0.0 {
+            g.prompt_tokens as f64 / g.prefill_seconds
+        } else {
+            0.0
+        },
         stop_reason: g.stop_reason.to_string(),
         device: backend.device_name(),
     })
 }
 
-fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, profile: bool, json: bool, opts: &EngineOptions) -> anyhow::Result<()> {
+fn bench_infer(
+    model: &std::path::Path,
+    prompt_len: usize,
+    gen: usize,
+    profile: bool,
+    json: bool,
+    opts: &EngineOptions,
+) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let mut engine = Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = engine.model.config.clone();
     if prompt_len == 0 || prompt_len + gen > cfg.max_position_embeddings {
-        bail!("--prompt-len {prompt_len} + --gen {gen} must be between 1 and the context {}", cfg.max_position_embeddings);
+        bail!(
+            "--prompt-len {prompt_len} + --gen {gen} must be between 1 and the context {}",
+            cfg.max_position_embeddings
+        );
     }
     // A deterministic prompt of ordinary (non-special) ids, BOS first.
     let bos = cfg.bos_token_id.unwrap_or(0);
@@ -358,7 +459,11 @@ fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, profile: 
     let prefill = prompt_len as f64 / g.prefill_seconds;
     let mem = engine.backend.memory();
     let device = engine.backend.device_name();
-    let prof = if profile { engine.backend.profile_step(prompt_len + n / 2)? } else { None };
+    let prof = if profile {
+        engine.backend.profile_step(prompt_len + n / 2)?
+    } else {
+        None
+    };
     // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
     let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
     let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
@@ -387,13 +492,26 @@ fn bench_infer(model: &std::path::Path, prompt_len: usize, gen: usize, profile: 
         println!("device:            {device}");
         println!("prefill:           {prefill:.1} tok/s ({prompt_len} tokens)");
         println!("decode:            {decode:.1} tok/s ({n} tokens)");
-        println!("peak device mem:   {:.1} MiB (ternary {:.1}, embedding {:.1}, lm_head {:.1}, kv {:.1}, activations {:.1})",
-            mib(mem.peak), mib(mem.ternary_weights), mib(mem.embedding), mib(mem.lm_head), mib(mem.kv_cache), mib(mem.activations));
+        println!(
+            "peak device mem:   {:.1} MiB (ternary {:.1}, embedding {:.1}, lm_head {:.1}, kv {:.1}, activations {:.1})",
+            mib(mem.peak),
+            mib(mem.ternary_weights),
+            mib(mem.embedding),
+            mib(mem.lm_head),
+            mib(mem.kv_cache),
+            mib(mem.activations)
+        );
         if let Some(b) = bound {
-            println!("bandwidth bound:   {b:.0} tok/s; decode reaches {:.1}% of it", 100.0 * decode / b);
+            println!(
+                "bandwidth bound:   {b:.0} tok/s; decode reaches {:.1}% of it",
+                100.0 * decode / b
+            );
         }
         if let Some(p) = &prof {
-            println!("one decode step:   {} dispatches, {:.0} us of kernel time, {:.0} us to record and submit", p.dispatches, p.gpu_us, p.record_us);
+            println!(
+                "one decode step:   {} dispatches, {:.0} us of kernel time, {:.0} us to record and submit",
+                p.dispatches, p.gpu_us, p.record_us
+            );
             for (k, c, us) in &p.kernels {
                 println!("    {k:<16} {c:>5} dispatches {us:>9.1} us");
             }

@@ -54,7 +54,10 @@ fn fails_with(c: &mut Command, needle: &str) {
     assert!(!o.status.success(), "expected failure mentioning {needle:?}");
     assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "stderr lacks {needle:?}: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "stderr lacks {needle:?}: {err}"
+    );
 }
 
 #[test]
@@ -62,7 +65,19 @@ fn infer_json_contract_on_cpu_and_gpu_agree() {
     let m = synth_tiny("contract");
     let mut results = vec![];
     for dev in ["cpu", "gpu"] {
-        let (o, out, err) = run(bin().args(["infer", "--prompt", "Hello there", "--max-tokens", "12", "--json", "--device", dev, "--model"]).arg(&m));
+        let (o, out, err) = run(bin()
+            .args([
+                "infer",
+                "--prompt",
+                "Hello there",
+                "--max-tokens",
+                "12",
+                "--json",
+                "--device",
+                dev,
+                "--model",
+            ])
+            .arg(&m));
         assert!(o.status.success(), "{err}");
         let last = out.lines().last().unwrap();
         let v: serde_json::Value = serde_json::from_str(last).unwrap();
@@ -75,7 +90,10 @@ fn infer_json_contract_on_cpu_and_gpu_agree() {
         assert!(out.starts_with(v["text"].as_str().unwrap()), "streamed text {out:?}");
         results.push(v["tokens"].clone());
     }
-    assert_eq!(results[0], results[1], "CPU reference and GPU disagree on greedy tokens");
+    assert_eq!(
+        results[0], results[1],
+        "CPU reference and GPU disagree on greedy tokens"
+    );
 }
 
 #[test]
@@ -83,7 +101,24 @@ fn seeded_sampling_is_reproducible_and_score_prints_contract() {
     let m = synth_tiny("sampling");
     let args = |seed: &str| {
         let mut c = bin();
-        c.args(["infer", "--prompt", "a b c", "--max-tokens", "16", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--json", "--seed", seed, "--model"]).arg(&m);
+        c.args([
+            "infer",
+            "--prompt",
+            "a b c",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--json",
+            "--seed",
+            seed,
+            "--model",
+        ])
+        .arg(&m);
         c
     };
     let last = |c: &mut Command| {
@@ -97,11 +132,22 @@ fn seeded_sampling_is_reproducible_and_score_prints_contract() {
 
     let f = tmp("score").join("t.txt");
     std::fs::write(&f, "the quick brown fox jumps over the lazy dog ".repeat(40)).unwrap();
-    let (o, out, err) = run(bin().args(["score", "--json", "--text-file"]).arg(&f).arg("--model").arg(&m));
+    let (o, out, err) = run(bin()
+        .args(["score", "--json", "--text-file"])
+        .arg(&f)
+        .arg("--model")
+        .arg(&m));
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    let (n, nll, ppl) = (v["tokens"].as_u64().unwrap(), v["nll"].as_f64().unwrap(), v["ppl"].as_f64().unwrap());
-    assert!(n > 256, "text longer than the 256-token context is scored in windows: {n}");
+    let (n, nll, ppl) = (
+        v["tokens"].as_u64().unwrap(),
+        v["nll"].as_f64().unwrap(),
+        v["ppl"].as_f64().unwrap(),
+    );
+    assert!(
+        n > 256,
+        "text longer than the 256-token context is scored in windows: {n}"
+    );
     assert!(nll > 0.0 && (ppl - nll.exp()).abs() < 1e-6 * ppl);
 }
 
@@ -110,7 +156,8 @@ fn bad_inputs_fail_cleanly() {
     let good = synth_tiny("bad-good");
     let infer = |m: &Path| {
         let mut c = bin();
-        c.args(["infer", "--prompt", "hi", "--max-tokens", "2", "--model"]).arg(m);
+        c.args(["infer", "--prompt", "hi", "--max-tokens", "2", "--model"])
+            .arg(m);
         c
     };
     // Missing directory.
@@ -141,11 +188,26 @@ fn bad_inputs_fail_cleanly() {
     fails_with(&mut infer(&d), "model_type");
     // Prompt longer than the 256-token context.
     let long = "word ".repeat(600);
-    fails_with(bin().args(["infer", "--max-tokens", "2", "--prompt", &long, "--model"]).arg(&good), "context");
+    fails_with(
+        bin()
+            .args(["infer", "--max-tokens", "2", "--prompt", &long, "--model"])
+            .arg(&good),
+        "context",
+    );
     // No usable adapter.
-    fails_with(bin().args(["infer", "--prompt", "hi", "--device", "no-such-gpu-xyz", "--model"]).arg(&good), "adapter");
+    fails_with(
+        bin()
+            .args(["infer", "--prompt", "hi", "--device", "no-such-gpu-xyz", "--model"])
+            .arg(&good),
+        "adapter",
+    );
     // Bad sampling settings.
-    fails_with(bin().args(["infer", "--prompt", "hi", "--top-p", "0", "--model"]).arg(&good), "top-p");
+    fails_with(
+        bin()
+            .args(["infer", "--prompt", "hi", "--top-p", "0", "--model"])
+            .arg(&good),
+        "top-p",
+    );
 }
 
 #[test]
@@ -154,7 +216,10 @@ fn devices_lists_adapters() {
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let list = v.as_array().unwrap();
-    assert!(!list.is_empty(), "CI installs lavapipe, so at least one adapter must be listed");
+    assert!(
+        !list.is_empty(),
+        "CI installs lavapipe, so at least one adapter must be listed"
+    );
     for a in list {
         assert!(a["max_storage_buffer_binding_size"].as_u64().unwrap() > 0);
         assert!(a["backend"].is_string() && a["device_type"].is_string());

@@ -31,7 +31,8 @@ pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 /// A fresh temporary directory under the target dir (removed by the caller or left for inspection).
 pub fn tempdir(name: &str) -> PathBuf {
     let base = std::env::temp_dir().join("bitnode-test-tmp");
-    let d = base.join(format!("{name}-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+    let d =
+        base.join(format!("{name}-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
     d

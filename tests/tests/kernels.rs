@@ -21,11 +21,22 @@ fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> TernaryLinear {
         let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
         ternary::pack_row(&t, &mut words);
     }
-    TernaryLinear { out, inp, words, scale: 0.5 + rng.uniform() }
+    TernaryLinear {
+        out,
+        inp,
+        words,
+        scale: 0.5 + rng.uniform(),
+    }
 }
 
 fn pack_q(q: &[i8]) -> Vec<u32> {
-    q.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (i, v)| w | ((*v as u8 as u32) << (8 * i)))).collect()
+    q.chunks(4)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u32, |w, (i, v)| w | ((*v as u8 as u32) << (8 * i)))
+        })
+        .collect()
 }
 
 /// What matmul_ternary's `mode` makes of the projections y1 (and y2, the up rows in mode 2) on top of `y`.
@@ -55,13 +66,32 @@ fn rmsnorm_quant_matches_cpu() {
     for &(t, c) in &[(1usize, 128usize), (5, 352), (3, 2560)] {
         let x = randn(&mut rng, t * c, 2.0);
         let w: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform()).collect();
-        let step = step_buf(&g, Step { t: t as u32, ..Default::default() });
-        let (xb, wb) = (g.storage_init("x", bytemuck::cast_slice(&x)).unwrap(), g.storage_init("w", bytemuck::cast_slice(&w)).unwrap());
-        let (qb, sb, sumb, yb) = (g.storage("q", (t * c) as u64).unwrap(), g.storage("s", 4 * t as u64).unwrap(), g.storage("qs", 4 * t as u64).unwrap(), g.storage("y", (4 * t * c) as u64).unwrap());
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                ..Default::default()
+            },
+        );
+        let (xb, wb) = (
+            g.storage_init("x", bytemuck::cast_slice(&x)).unwrap(),
+            g.storage_init("w", bytemuck::cast_slice(&w)).unwrap(),
+        );
+        let (qb, sb, sumb, yb) = (
+            g.storage("q", (t * c) as u64).unwrap(),
+            g.storage("s", 4 * t as u64).unwrap(),
+            g.storage("qs", 4 * t as u64).unwrap(),
+            g.storage("y", (4 * t * c) as u64).unwrap(),
+        );
         let op = k::rmsnorm_quant(&g, c, 1e-5, &wb, &xb, &qb, &sb, &sumb, &step);
         let op2 = k::rmsnorm(&g, c, 1e-5, &wb, &xb, &yb, &step);
         k::run(&g, &[&op, &op2], t as u32, 0);
-        let gq: Vec<i8> = g.download(&qb, (t * c) as u64).unwrap().iter().map(|b| *b as i8).collect();
+        let gq: Vec<i8> = g
+            .download(&qb, (t * c) as u64)
+            .unwrap()
+            .iter()
+            .map(|b| *b as i8)
+            .collect();
         let gs = f32s(&g.download(&sb, 4 * t as u64).unwrap());
         let gsum: Vec<i32> = bytemuck::cast_slice(&g.download(&sumb, 4 * t as u64).unwrap()).to_vec();
         let gy = f32s(&g.download(&yb, (4 * t * c) as u64).unwrap());
@@ -74,12 +104,26 @@ fn rmsnorm_quant_matches_cpu() {
         assert!(d < 1e-5, "scale T={t} C={c}: diff {d} at {i}");
         // A different summation order may move a value that sits on a rounding boundary by one step.
         let off: Vec<usize> = (0..t * c).filter(|&i| gq[i] != cq[i]).collect();
-        assert!(off.len() * 200 <= t * c, "T={t} C={c}: {} of {} quantized values differ", off.len(), t * c);
+        assert!(
+            off.len() * 200 <= t * c,
+            "T={t} C={c}: {} of {} quantized values differ",
+            off.len(),
+            t * c
+        );
         for &i in &off {
-            assert!((gq[i] as i32 - cq[i] as i32).abs() <= 1, "q[{i}]: gpu {} cpu {}", gq[i], cq[i]);
+            assert!(
+                (gq[i] as i32 - cq[i] as i32).abs() <= 1,
+                "q[{i}]: gpu {} cpu {}",
+                gq[i],
+                cq[i]
+            );
         }
         for ti in 0..t {
-            assert_eq!(gsum[ti], gq[ti * c..(ti + 1) * c].iter().map(|v| *v as i32).sum::<i32>(), "qsum of token {ti}");
+            assert_eq!(
+                gsum[ti],
+                gq[ti * c..(ti + 1) * c].iter().map(|v| *v as i32).sum::<i32>(),
+                "qsum of token {ti}"
+            );
         }
     }
 }
@@ -95,8 +139,16 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let w2 = random_linear(&mut rng, o, i);
             let q: Vec<i8> = (0..t * i).map(|_| (rng.next_u64() % 256) as u8 as i8).collect();
             let s: Vec<f32> = (0..t).map(|_| 10.0 + 100.0 * rng.uniform()).collect();
-            let qsum: Vec<i32> = (0..t).map(|ti| q[ti * i..(ti + 1) * i].iter().map(|v| *v as i32).sum()).collect();
-            let step = step_buf(&g, Step { t: t as u32, ..Default::default() });
+            let qsum: Vec<i32> = (0..t)
+                .map(|ti| q[ti * i..(ti + 1) * i].iter().map(|v| *v as i32).sum())
+                .collect();
+            let step = step_buf(
+                &g,
+                Step {
+                    t: t as u32,
+                    ..Default::default()
+                },
+            );
             let qb = g.storage_init("q", bytemuck::cast_slice(&pack_q(&q))).unwrap();
             let sb = g.storage_init("s", bytemuck::cast_slice(&s)).unwrap();
             let sumb = g.storage_init("qsum", bytemuck::cast_slice(&qsum)).unwrap();
@@ -110,7 +162,10 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
                 assert!(tiles.len() > 1, "expected tiling for {o}x{i}");
             }
             let yb = g.storage("y", (4 * t * o) as u64).unwrap();
-            let ops: Vec<_> = tiles.iter().map(|tl| k::matmul_ternary(&g, tl, 0, 0, o, &qb, &sb, &sumb, &yb, &step)).collect();
+            let ops: Vec<_> = tiles
+                .iter()
+                .map(|tl| k::matmul_ternary(&g, tl, 0, 0, o, &qb, &sb, &sumb, &yb, &step))
+                .collect();
             k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
             let gy = f32s(&g.download(&yb, (4 * t * o) as u64).unwrap());
             let (d, at) = max_rel_diff(&gy, &y1);
@@ -118,7 +173,10 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             // mode 1: accumulate onto a residual
             let base = randn(&mut rng, t * o, 1.0);
             let rb = g.storage_init("r", bytemuck::cast_slice(&base)).unwrap();
-            let ops: Vec<_> = tiles.iter().map(|tl| k::matmul_ternary(&g, tl, 1, 0, o, &qb, &sb, &sumb, &rb, &step)).collect();
+            let ops: Vec<_> = tiles
+                .iter()
+                .map(|tl| k::matmul_ternary(&g, tl, 1, 0, o, &qb, &sb, &sumb, &rb, &step))
+                .collect();
             k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
             let gr = f32s(&g.download(&rb, (4 * t * o) as u64).unwrap());
             let (d, at) = max_rel_diff(&gr, &mode_want(1, &base, &y1, &y2));
@@ -126,7 +184,10 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             // mode 2: fused gate/up with relu^2
             let gu = k::ternary_tiles(&g, &[&w, &w2], true).unwrap();
             let hb = g.storage("h", (4 * t * o) as u64).unwrap();
-            let ops: Vec<_> = gu.iter().map(|tl| k::matmul_ternary(&g, tl, 2, 0, o, &qb, &sb, &sumb, &hb, &step)).collect();
+            let ops: Vec<_> = gu
+                .iter()
+                .map(|tl| k::matmul_ternary(&g, tl, 2, 0, o, &qb, &sb, &sumb, &hb, &step))
+                .collect();
             k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
             let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
             let (d, at) = max_rel_diff(&gh, &mode_want(2, &[], &y1, &y2));
@@ -139,7 +200,12 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
 fn rope_and_attention_match_cpu() {
     let g = gpu(None);
     let mut rng = Rng::new(3);
-    for &(nh, nkv, hd, start, t) in &[(4usize, 2usize, 32usize, 0usize, 7usize), (4, 1, 16, 5, 1), (6, 3, 64, 300, 4), (2, 2, 128, 0, 260)] {
+    for &(nh, nkv, hd, start, t) in &[
+        (4usize, 2usize, 32usize, 0usize, 7usize),
+        (4, 1, 16, 5, 1),
+        (6, 3, 64, 300, 4),
+        (2, 2, 128, 0, 260),
+    ] {
         let cap = start + t;
         let stride = (nh + 2 * nkv) * hd;
         let (cos, sin) = cpu::rope_table(10000.0, hd, cap);
@@ -147,7 +213,14 @@ fn rope_and_attention_match_cpu() {
         let mut kc = randn(&mut rng, nkv * cap * hd, 1.0);
         let mut vc = randn(&mut rng, nkv * cap * hd, 1.0);
         let qkv = randn(&mut rng, t * stride, 1.0);
-        let step = step_buf(&g, Step { t: t as u32, start: start as u32, ..Default::default() });
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                start: start as u32,
+                ..Default::default()
+            },
+        );
         let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
         let kb = g.storage_init("k", bytemuck::cast_slice(&kc)).unwrap();
         let vb = g.storage_init("v", bytemuck::cast_slice(&vc)).unwrap();
@@ -163,7 +236,8 @@ fn rope_and_attention_match_cpu() {
         let mut kk = vec![0f32; t * nkv * hd];
         for ti in 0..t {
             q[ti * nh * hd..(ti + 1) * nh * hd].copy_from_slice(&qkv[ti * stride..ti * stride + nh * hd]);
-            kk[ti * nkv * hd..(ti + 1) * nkv * hd].copy_from_slice(&qkv[ti * stride + nh * hd..ti * stride + (nh + nkv) * hd]);
+            kk[ti * nkv * hd..(ti + 1) * nkv * hd]
+                .copy_from_slice(&qkv[ti * stride + nh * hd..ti * stride + (nh + nkv) * hd]);
         }
         cpu::rope(&mut q, &positions, &cos, &sin, nh, hd);
         cpu::rope(&mut kk, &positions, &cos, &sin, nkv, hd);
@@ -179,7 +253,10 @@ fn rope_and_attention_match_cpu() {
         cpu::attention(&mut out, &q, &kc, &vc, start, t, nh, nkv, hd, cap);
         let gq = f32s(&g.download(&qkvb, (4 * t * stride) as u64).unwrap());
         for ti in 0..t {
-            let (d, at) = max_rel_diff(&gq[ti * stride..ti * stride + nh * hd], &q[ti * nh * hd..(ti + 1) * nh * hd]);
+            let (d, at) = max_rel_diff(
+                &gq[ti * stride..ti * stride + nh * hd],
+                &q[ti * nh * hd..(ti + 1) * nh * hd],
+            );
             assert!(d < 1e-5, "rope q: diff {d} at {at}");
         }
         let (d, at) = max_rel_diff(&f32s(&g.download(&kb, (4 * nkv * cap * hd) as u64).unwrap()), &kc);
@@ -187,7 +264,10 @@ fn rope_and_attention_match_cpu() {
         let (d, at) = max_rel_diff(&f32s(&g.download(&vb, (4 * nkv * cap * hd) as u64).unwrap()), &vc);
         assert!(d == 0.0, "v cache: diff {d} at {at}");
         let (d, at) = max_rel_diff(&f32s(&g.download(&ob, (4 * t * nh * hd) as u64).unwrap()), &out);
-        assert!(d < 1e-5, "attention nh={nh} nkv={nkv} hd={hd} start={start} t={t}: diff {d} at {at}");
+        assert!(
+            d < 1e-5,
+            "attention nh={nh} nkv={nkv} hd={hd} start={start} t={t}: diff {d} at {at}"
+        );
     }
 }
 
@@ -206,7 +286,15 @@ fn embedding_and_lm_head_match_cpu_in_f16_and_f32() {
         let x = randn(&mut rng, t * c, 1.0);
         let lm_t0 = 1u32;
         let lm_t = 5u32;
-        let step = step_buf(&g, Step { t: t as u32, lm_t0, lm_t, ..Default::default() });
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                lm_t0,
+                lm_t,
+                ..Default::default()
+            },
+        );
         let tb = g.storage_init("tokens", bytemuck::cast_slice(&tokens)).unwrap();
         let eb = g.storage("emb", (4 * t * c) as u64).unwrap();
         let sampled = g.storage("sampled", 4).unwrap();
@@ -245,7 +333,15 @@ fn nll_matches_cpu() {
     let (t, v) = (7usize, 1000usize);
     let logits = randn(&mut rng, t * v, 3.0);
     let targets: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
-    let step = step_buf(&g, Step { t: t as u32, lm_t0: 0, lm_t: t as u32, ..Default::default() });
+    let step = step_buf(
+        &g,
+        Step {
+            t: t as u32,
+            lm_t0: 0,
+            lm_t: t as u32,
+            ..Default::default()
+        },
+    );
     let lb = g.storage_init("logits", bytemuck::cast_slice(&logits)).unwrap();
     let tb = g.storage_init("targets", bytemuck::cast_slice(&targets)).unwrap();
     let ob = g.storage("nll", 4 * t as u64).unwrap();
@@ -264,13 +360,48 @@ fn sample_matches_cpu_for_every_setting() {
     // Over two CHUNKs of the greedy partial pass, and not a multiple of 4.
     let v = 9001usize;
     let settings = [
-        SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 },
-        SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.3 },
-        SampleParams { temperature: 0.7, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 },
-        SampleParams { temperature: 1.0, top_k: 40, top_p: 1.0, repetition_penalty: 1.0 },
-        SampleParams { temperature: 0.9, top_k: 0, top_p: 0.9, repetition_penalty: 1.0 },
-        SampleParams { temperature: 1.2, top_k: 50, top_p: 0.8, repetition_penalty: 1.1 },
-        SampleParams { temperature: 1.0, top_k: 1, top_p: 1.0, repetition_penalty: 1.0 },
+        SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        },
+        SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.3,
+        },
+        SampleParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        },
+        SampleParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        },
+        SampleParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 0.9,
+            repetition_penalty: 1.0,
+        },
+        SampleParams {
+            temperature: 1.2,
+            top_k: 50,
+            top_p: 0.8,
+            repetition_penalty: 1.1,
+        },
+        SampleParams {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        },
     ];
     let lb = g.storage("logits", 4 * v as u64).unwrap();
     let sb = g.storage("seen", (v.div_ceil(32) * 4) as u64).unwrap();
@@ -292,7 +423,14 @@ fn sample_matches_cpu_for_every_setting() {
             let u = rng.uniform();
             g.queue.write_buffer(&lb, 0, bytemuck::cast_slice(&logits));
             g.queue.write_buffer(&sb, 0, bytemuck::cast_slice(&mask));
-            let st = Step { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, penalty: p.repetition_penalty, u, ..Default::default() };
+            let st = Step {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                penalty: p.repetition_penalty,
+                u,
+                ..Default::default()
+            };
             g.queue.write_buffer(&step, 0, bytemuck::bytes_of(&st));
             k::run(&g, &[&ops[0], &ops[1]], 1, 1);
             let got = u32::from_le_bytes(g.download(&ob, 4).unwrap().try_into().unwrap());
@@ -302,7 +440,11 @@ fn sample_matches_cpu_for_every_setting() {
         }
     }
     // Sampled settings must actually sample: many distinct tokens across trials.
-    assert!(distinct.len() > 40, "only {} distinct (setting, token) pairs", distinct.len());
+    assert!(
+        distinct.len() > 40,
+        "only {} distinct (setting, token) pairs",
+        distinct.len()
+    );
 }
 
 #[test]
@@ -315,7 +457,13 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
             let w2 = random_linear(&mut rng, o, i);
             let x = randn(&mut rng, i, 1.5);
             let nw: Vec<f32> = (0..i).map(|_| 0.5 + rng.uniform()).collect();
-            let step = step_buf(&g, Step { t: 1, ..Default::default() });
+            let step = step_buf(
+                &g,
+                Step {
+                    t: 1,
+                    ..Default::default()
+                },
+            );
             let xb = g.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
             let nb = g.storage_init("nw", bytemuck::cast_slice(&nw)).unwrap();
             let (mut q, mut s) = (vec![0i8; i], vec![0f32; 1]);
@@ -324,10 +472,17 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
             cpu::matmul_ternary(&mut y1, &q, &s, &w, 1);
             cpu::matmul_ternary(&mut y2, &q, &s, &w2, 1);
             for mode in 0..3u32 {
-                let tiles = if mode == 2 { k::ternary_tiles(&g, &[&w, &w2], true).unwrap() } else { k::ternary_tiles(&g, &[&w], false).unwrap() };
+                let tiles = if mode == 2 {
+                    k::ternary_tiles(&g, &[&w, &w2], true).unwrap()
+                } else {
+                    k::ternary_tiles(&g, &[&w], false).unwrap()
+                };
                 let base = randn(&mut rng, o, 1.0);
                 let yb = g.storage_init("y", bytemuck::cast_slice(&base)).unwrap();
-                let ops: Vec<_> = tiles.iter().map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, &step)).collect();
+                let ops: Vec<_> = tiles
+                    .iter()
+                    .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, &step))
+                    .collect();
                 k::run(&g, &ops.iter().collect::<Vec<_>>(), 1, 0);
                 let got = f32s(&g.download(&yb, 4 * o as u64).unwrap());
                 let want = mode_want(mode, &base, &y1, &y2);
@@ -344,14 +499,26 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
 fn attention_split_rope_matches_rope_then_attention() {
     let g = gpu(None);
     let mut rng = Rng::new(9);
-    for &(nh, nkv, hd, start) in &[(4usize, 2usize, 32usize, 0usize), (4, 1, 16, 31), (20, 5, 128, 300), (2, 2, 256, 64)] {
+    for &(nh, nkv, hd, start) in &[
+        (4usize, 2usize, 32usize, 0usize),
+        (4, 1, 16, 31),
+        (20, 5, 128, 300),
+        (2, 2, 256, 64),
+    ] {
         let cap = start + 1 + 5;
         let stride = (nh + 2 * nkv) * hd;
         let (cos, sin) = cpu::rope_table(500000.0, hd, cap);
         let kc0 = randn(&mut rng, nkv * cap * hd, 1.0);
         let vc0 = randn(&mut rng, nkv * cap * hd, 1.0);
         let qkv = randn(&mut rng, stride, 1.0);
-        let step = step_buf(&g, Step { t: 1, start: start as u32, ..Default::default() });
+        let step = step_buf(
+            &g,
+            Step {
+                t: 1,
+                start: start as u32,
+                ..Default::default()
+            },
+        );
         let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
         let kb = g.storage_init("k", bytemuck::cast_slice(&kc0)).unwrap();
         let vb = g.storage_init("v", bytemuck::cast_slice(&vc0)).unwrap();
@@ -378,6 +545,10 @@ fn attention_split_rope_matches_rope_then_attention() {
         assert!(d < 1e-5, "nh={nh} nkv={nkv} hd={hd} start={start}: diff {d} at {at}");
         let (d, at) = max_rel_diff(&f32s(&g.download(&kb, (4 * nkv * cap * hd) as u64).unwrap()), &kc);
         assert!(d < 1e-5, "k cache: diff {d} at {at}");
-        assert_eq!(f32s(&g.download(&vb, (4 * nkv * cap * hd) as u64).unwrap()), vc, "v cache");
+        assert_eq!(
+            f32s(&g.download(&vb, (4 * nkv * cap * hd) as u64).unwrap()),
+            vc,
+            "v cache"
+        );
     }
 }

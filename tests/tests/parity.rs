@@ -6,7 +6,14 @@ use bitnode_engine::{EmbedDtype, Engine, EngineOptions};
 use bitnode_tests::fixtures;
 use serde_json::Value;
 
-const CASES: &[&str] = &["online_tied", "online_untied", "offline_auto_tied", "offline_auto_untied", "bitlinear_tied", "bitlinear_untied"];
+const CASES: &[&str] = &[
+    "online_tied",
+    "online_untied",
+    "offline_auto_tied",
+    "offline_auto_untied",
+    "bitlinear_tied",
+    "bitlinear_untied",
+];
 
 fn expected(case: &str) -> Value {
     let p = fixtures().join(case).join("expected.json");
@@ -14,7 +21,11 @@ fn expected(case: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check(case: &str, opts: &EngineOptions, nll_tol: f64, logit_tol: f32) {
@@ -24,34 +35,73 @@ fn check(case: &str, opts: &EngineOptions, nll_tol: f64, logit_tol: f32) {
     let dev = e.backend.device_name();
     // Tokenizer parity: the Rust tokenizers crate must encode like the Python library.
     let prompt = ids(&exp["prompt_ids"]);
-    assert_eq!(e.tokenizer.encode(exp["prompt"].as_str().unwrap()).unwrap(), prompt, "{case}: prompt ids");
+    assert_eq!(
+        e.tokenizer.encode(exp["prompt"].as_str().unwrap()).unwrap(),
+        prompt,
+        "{case}: prompt ids"
+    );
     let score_ids = ids(&exp["score_ids"]);
-    assert_eq!(e.tokenizer.encode(exp["score_text"].as_str().unwrap()).unwrap(), score_ids, "{case}: score ids");
+    assert_eq!(
+        e.tokenizer.encode(exp["score_text"].as_str().unwrap()).unwrap(),
+        score_ids,
+        "{case}: score ids"
+    );
 
     // Logits at every prompt position.
-    let want: Vec<f32> = exp["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let want: Vec<f32> = exp["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .collect();
     let got = e.logits(&prompt).unwrap();
     assert_eq!(got.len(), want.len(), "{case}: logits shape");
     let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    assert!(worst <= logit_tol * scale.max(1.0), "{case} on {dev}: max logit error {worst} (max |logit| {scale})");
+    assert!(
+        worst <= logit_tol * scale.max(1.0),
+        "{case} on {dev}: max logit error {worst} (max |logit| {scale})"
+    );
 
     // NLL of a text longer than the context, in windows.
-    assert_eq!(exp["score_window"].as_u64().unwrap() as usize, e.model.config.max_position_embeddings);
+    assert_eq!(
+        exp["score_window"].as_u64().unwrap() as usize,
+        e.model.config.max_position_embeddings
+    );
     let (n, total) = e.score_ids(&score_ids).unwrap();
-    assert_eq!(n as u64, exp["score_tokens"].as_u64().unwrap(), "{case}: predicted token count");
+    assert_eq!(
+        n as u64,
+        exp["score_tokens"].as_u64().unwrap(),
+        "{case}: predicted token count"
+    );
     let nll = total / n as f64;
     let want_nll = exp["score_nll"].as_f64().unwrap();
-    assert!((nll - want_nll).abs() < nll_tol, "{case} on {dev}: nll {nll} vs transformers {want_nll}");
+    assert!(
+        (nll - want_nll).abs() < nll_tol,
+        "{case} on {dev}: nll {nll} vs transformers {want_nll}"
+    );
 
     // Greedy continuation, 16 tokens, not stopping at EOS.
-    let g = e.generate_ids(&prompt, 16, &SampleParams::default(), 0, false, &mut |_| {}).unwrap();
-    assert_eq!(g.tokens, ids(&exp["greedy_ids"]), "{case} on {dev}: greedy continuation");
-    eprintln!("{case} on {dev}: max logit err {worst:.2e}, nll {nll:.6} vs {want_nll:.6} (diff {:.2e})", (nll - want_nll).abs());
+    let g = e
+        .generate_ids(&prompt, 16, &SampleParams::default(), 0, false, &mut |_| {})
+        .unwrap();
+    assert_eq!(
+        g.tokens,
+        ids(&exp["greedy_ids"]),
+        "{case} on {dev}: greedy continuation"
+    );
+    eprintln!(
+        "{case} on {dev}: max logit err {worst:.2e}, nll {nll:.6} vs {want_nll:.6} (diff {:.2e})",
+        (nll - want_nll).abs()
+    );
 }
 
 fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
-    EngineOptions { adapter: Some(adapter.into()), max_binding: None, embed_dtype: embed }
+    EngineOptions {
+        adapter: Some(adapter.into()),
+        max_binding: None,
+        embed_dtype: embed,
+    }
 }
 
 #[test]
@@ -90,6 +140,10 @@ fn tokenizer_matches_transformers() {
         let text = c["text"].as_str().unwrap();
         let want = ids(&c["ids"]);
         assert_eq!(tok.encode(text).unwrap(), want, "encode {text:?}");
-        assert_eq!(tok.decode(&want).unwrap(), c["decoded_skip_special"].as_str().unwrap(), "decode {text:?}");
+        assert_eq!(
+            tok.decode(&want).unwrap(),
+            c["decoded_skip_special"].as_str().unwrap(),
+            "decode {text:?}"
+        );
     }
 }

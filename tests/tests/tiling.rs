@@ -11,21 +11,45 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
     let p = bitnode_engine::synth::preset("tiny").unwrap();
     bitnode_engine::synth::synth(p, &dir, 11, bitnode_engine::synth::SynthFormat::Packed).unwrap();
     let run = |limit: Option<u64>, embed: EmbedDtype| {
-        let o = EngineOptions { adapter: Some("gpu".into()), max_binding: limit, embed_dtype: embed };
+        let o = EngineOptions {
+            adapter: Some("gpu".into()),
+            max_binding: limit,
+            embed_dtype: embed,
+        };
         let mut e = Engine::load(&dir, &o).unwrap();
-        let ids = e.tokenizer.encode(&"tiling must not change a single bit. ".repeat(2)).unwrap();
+        let ids = e
+            .tokenizer
+            .encode(&"tiling must not change a single bit. ".repeat(2))
+            .unwrap();
         assert!(ids.len() > 30 && ids.len() < 60, "{} tokens", ids.len());
         let chunk = e.backend.max_chunk();
         let logits = e.logits(&ids).unwrap();
         let (n, nll) = e.score_ids(&ids).unwrap();
-        let g = e.generate_ids(&ids[..20], 24, &SampleParams { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.1 }, 5, false, &mut |_| {}).unwrap();
+        let g = e
+            .generate_ids(
+                &ids[..20],
+                24,
+                &SampleParams {
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.9,
+                    repetition_penalty: 1.1,
+                },
+                5,
+                false,
+                &mut |_| {},
+            )
+            .unwrap();
         let mem = e.backend.memory();
         (logits, n, nll, g.tokens, chunk, mem)
     };
     for embed in [EmbedDtype::F32, EmbedDtype::F16] {
         let (l0, n0, s0, g0, c0, m0) = run(None, embed);
         let (l1, n1, s1, g1, c1, m1) = run(Some(16 * 1024), embed);
-        assert!(c1 < 20 && c0 >= 60, "the limit must force prompt chunking (chunk {c1} vs {c0})");
+        assert!(
+            c1 < 20 && c0 >= 60,
+            "the limit must force prompt chunking (chunk {c1} vs {c0})"
+        );
         assert!(m1.peak > 0 && m0.peak > 0);
         assert_eq!(l0, l1, "{embed:?}: logits differ between tiled and untiled runs");
         assert_eq!((n0, s0), (n1, s1), "{embed:?}: nll differs");

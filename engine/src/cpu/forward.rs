@@ -88,7 +88,13 @@ impl Backend for CpuBackend {
         let kv = (self.k_cache.iter().map(Vec::len).sum::<usize>() * 8) as u64;
         let m = &self.model;
         let tern = m.ternary_bytes() as u64;
-        MemoryReport { ternary_weights: tern, kv_cache: kv, total: tern + kv, peak: tern + kv, ..Default::default() }
+        MemoryReport {
+            ternary_weights: tern,
+            kv_cache: kv,
+            total: tern + kv,
+            peak: tern + kv,
+            ..Default::default()
+        }
     }
 
     fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got> {
@@ -100,10 +106,17 @@ impl Backend for CpuBackend {
         let eps = cfg.rms_norm_eps as f32;
         let p = self.positions;
         if start + t > p {
-            return Err(EngineError::Invalid(format!("positions {}..{} exceed the cache of {p}", start, start + t)));
+            return Err(EngineError::Invalid(format!(
+                "positions {}..{} exceed the cache of {p}",
+                start,
+                start + t
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= cfg.vocab_size) {
-            return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
         }
         let positions: Vec<usize> = (start..start + t).collect();
 

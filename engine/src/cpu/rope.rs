@@ -4,8 +4,9 @@
 /// Vulkan allows very loose precision.
 pub fn rope_table(theta: f64, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv: Vec<f32> =
-        (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
     let mut cos = vec![0f32; positions * half];
     let mut sin = vec![0f32; positions * half];
     for p in 0..positions {

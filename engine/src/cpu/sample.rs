@@ -14,7 +14,12 @@ pub struct SampleParams {
 
 impl Default for SampleParams {
     fn default() -> Self {
-        SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 }
+        SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        }
     }
 }
 

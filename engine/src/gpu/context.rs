@@ -73,7 +73,10 @@ impl Gpu {
     }
 
     pub fn name(&self) -> String {
-        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
     }
 
     /// A compute pipeline from (kernel source, entry point, override constants), cached.
@@ -219,14 +222,22 @@ impl Gpu {
 
     /// Copies `size` bytes of a MAP_READ buffer out once submission `after` has finished (all work when
     /// `None`); later submissions keep running.
-    pub fn read_after(&self, staging: &wgpu::Buffer, size: u64, after: Option<wgpu::SubmissionIndex>) -> Result<Vec<u8>> {
+    pub fn read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        size: u64,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: after, timeout: None })
+            .poll(wgpu::PollType::Wait {
+                submission_index: after,
+                timeout: None,
+            })
             .map_err(|e| EngineError::Gpu(format!("device lost while waiting: {e}")))?;
         rx.recv()
             .map_err(|_| EngineError::Gpu("map callback never ran".into()))?

@@ -123,11 +123,16 @@ impl GpuBackend {
             let o = kernels::ternary_tiles(&gpu, &[&l.o_proj], false)?;
             let gate_up = kernels::ternary_tiles(&gpu, &[&l.gate_proj, &l.up_proj], true)?;
             let down = kernels::ternary_tiles(&gpu, &[&l.down_proj], false)?;
-            tern += [&qkv, &o, &gate_up, &down].iter().flat_map(|t| t.iter()).map(|t| t.bytes).sum::<u64>();
+            tern += [&qkv, &o, &gate_up, &down]
+                .iter()
+                .flat_map(|t| t.iter())
+                .map(|t| t.bytes)
+                .sum::<u64>();
             other += 4 * (2 * c + qd + f) as u64;
             layers.push(LayerBufs {
                 input_layernorm: gpu.storage_init("input_layernorm", f32_bytes(&l.input_layernorm))?,
-                post_attention_layernorm: gpu.storage_init("post_attention_layernorm", f32_bytes(&l.post_attention_layernorm))?,
+                post_attention_layernorm: gpu
+                    .storage_init("post_attention_layernorm", f32_bytes(&l.post_attention_layernorm))?,
                 attn_sub_norm: gpu.storage_init("attn_sub_norm", f32_bytes(&l.attn_sub_norm))?,
                 ffn_sub_norm: gpu.storage_init("ffn_sub_norm", f32_bytes(&l.ffn_sub_norm))?,
                 qkv,
@@ -144,7 +149,11 @@ impl GpuBackend {
         let widest = (c.max(f).max(qd + 2 * kvd) * 4) as u64;
         let tmax = ((gpu.max_binding / widest) as usize).clamp(1, 512);
         if (v * 4) as u64 > gpu.max_binding {
-            return Err(EngineError::Gpu(format!("one row of logits ({} bytes) exceeds the binding limit {}", v * 4, gpu.max_binding)));
+            return Err(EngineError::Gpu(format!(
+                "one row of logits ({} bytes) exceeds the binding limit {}",
+                v * 4,
+                gpu.max_binding
+            )));
         }
         // Logit rows computed per lm_head pass. Decode needs one; scoring and parity tests loop over passes of
         // 32, which keeps the logits buffer (and its staging copy) at 16 MiB for a 128k vocabulary.
@@ -172,7 +181,10 @@ impl GpuBackend {
             ring: [gpu.readback_buffer(16), gpu.readback_buffer(16)],
             bytes: 0,
         };
-        let acts = Acts { bytes: gpu.allocated() - before, ..acts };
+        let acts = Acts {
+            bytes: gpu.allocated() - before,
+            ..acts
+        };
         tracing::info!(
             device = %gpu.name(), embed_f16 = f16, ternary_mib = tern >> 20, embed_mib = ebytes >> 20,
             lm_head_mib = hbytes >> 20, embed_tiles = embed_tiles.len(), chunk = tmax, "model on device"
@@ -215,55 +227,165 @@ impl GpuBackend {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
-        let (cos, sin) = self.rope.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let (cos, sin) = self
+            .rope
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let mut body = vec![];
         for t in &self.embed {
-            body.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step));
+            body.push(kernels::embedding(
+                g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
+            ));
         }
         for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
-            body.push(kernels::rmsnorm_quant(g, c, eps, &l.input_layernorm, &a.x, &a.xq, &a.xs, &a.qsum, &a.step));
+            body.push(kernels::rmsnorm_quant(
+                g,
+                c,
+                eps,
+                &l.input_layernorm,
+                &a.x,
+                &a.xq,
+                &a.xs,
+                &a.qsum,
+                &a.step,
+            ));
             for t in &l.qkv {
-                body.push(kernels::matmul_ternary(g, t, 0, 0, qd + 2 * kvd, &a.xq, &a.xs, &a.qsum, &a.qkv, &a.step));
+                body.push(kernels::matmul_ternary(
+                    g,
+                    t,
+                    0,
+                    0,
+                    qd + 2 * kvd,
+                    &a.xq,
+                    &a.xs,
+                    &a.qsum,
+                    &a.qkv,
+                    &a.step,
+                ));
             }
-            body.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
-            body.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
-            body.push(kernels::rmsnorm_quant(g, qd, eps, &l.attn_sub_norm, &a.att, &a.xq, &a.xs, &a.qsum, &a.step));
+            body.push(kernels::rope(
+                g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step,
+            ));
+            body.push(kernels::attention(
+                g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step,
+            ));
+            body.push(kernels::rmsnorm_quant(
+                g,
+                qd,
+                eps,
+                &l.attn_sub_norm,
+                &a.att,
+                &a.xq,
+                &a.xs,
+                &a.qsum,
+                &a.step,
+            ));
             for t in &l.o {
-                body.push(kernels::matmul_ternary(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+                body.push(kernels::matmul_ternary(
+                    g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
+                ));
             }
-            body.push(kernels::rmsnorm_quant(g, c, eps, &l.post_attention_layernorm, &a.x, &a.xq, &a.xs, &a.qsum, &a.step));
+            body.push(kernels::rmsnorm_quant(
+                g,
+                c,
+                eps,
+                &l.post_attention_layernorm,
+                &a.x,
+                &a.xq,
+                &a.xs,
+                &a.qsum,
+                &a.step,
+            ));
             for t in &l.gate_up {
-                body.push(kernels::matmul_ternary(g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step));
+                body.push(kernels::matmul_ternary(
+                    g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step,
+                ));
             }
-            body.push(kernels::rmsnorm_quant(g, f, eps, &l.ffn_sub_norm, &a.h, &a.xq, &a.xs, &a.qsum, &a.step));
+            body.push(kernels::rmsnorm_quant(
+                g,
+                f,
+                eps,
+                &l.ffn_sub_norm,
+                &a.h,
+                &a.xq,
+                &a.xs,
+                &a.qsum,
+                &a.step,
+            ));
             for t in &l.down {
-                body.push(kernels::matmul_ternary(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+                body.push(kernels::matmul_ternary(
+                    g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
+                ));
             }
         }
         let decode_body = if c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let mut d = vec![];
             for t in &self.embed {
-                d.push(kernels::embedding(g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step));
+                d.push(kernels::embedding(
+                    g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
+                ));
             }
             for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
                 for t in &l.qkv {
-                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 0, eps, &a.x, &l.input_layernorm, &a.qkv, &a.step));
+                    d.push(kernels::rmsnorm_matmul_ternary(
+                        g,
+                        t,
+                        0,
+                        eps,
+                        &a.x,
+                        &l.input_layernorm,
+                        &a.qkv,
+                        &a.step,
+                    ));
                 }
                 match &self.attn_part {
-                    Some(part) => d.extend(kernels::attention_split_rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step)),
+                    Some(part) => d.extend(kernels::attention_split_rope(
+                        g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step,
+                    )),
                     None => {
-                        d.push(kernels::rope(g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step));
-                        d.push(kernels::attention(g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step));
+                        d.push(kernels::rope(
+                            g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step,
+                        ));
+                        d.push(kernels::attention(
+                            g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step,
+                        ));
                     }
                 }
                 for t in &l.o {
-                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.att, &l.attn_sub_norm, &a.x, &a.step));
+                    d.push(kernels::rmsnorm_matmul_ternary(
+                        g,
+                        t,
+                        1,
+                        eps,
+                        &a.att,
+                        &l.attn_sub_norm,
+                        &a.x,
+                        &a.step,
+                    ));
                 }
                 for t in &l.gate_up {
-                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 2, eps, &a.x, &l.post_attention_layernorm, &a.h, &a.step));
+                    d.push(kernels::rmsnorm_matmul_ternary(
+                        g,
+                        t,
+                        2,
+                        eps,
+                        &a.x,
+                        &l.post_attention_layernorm,
+                        &a.h,
+                        &a.step,
+                    ));
                 }
                 for t in &l.down {
-                    d.push(kernels::rmsnorm_matmul_ternary(g, t, 1, eps, &a.h, &l.ffn_sub_norm, &a.x, &a.step));
+                    d.push(kernels::rmsnorm_matmul_ternary(
+                        g,
+                        t,
+                        1,
+                        eps,
+                        &a.h,
+                        &l.ffn_sub_norm,
+                        &a.x,
+                        &a.step,
+                    ));
                 }
             }
             Some(d)
@@ -272,10 +394,20 @@ impl GpuBackend {
         };
         let final_norm = kernels::rmsnorm(g, c, eps, &self.norm, &a.x, &a.xf, &a.step);
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        let lm = head.iter().map(|t| kernels::lm_head(g, self.f16, c, v, t, &a.xf, &a.logits, &a.step)).collect();
+        let lm = head
+            .iter()
+            .map(|t| kernels::lm_head(g, self.f16, c, v, t, &a.xf, &a.logits, &a.step))
+            .collect();
         let nll = kernels::nll(g, v, &a.logits, &a.targets, &a.nll, &a.step);
         let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sample_partial, &a.sampled, &a.step);
-        Ok(Ops { body, decode_body, final_norm, lm, nll, sample })
+        Ok(Ops {
+            body,
+            decode_body,
+            final_norm,
+            lm,
+            nll,
+            sample,
+        })
     }
 
     fn write_step(&self, s: &Step) {
@@ -287,7 +419,9 @@ impl GpuBackend {
         let b = self.gpu.read_after(buf, 4, after)?;
         let tok = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         if tok as usize >= self.model.config.vocab_size {
-            return Err(EngineError::Gpu(format!("sampler returned token {tok} outside the vocabulary")));
+            return Err(EngineError::Gpu(format!(
+                "sampler returned token {tok} outside the vocabulary"
+            )));
         }
         Ok(tok)
     }
@@ -300,7 +434,10 @@ impl GpuBackend {
     ) -> wgpu::SubmissionIndex {
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
             f(&mut pass);
         }
         if let Some((src, dst, size)) = copy {
@@ -335,21 +472,31 @@ impl Backend for GpuBackend {
             }
             self.ops = None;
             for _ in 0..cfg.num_layers {
-                self.kv.push((self.gpu.storage("k_cache", per)?, self.gpu.storage("v_cache", per)?));
+                self.kv
+                    .push((self.gpu.storage("k_cache", per)?, self.gpu.storage("v_cache", per)?));
             }
             self.kv_bytes = per * 2 * cfg.num_layers as u64;
             if let Some(b) = self.attn_part.take() {
                 self.gpu.release(b.size());
             }
             let pb = kernels::attention_part_bytes(cfg.num_heads, cfg.head_dim, cap);
-            self.attn_part = if pb <= self.gpu.max_binding { Some(self.gpu.storage("attention_part", pb)?) } else { None };
+            self.attn_part = if pb <= self.gpu.max_binding {
+                Some(self.gpu.storage("attention_part", pb)?)
+            } else {
+                None
+            };
             let (cos, sin) = crate::cpu::rope_table(cfg.rope_theta, cfg.head_dim, cap);
-            self.rope = Some((self.gpu.storage_init("rope_cos", f32_bytes(&cos))?, self.gpu.storage_init("rope_sin", f32_bytes(&sin))?));
+            self.rope = Some((
+                self.gpu.storage_init("rope_cos", f32_bytes(&cos))?,
+                self.gpu.storage_init("rope_sin", f32_bytes(&sin))?,
+            ));
             self.cap = cap;
             self.ops = Some(self.build_ops()?);
         }
         self.seen.fill(0);
-        self.gpu.queue.write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
+        self.gpu
+            .queue
+            .write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
         Ok(())
     }
 
@@ -364,9 +511,15 @@ impl Backend for GpuBackend {
         if changed {
             if tokens.len() == 1 {
                 let i = tokens[0] as usize / 32;
-                self.gpu.queue.write_buffer(&self.acts.seen, (i * 4) as u64, bytemuck::cast_slice(&self.seen[i..i + 1]));
+                self.gpu.queue.write_buffer(
+                    &self.acts.seen,
+                    (i * 4) as u64,
+                    bytemuck::cast_slice(&self.seen[i..i + 1]),
+                );
             } else {
-                self.gpu.queue.write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
+                self.gpu
+                    .queue
+                    .write_buffer(&self.acts.seen, 0, bytemuck::cast_slice(&self.seen));
             }
         }
         Ok(())
@@ -380,18 +533,34 @@ impl Backend for GpuBackend {
         if !self.gpu.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) || pos >= self.cap {
             return Ok(None);
         }
-        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let ops = self
+            .ops
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let all: Vec<&Op> = ops.decode_step().collect();
-        let step = Step { t: 1, start: pos as u32, lm_t: 1, feedback: 1, ..Default::default() };
+        let step = Step {
+            t: 1,
+            start: pos as u32,
+            lm_t: 1,
+            feedback: 1,
+            ..Default::default()
+        };
         self.write_step(&step);
         // CPU cost of recording the step as decode does: one pass, every dispatch.
         let t0 = std::time::Instant::now();
         self.submit(|p| all.iter().for_each(|o| o.record(p, 1, 1)), None);
         let record_us = t0.elapsed().as_secs_f64() * 1e6;
-        self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| EngineError::Gpu(e.to_string()))?;
+        self.gpu
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(e.to_string()))?;
         // GPU cost: each dispatch in its own timed pass.
         let n = all.len() as u32;
-        let qs = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("profile"), ty: wgpu::QueryType::Timestamp, count: 2 * n });
+        let qs = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n,
+        });
         let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("profile"),
             size: 16 * n as u64,
@@ -406,8 +575,15 @@ impl Backend for GpuBackend {
         });
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
         for (i, o) in all.iter().enumerate() {
-            let tw = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(2 * i as u32), end_of_pass_write_index: Some(2 * i as u32 + 1) };
-            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(tw) });
+            let tw = wgpu::ComputePassTimestampWrites {
+                query_set: &qs,
+                beginning_of_pass_write_index: Some(2 * i as u32),
+                end_of_pass_write_index: Some(2 * i as u32 + 1),
+            };
+            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(tw),
+            });
             o.record(&mut p, 1, 1);
         }
         enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
@@ -430,7 +606,12 @@ impl Backend for GpuBackend {
             }
         }
         by.sort_by(|a, b| b.2.total_cmp(&a.2));
-        Ok(Some(crate::backend::Profile { kernels: by, dispatches: all.len(), gpu_us: total, record_us }))
+        Ok(Some(crate::backend::Profile {
+            kernels: by,
+            dispatches: all.len(),
+            gpu_us: total,
+            record_us,
+        }))
     }
 
     /// Pipelined decode: step n+1 is queued before step n's token is read back (the embedding kernel takes
@@ -447,9 +628,16 @@ impl Backend for GpuBackend {
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<()> {
         if pos + steps > self.cap {
-            return Err(EngineError::Invalid(format!("positions up to {} exceed the cache of {}", pos + steps, self.cap)));
+            return Err(EngineError::Invalid(format!(
+                "positions up to {} exceed the cache of {}",
+                pos + steps,
+                self.cap
+            )));
         }
-        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        let ops = self
+            .ops
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let mut inflight: std::collections::VecDeque<(wgpu::SubmissionIndex, usize)> = Default::default();
         let mut stopped = false;
         let mut i = 0;
@@ -516,17 +704,35 @@ impl Backend for GpuBackend {
         let v = cfg.vocab_size;
         let t = tokens.len();
         if t == 0 || t > self.tmax {
-            return Err(EngineError::Invalid(format!("chunk of {t} tokens (allowed 1..={})", self.tmax)));
+            return Err(EngineError::Invalid(format!(
+                "chunk of {t} tokens (allowed 1..={})",
+                self.tmax
+            )));
         }
         if start + t > self.cap {
-            return Err(EngineError::Invalid(format!("positions {start}..{} exceed the cache of {}", start + t, self.cap)));
+            return Err(EngineError::Invalid(format!(
+                "positions {start}..{} exceed the cache of {}",
+                start + t,
+                self.cap
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= v) {
-            return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary of {v}")));
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {v}"
+            )));
         }
-        let ops = self.ops.as_ref().ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
-        self.gpu.queue.write_buffer(&self.acts.tokens, 0, bytemuck::cast_slice(tokens));
-        let mut step = Step { t: t as u32, start: start as u32, ..Default::default() };
+        let ops = self
+            .ops
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
+        self.gpu
+            .queue
+            .write_buffer(&self.acts.tokens, 0, bytemuck::cast_slice(tokens));
+        let mut step = Step {
+            t: t as u32,
+            start: start as u32,
+            ..Default::default()
+        };
         let tt = t as u32;
         match want {
             Want::Nothing => {
@@ -564,7 +770,9 @@ impl Backend for GpuBackend {
                     self.submit(|p| ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
                     return Ok(Got::Nll(vec![]));
                 }
-                self.gpu.queue.write_buffer(&self.acts.targets, 0, bytemuck::cast_slice(&targets[..n]));
+                self.gpu
+                    .queue
+                    .write_buffer(&self.acts.targets, 0, bytemuck::cast_slice(&targets[..n]));
                 let mut first = true;
                 let mut s0 = 0;
                 while s0 < n {
@@ -583,7 +791,11 @@ impl Backend for GpuBackend {
                             ops.lm.iter().for_each(|o| o.record(p, tt, lt));
                             ops.nll.record(p, tt, lt);
                         },
-                        if last { Some((&self.acts.nll, &self.acts.staging, (n * 4) as u64)) } else { None },
+                        if last {
+                            Some((&self.acts.nll, &self.acts.staging, (n * 4) as u64))
+                        } else {
+                            None
+                        },
                     );
                     first = false;
                     s0 += cnt;

@@ -92,7 +92,10 @@ impl Op {
 pub fn run(gpu: &Gpu, ops: &[&Op], t: u32, lm_t: u32) {
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
         for op in ops {
             op.record(&mut pass, t, lm_t);
         }
@@ -101,22 +104,46 @@ pub fn run(gpu: &Gpu, ops: &[&Op], t: u32, lm_t: u32) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn op(gpu: &Gpu, name: &'static str, src: &str, consts: &[(&str, f64)], params: &[u32], bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer, grid: Grid) -> Op {
+fn op(
+    gpu: &Gpu,
+    name: &'static str,
+    src: &str,
+    consts: &[(&str, f64)],
+    params: &[u32],
+    bufs: &[(u32, &wgpu::Buffer)],
+    step: &wgpu::Buffer,
+    grid: Grid,
+) -> Op {
     let pipeline = gpu.pipeline(src, name, consts);
     let pbuf = gpu.uniform(name, bytemuck::cast_slice(params));
     let mut entries = vec![
-        wgpu::BindGroupEntry { binding: 0, resource: pbuf.as_entire_binding() },
-        wgpu::BindGroupEntry { binding: 1, resource: step.as_entire_binding() },
+        wgpu::BindGroupEntry {
+            binding: 0,
+            resource: pbuf.as_entire_binding(),
+        },
+        wgpu::BindGroupEntry {
+            binding: 1,
+            resource: step.as_entire_binding(),
+        },
     ];
     for (b, buf) in bufs {
-        entries.push(wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() });
+        entries.push(wgpu::BindGroupEntry {
+            binding: *b,
+            resource: buf.as_entire_binding(),
+        });
     }
     let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(name),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
-    Op { name, pipeline, bind, grid, _params: pbuf }
+    Op {
+        name,
+        pipeline,
+        bind,
+        grid,
+        _params: pbuf,
+    }
 }
 
 /// Rows [row0, row0+rows) of a full-precision matrix (embedding / lm_head) in one buffer.
@@ -131,7 +158,10 @@ pub fn matrix_tiles(gpu: &Gpu, m: &MappedMatrix, f16: bool) -> Result<Vec<Matrix
     let row_bytes = (m.cols * if f16 { 2 } else { 4 }) as u64;
     let per = (gpu.max_binding / row_bytes).max(1) as usize;
     if row_bytes > gpu.max_binding {
-        return Err(EngineError::Gpu(format!("one row of {} ({row_bytes} bytes) exceeds the binding limit {}", m.name, gpu.max_binding)));
+        return Err(EngineError::Gpu(format!(
+            "one row of {} ({row_bytes} bytes) exceeds the binding limit {}",
+            m.name, gpu.max_binding
+        )));
     }
     let mut tiles = vec![];
     let mut r0 = 0;
@@ -142,7 +172,11 @@ pub fn matrix_tiles(gpu: &Gpu, m: &MappedMatrix, f16: bool) -> Result<Vec<Matrix
         } else {
             gpu.storage_init(&m.name, bytemuck::cast_slice(&m.rows_f32(r0, r1)))?
         };
-        tiles.push(MatrixTile { buf, row0: r0 as u32, rows: (r1 - r0) as u32 });
+        tiles.push(MatrixTile {
+            buf,
+            row0: r0 as u32,
+            rows: (r1 - r0) as u32,
+        });
         r0 = r1;
     }
     Ok(tiles)
@@ -170,14 +204,21 @@ pub fn ternary_tiles(gpu: &Gpu, parts: &[&TernaryLinear], gate_up: bool) -> Resu
     let words = inp / 16;
     let row_bytes = (words * 4) as u64 * if gate_up { 2 } else { 1 };
     if row_bytes > gpu.max_binding {
-        return Err(EngineError::Gpu(format!("a ternary row of {row_bytes} bytes exceeds the binding limit {}", gpu.max_binding)));
+        return Err(EngineError::Gpu(format!(
+            "a ternary row of {row_bytes} bytes exceeds the binding limit {}",
+            gpu.max_binding
+        )));
     }
     let per = (gpu.max_binding / row_bytes).max(1) as usize;
     // (part, row) for each output row
     let rows: Vec<(usize, usize)> = if gate_up {
         (0..parts[0].out).map(|r| (0, r)).collect()
     } else {
-        parts.iter().enumerate().flat_map(|(pi, p)| (0..p.out).map(move |r| (pi, r))).collect()
+        parts
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, p)| (0..p.out).map(move |r| (pi, r)))
+            .collect()
     };
     let mut tiles = vec![];
     let mut r0 = 0;
@@ -211,27 +252,106 @@ pub fn ternary_tiles(gpu: &Gpu, parts: &[&TernaryLinear], gate_up: bool) -> Resu
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn embedding(gpu: &Gpu, f16: bool, c: usize, tile: &MatrixTile, tokens: &wgpu::Buffer, sampled: &wgpu::Buffer, x: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "embedding", sh::EMBEDDING, &[("F16", if f16 { 1.0 } else { 0.0 })], &[c as u32, tile.row0, tile.rows, 0],
-        &[(2, tokens), (3, &tile.buf), (4, x), (5, sampled)], step, Grid::Tokens)
+pub fn embedding(
+    gpu: &Gpu,
+    f16: bool,
+    c: usize,
+    tile: &MatrixTile,
+    tokens: &wgpu::Buffer,
+    sampled: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "embedding",
+        sh::EMBEDDING,
+        &[("F16", if f16 { 1.0 } else { 0.0 })],
+        &[c as u32, tile.row0, tile.rows, 0],
+        &[(2, tokens), (3, &tile.buf), (4, x), (5, sampled)],
+        step,
+        Grid::Tokens,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_quant(gpu: &Gpu, c: usize, eps: f32, w: &wgpu::Buffer, x: &wgpu::Buffer, q: &wgpu::Buffer, s: &wgpu::Buffer, qsum: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "rmsnorm_quant", sh::RMSNORM_QUANT, &[], &[c as u32, eps.to_bits(), 0, 0],
-        &[(2, w), (3, x), (4, q), (5, s), (6, qsum)], step, Grid::Tokens)
+pub fn rmsnorm_quant(
+    gpu: &Gpu,
+    c: usize,
+    eps: f32,
+    w: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    q: &wgpu::Buffer,
+    s: &wgpu::Buffer,
+    qsum: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "rmsnorm_quant",
+        sh::RMSNORM_QUANT,
+        &[],
+        &[c as u32, eps.to_bits(), 0, 0],
+        &[(2, w), (3, x), (4, q), (5, s), (6, qsum)],
+        step,
+        Grid::Tokens,
+    )
 }
 
-pub fn rmsnorm(gpu: &Gpu, c: usize, eps: f32, w: &wgpu::Buffer, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "rmsnorm", sh::RMSNORM_QUANT, &[], &[c as u32, eps.to_bits(), 0, 0], &[(2, w), (3, x), (7, y)], step, Grid::Tokens)
+pub fn rmsnorm(
+    gpu: &Gpu,
+    c: usize,
+    eps: f32,
+    w: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "rmsnorm",
+        sh::RMSNORM_QUANT,
+        &[],
+        &[c as u32, eps.to_bits(), 0, 0],
+        &[(2, w), (3, x), (7, y)],
+        step,
+        Grid::Tokens,
+    )
 }
 
 /// `mode`: 0 store, 1 add into y (residual), 2 gate/up relu^2 (tile must be gate_up).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, y_off: usize, y_stride: usize, q: &wgpu::Buffer, s: &wgpu::Buffer, qsum: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64)],
-        &[tile.words, tile.rows, (y_off as u32) + tile.row0, y_stride as u32, 0, 0, 0, 0],
-        &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)], step, Grid::Rows(tile.rows))
+pub fn matmul_ternary(
+    gpu: &Gpu,
+    tile: &TernaryTile,
+    mode: u32,
+    y_off: usize,
+    y_stride: usize,
+    q: &wgpu::Buffer,
+    s: &wgpu::Buffer,
+    qsum: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "matmul_ternary",
+        sh::MATMUL_TERNARY,
+        &[("MODE", mode as f64)],
+        &[
+            tile.words,
+            tile.rows,
+            (y_off as u32) + tile.row0,
+            y_stride as u32,
+            0,
+            0,
+            0,
+            0,
+        ],
+        &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)],
+        step,
+        Grid::Rows(tile.rows),
+    )
 }
 
 /// Widest input the fused decode kernel holds in workgroup memory (its `xq_s` is 2048 words).
@@ -240,33 +360,101 @@ pub const FUSED_MAX_INPUT: usize = 8192;
 /// Decode-step (T = 1) fusion of `rmsnorm_quant` and `matmul_ternary`: normalises `x` [I] with `nw`,
 /// quantizes it and projects it, in one dispatch. Same modes as `matmul_ternary`.
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_matmul_ternary(gpu: &Gpu, tile: &TernaryTile, mode: u32, eps: f32, x: &wgpu::Buffer, nw: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+pub fn rmsnorm_matmul_ternary(
+    gpu: &Gpu,
+    tile: &TernaryTile,
+    mode: u32,
+    eps: f32,
+    x: &wgpu::Buffer,
+    nw: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
     let rows = fused_rows();
-    op(gpu, "rmsnorm_matmul_ternary", sh::MATMUL_TERNARY, &[("MODE", mode as f64), ("ROWS", rows as f64)],
+    op(
+        gpu,
+        "rmsnorm_matmul_ternary",
+        sh::MATMUL_TERNARY,
+        &[("MODE", mode as f64), ("ROWS", rows as f64)],
         &[tile.words, tile.rows, tile.row0, 0, eps.to_bits(), 0, 0, 0],
-        &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)], step, Grid::RowsBy(tile.rows, rows))
+        &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)],
+        step,
+        Grid::RowsBy(tile.rows, rows),
+    )
 }
 
 /// Rows per workgroup of the fused decode projection: 16 unless `BITNODE_FUSED_ROWS` (1, 2, 4, ..., 32)
 /// says otherwise (a tuning knob for `bench infer`).
 pub fn fused_rows() -> u32 {
     // 16 measured fastest on an H200 (BENCHMARKS.md): 8 -> 243, 16 -> 270, 32 -> 254 tok/s on 2B-4T.
-    std::env::var("BITNODE_FUSED_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(16)
+    std::env::var("BITNODE_FUSED_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|r| r.is_power_of_two() && *r <= 32)
+        .unwrap_or(16)
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rope(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, cos: &wgpu::Buffer, sin: &wgpu::Buffer, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+pub fn rope(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    cos: &wgpu::Buffer,
+    sin: &wgpu::Buffer,
+    qkv: &wgpu::Buffer,
+    kc: &wgpu::Buffer,
+    vc: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
     let stride = (nh + 2 * nkv) * hd;
-    op(gpu, "rope", sh::ROPE, &[], &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
-        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc)], step, Grid::TokensBy((nh + nkv) as u32))
+    op(
+        gpu,
+        "rope",
+        sh::ROPE,
+        &[],
+        &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
+        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc)],
+        step,
+        Grid::TokensBy((nh + nkv) as u32),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+pub fn attention(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    qkv: &wgpu::Buffer,
+    kc: &wgpu::Buffer,
+    vc: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
     let stride = (nh + 2 * nkv) * hd;
     let scale = (hd as f32).powf(-0.5);
-    op(gpu, "attention", sh::ATTENTION, &[], &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0],
-        &[(2, qkv), (3, kc), (4, vc), (5, out)], step, Grid::ByTokens(nh as u32))
+    op(
+        gpu,
+        "attention",
+        sh::ATTENTION,
+        &[],
+        &[
+            nh as u32,
+            nkv as u32,
+            hd as u32,
+            stride as u32,
+            cap as u32,
+            scale.to_bits(),
+            0,
+            0,
+        ],
+        &[(2, qkv), (3, kc), (4, vc), (5, out)],
+        step,
+        Grid::ByTokens(nh as u32),
+    )
 }
 
 /// Keys per workgroup of `attention_split_rope` (its `SPLIT`).
@@ -281,32 +469,110 @@ pub fn attention_part_bytes(nh: usize, hd: usize, cap: usize) -> u64 {
 /// a per-head merge. The first rotates q and the current k itself and writes k, v into the cache, so a
 /// decode layer needs no `rope` dispatch.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_split_rope(gpu: &Gpu, nh: usize, nkv: usize, hd: usize, cap: usize, cos: &wgpu::Buffer, sin: &wgpu::Buffer, qkv: &wgpu::Buffer, kc: &wgpu::Buffer, vc: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
+pub fn attention_split_rope(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    cos: &wgpu::Buffer,
+    sin: &wgpu::Buffer,
+    qkv: &wgpu::Buffer,
+    kc: &wgpu::Buffer,
+    vc: &wgpu::Buffer,
+    part: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 2] {
     let stride = (nh + 2 * nkv) * hd;
     let scale = (hd as f32).powf(-0.5);
-    let params = [nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, scale.to_bits(), 0, 0];
+    let params = [
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        stride as u32,
+        cap as u32,
+        scale.to_bits(),
+        0,
+        0,
+    ];
     let nsplit = cap.div_ceil(ATTENTION_SPLIT) as u32;
     [
-        op(gpu, "attention_split_rope", sh::ATTENTION, &[], &params, &[(2, qkv), (6, part), (7, cos), (8, sin), (9, kc), (10, vc)], step, Grid::Fixed(nh as u32, nsplit)),
-        op(gpu, "attention_merge", sh::ATTENTION, &[], &params, &[(5, out), (6, part)], step, Grid::Fixed(nh as u32, 1)),
+        op(
+            gpu,
+            "attention_split_rope",
+            sh::ATTENTION,
+            &[],
+            &params,
+            &[(2, qkv), (6, part), (7, cos), (8, sin), (9, kc), (10, vc)],
+            step,
+            Grid::Fixed(nh as u32, nsplit),
+        ),
+        op(
+            gpu,
+            "attention_merge",
+            sh::ATTENTION,
+            &[],
+            &params,
+            &[(5, out), (6, part)],
+            step,
+            Grid::Fixed(nh as u32, 1),
+        ),
     ]
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn lm_head(gpu: &Gpu, f16: bool, c: usize, v: usize, tile: &MatrixTile, x: &wgpu::Buffer, logits: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+pub fn lm_head(
+    gpu: &Gpu,
+    f16: bool,
+    c: usize,
+    v: usize,
+    tile: &MatrixTile,
+    x: &wgpu::Buffer,
+    logits: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
     let rows = lm_rows();
-    op(gpu, "lm_head", sh::LM_HEAD, &[("F16", if f16 { 1.0 } else { 0.0 }), ("ROWS", rows as f64)], &[c as u32, tile.rows, tile.row0, v as u32],
-        &[(2, &tile.buf), (3, x), (4, logits)], step, Grid::LmRows(tile.rows, rows))
+    op(
+        gpu,
+        "lm_head",
+        sh::LM_HEAD,
+        &[("F16", if f16 { 1.0 } else { 0.0 }), ("ROWS", rows as f64)],
+        &[c as u32, tile.rows, tile.row0, v as u32],
+        &[(2, &tile.buf), (3, x), (4, logits)],
+        step,
+        Grid::LmRows(tile.rows, rows),
+    )
 }
 
 /// Rows per workgroup of lm_head: 16 unless `BITNODE_LM_ROWS` (1, 2, 4, ..., 32) says otherwise.
 pub fn lm_rows() -> u32 {
     // Measured on an H200 (BENCHMARKS.md): 2 -> 507 us, 4 -> 451, 8 -> 431, 16 -> 397 us per 2B-4T step.
-    std::env::var("BITNODE_LM_ROWS").ok().and_then(|v| v.parse::<u32>().ok()).filter(|r| r.is_power_of_two() && *r <= 32).unwrap_or(16)
+    std::env::var("BITNODE_LM_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|r| r.is_power_of_two() && *r <= 32)
+        .unwrap_or(16)
 }
 
-pub fn nll(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, targets: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    op(gpu, "nll", sh::NLL, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, targets), (4, out)], step, Grid::LmTokens)
+pub fn nll(
+    gpu: &Gpu,
+    v: usize,
+    logits: &wgpu::Buffer,
+    targets: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "nll",
+        sh::NLL,
+        &[],
+        &[v as u32, 0, 0, 0],
+        &[(2, logits), (3, targets), (4, out)],
+        step,
+        Grid::LmTokens,
+    )
 }
 
 /// Logits per workgroup of `sample_partial` (its `CHUNK`).
@@ -319,9 +585,35 @@ pub fn sample_partial_bytes(v: usize) -> u64 {
 
 /// The sampler in two dispatches: greedy decoding first takes a per-chunk argmax over many workgroups
 /// (`sample_partial`), then `sample` reduces the chunks; other settings use `sample` alone.
-pub fn sample(gpu: &Gpu, v: usize, logits: &wgpu::Buffer, seen: &wgpu::Buffer, partial: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> [Op; 2] {
+pub fn sample(
+    gpu: &Gpu,
+    v: usize,
+    logits: &wgpu::Buffer,
+    seen: &wgpu::Buffer,
+    partial: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 2] {
     [
-        op(gpu, "sample_partial", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (5, partial)], step, Grid::Fixed(v.div_ceil(SAMPLE_CHUNK) as u32, 1)),
-        op(gpu, "sample", sh::SAMPLE, &[], &[v as u32, 0, 0, 0], &[(2, logits), (3, seen), (4, out), (5, partial)], step, Grid::One),
+        op(
+            gpu,
+            "sample_partial",
+            sh::SAMPLE,
+            &[],
+            &[v as u32, 0, 0, 0],
+            &[(2, logits), (3, seen), (5, partial)],
+            step,
+            Grid::Fixed(v.div_ceil(SAMPLE_CHUNK) as u32, 1),
+        ),
+        op(
+            gpu,
+            "sample",
+            sh::SAMPLE,
+            &[],
+            &[v as u32, 0, 0, 0],
+            &[(2, logits), (3, seen), (4, out), (5, partial)],
+            step,
+            Grid::One,
+        ),
     ]
 }

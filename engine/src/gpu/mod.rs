@@ -82,7 +82,9 @@ pub fn pick_adapter(want: &str) -> Result<Option<wgpu::Adapter>> {
         return Ok(None);
     }
     if want.is_empty() || want.eq_ignore_ascii_case("auto") {
-        return Ok(list.into_iter().find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu));
+        return Ok(list
+            .into_iter()
+            .find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu));
     }
     if want.eq_ignore_ascii_case("gpu") {
         return Ok(list.into_iter().next());
