@@ -7,6 +7,7 @@ pub mod error;
 pub mod gpu;
 pub mod loader;
 pub mod model;
+pub mod probe;
 pub mod rng;
 pub mod session;
 pub mod synth;

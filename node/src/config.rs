@@ -8,7 +8,111 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
+    pub node: NodeSection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub relay: RelaySection,
+    #[serde(default)]
+    pub capabilities: CapabilitiesSection,
+    #[serde(default)]
     pub engine: EngineSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Name shown to paired peers. Default: the host name.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Listen multiaddrs. `bitnode start --listen` replaces the whole list.
+    pub listen: Vec<String>,
+    /// Multiaddrs (ending in /p2p/<peer id>) of paired nodes to dial at start, besides the addresses the
+    /// trust list remembers.
+    pub bootstrap: Vec<String>,
+    /// Find paired peers on the LAN by mDNS.
+    pub mdns: bool,
+    /// Pre-shared mesh key, 64 hex characters (32 bytes): a second lock, on top of pairing. Turns QUIC off.
+    pub psk: Option<String>,
+    /// Seconds between redial rounds for paired peers that are not connected (backs off up to 12x).
+    pub reconnect_secs: u64,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            listen: vec!["/ip4/0.0.0.0/tcp/7878".into(), "/ip4/0.0.0.0/udp/7878/quic-v1".into()],
+            bootstrap: vec![],
+            mdns: true,
+            psk: None,
+            reconnect_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    /// Serve as the relay of the owner's mesh (for paired peers only). Same as `bitnode start --relay-server`.
+    pub enabled: bool,
+    /// Reserve a relayed address on every paired peer that runs a relay, so devices behind NAT stay
+    /// reachable (DCUtR then upgrades relayed connections to direct ones).
+    pub use_paired_relays: bool,
+    /// Relays to use (multiaddrs ending in /p2p/<peer id>); each must be a paired node.
+    pub addresses: Vec<String>,
+    /// Longest life of one relayed connection, seconds (libp2p's default of 120 would cut jobs).
+    pub max_circuit_duration_secs: u64,
+    /// Most bytes one relayed connection may carry (libp2p's default is 128 KiB).
+    pub max_circuit_bytes: u64,
+    pub max_reservations: usize,
+    pub max_circuits: usize,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            enabled: false,
+            use_paired_relays: true,
+            addresses: vec![],
+            max_circuit_duration_secs: 24 * 3600,
+            max_circuit_bytes: 1 << 34,
+            max_reservations: 128,
+            max_circuits: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapabilitiesSection {
+    /// Run the ternary matmul micro-benchmark at start (off: score from pins only, else 0).
+    pub benchmark: bool,
+    /// Milliseconds the benchmark may spend timing.
+    pub benchmark_ms: u64,
+    /// Pins: any value set here replaces the measured one and marks the advert `pinned`.
+    pub score: Option<f64>,
+    pub ternary_gops: Option<f64>,
+    pub device_memory_bytes: Option<u64>,
+    pub system_memory_bytes: Option<u64>,
+    pub device: Option<String>,
+}
+
+impl Default for CapabilitiesSection {
+    fn default() -> Self {
+        CapabilitiesSection {
+            benchmark: true,
+            benchmark_ms: 300,
+            score: None,
+            ternary_gops: None,
+            device_memory_bytes: None,
+            system_memory_bytes: None,
+            device: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -41,6 +145,32 @@ pub fn home(flag: Option<&Path>) -> PathBuf {
         return h.join(".local/share/bitnode");
     }
     PathBuf::from(".bitnode")
+}
+
+/// The `config.toml` that `bitnode init` writes: every key commented out at its default, so the file
+/// documents itself and an upgrade that changes a default is not masked by a stale copy.
+pub fn initial_config(name: &str) -> String {
+    let example = include_str!("../../configs/bitnode.example.toml");
+    let mut out = String::new();
+    for line in example.lines() {
+        if line.starts_with("# name = ") {
+            out.push_str(&format!("name = {:?}\n", name));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The host name, for a default device name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "bitnode".into())
 }
 
 impl Config {

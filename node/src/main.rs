@@ -1,8 +1,8 @@
 //! The `bitnode` command line. The engine does the work; this file parses arguments, picks the device and
 //! prints results. Errors reach the user as one clear line and a non-zero exit, never a panic.
-mod config;
-
 use anyhow::{bail, Context};
+use bitnode::config;
+use bitnode::control::{self, Request};
 use bitnode_engine::cpu::SampleParams;
 use bitnode_engine::session::{EmbedDtype, Engine, EngineOptions};
 use bitnode_engine::synth::{self, SynthFormat};
@@ -106,6 +106,72 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create this device's identity (ed25519, stored 0600) and a commented config.toml.
+    Init {
+        /// Name shown to paired peers (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print this device's peer id.
+    Id,
+    /// Run the daemon: join the private mesh, advertise capabilities, serve the control socket.
+    Start {
+        /// Listen multiaddr (repeatable); replaces `[network] listen`.
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Serve as the relay of the owner's mesh (paired peers only); same as `[relay] enabled = true`.
+        #[arg(long)]
+        relay_server: bool,
+    },
+    /// The running daemon's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Paired peers: connection, round trip and capabilities.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pair devices: invite codes, manual pairing by peer id, and the trust list.
+    Pair {
+        #[command(subcommand)]
+        cmd: PairCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PairCmd {
+    /// Print a one-time invite code (and a QR code) for another device to join.
+    Invite {
+        /// How long the code stays valid: 90s, 10m, 2h, 1d.
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pair with the device that printed CODE.
+    Join {
+        code: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Trust PEER_ID directly (run it on both devices).
+    Add {
+        peer_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// A multiaddr to reach it at (repeatable).
+        #[arg(long)]
+        addr: Vec<String>,
+    },
+    /// List paired peers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpair a peer (by peer id or name) and drop its connections at once.
+    Remove { peer: String },
 }
 
 #[derive(Subcommand)]
@@ -190,9 +256,118 @@ fn load_engine(model: &std::path::Path, adapter: &Option<PathBuf>, opts: &Engine
     Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))
 }
 
+/// Parses durations such as `90s`, `10m`, `2h`, `1d` (a bare number is seconds).
+fn parse_ttl(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {s:?}: expected e.g. 90s, 10m, 2h or 1d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("--ttl {s:?}: unknown unit {unit:?} (use s, m, h or d)"),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("--ttl {s:?} is too long"))
+}
+
+fn call(home: &std::path::Path, req: Request) -> anyhow::Result<serde_json::Value> {
+    Ok(control::call(home, &req, std::time::Duration::from_secs(60))?)
+}
+
+fn print_peers(v: &serde_json::Value) {
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no paired peers (pair with `bitnode pair invite` / `bitnode pair join`)");
+    }
+    for p in list {
+        let conn = p["connection"].as_str().unwrap_or("offline");
+        let rtt = p["rtt_ms"].as_f64().map(|r| format!(" {r:.1} ms")).unwrap_or_default();
+        let score = p["capabilities"]["score"]
+            .as_f64()
+            .map(|s| format!(" score {s:.1}"))
+            .unwrap_or_default();
+        let dev = p["capabilities"]["device"]
+            .as_str()
+            .map(|d| format!(" on {d}"))
+            .unwrap_or_default();
+        println!(
+            "{:<16} {} {conn}{rtt}{score}{dev}",
+            p["name"].as_str().unwrap_or("?"),
+            p["id"].as_str().unwrap_or("?")
+        );
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
+        Cmd::Init { name } => {
+            if bitnode::init(&home, name.as_deref())? {
+                let id = bitnode::identity::load(&home)?.public().to_peer_id();
+                println!("initialized {}\npeer id: {id}", home.display());
+            } else {
+                let id = bitnode::identity::load(&home)?.public().to_peer_id();
+                println!(
+                    "{} is already initialized (peer id {id}); identity and config left untouched",
+                    home.display()
+                );
+            }
+        }
+        Cmd::Id => {
+            let id = bitnode::identity::load(&home)?.public().to_peer_id();
+            println!("{id}");
+        }
+        Cmd::Start { listen, relay_server } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(bitnode::daemon::run(
+                &home,
+                bitnode::daemon::StartOptions { listen, relay_server },
+            ))?;
+        }
+        Cmd::Status { json } => {
+            let v = call(&home, Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{} ({})",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["id"].as_str().unwrap_or("?")
+                );
+                println!(
+                    "peers: {} paired, {} connected; open invites: {}; relay server: {}",
+                    v["paired_peers"], v["connected_peers"], v["open_invites"], v["relay_server"]
+                );
+                for a in v["listen_addresses"].as_array().into_iter().flatten() {
+                    println!("listening: {}", a.as_str().unwrap_or(""));
+                }
+                let c = &v["capabilities"];
+                println!(
+                    "device: {} ({}, {}), ternary matmul {:.1} GOPS, score {:.1}",
+                    c["device"].as_str().unwrap_or("?"),
+                    c["backend"].as_str().unwrap_or("?"),
+                    c["device_type"].as_str().unwrap_or("?"),
+                    c["ternary_gops"].as_f64().unwrap_or(0.0),
+                    c["score"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        Cmd::Peers { json } => {
+            let v = call(&home, Request::Peers)?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                print_peers(&v);
+            }
+        }
+        Cmd::Pair { cmd } => pair(&home, cmd)?,
         Cmd::Infer {
             model,
             adapter,
@@ -325,6 +500,121 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("choose with --device auto|gpu|cpu|INDEX|NAME, BITNODE_ADAPTER or [engine] adapter");
             }
         }
+    }
+    Ok(())
+}
+
+fn pair(home: &std::path::Path, cmd: PairCmd) -> anyhow::Result<()> {
+    match cmd {
+        PairCmd::Invite { ttl, json } => {
+            let ttl_secs = parse_ttl(&ttl)?;
+            let v = call(home, Request::PairInvite { ttl_secs })?;
+            let code = v["code"].as_str().unwrap_or_default().to_string();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"code": code, "expires_unix": v["expires_unix"]})
+                );
+            } else {
+                println!("{code}");
+                eprintln!();
+                if let Ok(q) = qrcode::QrCode::new(code.as_bytes()) {
+                    let img = q.render::<qrcode::render::unicode::Dense1x2>().quiet_zone(true).build();
+                    eprintln!("{img}");
+                }
+                eprintln!("On the other device: bitnode pair join <code>   (one use, valid for {ttl})");
+            }
+        }
+        PairCmd::Join { code, json } => {
+            // Parse locally first: a malformed or expired code gets its error without a daemon round trip.
+            bitnode_protocol::invite::Invite::parse(&code, bitnode::trust::now_unix())?;
+            let v = call(home, Request::PairJoin { code })?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "paired with {} ({})",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["peer_id"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        PairCmd::Add { peer_id, name, addr } => {
+            let req = Request::PairAdd {
+                peer: peer_id.clone(),
+                name: name.clone(),
+                addrs: addr.clone(),
+            };
+            match control::call(home, &req, std::time::Duration::from_secs(10)) {
+                Ok(v) => println!("trusting {} as {}", peer_id, v["name"].as_str().unwrap_or("?")),
+                // No daemon: edit the trust list directly; the next `bitnode start` uses it.
+                Err(control::ClientError::NotRunning(_)) => {
+                    let id: libp2p::PeerId = peer_id
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("{peer_id:?} is not a peer id"))?;
+                    let name = name.unwrap_or_else(|| format!("peer-{}", &id.to_base58()[..8]));
+                    bitnode_protocol::wire::check_name(&name)?;
+                    let addrs: Vec<libp2p::Multiaddr> = addr
+                        .iter()
+                        .map(|a| a.parse().map_err(|e| anyhow::anyhow!("address {a:?}: {e}")))
+                        .collect::<anyhow::Result<_>>()?;
+                    let mut t = bitnode::trust::TrustList::load(home)?;
+                    t.add(&id, &name, "manual", &addrs);
+                    t.save(home)?;
+                    println!("trusting {peer_id} as {name} (the daemon is not running; it will use this at start)");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        PairCmd::List { json } => {
+            let v = match control::call(home, &Request::PairList, std::time::Duration::from_secs(10)) {
+                Ok(v) => v,
+                Err(control::ClientError::NotRunning(_)) => {
+                    let t = bitnode::trust::TrustList::load(home)?;
+                    serde_json::json!(t
+                        .peers
+                        .iter()
+                        .map(|(id, p)| serde_json::json!({"id": id, "name": p.name, "added": p.added, "via": p.via, "addresses": p.addresses}))
+                        .collect::<Vec<_>>())
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{v}");
+            } else if v.as_array().is_none_or(|a| a.is_empty()) {
+                println!("no paired peers");
+            } else {
+                for p in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {} (via {})",
+                        p["name"].as_str().unwrap_or("?"),
+                        p["id"].as_str().unwrap_or("?"),
+                        p["via"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        PairCmd::Remove { peer } => match control::call(
+            home,
+            &Request::PairRemove { peer: peer.clone() },
+            std::time::Duration::from_secs(10),
+        ) {
+            Ok(v) => println!(
+                "removed {} ({})",
+                v["name"].as_str().unwrap_or("?"),
+                v["peer_id"].as_str().unwrap_or("?")
+            ),
+            Err(control::ClientError::NotRunning(_)) => {
+                let mut t = bitnode::trust::TrustList::load(home)?;
+                let id = t
+                    .resolve(&peer)
+                    .ok_or_else(|| anyhow::anyhow!("no paired peer is called {peer:?}"))?;
+                let p = t.remove(&id).ok_or_else(|| anyhow::anyhow!("{id} is not paired"))?;
+                t.save(home)?;
+                println!("removed {} ({id})", p.name);
+            }
+            Err(e) => return Err(e.into()),
+        },
     }
     Ok(())
 }

@@ -1,6 +1,14 @@
 //! Types shared by the bitnode CLI, daemon and engine. A job is one serde type, used by the local commands
 //! and (in the mesh) on the wire, so a local run and a delegated run cannot drift apart.
 //! No tokio, no wgpu here.
+//!
+//! - [`wire`]: protocol ids and the size-bounded bincode framing every mesh message goes through;
+//! - [`mesh`]: the pairing and capability messages;
+//! - [`invite`]: one-time pairing codes and the proofs that show knowledge of their secret.
+pub mod invite;
+pub mod mesh;
+pub mod wire;
+
 use serde::{Deserialize, Serialize};
 
 /// `bitnode infer`.

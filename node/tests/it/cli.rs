@@ -1,6 +1,5 @@
 //! The `bitnode` binary as a user runs it: real processes, real files. Bad input must give one clear
 //! error line and a non-zero exit, never a panic.
-#![allow(clippy::unwrap_used)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

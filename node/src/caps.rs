@@ -1,0 +1,156 @@
+//! What this device can do: the engine's probe (device, backend, measured ternary matmul speed) plus what
+//! the OS tells us (memory, battery, AC), overridden by `[capabilities]` pins.
+use crate::config::CapabilitiesSection;
+use bitnode_protocol::mesh::Capabilities;
+use std::path::Path;
+use std::time::Duration;
+
+/// The slow part, done once at start: which device, and how fast its ternary matmul is.
+pub fn probe(adapter: &str, cfg: &CapabilitiesSection) -> Capabilities {
+    let mut c = Capabilities {
+        version: env!("CARGO_PKG_VERSION").into(),
+        system_memory_bytes: system_memory(),
+        ..Default::default()
+    };
+    if cfg.benchmark {
+        match bitnode_engine::probe::probe(adapter, Duration::from_millis(cfg.benchmark_ms.max(1))) {
+            Ok(p) => {
+                c.device = p.device;
+                c.backend = p.backend;
+                c.device_type = p.device_type.clone();
+                c.vendor = vendor_name(p.vendor_id);
+                c.max_binding_bytes = p.max_binding_bytes;
+                c.ternary_gops = if p.verified { p.ternary_gops } else { 0.0 };
+                if !p.verified {
+                    tracing::error!(device = %c.device, "the ternary matmul on this device disagrees with the CPU reference; advertising score 0");
+                }
+                c.device_memory_bytes = device_memory(&c.vendor, &p.device_type, c.system_memory_bytes);
+            }
+            Err(e) => tracing::warn!("capability probe failed: {e}"),
+        }
+    }
+    refresh(&mut c, cfg, 0);
+    c
+}
+
+/// The cheap part, redone periodically: power state, queue, pins and the score.
+pub fn refresh(c: &mut Capabilities, cfg: &CapabilitiesSection, queue_len: u32) {
+    let (battery, ac) = power(Path::new("/sys/class/power_supply"));
+    c.battery_percent = battery;
+    c.on_ac = ac;
+    c.queue_len = queue_len;
+    c.pinned = false;
+    if let Some(v) = cfg.ternary_gops {
+        c.ternary_gops = v;
+        c.pinned = true;
+    }
+    if let Some(v) = cfg.device_memory_bytes {
+        c.device_memory_bytes = Some(v);
+        c.pinned = true;
+    }
+    if let Some(v) = cfg.system_memory_bytes {
+        c.system_memory_bytes = v;
+        c.pinned = true;
+    }
+    if let Some(v) = &cfg.device {
+        c.device = v.clone();
+        c.pinned = true;
+    }
+    c.score = match cfg.score {
+        Some(s) => {
+            c.pinned = true;
+            s
+        }
+        // A phone on battery should be asked only when nothing stronger is free.
+        None if c.on_ac == Some(false) => c.ternary_gops * 0.5,
+        None => c.ternary_gops,
+    };
+}
+
+fn vendor_name(id: u32) -> String {
+    match id {
+        0 => "cpu".into(),
+        0x10de => "nvidia".into(),
+        0x1002 | 0x1022 => "amd".into(),
+        0x8086 => "intel".into(),
+        0x106b => "apple".into(),
+        0x13b5 => "arm".into(),
+        0x5143 => "qualcomm".into(),
+        0x10005 => "mesa".into(),
+        other => format!("{other:#x}"),
+    }
+}
+
+/// `MemTotal` from /proc/meminfo, in bytes (0 where unknown).
+pub fn system_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// Device-local memory where the platform tells us: AMD's sysfs VRAM counter, NVIDIA's nvidia-smi; for a
+/// software or CPU device the system RAM is its memory. Integrated GPUs share system RAM in amounts the
+/// driver decides, so they report `None`.
+fn device_memory(vendor: &str, device_type: &str, system: u64) -> Option<u64> {
+    if device_type == "software" || device_type == "cpu" {
+        return Some(system);
+    }
+    if vendor == "amd" {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/drm") {
+            for e in rd.flatten() {
+                let p = e.path().join("device/mem_info_vram_total");
+                if let Some(v) = std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok()) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    if vendor == "nvidia" {
+        let out = std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+            .output()
+            .ok()?;
+        let mib: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        return Some(mib * 1024 * 1024);
+    }
+    None
+}
+
+/// Battery percentage and AC state from `/sys/class/power_supply` (Linux and Android): `(None, None)`
+/// when the directory or the values do not exist.
+pub fn power(dir: &Path) -> (Option<f32>, Option<bool>) {
+    let mut battery = None;
+    let mut ac = None;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return (None, None);
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).ok().map(|s| s.trim().to_string());
+        match read("type").as_deref() {
+            Some("Battery") => {
+                if let Some(v) = read("capacity").and_then(|s| s.parse::<f32>().ok()) {
+                    battery = Some(v.clamp(0.0, 100.0));
+                }
+            }
+            Some("Mains") | Some("USB") | Some("USB_C") | Some("USB_PD") => {
+                if let Some(v) = read("online") {
+                    ac = Some(ac.unwrap_or(false) || v == "1");
+                }
+            }
+            _ => {}
+        }
+    }
+    (battery, ac)
+}

@@ -1,0 +1,1219 @@
+//! `bitnode start`: the daemon. One tokio task owns the libp2p swarm and all mesh state (the network actor
+//! of rust-libp2p's file-sharing example); the control socket's connections send it commands over a bounded
+//! channel and get their answers back on oneshot channels. Nothing else touches the swarm, so there are no
+//! locks around it; the only shared state is the admission set the connection gate reads.
+use crate::caps;
+use crate::config::Config;
+use crate::control::{self, Request, Response};
+use crate::net::{
+    self, is_relayed, lock, Admission, BehaviourEvent, Inbound, NetOptions, RelayLimits, SharedAdmission,
+};
+use crate::trust::{now_unix, TrustList};
+use anyhow::{bail, Context};
+use bitnode_protocol::invite::{pair_mac, verify_pair_mac, Invite, Role};
+use bitnode_protocol::mesh::{Capabilities, CapsAck, CapsAdvert, PairRequest, PairResponse};
+use bitnode_protocol::wire::check_name;
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{identify, ping, relay, request_response as rr, Multiaddr, PeerId, Swarm};
+use rand::RngCore;
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+pub struct StartOptions {
+    /// Replaces `[network] listen` when not empty.
+    pub listen: Vec<String>,
+    /// Forces `[relay] enabled`.
+    pub relay_server: bool,
+}
+
+/// How long a join may take end to end (dial, two round trips).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(45);
+/// Failed proofs after which an invite is burned (a 256-bit secret cannot be guessed; this stops noise).
+const MAX_INVITE_FAILURES: u32 = 3;
+const MAX_OPEN_INVITES: usize = 16;
+/// Capability re-check period (battery, AC, queue); a change is pushed to connected peers.
+const CAPS_REFRESH: Duration = Duration::from_secs(10);
+
+struct Conn {
+    addr: Multiaddr,
+    relayed: bool,
+    rtt: Option<Duration>,
+    /// The peer answered identify on this connection. A connection the other side's gate refuses is
+    /// established for a moment and then closed; only an identified one counts as connected.
+    identified: bool,
+}
+
+#[derive(Default)]
+struct PeerState {
+    conns: HashMap<ConnectionId, Conn>,
+    caps: Option<Capabilities>,
+    /// Listen addresses the peer reported (identify); recorded in the trust list once it is paired.
+    listen_addrs: Vec<Multiaddr>,
+    /// The peer serves as a relay (identify lists the hop protocol).
+    relay_hop: bool,
+    /// Redial schedule while disconnected.
+    next_dial: Option<Instant>,
+    backoff: u32,
+}
+
+impl PeerState {
+    fn connected(&self) -> bool {
+        self.conns.values().any(|c| c.identified)
+    }
+    fn direct(&self) -> bool {
+        self.conns.values().any(|c| c.identified && !c.relayed)
+    }
+    fn rtt(&self) -> Option<Duration> {
+        let d = self.direct();
+        self.conns
+            .values()
+            .filter(|c| c.identified && c.relayed != d)
+            .filter_map(|c| c.rtt)
+            .min()
+    }
+}
+
+struct OpenInvite {
+    secret: [u8; 32],
+    expires_unix: u64,
+    expires: Instant,
+    used: bool,
+    failures: u32,
+}
+
+/// Inviter side, between `Hello` and `Prove`.
+struct InviterSession {
+    invite_id: [u8; 16],
+    joiner_nonce: [u8; 32],
+    inviter_nonce: [u8; 32],
+}
+
+/// Joiner side, from `bitnode pair join` until `Welcome` or failure.
+struct Join {
+    invite: Invite,
+    nonce: [u8; 32],
+    addrs: Vec<Multiaddr>,
+    deadline: Instant,
+    reply: Option<oneshot::Sender<Response>>,
+}
+
+struct Ctl {
+    req: Request,
+    reply: oneshot::Sender<Response>,
+}
+
+pub struct Daemon {
+    swarm: Swarm<net::Behaviour>,
+    home: PathBuf,
+    cfg: Config,
+    name: String,
+    me: PeerId,
+    admission: SharedAdmission,
+    trust: TrustList,
+    peers: HashMap<PeerId, PeerState>,
+    invites: HashMap<[u8; 16], OpenInvite>,
+    sessions: HashMap<PeerId, InviterSession>,
+    joins: HashMap<PeerId, Join>,
+    caps: Capabilities,
+    advertised: Option<Capabilities>,
+    relay_listeners: HashMap<PeerId, ListenerId>,
+    listen_addrs: Vec<Multiaddr>,
+    relay_server: bool,
+    pnet: bool,
+    started: Instant,
+    stop: bool,
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+fn parse_psk(s: &str) -> anyhow::Result<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        bail!("[network] psk must be 64 hex characters (32 bytes)");
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).context("[network] psk must be hex")?;
+    }
+    Ok(out)
+}
+
+/// Appends `/p2p/<peer>` unless the address already ends with a peer id.
+fn with_peer(a: &Multiaddr, peer: &PeerId) -> Multiaddr {
+    match a.iter().last() {
+        Some(Protocol::P2p(_)) => a.clone(),
+        _ => a.clone().with(Protocol::P2p(*peer)),
+    }
+}
+
+/// The peer id an address ends with, if any.
+fn peer_of(a: &Multiaddr) -> Option<PeerId> {
+    match a.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+/// Loopback addresses only make sense to a peer on the same host: elsewhere they reach the dialer itself,
+/// and one such "wrong peer" answer fails the whole concurrent dial.
+fn drop_loopback_unless(addrs: Vec<Multiaddr>, keep: bool) -> Vec<Multiaddr> {
+    if keep {
+        addrs
+    } else {
+        addrs.into_iter().filter(|a| !is_loopback(a)).collect()
+    }
+}
+
+fn dialable(a: &Multiaddr) -> bool {
+    !a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
+pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    if !crate::identity::exists(home) {
+        crate::init(home, None)?;
+    }
+    let key = crate::identity::load(home)?;
+    let cfg = Config::load(home)?;
+    let trust = TrustList::load(home)?;
+    let sock = control::socket_path(home);
+    if control::is_running(home) {
+        bail!("a bitnode daemon is already running for {}", home.display());
+    }
+    // A socket file nobody answers on is left from a daemon that died; replace it.
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding the control socket {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+
+    let name = cfg.node.name.clone().unwrap_or_else(crate::config::hostname);
+    check_name(&name).map_err(|e| anyhow::anyhow!("[node] name: {e}"))?;
+    let me = key.public().to_peer_id();
+    let admission: SharedAdmission = Arc::new(Mutex::new(Admission {
+        trusted: trust.ids().into_iter().collect(),
+        ..Default::default()
+    }));
+    let relay_server = opts.relay_server || cfg.relay.enabled;
+    let psk = cfg
+        .network
+        .psk
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(parse_psk)
+        .transpose()?;
+    let netopts = NetOptions {
+        mdns: cfg.network.mdns,
+        relay_server: relay_server.then(|| RelayLimits {
+            max_circuit_duration: Duration::from_secs(cfg.relay.max_circuit_duration_secs),
+            max_circuit_bytes: cfg.relay.max_circuit_bytes,
+            max_reservations: cfg.relay.max_reservations,
+            max_circuits: cfg.relay.max_circuits,
+        }),
+        psk,
+        agent: format!("bitnode/{}", env!("CARGO_PKG_VERSION")),
+    };
+    let mut swarm = net::build_swarm(key, admission.clone(), &netopts)?;
+    let listen = if opts.listen.is_empty() {
+        cfg.network.listen.clone()
+    } else {
+        opts.listen.clone()
+    };
+    for l in &listen {
+        let a: Multiaddr = l.parse().with_context(|| format!("listen address {l:?}"))?;
+        if psk.is_some() && a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Udp(_))) {
+            tracing::warn!(%a, "skipping a QUIC listen address: the pre-shared mesh key works over TCP only");
+            continue;
+        }
+        swarm
+            .listen_on(a.clone())
+            .with_context(|| format!("listening on {a}"))?;
+    }
+    let adapter = cfg.engine.adapter.clone().unwrap_or_else(|| "auto".into());
+    let caps_cfg = cfg.capabilities.clone();
+    // The probe blocks on the GPU for a few hundred milliseconds; keep it off the async workers.
+    let caps = tokio::task::spawn_blocking(move || caps::probe(&adapter, &caps_cfg)).await?;
+    tracing::info!(peer_id = %me, %name, score = caps.score, device = %caps.device, "bitnode daemon starting");
+
+    let mut d = Daemon {
+        swarm,
+        home: home.to_path_buf(),
+        cfg,
+        name,
+        me,
+        admission,
+        trust,
+        peers: HashMap::new(),
+        invites: HashMap::new(),
+        sessions: HashMap::new(),
+        joins: HashMap::new(),
+        caps,
+        advertised: None,
+        relay_listeners: HashMap::new(),
+        listen_addrs: vec![],
+        relay_server,
+        pnet: psk.is_some(),
+        started: Instant::now(),
+        stop: false,
+    };
+    d.dial_bootstrap();
+    let (tx, rx) = mpsc::channel::<Ctl>(64);
+    let acceptor = tokio::spawn(accept_loop(listener, tx));
+    let res = d.event_loop(rx).await;
+    acceptor.abort();
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("bitnode daemon stopped");
+    res
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Ctl>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_client(stream, tx.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::new(r.take(control::MAX_REQUEST as u64 + 1));
+    let mut line = String::new();
+    let resp = match r.read_line(&mut line).await {
+        Ok(_) if line.len() > control::MAX_REQUEST => Response::err("request too large"),
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (reply, rx) = oneshot::channel();
+                if tx.send(Ctl { req, reply }).await.is_err() {
+                    Response::err("the daemon is shutting down")
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| Response::err("the daemon dropped the request"))
+                }
+            }
+            Err(e) => Response::err(format!("malformed request: {e}")),
+        },
+        Err(e) => Response::err(format!("reading request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out).await;
+}
+
+enum Wake {
+    Swarm(Box<SwarmEvent<BehaviourEvent>>),
+    Ctl(Ctl),
+    Tick,
+    Stop(&'static str),
+}
+
+impl Daemon {
+    async fn event_loop(&mut self, mut rx: mpsc::Receiver<Ctl>) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_caps = Instant::now();
+        while !self.stop {
+            let w = tokio::select! {
+                ev = self.swarm.select_next_some() => Wake::Swarm(Box::new(ev)),
+                Some(c) = rx.recv() => Wake::Ctl(c),
+                _ = tick.tick() => Wake::Tick,
+                _ = sigint.recv() => Wake::Stop("SIGINT"),
+                _ = sigterm.recv() => Wake::Stop("SIGTERM"),
+            };
+            match w {
+                Wake::Swarm(ev) => self.on_swarm(*ev),
+                Wake::Ctl(c) => self.on_control(c),
+                Wake::Tick => {
+                    self.on_tick();
+                    if last_caps.elapsed() >= CAPS_REFRESH {
+                        last_caps = Instant::now();
+                        caps::refresh(&mut self.caps, &self.cfg.capabilities, 0);
+                        self.push_caps_if_changed();
+                    }
+                }
+                Wake::Stop(sig) => {
+                    tracing::info!("{sig}: shutting down");
+                    self.stop = true;
+                }
+            }
+        }
+        // Close connections so peers see us leave now rather than at their ping timeout.
+        for p in self.peers.keys().copied().collect::<Vec<_>>() {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        Ok(())
+    }
+
+    fn save_trust(&self) {
+        if let Err(e) = self.trust.save(&self.home) {
+            tracing::error!("saving the trust list: {e:#}");
+        }
+    }
+
+    fn set_trusted(&mut self, peer: PeerId, trusted: bool) {
+        let mut a = lock(&self.admission);
+        if trusted {
+            a.trusted.insert(peer);
+            a.pairing.remove(&peer);
+        } else {
+            a.trusted.remove(&peer);
+        }
+        a.joining.remove(&peer);
+    }
+
+    fn is_trusted(&self, peer: &PeerId) -> bool {
+        lock(&self.admission).trusted.contains(peer)
+    }
+
+    fn dial_bootstrap(&mut self) {
+        let mut targets: Vec<Multiaddr> = vec![];
+        for s in self.cfg.network.bootstrap.iter().chain(self.cfg.relay.addresses.iter()) {
+            match s.parse::<Multiaddr>() {
+                Ok(a) if peer_of(&a).is_some() => targets.push(a),
+                _ => tracing::warn!("ignoring {s:?}: a bootstrap or relay address must end in /p2p/<peer id>"),
+            }
+        }
+        for a in targets {
+            let Some(p) = peer_of(&a) else { continue };
+            if !self.is_trusted(&p) {
+                tracing::warn!(%a, "configured address belongs to a peer that is not paired; pair with it first");
+                continue;
+            }
+            self.trust.note_addrs(&p, std::slice::from_ref(&a));
+        }
+        // Every paired peer is dialed on the first tick.
+    }
+
+    fn redial(&mut self, now: Instant) {
+        let base = Duration::from_secs(self.cfg.network.reconnect_secs.max(1));
+        for id in self.trust.ids() {
+            let st = self.peers.entry(id).or_default();
+            if st.connected() || st.next_dial.is_some_and(|t| now < t) {
+                continue;
+            }
+            st.backoff = (st.backoff * 2).clamp(1, 12);
+            st.next_dial = Some(now + base * st.backoff);
+            let addrs: Vec<Multiaddr> = self
+                .trust
+                .get(&id)
+                .map(|t| t.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default();
+            if addrs.is_empty() {
+                continue;
+            }
+            let opts = DialOpts::peer_id(id)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .addresses(addrs)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(peer = %id, "redial: {e}");
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        // Invites: drop expired ones; the gate admits strangers only while one is open.
+        // Used invites stay until they expire, so a replay is told "already used" rather than "unknown".
+        self.invites.retain(|_, i| now < i.expires);
+        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
+        let expired_pairing: Vec<PeerId> = {
+            let mut a = lock(&self.admission);
+            a.open_invite_until = open;
+            let gone: Vec<PeerId> = a.pairing.iter().filter(|(_, t)| now >= **t).map(|(p, _)| *p).collect();
+            for p in &gone {
+                a.pairing.remove(p);
+            }
+            gone.into_iter()
+                .filter(|p| !a.trusted.contains(p) && !a.joining.contains(p))
+                .collect()
+        };
+        for p in expired_pairing {
+            tracing::info!(peer = %p, "dropping an unpaired peer whose pairing window closed");
+            self.sessions.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+            self.peers.remove(&p);
+        }
+        let late: Vec<PeerId> = self
+            .joins
+            .iter()
+            .filter(|(_, j)| now >= j.deadline)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in late {
+            self.fail_join(
+                &p,
+                "timed out waiting for the inviter (is its daemon running and reachable?)",
+            );
+        }
+        self.redial(now);
+        self.ensure_relay_reservations();
+    }
+
+    /// Listen through every paired relay we are connected to (and the configured ones), so that peers
+    /// behind other NATs can reach us; DCUtR then replaces those relayed connections with direct ones.
+    fn ensure_relay_reservations(&mut self) {
+        if !self.cfg.relay.use_paired_relays && self.cfg.relay.addresses.is_empty() {
+            return;
+        }
+        let configured: HashSet<PeerId> = self
+            .cfg
+            .relay
+            .addresses
+            .iter()
+            .filter_map(|s| s.parse::<Multiaddr>().ok().as_ref().and_then(peer_of))
+            .collect();
+        let mut want = vec![];
+        for (id, st) in &self.peers {
+            if self.relay_listeners.contains_key(id) || !self.trust.contains(id) {
+                continue;
+            }
+            let usable = (st.relay_hop && self.cfg.relay.use_paired_relays) || configured.contains(id);
+            // Reserve through a direct connection to the relay (a circuit over a circuit is not allowed).
+            if let Some(c) = st
+                .conns
+                .values()
+                .find(|c| !c.relayed && usable && !self.relay_server_is(id))
+            {
+                want.push((*id, c.addr.clone()));
+            }
+        }
+        for (id, addr) in want {
+            let a = with_peer(&strip_peer(&addr), &id).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(a.clone()) {
+                Ok(l) => {
+                    tracing::info!(relay = %id, "reserving a relayed address at {a}");
+                    self.relay_listeners.insert(id, l);
+                }
+                Err(e) => tracing::warn!(relay = %id, "cannot listen through the relay: {e}"),
+            }
+        }
+    }
+
+    fn relay_server_is(&self, id: &PeerId) -> bool {
+        *id == self.me
+    }
+
+    fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {}", with_peer(&address, &self.me));
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                if let Some(relay) = self
+                    .relay_listeners
+                    .iter()
+                    .find(|(_, l)| **l == listener_id)
+                    .map(|(p, _)| *p)
+                {
+                    tracing::info!(%relay, "relayed listener closed: {reason:?}");
+                    self.relay_listeners.remove(&relay);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let (addr, relayed) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), is_relayed(address)),
+                    ConnectedPoint::Listener {
+                        local_addr,
+                        send_back_addr,
+                    } => (
+                        send_back_addr.clone(),
+                        is_relayed(local_addr) || is_relayed(send_back_addr),
+                    ),
+                };
+                tracing::info!(peer = %peer_id, %addr, relayed, "connected");
+                let trusted = self.is_trusted(&peer_id);
+                let st = self.peers.entry(peer_id).or_default();
+                st.conns.insert(
+                    connection_id,
+                    Conn {
+                        addr: addr.clone(),
+                        relayed,
+                        rtt: None,
+                        identified: false,
+                    },
+                );
+                st.backoff = 0;
+                st.next_dial = None;
+                if trusted {
+                    if endpoint.is_dialer() && self.trust.note_addrs(&peer_id, &[strip_peer(&addr)]) {
+                        self.save_trust();
+                    }
+                    if num_established.get() == 1 {
+                        self.send_caps(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                cause,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "connection closed: {cause:?}");
+                if let Some(st) = self.peers.get_mut(&peer_id) {
+                    st.conns.remove(&connection_id);
+                }
+                if let Some(relay) = self.relay_listeners.keys().find(|r| **r == peer_id).copied() {
+                    if !self.peers.get(&relay).is_some_and(|s| s.direct()) {
+                        if let Some(l) = self.relay_listeners.remove(&relay) {
+                            self.swarm.remove_listener(l);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p),
+                error,
+                ..
+            } => {
+                tracing::debug!(peer = %p, "dial failed: {error}");
+                if self.joins.contains_key(&p) && !self.peers.get(&p).is_some_and(|s| s.connected()) {
+                    self.fail_join(&p, &format!("could not reach the inviter: {error}"));
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr, error, ..
+            } => {
+                tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!("external address confirmed: {address}");
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                connection_id,
+                info,
+            }) => {
+                let hop = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                let addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| dialable(a))
+                    .map(strip_peer)
+                    .collect();
+                let st = self.peers.entry(peer_id).or_default();
+                let local = st.conns.get(&connection_id).is_some_and(|c| is_loopback(&c.addr));
+                let addrs = drop_loopback_unless(addrs, local);
+                st.relay_hop = hop;
+                st.listen_addrs = addrs.clone();
+                if let Some(c) = st.conns.get_mut(&connection_id) {
+                    c.identified = true;
+                }
+                if self.is_trusted(&peer_id) && self.trust.note_addrs(&peer_id, &addrs) {
+                    self.save_trust();
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Ok(rtt),
+            }) => {
+                if let Some(c) = self.peers.get_mut(&peer).and_then(|s| s.conns.get_mut(&connection)) {
+                    c.rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(list)) => {
+                for (peer, addr) in list {
+                    // Strangers on the LAN are ignored: only paired peers are ever dialed.
+                    if self.is_trusted(&peer) && !self.peers.get(&peer).is_some_and(|s| s.connected()) {
+                        let opts = DialOpts::peer_id(peer)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .addresses(vec![addr])
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted { relay_peer_id, .. }) => {
+                tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+            }
+            BehaviourEvent::Dcutr(e) => match e.result {
+                Ok(_) => tracing::info!(peer = %e.remote_peer_id, "hole punch succeeded: direct connection"),
+                Err(err) => tracing::info!(peer = %e.remote_peer_id, "hole punch failed: {err}"),
+            },
+            BehaviourEvent::Pair(e) => self.on_pair(e),
+            BehaviourEvent::Caps(e) => self.on_caps(e),
+            _ => {}
+        }
+    }
+
+    // ---- capabilities ----
+
+    fn advert(&self) -> CapsAdvert {
+        CapsAdvert {
+            name: self.name.clone(),
+            caps: self.caps.clone(),
+        }
+    }
+
+    fn send_caps(&mut self, peer: PeerId) {
+        let a = self.advert();
+        self.swarm.behaviour_mut().caps.send_request(&peer, Ok(a));
+    }
+
+    fn push_caps_if_changed(&mut self) {
+        if self.advertised.as_ref() == Some(&self.caps) {
+            return;
+        }
+        self.advertised = Some(self.caps.clone());
+        let targets: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(p, s)| s.connected() && self.trust.contains(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in targets {
+            self.send_caps(p);
+        }
+    }
+
+    fn on_caps(&mut self, e: rr::Event<Inbound<CapsAdvert>, Inbound<CapsAck>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let request = match request {
+                    Ok(r) => r,
+                    Err(why) => {
+                        // No answer: the stream is dropped with the channel.
+                        tracing::warn!(%peer, "bad capability message refused: {why}");
+                        return;
+                    }
+                };
+                if !self.is_trusted(&peer) {
+                    // Not paired: no answer at all (the stream is dropped).
+                    tracing::warn!(%peer, "capability advert from an unpaired peer ignored");
+                    return;
+                }
+                tracing::debug!(%peer, score = request.caps.score, "capabilities received");
+                self.peers.entry(peer).or_default().caps = Some(request.caps);
+                let _ = self.swarm.behaviour_mut().caps.send_response(channel, Ok(CapsAck::Ok));
+            }
+            rr::Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, "bad capability message: {error}");
+            }
+            rr::Event::OutboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "capability advert not delivered: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    // ---- pairing ----
+
+    fn on_pair(&mut self, e: rr::Event<Inbound<PairRequest>, Inbound<PairResponse>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => match request {
+                Ok(request) => {
+                    let resp = self.pair_request(peer, request);
+                    let _ = self.swarm.behaviour_mut().pair.send_response(channel, Ok(resp));
+                }
+                Err(why) => tracing::warn!(%peer, "bad pairing message refused: {why}"),
+            },
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Response { response, .. },
+                ..
+            } => match response {
+                Ok(r) => self.pair_response(peer, r),
+                Err(why) => self.fail_join(&peer, &format!("the inviter sent a malformed answer: {why}")),
+            },
+            rr::Event::OutboundFailure { peer, error, .. } if self.joins.contains_key(&peer) => {
+                self.fail_join(&peer, &format!("pairing request failed: {error}"));
+            }
+            rr::Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, "bad pairing message: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    /// Inviter side.
+    fn pair_request(&mut self, peer: PeerId, req: PairRequest) -> PairResponse {
+        let refuse = |reason: &str| {
+            tracing::warn!(%peer, "pairing refused: {reason}");
+            PairResponse::Refused { reason: reason.into() }
+        };
+        match req {
+            PairRequest::Hello { invite_id, nonce } => {
+                let Some(inv) = self.invites.get(&invite_id) else {
+                    return refuse("unknown invite (it may have expired, been used, or been made by another node)");
+                };
+                if inv.used {
+                    return refuse("this invite was already used");
+                }
+                if Instant::now() >= inv.expires {
+                    return refuse("this invite has expired");
+                }
+                let inviter_nonce = random::<32>();
+                let mac = pair_mac(
+                    &inv.secret,
+                    Role::Inviter,
+                    &invite_id,
+                    &self.me.to_bytes(),
+                    &peer.to_bytes(),
+                    &nonce,
+                    &inviter_nonce,
+                );
+                self.sessions.insert(
+                    peer,
+                    InviterSession {
+                        invite_id,
+                        joiner_nonce: nonce,
+                        inviter_nonce,
+                    },
+                );
+                PairResponse::Challenge {
+                    nonce: inviter_nonce,
+                    mac,
+                }
+            }
+            PairRequest::Prove { invite_id, mac, name } => {
+                let Some(s) = self.sessions.remove(&peer) else {
+                    return refuse("no pairing in progress with this peer (send Hello first)");
+                };
+                if s.invite_id != invite_id {
+                    return refuse("the proof names a different invite");
+                }
+                let Some(inv) = self.invites.get_mut(&invite_id) else {
+                    return refuse("unknown invite (it may have expired meanwhile)");
+                };
+                if inv.used {
+                    return refuse("this invite was already used");
+                }
+                let ok = verify_pair_mac(
+                    &mac,
+                    &inv.secret,
+                    Role::Joiner,
+                    &invite_id,
+                    &self.me.to_bytes(),
+                    &peer.to_bytes(),
+                    &s.joiner_nonce,
+                    &s.inviter_nonce,
+                );
+                if !ok {
+                    inv.failures += 1;
+                    if inv.failures >= MAX_INVITE_FAILURES {
+                        inv.used = true;
+                    }
+                    return refuse("the proof did not verify: wrong or tampered invite code");
+                }
+                let name = match check_name(&name) {
+                    Ok(()) => name,
+                    Err(_) => format!("peer-{}", &peer.to_base58()[..8.min(peer.to_base58().len())]),
+                };
+                inv.used = true;
+                // Inbound connections come from ephemeral ports; the listen addresses identify reported
+                // are what we can dial later.
+                let addrs = self
+                    .peers
+                    .get(&peer)
+                    .map(|s| s.listen_addrs.clone())
+                    .unwrap_or_default();
+                self.trust.add(&peer, &name, "invite", &addrs);
+                self.save_trust();
+                self.set_trusted(peer, true);
+                tracing::info!(%peer, %name, "paired (invite)");
+                self.send_caps(peer);
+                PairResponse::Welcome {
+                    name: self.name.clone(),
+                }
+            }
+        }
+    }
+
+    /// Joiner side.
+    fn pair_response(&mut self, peer: PeerId, resp: PairResponse) {
+        let Some(j) = self.joins.get(&peer) else {
+            tracing::warn!(%peer, "unexpected pairing response ignored");
+            return;
+        };
+        match resp {
+            PairResponse::Challenge { nonce, mac } => {
+                let inv = &j.invite;
+                let ok = verify_pair_mac(
+                    &mac,
+                    &inv.secret,
+                    Role::Inviter,
+                    &inv.id,
+                    &peer.to_bytes(),
+                    &self.me.to_bytes(),
+                    &j.nonce,
+                    &nonce,
+                );
+                if !ok {
+                    return self.fail_join(
+                        &peer,
+                        "proof mismatch: the inviter's proof does not match this code's secret (wrong or tampered code?)",
+                    );
+                }
+                let mac = pair_mac(
+                    &inv.secret,
+                    Role::Joiner,
+                    &inv.id,
+                    &peer.to_bytes(),
+                    &self.me.to_bytes(),
+                    &j.nonce,
+                    &nonce,
+                );
+                let req = PairRequest::Prove {
+                    invite_id: inv.id,
+                    mac,
+                    name: self.name.clone(),
+                };
+                self.swarm.behaviour_mut().pair.send_request(&peer, Ok(req));
+            }
+            PairResponse::Welcome { name } => {
+                let Some(mut j) = self.joins.remove(&peer) else { return };
+                let name = match check_name(&name) {
+                    Ok(()) => name,
+                    Err(_) => format!("peer-{}", &peer.to_base58()[..8]),
+                };
+                let mut addrs: Vec<Multiaddr> = j.addrs.iter().map(strip_peer).collect();
+                if let Some(st) = self.peers.get(&peer) {
+                    addrs.extend(st.listen_addrs.iter().cloned());
+                }
+                self.trust.add(&peer, &name, "join", &addrs);
+                self.save_trust();
+                self.set_trusted(peer, true);
+                tracing::info!(%peer, %name, "paired (joined)");
+                self.send_caps(peer);
+                if let Some(r) = j.reply.take() {
+                    let _ = r.send(Response::ok(json!({"peer_id": peer.to_base58(), "name": name})));
+                }
+            }
+            PairResponse::Refused { reason } => {
+                self.fail_join(&peer, &format!("the inviter refused: {reason}"));
+            }
+        }
+    }
+
+    fn fail_join(&mut self, peer: &PeerId, why: &str) {
+        if let Some(mut j) = self.joins.remove(peer) {
+            tracing::warn!(%peer, "join failed: {why}");
+            if let Some(r) = j.reply.take() {
+                let _ = r.send(Response::err(why));
+            }
+            lock(&self.admission).joining.remove(peer);
+            if !self.is_trusted(peer) {
+                let _ = self.swarm.disconnect_peer_id(*peer);
+            }
+        }
+    }
+
+    // ---- control ----
+
+    fn on_control(&mut self, c: Ctl) {
+        let Ctl { req, reply } = c;
+        let resp = match req {
+            Request::Status => Response::ok(self.status()),
+            Request::Peers => Response::ok(self.peers_json()),
+            Request::PairList => Response::ok(self.pair_list()),
+            Request::PairInvite { ttl_secs } => self.invite(ttl_secs),
+            Request::PairJoin { code } => match self.join(&code) {
+                Ok(rx) => {
+                    // Answered when the handshake ends; the join holds the reply channel.
+                    if let Some(j) = self.joins.get_mut(&rx) {
+                        j.reply = Some(reply);
+                    }
+                    return;
+                }
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Request::PairAdd { peer, name, addrs } => self.pair_add(&peer, name, &addrs),
+            Request::PairRemove { peer } => self.pair_remove(&peer),
+            Request::Shutdown => {
+                self.stop = true;
+                Response::ok(json!("stopping"))
+            }
+        };
+        let _ = reply.send(resp);
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let connected = self
+            .peers
+            .iter()
+            .filter(|(p, s)| s.connected() && self.trust.contains(p))
+            .count();
+        let relayed: Vec<String> = self
+            .listen_addrs
+            .iter()
+            .filter(|a| is_relayed(a))
+            .map(|a| with_peer(a, &self.me).to_string())
+            .collect();
+        json!({
+            "id": self.me.to_base58(),
+            "name": self.name,
+            "listen_addresses": self.listen_addrs.iter().map(|a| with_peer(a, &self.me).to_string()).collect::<Vec<_>>(),
+            "relayed_addresses": relayed,
+            "external_addresses": self.swarm.external_addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "relay_server": self.relay_server,
+            "psk": self.pnet,
+            "paired_peers": self.trust.peers.len(),
+            "connected_peers": connected,
+            "open_invites": self.invites.len(),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "capabilities": self.caps,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn peers_json(&self) -> serde_json::Value {
+        let mut out = vec![];
+        for (id, t) in &self.trust.peers {
+            let pid: Option<PeerId> = id.parse().ok();
+            let st = pid.and_then(|p| self.peers.get(&p));
+            let connected = st.is_some_and(|s| s.connected());
+            let connection = match st {
+                Some(s) if s.direct() => json!("direct"),
+                Some(s) if s.connected() => json!("relayed"),
+                _ => serde_json::Value::Null,
+            };
+            let mut addresses: Vec<String> = st
+                .map(|s| s.conns.values().map(|c| c.addr.to_string()).collect())
+                .unwrap_or_default();
+            for a in &t.addresses {
+                if !addresses.contains(a) {
+                    addresses.push(a.clone());
+                }
+            }
+            out.push(json!({
+                "id": id,
+                "name": t.name,
+                "connected": connected,
+                "connection": connection,
+                "addresses": addresses,
+                "rtt_ms": st.and_then(|s| s.rtt()).map(|d| d.as_secs_f64() * 1000.0),
+                "capabilities": st.and_then(|s| s.caps.as_ref()),
+            }));
+        }
+        serde_json::Value::Array(out)
+    }
+
+    fn pair_list(&self) -> serde_json::Value {
+        json!(self
+            .trust
+            .peers
+            .iter()
+            .map(|(id, t)| json!({"id": id, "name": t.name, "added": t.added, "via": t.via, "addresses": t.addresses}))
+            .collect::<Vec<_>>())
+    }
+
+    fn invite(&mut self, ttl_secs: u64) -> Response {
+        if !(10..=7 * 24 * 3600).contains(&ttl_secs) {
+            return Response::err("--ttl must be between 10s and 7d");
+        }
+        if self.invites.values().filter(|i| !i.used).count() >= MAX_OPEN_INVITES {
+            return Response::err(format!(
+                "{MAX_OPEN_INVITES} invites are already open; wait for them to expire"
+            ));
+        }
+        let id = random::<16>();
+        let secret = random::<32>();
+        let expires_unix = now_unix() + ttl_secs;
+        let expires = Instant::now() + Duration::from_secs(ttl_secs);
+        // Relayed addresses first: they work from behind any NAT; direct ones are tried alongside.
+        let mut addrs: Vec<Multiaddr> = self.listen_addrs.iter().filter(|a| is_relayed(a)).cloned().collect();
+        addrs.extend(self.swarm.external_addresses().cloned());
+        addrs.extend(
+            self.listen_addrs
+                .iter()
+                .filter(|a| !is_relayed(a) && dialable(a))
+                .cloned(),
+        );
+        let mut seen = HashSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
+        let only_loopback = addrs.iter().all(is_loopback);
+        let mut addrs = drop_loopback_unless(addrs, only_loopback);
+        addrs.truncate(12);
+        let inv = Invite::new(
+            self.me.to_bytes(),
+            addrs.iter().map(|a| a.to_string()).collect(),
+            id,
+            secret,
+            expires_unix,
+        );
+        self.invites.insert(
+            id,
+            OpenInvite {
+                secret,
+                expires_unix,
+                expires,
+                used: false,
+                failures: 0,
+            },
+        );
+        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
+        lock(&self.admission).open_invite_until = open;
+        tracing::info!(expires_unix, "invite created");
+        let _ = self.invites.get(&id).map(|i| i.expires_unix);
+        Response::ok(json!({
+            "code": inv.to_code(),
+            "expires_unix": expires_unix,
+            "addresses": inv.addrs,
+        }))
+    }
+
+    /// Starts joining an invite; returns the inviter, whose `Join` will carry the reply.
+    fn join(&mut self, code: &str) -> anyhow::Result<PeerId> {
+        let inv = Invite::parse(code, now_unix())?;
+        let peer = PeerId::from_bytes(&inv.inviter).context("the invite code holds an invalid peer id")?;
+        if peer == self.me {
+            bail!("this invite was made by this node; run `bitnode pair join` on the other device");
+        }
+        if self.joins.contains_key(&peer) {
+            bail!("already joining {peer}");
+        }
+        let mut addrs = vec![];
+        for s in &inv.addrs {
+            match s.parse::<Multiaddr>() {
+                Ok(a) => addrs.push(with_peer(&a, &peer)),
+                Err(_) => bail!("the invite code holds a malformed address {s:?}"),
+            }
+        }
+        if addrs.is_empty() && !self.peers.get(&peer).is_some_and(|s| s.connected()) {
+            bail!("the invite code holds no address to reach the inviter at");
+        }
+        lock(&self.admission).joining.insert(peer);
+        let nonce = random::<32>();
+        self.swarm.behaviour_mut().pair.send_request_with_addresses(
+            &peer,
+            Ok(PairRequest::Hello {
+                invite_id: inv.id,
+                nonce,
+            }),
+            addrs.clone(),
+        );
+        self.joins.insert(
+            peer,
+            Join {
+                invite: inv,
+                nonce,
+                addrs,
+                deadline: Instant::now() + JOIN_TIMEOUT,
+                reply: None,
+            },
+        );
+        Ok(peer)
+    }
+
+    fn pair_add(&mut self, peer: &str, name: Option<String>, addrs: &[String]) -> Response {
+        let Ok(id) = peer.parse::<PeerId>() else {
+            return Response::err(format!(
+                "{peer:?} is not a peer id (see `bitnode id` on the other device)"
+            ));
+        };
+        if id == self.me {
+            return Response::err("that is this node's own peer id");
+        }
+        let name = name.unwrap_or_else(|| format!("peer-{}", &id.to_base58()[..8]));
+        if let Err(e) = check_name(&name) {
+            return Response::err(e);
+        }
+        let mut parsed = vec![];
+        for a in addrs {
+            match a.parse::<Multiaddr>() {
+                Ok(m) => parsed.push(strip_peer(&m)),
+                Err(e) => return Response::err(format!("address {a:?}: {e}")),
+            }
+        }
+        self.trust.add(&id, &name, "manual", &parsed);
+        self.save_trust();
+        self.set_trusted(id, true);
+        if let Some(st) = self.peers.get_mut(&id) {
+            st.next_dial = None;
+        }
+        tracing::info!(peer = %id, %name, "paired (manual)");
+        Response::ok(json!({"peer_id": id.to_base58(), "name": name}))
+    }
+
+    fn pair_remove(&mut self, who: &str) -> Response {
+        let Some(id) = self.trust.resolve(who) else {
+            return Response::err(format!("no paired peer is called {who:?}"));
+        };
+        let Some(t) = self.trust.remove(&id) else {
+            return Response::err(format!("{id} is not paired"));
+        };
+        self.save_trust();
+        self.set_trusted(id, false);
+        // Drop it at once: the gate refuses its reconnects from now on.
+        let _ = self.swarm.disconnect_peer_id(id);
+        if let Some(l) = self.relay_listeners.remove(&id) {
+            self.swarm.remove_listener(l);
+        }
+        self.peers.remove(&id);
+        tracing::info!(peer = %id, name = %t.name, "unpaired");
+        Response::ok(json!({"peer_id": id.to_base58(), "name": t.name}))
+    }
+}
+
+/// The address without a trailing `/p2p/<id>` (the trust list keys addresses by peer already).
+fn strip_peer(a: &Multiaddr) -> Multiaddr {
+    let mut a = a.clone();
+    if let Some(Protocol::P2p(_)) = a.iter().last() {
+        a.pop();
+    }
+    a
+}

@@ -1,0 +1,33 @@
+//! The bitnode node: configuration, identity, trust list, capability probe, the libp2p mesh and the daemon
+//! with its control socket. The `bitnode` binary (main.rs) is a thin CLI over this library.
+pub mod caps;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod fsutil;
+pub mod identity;
+pub mod net;
+pub mod trust;
+
+use anyhow::Context;
+use std::path::Path;
+
+/// `bitnode init`: a new identity and a commented `config.toml` in `home`. An existing identity is never
+/// replaced (it would silently unpair the device from every peer); returns whether anything was created.
+pub fn init(home: &Path, name: Option<&str>) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let _ = std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    if let Some(n) = name {
+        bitnode_protocol::wire::check_name(n).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    }
+    if identity::exists(home) {
+        return Ok(false);
+    }
+    identity::create(home)?;
+    let cfg = home.join("config.toml");
+    if !cfg.exists() {
+        let name = name.map(str::to_string).unwrap_or_else(config::hostname);
+        fsutil::write_private(&cfg, config::initial_config(&name).as_bytes())?;
+    }
+    Ok(true)
+}

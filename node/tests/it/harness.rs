@@ -1,0 +1,263 @@
+//! Starting real `bitnode start` daemons and driving them through the CLI, as a user would.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin_path() -> &'static str {
+    env!("CARGO_BIN_EXE_bitnode")
+}
+
+/// A short fresh directory: the control socket path must stay under the 108-byte Unix limit.
+pub fn home(name: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/bn-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `bitnode --home H args…`; returns (success, stdout, stderr).
+pub fn cli(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(bin_path())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+pub fn cli_ok(home: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = cli(home, args);
+    assert!(ok, "bitnode {args:?} failed: {err}{out}");
+    out
+}
+
+pub fn cli_err(home: &Path, args: &[&str], needle: &str) -> String {
+    let (ok, out, err) = cli(home, args);
+    assert!(!ok, "bitnode {args:?} should fail but printed {out}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "bitnode {args:?}: expected {needle:?} in the error, got: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    err
+}
+
+/// Polls `f` until it returns Some, or fails the test with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct Node {
+    pub home: PathBuf,
+    pub name: String,
+    pub id: String,
+    child: Option<Child>,
+    /// Runs the daemon under this command prefix (e.g. `ip netns exec NS`).
+    prefix: Vec<String>,
+    listen: Vec<String>,
+    extra: Vec<String>,
+}
+
+impl Node {
+    /// `bitnode init` plus a config for tests: no mDNS (tests must not find each other by multicast), a
+    /// short benchmark, fast redials, and `extra_config` appended.
+    pub fn init(name: &str, extra_config: &str) -> Node {
+        let home = home(name);
+        cli_ok(&home, &["init", "--name", name]);
+        let cfg = format!(
+            "[node]\nname = {name:?}\n[network]\nmdns = false\nreconnect_secs = 1\n{extra_config}\n[capabilities]\nbenchmark_ms = 30\n"
+        );
+        let cfg = merge_sections(&cfg);
+        std::fs::write(home.join("config.toml"), cfg).unwrap();
+        let id = cli_ok(&home, &["id"]).trim().to_string();
+        Node {
+            home,
+            name: name.into(),
+            id,
+            child: None,
+            prefix: vec![],
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            extra: vec![],
+        }
+    }
+
+    pub fn prefix(mut self, p: &[&str]) -> Node {
+        self.prefix = p.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn listen(mut self, l: &[&str]) -> Node {
+        self.listen = l.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Node {
+        self.extra = a.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.join("daemon.log"))
+            .unwrap();
+        let mut c = if self.prefix.is_empty() {
+            Command::new(bin_path())
+        } else {
+            let mut c = Command::new(&self.prefix[0]);
+            c.args(&self.prefix[1..]).arg(bin_path());
+            c
+        };
+        c.arg("--home").arg(&self.home).args(["--log-format", "json", "start"]);
+        for l in &self.listen {
+            c.args(["--listen", l]);
+        }
+        c.args(&self.extra);
+        c.env("BITNODE_LOG", "info,libp2p_swarm=debug,libp2p_dcutr=debug");
+        c.stdout(Stdio::null()).stderr(log);
+        self.child = Some(c.spawn().unwrap());
+        let home = self.home.clone();
+        wait_for(
+            Duration::from_secs(60),
+            &format!("daemon {} to answer", self.name),
+            || {
+                let (ok, out, _) = cli(&home, &["status", "--json"]);
+                if ok {
+                    let v: Value = serde_json::from_str(&out).ok()?;
+                    // Ready once it listens somewhere.
+                    (!v["listen_addresses"].as_array()?.is_empty()).then_some(())
+                } else {
+                    self.check_alive();
+                    None
+                }
+            },
+        );
+    }
+
+    fn check_alive(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!("daemon {} exited ({st}); log:\n{}", self.name, self.log());
+            }
+        }
+    }
+
+    /// Graceful stop (SIGTERM), as a service manager would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(st)) = c.try_wait() {
+                    assert!(st.success(), "daemon {} exited with {st} on SIGTERM", self.name);
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    panic!("daemon {} ignored SIGTERM for 10 s", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&cli_ok(&self.home, &["status", "--json"])).unwrap()
+    }
+
+    pub fn peers(&self) -> Vec<Value> {
+        let v: Value = serde_json::from_str(&cli_ok(&self.home, &["peers", "--json"])).unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    pub fn peer(&self, id: &str) -> Option<Value> {
+        self.peers().into_iter().find(|p| p["id"] == id)
+    }
+
+    pub fn invite(&self) -> String {
+        let out = cli_ok(&self.home, &["pair", "invite", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["code"].as_str().unwrap().to_string()
+    }
+
+    pub fn join(&self, code: &str) {
+        cli_ok(&self.home, &["pair", "join", code]);
+    }
+
+    /// Waits until `other` is listed as connected with capabilities; returns its entry.
+    pub fn wait_connected(&self, other: &Node, timeout: Duration) -> Value {
+        wait_for(
+            timeout,
+            &format!("{} to see {} connected with capabilities", self.name, other.name),
+            || {
+                let p = self.peer(&other.id)?;
+                (p["connected"] == true && p["capabilities"]["score"].is_number()).then_some(p)
+            },
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.home);
+        } else {
+            eprintln!("--- log of {} ({}) ---\n{}", self.name, self.id, self.log());
+        }
+    }
+}
+
+/// TOML forbids repeating a table; fold repeated `[section]` headers of the generated config together.
+fn merge_sections(text: &str) -> String {
+    let mut order: Vec<String> = vec![];
+    let mut body: std::collections::HashMap<String, String> = Default::default();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            cur = t.to_string();
+            if !order.contains(&cur) {
+                order.push(cur.clone());
+            }
+            continue;
+        }
+        if !t.is_empty() {
+            body.entry(cur.clone()).or_default().push_str(&format!("{line}\n"));
+        }
+    }
+    let mut out = body.remove("").unwrap_or_default();
+    for s in order {
+        out.push_str(&format!("{s}\n{}", body.remove(&s).unwrap_or_default()));
+    }
+    out
+}

@@ -1,0 +1,182 @@
+//! Hole punching through real NATs, in network namespaces, on the topology of libp2p's hole-punch test:
+//!
+//! ```text
+//!            relay R 10.77.0.1 (on the "internet" bridge, in namespace I)
+//!              |                          |
+//!   router RA wan 10.77.0.2      router RB wan 10.77.0.3
+//!   NAT (MASQUERADE)             NAT (MASQUERADE)
+//!   lan 10.78.1.1                lan 10.78.2.1
+//!      |                            |
+//!   node A 10.78.1.2             node B 10.78.2.2
+//! ```
+//!
+//! NAT behaviour covered: Linux MASQUERADE with conntrack, i.e. endpoint-independent mapping that keeps
+//! the source port when it is free, and address-and-port-dependent filtering (only replies to flows the
+//! inside started get in; unsolicited inbound packets are dropped by the router's FORWARD chain). The
+//! private networks have no route from the internet. Not covered: symmetric NAT (`--random-fully`), where
+//! hole punching cannot work and the relay stays the path, and hairpinning.
+//!
+//! R pairs with A and B; A reserves a relayed address on R; A invites B; B joins through the relay; the
+//! daemons must end with a direct connection made by DCUtR. Needs root, `ip` and `iptables`: under
+//! `CI=true` it runs and fails if they are missing, elsewhere it skips with a message.
+use crate::harness::*;
+use std::process::Command;
+use std::time::Duration;
+
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn sh(cmd: &str) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn available() -> Result<(), String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root".into());
+    }
+    for tool in ["ip", "iptables"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err(format!("needs `{tool}` (apt-get install iproute2 iptables)"));
+        }
+    }
+    Ok(())
+}
+
+fn topology() -> Netns {
+    let p = std::process::id() % 100000;
+    let [i, ra, a, rb, b] = ["i", "ra", "a", "rb", "b"].map(|s| format!("bn{p}{s}"));
+    let ns = Netns {
+        names: vec![i.clone(), ra.clone(), a.clone(), rb.clone(), b.clone()],
+    };
+    for n in &ns.names {
+        sh(&format!("ip netns add {n} && ip -n {n} link set lo up"));
+    }
+    sh(&format!(
+        "ip -n {i} link add br0 type bridge && ip -n {i} addr add 10.77.0.1/24 dev br0 && ip -n {i} link set br0 up"
+    ));
+    for (r, h, wan, lan) in [(&ra, &a, "10.77.0.2", "10.78.1"), (&rb, &b, "10.77.0.3", "10.78.2")] {
+        // Router wan <-> the internet bridge.
+        sh(&format!("ip link add wan netns {r} type veth peer name {r}w netns {i}"));
+        sh(&format!(
+            "ip -n {i} link set {r}w master br0 && ip -n {i} link set {r}w up"
+        ));
+        sh(&format!(
+            "ip -n {r} addr add {wan}/24 dev wan && ip -n {r} link set wan up"
+        ));
+        // Router lan <-> the host behind it.
+        sh(&format!("ip link add lan netns {r} type veth peer name eth0 netns {h}"));
+        sh(&format!(
+            "ip -n {r} addr add {lan}.1/24 dev lan && ip -n {r} link set lan up"
+        ));
+        sh(&format!(
+            "ip -n {h} addr add {lan}.2/24 dev eth0 && ip -n {h} link set eth0 up"
+        ));
+        sh(&format!("ip -n {h} route add default via {lan}.1"));
+        // The NAT: masquerade outbound, admit inbound only for flows the inside started.
+        sh(&format!("ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"));
+        sh(&format!(
+            "ip netns exec {r} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE"
+        ));
+        sh(&format!(
+            "ip netns exec {r} iptables -A FORWARD -i lan -o wan -j ACCEPT"
+        ));
+        sh(&format!(
+            "ip netns exec {r} iptables -A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        ));
+        sh(&format!("ip netns exec {r} iptables -A FORWARD -i wan -o lan -j DROP"));
+        // Nothing addressed to the router itself from outside gets in either.
+        sh(&format!(
+            "ip netns exec {r} iptables -A INPUT -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && ip netns exec {r} iptables -A INPUT -i wan -j DROP"
+        ));
+    }
+    ns
+}
+
+#[test]
+fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
+    if let Err(why) = available() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("the NAT test must run in CI but cannot: {why}");
+        }
+        eprintln!("skipping the NAT test: {why}");
+        return;
+    }
+    let ns = topology();
+    let (i, a_ns, b_ns) = (ns.names[0].clone(), ns.names[2].clone(), ns.names[4].clone());
+    let exec = |n: &str| vec!["ip".to_string(), "netns".into(), "exec".into(), n.to_string()];
+    let pre = |v: &Vec<String>| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ");
+    let _ = pre;
+
+    let mut r = Node::init("relay", "")
+        .prefix(&exec(&i).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .listen(&["/ip4/10.77.0.1/tcp/4001", "/ip4/10.77.0.1/udp/4001/quic-v1"])
+        .args(&["--relay-server"]);
+    let mut a = Node::init("natted-a", "")
+        .prefix(&exec(&a_ns).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
+    let mut b = Node::init("natted-b", "")
+        .prefix(&exec(&b_ns).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
+    r.start();
+    a.start();
+    b.start();
+    let t = Duration::from_secs(60);
+
+    // Both NATed nodes can reach the relay (outbound through their NAT), so they pair with it directly.
+    a.join(&r.invite());
+    b.join(&r.invite());
+    r.wait_connected(&a, t);
+    r.wait_connected(&b, t);
+
+    // A reserves a relayed address on its paired relay by itself.
+    wait_for(t, "A's relayed address", || {
+        let s = a.status();
+        (!s["relayed_addresses"].as_array()?.is_empty()).then_some(())
+    });
+    // A's code carries the circuit address; B reaches A only through it (A's own address is private).
+    let code = a.invite();
+    b.join(&code);
+
+    let pb = wait_for(Duration::from_secs(90), "B to hold a direct connection to A", || {
+        let p = b.peer(&a.id)?;
+        (p["connection"] == "direct").then_some(p)
+    });
+    let pa = wait_for(t, "A to hold a direct connection to B", || {
+        let p = a.peer(&b.id)?;
+        (p["connection"] == "direct").then_some(p)
+    });
+    // The direct connection goes to the peer's NAT (router wan) address, which only hole punching opens.
+    let direct_to_router = |p: &serde_json::Value, wan: &str| {
+        p["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap_or("").contains(wan))
+    };
+    assert!(direct_to_router(&pb, "10.77.0.2"), "B's view of A: {pb}");
+    assert!(direct_to_router(&pa, "10.77.0.3"), "A's view of B: {pa}");
+    assert!(b.log().contains("hole punch succeeded") || a.log().contains("hole punch succeeded"));
+    assert!(pa["capabilities"]["score"].is_number() && pb["capabilities"]["score"].is_number());
+    drop((r, a, b));
+    drop(ns);
+}
