@@ -552,3 +552,17 @@ fn attention_split_rope_matches_rope_then_attention() {
         );
     }
 }
+
+/// The capability probe times the same `matmul_ternary` launcher inference uses, and checks the device's
+/// result against the CPU twin before trusting the number.
+#[test]
+fn capability_probe_runs_matmul_ternary_and_verifies_it() {
+    let want = std::env::var("BITNODE_ADAPTER").unwrap_or_else(|_| "gpu".into());
+    let p = bitnode_engine::probe::probe(&want, std::time::Duration::from_millis(50)).unwrap();
+    assert!(p.verified, "{p:?}");
+    assert!(p.ternary_gops > 0.0 && p.ternary_gops.is_finite(), "{p:?}");
+    assert_ne!(p.backend, "cpu", "a wgpu adapter was asked for: {p:?}");
+    let c = bitnode_engine::probe::probe("cpu", std::time::Duration::from_millis(20)).unwrap();
+    assert!(c.verified && c.ternary_gops > 0.0 && c.backend == "cpu", "{c:?}");
+    assert!(bitnode_engine::probe::probe("no-such-adapter-name", std::time::Duration::ZERO).is_err());
+}

@@ -96,6 +96,28 @@ impl Node {
         }
     }
 
+    /// A node over an existing, already initialized home (listening on loopback).
+    pub fn adopt(home: PathBuf, name: &str) -> Node {
+        let id = cli_ok(&home, &["id"]).trim().to_string();
+        Node {
+            home,
+            name: name.into(),
+            id,
+            child: None,
+            prefix: vec![],
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            extra: vec![],
+        }
+    }
+
+    /// SIGKILL: a crash, as far as the daemon can tell.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn prefix(mut self, p: &[&str]) -> Node {
         self.prefix = p.iter().map(|s| s.to_string()).collect();
         self

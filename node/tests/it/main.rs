@@ -6,3 +6,4 @@ mod harness;
 mod hostile;
 mod mesh;
 mod nat;
+mod state;
