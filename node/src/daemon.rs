@@ -51,6 +51,9 @@ struct Conn {
     /// The peer answered identify on this connection. A connection the other side's gate refuses is
     /// established for a moment and then closed; only an identified one counts as connected.
     identified: bool,
+    /// We dialed it, so `addr` is where the peer listens (an inbound connection's address is an ephemeral
+    /// port).
+    dialer: bool,
 }
 
 #[derive(Default)]
@@ -273,8 +276,8 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         invites: HashMap::new(),
         sessions: HashMap::new(),
         joins: HashMap::new(),
+        advertised: Some(caps.clone()),
         caps,
-        advertised: None,
         relay_listeners: HashMap::new(),
         listen_addrs: vec![],
         relay_server,
@@ -503,12 +506,17 @@ impl Daemon {
             }
             let usable = (st.relay_hop && self.cfg.relay.use_paired_relays) || configured.contains(id);
             // Reserve through a direct connection to the relay (a circuit over a circuit is not allowed).
-            if let Some(c) = st
+            if !usable || !st.conns.values().any(|c| !c.relayed && c.identified) {
+                continue;
+            }
+            // The circuit address goes into invite codes, so it must name a port the relay listens on.
+            let dialed = st
                 .conns
                 .values()
-                .find(|c| !c.relayed && usable && !self.relay_server_is(id))
-            {
-                want.push((*id, c.addr.clone()));
+                .find(|c| c.dialer && !c.relayed)
+                .map(|c| c.addr.clone());
+            if let Some(addr) = dialed.or_else(|| st.listen_addrs.first().cloned()) {
+                want.push((*id, addr));
             }
         }
         for (id, addr) in want {
@@ -521,10 +529,6 @@ impl Daemon {
                 Err(e) => tracing::warn!(relay = %id, "cannot listen through the relay: {e}"),
             }
         }
-    }
-
-    fn relay_server_is(&self, id: &PeerId) -> bool {
-        *id == self.me
     }
 
     fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -578,6 +582,7 @@ impl Daemon {
                         relayed,
                         rtt: None,
                         identified: false,
+                        dialer: endpoint.is_dialer(),
                     },
                 );
                 st.backoff = 0;

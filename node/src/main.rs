@@ -192,6 +192,17 @@ enum ModelCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The capability probe the daemon runs at start: the engine's ternary matmul on the chosen device,
+    /// checked against the CPU twin (GOPS = 2 x multiply-adds per second).
+    Probe {
+        /// Milliseconds of timing.
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
         /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
@@ -460,6 +471,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::Probe { ms, json, dev },
+        } => {
+            let opts = engine_options(&home, &dev)?;
+            let want = opts.adapter.unwrap_or_else(|| "auto".into());
+            let p = bitnode_engine::probe::probe(&want, std::time::Duration::from_millis(ms))?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                println!(
+                    "{} ({}, {}): ternary matmul {:.1} GOPS, {}",
+                    p.device,
+                    p.backend,
+                    p.device_type,
+                    p.ternary_gops,
+                    if p.verified {
+                        "matches the CPU twin"
+                    } else {
+                        "DISAGREES with the CPU twin"
+                    }
+                );
+            }
         }
         Cmd::Bench {
             cmd:

@@ -123,19 +123,15 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
     }
     let ns = topology();
     let (i, a_ns, b_ns) = (ns.names[0].clone(), ns.names[2].clone(), ns.names[4].clone());
-    let exec = |n: &str| vec!["ip".to_string(), "netns".into(), "exec".into(), n.to_string()];
-    let pre = |v: &Vec<String>| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ");
-    let _ = pre;
-
     let mut r = Node::init("relay", "")
-        .prefix(&exec(&i).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .prefix(&["ip", "netns", "exec", &i])
         .listen(&["/ip4/10.77.0.1/tcp/4001", "/ip4/10.77.0.1/udp/4001/quic-v1"])
         .args(&["--relay-server"]);
     let mut a = Node::init("natted-a", "")
-        .prefix(&exec(&a_ns).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .prefix(&["ip", "netns", "exec", &a_ns])
         .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
     let mut b = Node::init("natted-b", "")
-        .prefix(&exec(&b_ns).iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .prefix(&["ip", "netns", "exec", &b_ns])
         .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
     r.start();
     a.start();
@@ -155,12 +151,17 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
     });
     // A's code carries the circuit address; B reaches A only through it (A's own address is private).
     let code = a.invite();
+    let t0 = std::time::Instant::now();
     b.join(&code);
+    let paired = t0.elapsed();
 
     let pb = wait_for(Duration::from_secs(90), "B to hold a direct connection to A", || {
         let p = b.peer(&a.id)?;
         (p["connection"] == "direct").then_some(p)
     });
+    let direct = t0.elapsed();
+    // Reported for BENCHMARKS.md (run with --nocapture).
+    eprintln!("nat: paired through the relay in {paired:?}; direct connection after {direct:?}");
     let pa = wait_for(t, "A to hold a direct connection to B", || {
         let p = a.peer(&b.id)?;
         (p["connection"] == "direct").then_some(p)
