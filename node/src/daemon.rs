@@ -313,7 +313,14 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
     let (r, mut w) = stream.into_split();
     let mut r = tokio::io::BufReader::new(r.take(control::MAX_REQUEST as u64 + 1));
     let mut line = String::new();
-    let resp = match r.read_line(&mut line).await {
+    // A client that connects and never writes must not hold a task forever.
+    let read = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await;
+    let resp = match read.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no request within 10 s",
+        ))
+    }) {
         Ok(_) if line.len() > control::MAX_REQUEST => Response::err("request too large"),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {

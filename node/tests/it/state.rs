@@ -58,6 +58,16 @@ fn identity_and_trust_list_are_private_atomic_and_validated() {
     assert_eq!(p["connected"], false);
     assert_eq!(p["name"], "phone");
     assert_eq!(mode(&h.join("bitnode.sock")), 0o600);
+    // A malformed control request gets an error reply; the daemon keeps answering.
+    {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(h.join("bitnode.sock")).unwrap();
+        s.write_all(b"{\"cmd\":\"format_disk\"}\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":false") && line.contains("malformed request"), "{line}");
+    }
+    assert_eq!(n.status()["name"], "desk");
     cli_ok(&h, &["pair", "remove", "phone"]);
     assert!(n.peers().is_empty());
     n.stop();
