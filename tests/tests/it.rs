@@ -1,5 +1,6 @@
 //! One integration-test binary (fast to link), one module per concern.
 #![allow(clippy::unwrap_used)]
+mod backward;
 mod kernels;
 mod parity;
 mod tiling;

@@ -10,3 +10,20 @@ pub fn lm_head(logits: &mut [f32], x: &[f32], w: &[f32], t: usize, c: usize, v: 
         }
     }
 }
+
+/// Backward of `lm_head` with respect to its input (the head is frozen): `dx = dlogits . W`.
+/// dx: [T, C] (assigned); dlogits: [T, V]; w: [V, C].
+pub fn lm_head_backward(dx: &mut [f32], dlogits: &[f32], w: &[f32], t: usize, c: usize, v: usize) {
+    for ti in 0..t {
+        let d = &mut dx[ti * c..(ti + 1) * c];
+        d.fill(0.0);
+        for r in 0..v {
+            let g = dlogits[ti * v + r];
+            if g != 0.0 {
+                for (dc, wc) in d.iter_mut().zip(&w[r * c..(r + 1) * c]) {
+                    *dc += g * wc;
+                }
+            }
+        }
+    }
+}

@@ -3,10 +3,12 @@
 //! no GPU adapter exists. Each function shares its name with its kernel file in `shaders/` and its launcher
 //! in `gpu::`.
 pub mod act_quant;
+pub mod adamw;
 pub mod attention;
 pub mod embedding;
 pub mod forward;
 pub mod lm_head;
+pub mod lora;
 pub mod matmul_ternary;
 pub mod nll;
 pub mod relu2_mul;
@@ -15,12 +17,14 @@ pub mod rope;
 pub mod sample;
 
 pub use act_quant::act_quant;
-pub use attention::attention;
+pub use adamw::{adamw, clip_grad_norm, AdamW};
+pub use attention::{attention, attention_backward};
 pub use embedding::embedding;
-pub use lm_head::lm_head;
-pub use matmul_ternary::matmul_ternary;
-pub use nll::nll;
-pub use relu2_mul::relu2_mul;
-pub use rmsnorm::{rmsnorm, rmsnorm_quant};
-pub use rope::{rope, rope_table};
+pub use lm_head::{lm_head, lm_head_backward};
+pub use lora::{lora, lora_backward};
+pub use matmul_ternary::{matmul_ternary, matmul_ternary_backward};
+pub use nll::{nll, nll_backward};
+pub use relu2_mul::{relu2_mul, relu2_mul_backward};
+pub use rmsnorm::{rmsnorm, rmsnorm_backward, rmsnorm_quant};
+pub use rope::{rope, rope_backward, rope_table};
 pub use sample::{sample, SampleParams};

@@ -6,3 +6,13 @@ pub fn relu2_mul(out: &mut [f32], g: &[f32], u: &[f32]) {
         *o = r * r * uv;
     }
 }
+
+/// Backward of `relu2_mul`: `dg = 2 relu(g) u dout`, `du = relu(g)^2 dout`.
+/// dg, du: [T, F] (assigned); dout, g, u: [T, F].
+pub fn relu2_mul_backward(dg: &mut [f32], du: &mut [f32], dout: &[f32], g: &[f32], u: &[f32]) {
+    for i in 0..dout.len() {
+        let r = g[i].max(0.0);
+        dg[i] = 2.0 * r * u[i] * dout[i];
+        du[i] = r * r * dout[i];
+    }
+}

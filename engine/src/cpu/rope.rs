@@ -37,3 +37,22 @@ pub fn rope(x: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh: us
         }
     }
 }
+
+/// Backward of `rope`, in place: the rotation is orthogonal, so the gradient rotates by the inverse angle:
+/// `dx1 = dy1*cos + dy2*sin`, `dx2 = dy2*cos - dy1*sin`.
+/// dx: [T, NH, HD] holding dy on entry; positions: [T]; cos/sin: [P, HD/2].
+pub fn rope_backward(dx: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh: usize, hd: usize) {
+    let half = hd / 2;
+    for (t, &p) in positions.iter().enumerate() {
+        for h in 0..nh {
+            let base = (t * nh + h) * hd;
+            for i in 0..half {
+                let (c, s) = (cos[p * half + i], sin[p * half + i]);
+                let d1 = dx[base + i];
+                let d2 = dx[base + half + i];
+                dx[base + i] = d1 * c + d2 * s;
+                dx[base + half + i] = d2 * c - d1 * s;
+            }
+        }
+    }
+}

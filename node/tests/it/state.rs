@@ -65,7 +65,10 @@ fn identity_and_trust_list_are_private_atomic_and_validated() {
         s.write_all(b"{\"cmd\":\"format_disk\"}\n").unwrap();
         let mut line = String::new();
         std::io::BufReader::new(s).read_line(&mut line).unwrap();
-        assert!(line.contains("\"ok\":false") && line.contains("malformed request"), "{line}");
+        assert!(
+            line.contains("\"ok\":false") && line.contains("malformed request"),
+            "{line}"
+        );
     }
     assert_eq!(n.status()["name"], "desk");
     cli_ok(&h, &["pair", "remove", "phone"]);
