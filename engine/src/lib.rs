@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod probe;
 pub mod rng;
@@ -13,6 +14,7 @@ pub mod session;
 pub mod synth;
 pub mod ternary;
 pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{EngineError, Result};

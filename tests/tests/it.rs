@@ -2,5 +2,6 @@
 #![allow(clippy::unwrap_used)]
 mod backward;
 mod kernels;
+mod lora;
 mod parity;
 mod tiling;

@@ -1,0 +1,177 @@
+//! LoRA training on the CPU reference against PEFT + torch AdamW (tests/fixtures/lora, written by
+//! tests/reference/make_lora_fixtures.py): first-step gradients of every LoRA tensor, per-step losses and
+//! learning rates, and the final adapter; plus PEFT-format save/load round trips and bad adapters.
+use bitnode_engine::cpu::AdamW;
+use bitnode_engine::lora::{Adapter, LoraPair, TARGETS};
+use bitnode_engine::model::Model;
+use bitnode_engine::train::{lr_factor, CpuTrainer, Optimizer, Schedule};
+use bitnode_tests::{fixtures, tempdir};
+use serde_json::Value;
+
+type Batch = Vec<(Vec<u32>, Vec<i32>)>;
+
+fn micro_batches(e: &Value) -> Vec<Batch> {
+    e["micro_batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|mb| {
+            let ids = mb["ids"].as_array().unwrap();
+            let labels = mb["labels"].as_array().unwrap();
+            ids.iter()
+                .zip(labels)
+                .map(|(i, l)| {
+                    (
+                        i.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_u64().unwrap() as u32)
+                            .collect(),
+                        l.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_i64().unwrap() as i32)
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Largest relative Frobenius error over the LoRA tensors, with its name.
+fn worst(a: &Adapter, b: &[Vec<Option<LoraPair>>]) -> (f64, String) {
+    let mut out = (0.0, String::new());
+    for (l, (ra, rb)) in a.layers.iter().zip(b).enumerate() {
+        for (t, (pa, pb)) in ra.iter().zip(rb).enumerate() {
+            let (Some(pa), Some(pb)) = (pa, pb) else {
+                assert_eq!(pa.is_some(), pb.is_some(), "layer {l} {}", TARGETS[t]);
+                continue;
+            };
+            for (name, x, y) in [("A", &pa.a, &pb.a), ("B", &pa.b, &pb.b)] {
+                let num: f64 = x
+                    .iter()
+                    .zip(y.iter())
+                    .map(|(p, q)| ((p - q) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let den: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt().max(1e-20);
+                if num / den > out.0 {
+                    out = (num / den, format!("layer {l} {} lora_{name}", TARGETS[t]));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn cpu_lora_training_matches_peft_and_torch_adamw() {
+    let dir = fixtures().join("lora");
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(&fixtures().join(e["base"].as_str().unwrap())).unwrap();
+    let mut adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
+    assert_eq!(adapter.rank, e["rank"].as_u64().unwrap() as usize);
+    assert_eq!(adapter.targets().len(), 7);
+    let trainer = CpuTrainer::new(&model);
+    let mbs = micro_batches(&e);
+    let accum = e["grad_accum"].as_u64().unwrap() as usize;
+    let steps = e["steps"].as_u64().unwrap() as usize;
+    let warmup = e["warmup"].as_u64().unwrap() as usize;
+    let base_lr = e["lr"].as_f64().unwrap();
+    let betas = e["betas"].as_array().unwrap();
+    let mut opt = Optimizer::new(
+        &adapter,
+        AdamW {
+            lr: base_lr,
+            beta1: betas[0].as_f64().unwrap(),
+            beta2: betas[1].as_f64().unwrap(),
+            eps: e["eps"].as_f64().unwrap(),
+            weight_decay: e["weight_decay"].as_f64().unwrap(),
+        },
+        Some(e["max_grad_norm"].as_f64().unwrap() as f32),
+    );
+    let grads1 = Adapter::read_tensors(&dir.join("grads_step1.safetensors"), &model.config, adapter.rank).unwrap();
+    for step in 0..steps {
+        let mut grad = adapter.zeros_like();
+        let mut loss = 0.0;
+        for a in 0..accum {
+            loss += trainer
+                .micro_batch(&mbs[step * accum + a], &adapter, &mut grad, accum)
+                .unwrap()
+                / accum as f64;
+        }
+        if step == 0 {
+            let (err, at) = worst(&grad, &grads1);
+            assert!(err < 1e-3, "first-step gradient differs from PEFT by {err:.2e} at {at}");
+            eprintln!("first-step gradients: worst relative error {err:.2e} ({at})");
+        }
+        let want_loss = e["losses"][step].as_f64().unwrap();
+        assert!(
+            (loss - want_loss).abs() < 2e-3,
+            "step {step}: loss {loss} vs PEFT {want_loss}"
+        );
+        let lr = base_lr * lr_factor(Schedule::Cosine, step, warmup, steps);
+        let want_lr = e["lrs"][step].as_f64().unwrap();
+        assert!((lr - want_lr).abs() < 1e-12, "step {step}: lr {lr} vs {want_lr}");
+        let norm = opt.apply(&mut adapter, &mut grad, lr);
+        let want_norm = e["grad_norms"][step].as_f64().unwrap();
+        assert!(
+            ((norm as f64) - want_norm).abs() < 1e-3 * want_norm,
+            "step {step}: grad norm {norm} vs {want_norm}"
+        );
+    }
+    let fin = Adapter::read_tensors(
+        &dir.join("final_adapter").join("adapter_model.safetensors"),
+        &model.config,
+        adapter.rank,
+    )
+    .unwrap();
+    let (err, at) = worst(&adapter, &fin);
+    eprintln!("final adapter: worst relative error {err:.2e} ({at})");
+    assert!(err < 0.02, "final adapter differs from PEFT by {err:.2e} at {at}");
+}
+
+#[test]
+fn adapters_round_trip_in_peft_format_and_bad_ones_are_refused() {
+    let dir = fixtures().join("lora");
+    let model = Model::load(&fixtures().join("online_tied")).unwrap();
+    let a = Adapter::load(&dir.join("final_adapter"), &model.config).unwrap();
+    let out = tempdir("lora-save");
+    a.save(&out, "online_tied").unwrap();
+    assert_eq!(Adapter::load(&out, &model.config).unwrap(), a);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    // A fresh adapter: PEFT's init (B zero, A within the kaiming-uniform bound), only the asked targets.
+    let fresh = Adapter::init(&model.config, 8, 16.0, &["q_proj", "down_proj"], 3).unwrap();
+    assert_eq!(fresh.targets(), vec!["q_proj", "down_proj"]);
+    for p in fresh.pairs() {
+        assert!(p.b.iter().all(|v| *v == 0.0));
+        let bound = 1.0 / (p.inp as f32).sqrt();
+        assert!(p.a.iter().all(|v| v.abs() <= bound) && p.a.iter().any(|v| v.abs() > bound / 2.0));
+    }
+    assert!(Adapter::init(&model.config, 8, 16.0, &["qproj"], 3).is_err());
+    // Wrong model (other shapes), missing files, a non-LoRA config.
+    let other = Model::load(&fixtures().join("online_untied")).unwrap();
+    if other.config.hidden_size != model.config.hidden_size {
+        assert!(Adapter::load(&dir.join("final_adapter"), &other.config).is_err());
+    }
+    assert!(Adapter::load(&tempdir("lora-empty"), &model.config).is_err());
+    let bad = tempdir("lora-bad");
+    std::fs::copy(
+        out.join("adapter_model.safetensors"),
+        bad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        r#"{"peft_type": "PREFIX_TUNING", "r": 4}"#,
+    )
+    .unwrap();
+    let err = Adapter::load(&bad, &model.config).unwrap_err().to_string();
+    assert!(err.contains("only LoRA"), "{err}");
+    std::fs::write(bad.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 5}"#).unwrap();
+    let err = Adapter::load(&bad, &model.config).unwrap_err().to_string();
+    assert!(err.contains("shape"), "{err}");
+}
