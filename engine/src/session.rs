@@ -45,6 +45,8 @@ pub struct EngineOptions {
     /// Caps the buffer and binding size below the adapter's (tiling tests; phones).
     pub max_binding: Option<u64>,
     pub embed_dtype: EmbedDtype,
+    /// A LoRA adapter directory (PEFT format) applied at runtime.
+    pub lora: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -53,6 +55,7 @@ impl Default for EngineOptions {
             adapter: None,
             max_binding: None,
             embed_dtype: EmbedDtype::Auto,
+            lora: None,
         }
     }
 }
@@ -275,6 +278,20 @@ pub fn generate(
 /// kernels on lavapipe this way).
 pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn Backend>> {
     let want = opts.adapter.as_deref().unwrap_or("auto");
+    if let Some(dir) = &opts.lora {
+        // The LoRA branch runs on the CPU reference in this build; the WGSL LoRA kernels arrive with the
+        // GPU trainer. "auto" therefore means the CPU here; an explicit GPU choice is refused.
+        if !(want.eq_ignore_ascii_case("cpu") || want.eq_ignore_ascii_case("auto")) {
+            return Err(EngineError::Invalid(format!(
+                "--adapter {}: LoRA adapters run on the CPU backend in this build; use --device cpu",
+                dir.display()
+            )));
+        }
+        let lora = crate::lora::Adapter::load(dir, &model.config)?;
+        return Ok(Box::new(
+            CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16).with_lora(lora),
+        ));
+    }
     if want.eq_ignore_ascii_case("cpu") {
         return Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)));
     }

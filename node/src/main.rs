@@ -257,14 +257,17 @@ fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Result<En
         adapter: dev.device.clone().or(cfg.engine.adapter),
         max_binding: dev.max_binding.or(cfg.engine.max_binding),
         embed_dtype,
+        lora: None,
     })
 }
 
 fn load_engine(model: &std::path::Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
-    if let Some(a) = adapter {
-        bail!("--adapter {}: LoRA adapters are applied by the Engine II milestone and are not supported by this build yet", a.display());
-    }
-    Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))
+    let mut opts = opts.clone();
+    opts.lora = adapter.clone();
+    Engine::load(model, &opts).with_context(|| match adapter {
+        Some(a) => format!("loading model {} with adapter {}", model.display(), a.display()),
+        None => format!("loading model {}", model.display()),
+    })
 }
 
 /// Parses durations such as `90s`, `10m`, `2h`, `1d` (a bare number is seconds).

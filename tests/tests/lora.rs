@@ -175,3 +175,47 @@ fn adapters_round_trip_in_peft_format_and_bad_ones_are_refused() {
     let err = Adapter::load(&bad, &model.config).unwrap_err().to_string();
     assert!(err.contains("shape"), "{err}");
 }
+
+/// An adapter applied at inference gives the NLL PEFT computes for it (`PeftModel.from_pretrained`, eval).
+#[test]
+fn scoring_with_the_peft_adapter_matches_peft() {
+    use bitnode_engine::session::{Engine, EngineOptions};
+    let dir = fixtures().join("lora");
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = e["held_out_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let model_dir = fixtures().join(e["base"].as_str().unwrap());
+    let opts = EngineOptions {
+        adapter: Some("cpu".into()),
+        lora: Some(dir.join("final_adapter")),
+        ..Default::default()
+    };
+    let mut eng = Engine::load(&model_dir, &opts).unwrap();
+    let (n, total) = eng.score_ids(&ids).unwrap();
+    let nll = total / n as f64;
+    let want = e["held_out_nll_final"].as_f64().unwrap();
+    assert!((nll - want).abs() < 1e-4, "bitnode {nll} vs PEFT {want}");
+    // Without the adapter the number differs: the adapter is really applied.
+    let mut base = Engine::load(
+        &model_dir,
+        &EngineOptions {
+            adapter: Some("cpu".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (n0, t0) = base.score_ids(&ids).unwrap();
+    assert!((t0 / n0 as f64 - want).abs() > 1e-3);
+    // A GPU choice with an adapter is refused clearly in this build.
+    let gpu = EngineOptions {
+        adapter: Some("gpu".into()),
+        lora: Some(dir.join("final_adapter")),
+        ..Default::default()
+    };
+    let err = Engine::load(&model_dir, &gpu).err().unwrap().to_string();
+    assert!(err.contains("--device cpu"), "{err}");
+}

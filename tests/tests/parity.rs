@@ -101,6 +101,7 @@ fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
         adapter: Some(adapter.into()),
         max_binding: None,
         embed_dtype: embed,
+        lora: None,
     }
 }
 

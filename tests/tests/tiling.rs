@@ -15,6 +15,7 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
             adapter: Some("gpu".into()),
             max_binding: limit,
             embed_dtype: embed,
+            lora: None,
         };
         let mut e = Engine::load(&dir, &o).unwrap();
         let ids = e

@@ -200,6 +200,29 @@ fn bad_inputs_fail_cleanly() {
             .arg(&good),
         "adapter",
     );
+    // A missing or foreign LoRA adapter.
+    fails_with(
+        bin()
+            .args([
+                "infer",
+                "--prompt",
+                "hi",
+                "--adapter",
+                "/nonexistent-adapter",
+                "--model",
+            ])
+            .arg(&good),
+        "adapter_config.json",
+    );
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora/final_adapter");
+    fails_with(
+        bin()
+            .args(["infer", "--prompt", "hi", "--model"])
+            .arg(&good)
+            .arg("--adapter")
+            .arg(&lora),
+        "shape",
+    );
     // Bad sampling settings.
     fails_with(
         bin()
@@ -207,6 +230,37 @@ fn bad_inputs_fail_cleanly() {
             .arg(&good),
         "top-p",
     );
+}
+
+/// `--adapter` applies a PEFT adapter: the scores with and without it differ, and infer runs with it.
+#[test]
+fn score_and_infer_apply_a_peft_adapter() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let text = tmp("lora-text").join("t.txt");
+    std::fs::write(&text, "The river runs past the old mill at the edge of the town.").unwrap();
+    let score = |adapter: Option<&Path>| {
+        let mut c = bin();
+        c.args(["score", "--json", "--device", "cpu", "--model"])
+            .arg(fx.join("online_tied"))
+            .arg("--text-file")
+            .arg(&text);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let (o, out, err) = run(&mut c);
+        assert!(o.status.success(), "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["nll"].as_f64().unwrap()
+    };
+    let base = score(None);
+    let tuned = score(Some(&fx.join("lora/final_adapter")));
+    assert!((base - tuned).abs() > 1e-3, "{base} vs {tuned}");
+    let (o, _, err) = run(bin()
+        .args(["infer", "--prompt", "The river", "--max-tokens", "4", "--model"])
+        .arg(fx.join("online_tied"))
+        .arg("--adapter")
+        .arg(fx.join("lora/final_adapter")));
+    assert!(o.status.success(), "{err}");
 }
 
 #[test]
