@@ -64,6 +64,12 @@ struct PeerState {
     listen_addrs: Vec<Multiaddr>,
     /// The peer serves as a relay (identify lists the hop protocol).
     relay_hop: bool,
+    /// The peer treats us as paired: it sent us its capabilities or accepted ours. A node that unpaired us
+    /// may still hold a connection for a moment (or for the pairing window of an open invite), but it
+    /// answers nothing, so it does not count as connected.
+    mutual: bool,
+    /// The peer acknowledged our current capabilities on this connection set.
+    caps_delivered: bool,
     /// Redial schedule while disconnected.
     next_dial: Option<Instant>,
     backoff: u32,
@@ -71,7 +77,7 @@ struct PeerState {
 
 impl PeerState {
     fn connected(&self) -> bool {
-        self.conns.values().any(|c| c.identified)
+        self.mutual && self.conns.values().any(|c| c.identified)
     }
     fn direct(&self) -> bool {
         self.conns.values().any(|c| c.identified && !c.relayed)
@@ -404,6 +410,13 @@ impl Daemon {
         a.joining.remove(&peer);
     }
 
+    /// The gate admits strangers only while an unused invite is open: recomputed whenever an invite is
+    /// created, used, burned or expires.
+    fn refresh_open_invites(&mut self) {
+        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
+        lock(&self.admission).open_invite_until = open;
+    }
+
     fn is_trusted(&self, peer: &PeerId) -> bool {
         lock(&self.admission).trusted.contains(peer)
     }
@@ -459,10 +472,9 @@ impl Daemon {
         // Invites: drop expired ones; the gate admits strangers only while one is open.
         // Used invites stay until they expire, so a replay is told "already used" rather than "unknown".
         self.invites.retain(|_, i| now < i.expires);
-        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
+        self.refresh_open_invites();
         let expired_pairing: Vec<PeerId> = {
             let mut a = lock(&self.admission);
-            a.open_invite_until = open;
             let gone: Vec<PeerId> = a.pairing.iter().filter(|(_, t)| now >= **t).map(|(p, _)| *p).collect();
             for p in &gone {
                 a.pairing.remove(p);
@@ -612,6 +624,10 @@ impl Daemon {
                 tracing::info!(peer = %peer_id, "connection closed: {cause:?}");
                 if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.conns.remove(&connection_id);
+                    if st.conns.is_empty() {
+                        st.mutual = false;
+                        st.caps_delivered = false;
+                    }
                 }
                 if let Some(relay) = self.relay_listeners.keys().find(|r| **r == peer_id).copied() {
                     if !self.peers.get(&relay).is_some_and(|s| s.direct()) {
@@ -755,14 +771,43 @@ impl Daemon {
                     return;
                 }
                 tracing::debug!(%peer, score = request.caps.score, "capabilities received");
-                self.peers.entry(peer).or_default().caps = Some(request.caps);
+                let st = self.peers.entry(peer).or_default();
+                st.caps = Some(request.caps);
+                st.mutual = true;
+                // Ours may have arrived before the peer trusted us (the two sides finish pairing a moment
+                // apart) and been ignored: send them again now that it evidently does.
+                let resend = !st.caps_delivered;
+                // Optimistic, so two peers that both missed each other's advert do not bounce resends;
+                // a failed delivery clears it again.
+                st.caps_delivered = true;
                 let _ = self.swarm.behaviour_mut().caps.send_response(channel, Ok(CapsAck::Ok));
+                if resend {
+                    self.send_caps(peer);
+                }
+            }
+            rr::Event::Message {
+                peer,
+                message:
+                    rr::Message::Response {
+                        response: Ok(CapsAck::Ok),
+                        ..
+                    },
+                ..
+            } => {
+                if self.is_trusted(&peer) {
+                    let st = self.peers.entry(peer).or_default();
+                    st.mutual = true;
+                    st.caps_delivered = true;
+                }
             }
             rr::Event::InboundFailure { peer, error, .. } => {
-                tracing::warn!(%peer, "bad capability message: {error}");
+                tracing::debug!(%peer, "capability exchange failed: {error}");
             }
             rr::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "capability advert not delivered: {error}");
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.caps_delivered = false;
+                }
             }
             _ => {}
         }
@@ -868,6 +913,7 @@ impl Daemon {
                     inv.failures += 1;
                     if inv.failures >= MAX_INVITE_FAILURES {
                         inv.used = true;
+                        self.refresh_open_invites();
                     }
                     return refuse("the proof did not verify: wrong or tampered invite code");
                 }
@@ -876,6 +922,7 @@ impl Daemon {
                     Err(_) => format!("peer-{}", &peer.to_base58()[..8.min(peer.to_base58().len())]),
                 };
                 inv.used = true;
+                self.refresh_open_invites();
                 // Inbound connections come from ephemeral ports; the listen addresses identify reported
                 // are what we can dial later.
                 let addrs = self
@@ -1117,8 +1164,7 @@ impl Daemon {
                 failures: 0,
             },
         );
-        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
-        lock(&self.admission).open_invite_until = open;
+        self.refresh_open_invites();
         tracing::info!(expires_unix, "invite created");
         let _ = self.invites.get(&id).map(|i| i.expires_unix);
         Response::ok(json!({
