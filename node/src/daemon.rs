@@ -793,12 +793,10 @@ impl Daemon {
                         ..
                     },
                 ..
-            } => {
-                if self.is_trusted(&peer) {
-                    let st = self.peers.entry(peer).or_default();
-                    st.mutual = true;
-                    st.caps_delivered = true;
-                }
+            } if self.is_trusted(&peer) => {
+                let st = self.peers.entry(peer).or_default();
+                st.mutual = true;
+                st.caps_delivered = true;
             }
             rr::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "capability exchange failed: {error}");
