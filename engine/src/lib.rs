@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod loader;

@@ -32,6 +32,20 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encodes without adding special tokens (text that already carries them, such as a rendered chat
+    /// template with its own BOS).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("encode failed: {e}"),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer {
             path: self.path.clone(),

@@ -70,6 +70,8 @@ struct PeerState {
     mutual: bool,
     /// The peer acknowledged our current capabilities on this connection set.
     caps_delivered: bool,
+    /// An advert is on its way (sent, no answer or failure yet).
+    caps_in_flight: bool,
     /// Redial schedule while disconnected.
     next_dial: Option<Instant>,
     backoff: u32,
@@ -444,7 +446,7 @@ impl Daemon {
         let base = Duration::from_secs(self.cfg.network.reconnect_secs.max(1));
         for id in self.trust.ids() {
             let st = self.peers.entry(id).or_default();
-            if st.connected() || st.next_dial.is_some_and(|t| now < t) {
+            if !st.conns.is_empty() || st.next_dial.is_some_and(|t| now < t) {
                 continue;
             }
             st.backoff = (st.backoff * 2).clamp(1, 12);
@@ -502,6 +504,7 @@ impl Daemon {
             );
         }
         self.redial(now);
+        self.retry_caps();
         self.ensure_relay_reservations();
     }
 
@@ -627,6 +630,7 @@ impl Daemon {
                     if st.conns.is_empty() {
                         st.mutual = false;
                         st.caps_delivered = false;
+                        st.caps_in_flight = false;
                     }
                 }
                 if let Some(relay) = self.relay_listeners.keys().find(|r| **r == peer_id).copied() {
@@ -732,6 +736,26 @@ impl Daemon {
     fn send_caps(&mut self, peer: PeerId) {
         let a = self.advert();
         self.swarm.behaviour_mut().caps.send_request(&peer, Ok(a));
+        self.peers.entry(peer).or_default().caps_in_flight = true;
+    }
+
+    /// Adverts can be lost: sent before the peer finished pairing, or on a duplicate connection that libp2p
+    /// closed. Every tick, a paired peer we are connected to that has not acknowledged ours gets it again.
+    fn retry_caps(&mut self) {
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(p, s)| {
+                !s.caps_delivered
+                    && !s.caps_in_flight
+                    && s.conns.values().any(|c| c.identified)
+                    && self.trust.contains(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            self.send_caps(p);
+        }
     }
 
     fn push_caps_if_changed(&mut self) {
@@ -797,6 +821,16 @@ impl Daemon {
                 let st = self.peers.entry(peer).or_default();
                 st.mutual = true;
                 st.caps_delivered = true;
+                st.caps_in_flight = false;
+            }
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Response { .. },
+                ..
+            } => {
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    st.caps_in_flight = false;
+                }
             }
             rr::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "capability exchange failed: {error}");
@@ -805,6 +839,7 @@ impl Daemon {
                 tracing::debug!(%peer, "capability advert not delivered: {error}");
                 if let Some(st) = self.peers.get_mut(&peer) {
                     st.caps_delivered = false;
+                    st.caps_in_flight = false;
                 }
             }
             _ => {}
