@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod error;
+pub mod finetune;
 pub mod gpu;
 pub mod loader;
 pub mod lora;

@@ -241,6 +241,7 @@ impl<'m> CpuTrainer<'m> {
         // Position i predicts labels[i+1]; the last position predicts nothing.
         let mut targets = vec![0u32; t];
         let mut dnll = vec![0f32; t];
+        let mut predicted = vec![false; t];
         for i in 0..t - 1 {
             let lab = labels[i + 1];
             if lab != IGNORE {
@@ -249,11 +250,16 @@ impl<'m> CpuTrainer<'m> {
                 }
                 targets[i] = lab as u32;
                 dnll[i] = weight;
+                predicted[i] = true;
             }
         }
         let mut nll = vec![0f32; t];
         cpu::nll(&mut nll, &logits, &targets, v);
-        let total: f64 = (0..t).filter(|&i| dnll[i] != 0.0).map(|i| nll[i] as f64).sum();
+        let total: f64 = (0..t).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum();
+        if weight == 0.0 {
+            // Evaluation: the loss alone.
+            return Ok(total);
+        }
 
         // ---- backward ----
         let mut dlogits = vec![0f32; t * v];

@@ -106,6 +106,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// LoRA fine-tuning; writes a PEFT-compatible adapter directory (and loss.svg) to --out.
+    Finetune(FinetuneArgs),
     /// Create this device's identity (ed25519, stored 0600) and a commented config.toml.
     Init {
         /// Name shown to paired peers (default: the host name).
@@ -138,6 +140,69 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PairCmd,
     },
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// .txt (one document), or .jsonl with {"text"}, {"prompt","completion"} or {"messages"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this PEFT adapter instead of a fresh one.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f32,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    targets: Vec<String>,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens per sequence (default: 512, or the model's context if shorter).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value = "constant", value_parser = ["constant", "linear", "cosine"])]
+    schedule: String,
+    /// Clip gradients to this global norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long)]
+    no_shuffle: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of the examples held out for an eval loss.
+    #[arg(long, default_value_t = 0.0)]
+    val_split: f64,
+    /// Write a checkpoint (adapter, optimizer moments, step) every N steps to OUT/checkpoint-N.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Continue from a checkpoint directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// One JSON object per step: {step, loss, lr, tokens, tokens_per_second, elapsed_s}.
+    #[arg(long)]
+    json_log: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -319,6 +384,7 @@ fn print_peers(v: &serde_json::Value) {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
+        Cmd::Finetune(a) => finetune(a)?,
         Cmd::Init { name } => {
             if bitnode::init(&home, name.as_deref())? {
                 let id = bitnode::identity::load(&home)?.public().to_peer_id();
@@ -538,6 +604,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
+    use bitnode_engine::finetune::{FinetuneConfig, StepLog};
+    let ctx = bitnode_engine::config::ModelConfig::load(&a.model.join("config.json"))
+        .with_context(|| format!("loading model {}", a.model.display()))?
+        .max_position_embeddings;
+    let cfg = FinetuneConfig {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        init_adapter: a.init_adapter,
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: a.targets,
+        lr: a.lr,
+        steps: a.steps,
+        epochs: a.epochs,
+        batch: a.batch,
+        seq_len: a.seq_len.unwrap_or(512.min(ctx)),
+        grad_accum: a.grad_accum,
+        weight_decay: a.weight_decay,
+        warmup: a.warmup,
+        schedule: a.schedule.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        shuffle: !a.no_shuffle,
+        seed: a.seed,
+        val_split: a.val_split,
+        save_every: a.save_every,
+        resume: a.resume,
+    };
+    eprintln!("note: training runs on the CPU reference backend in this build (the WGSL backward kernels come next)");
+    let mut log = match &a.json_log {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut on_step = |s: &StepLog, total: usize| {
+        let eta = s.elapsed_s / s.step as f64 * (total.saturating_sub(s.step)) as f64;
+        eprint!(
+            "\rstep {}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  ETA {:.0}s   ",
+            s.step, total, s.loss, s.lr, s.tokens_per_second, eta
+        );
+        if let Some(w) = log.as_mut() {
+            let v = serde_json::json!({"step": s.step, "loss": s.loss, "lr": s.lr, "tokens": s.tokens,
+                "tokens_per_second": s.tokens_per_second, "elapsed_s": s.elapsed_s, "grad_norm": s.grad_norm});
+            let _ = writeln!(w, "{v}");
+            let _ = w.flush();
+        }
+    };
+    let sum = bitnode_engine::finetune::finetune(&cfg, &mut on_step)?;
+    eprintln!();
+    println!(
+        "wrote adapter to {} ({} steps; loss {} -> {}{})",
+        sum.adapter.display(),
+        sum.steps,
+        sum.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        sum.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        match (sum.val_loss_before, sum.val_loss_after) {
+            (Some(b), Some(a)) => format!("; eval loss {b:.4} -> {a:.4}"),
+            (None, Some(a)) => format!("; eval loss {a:.4}"),
+            _ => String::new(),
+        }
+    );
     Ok(())
 }
 

@@ -278,3 +278,129 @@ fn devices_lists_adapters() {
         assert!(a["backend"].is_string() && a["device_type"].is_string());
     }
 }
+
+/// `bitnode finetune` on a small real text: the loss falls, the adapter lowers the NLL of that text under
+/// `score --adapter`, the JSON log has one object per step, a checkpointed run resumed half-way ends at the
+/// same adapter as an uninterrupted one, and bad data fails with file and line.
+#[test]
+fn finetune_learns_resumes_exactly_and_refuses_bad_data() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let model = fx.join("online_tied");
+    let text = "The river runs past the old mill at the edge of the town. In the morning the water is cold and \
+                clear, and the children walk along the bank on their way to school. They count the boats, they \
+                watch the birds, and they argue about whether the heron by the bridge is the same one they saw \
+                yesterday. It usually is. ";
+    let data = tmp("ft-data").join("river.txt");
+    std::fs::write(&data, text.repeat(3)).unwrap();
+    let out = tmp("ft-out");
+    let log = tmp("ft-log").join("log.jsonl");
+    let common = [
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--seed",
+        "5",
+    ];
+    let (o, _, err) = run(bin()
+        .args(["finetune", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--steps",
+            "24",
+            "--save-every",
+            "12",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "2",
+            "--json-log",
+        ])
+        .arg(&log)
+        .args(common));
+    assert!(o.status.success(), "{err}");
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 24);
+    for k in ["step", "loss", "lr", "tokens", "tokens_per_second", "elapsed_s"] {
+        assert!(!steps[0][k].is_null(), "missing {k}");
+    }
+    let mean = |s: &[serde_json::Value]| s.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&steps[..6]), mean(&steps[18..]));
+    assert!(last < first - 0.5, "loss should fall: {first} -> {last}");
+    assert!(out.join("loss.svg").exists() && out.join("adapter_config.json").exists());
+    let score = |adapter: Option<&Path>| {
+        let mut c = bin();
+        c.args(["score", "--json", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--text-file")
+            .arg(&data);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let (o, out, err) = run(&mut c);
+        assert!(o.status.success(), "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["nll"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(score(Some(&out)) < score(None) - 0.5, "the adapter must fit the text");
+
+    // Resume from the step-12 checkpoint into another directory: the same final adapter, bit for bit.
+    let out2 = tmp("ft-out2");
+    let (o, _, err) = run(bin()
+        .args(["finetune", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out2)
+        .args(["--steps", "24", "--schedule", "cosine", "--warmup", "2", "--resume"])
+        .arg(out.join("checkpoint-12"))
+        .args(common));
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(out2.join("adapter_model.safetensors")).unwrap()
+    );
+
+    // Bad data and settings.
+    let bad = tmp("ft-bad").join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text\": \"fine\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let ft = |d: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["finetune", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(d)
+            .arg("--out")
+            .arg(tmp("ft-x"))
+            .args(extra);
+        c
+    };
+    fails_with(&mut ft(&bad, &["--seq-len", "32"]), "bad.jsonl:2: no assistant turn");
+    fails_with(
+        &mut ft(&data, &["--seq-len", "100000"]),
+        "longer than the model's context",
+    );
+    fails_with(
+        &mut ft(&data, &["--seq-len", "32", "--targets", "q_proj,wrong"]),
+        "unknown LoRA target",
+    );
+    fails_with(&mut ft(&tmp("ft-none").join("missing.txt"), &[]), "missing.txt");
+}

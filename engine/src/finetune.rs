@@ -1,0 +1,353 @@
+//! A LoRA fine-tuning run: data, adapter, optimizer, schedule, checkpoints and resume, driving the CPU
+//! reference trainer. `bitnode finetune` is a thin CLI over [`finetune`]; the daemon will run the same
+//! function for jobs submitted from other devices.
+//!
+//! Determinism: the data order of epoch `e` is `data::shuffled(n, seed + e)` (or file order with
+//! `shuffle = false`) and step `k` takes the micro-batches `k*G .. (k+1)*G`, each of `B` consecutive
+//! examples of that order, so the data cursor is the step number alone. A checkpoint therefore holds the
+//! adapter, both AdamW moments and the step; resuming from it ends at the same adapter as an uninterrupted
+//! run (checked by a test).
+use crate::cpu::AdamW;
+use crate::data::{self, DataSpec, Example};
+use crate::error::{EngineError, Result};
+use crate::lora::Adapter;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::train::{lr_factor, CpuTrainer, Optimizer, Schedule};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub init_adapter: Option<PathBuf>,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+    pub lr: f64,
+    pub steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub weight_decay: f64,
+    pub warmup: usize,
+    pub schedule: Schedule,
+    pub max_grad_norm: Option<f32>,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub val_split: f64,
+    pub save_every: Option<usize>,
+    pub resume: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    /// Tokens the loss was taken on in this step.
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub elapsed_s: f64,
+    pub grad_norm: f32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub val_loss_before: Option<f64>,
+    pub val_loss_after: Option<f64>,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub adapter: PathBuf,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TrainerState {
+    step: usize,
+    total_steps: usize,
+    seed: u64,
+    examples: usize,
+}
+
+/// The examples of micro-batch `i` (global index over the run).
+fn micro_batch(
+    order: &dyn Fn(usize) -> Vec<usize>,
+    examples: &[Example],
+    i: usize,
+    b: usize,
+) -> Vec<(Vec<u32>, Vec<i32>)> {
+    let n = examples.len();
+    (0..b)
+        .map(|k| {
+            let j = i * b + k;
+            let ex = &examples[order(j / n)[j % n]];
+            (ex.ids.clone(), ex.labels.clone())
+        })
+        .collect()
+}
+
+fn mean_loss(trainer: &CpuTrainer<'_>, adapter: &Adapter, examples: &[Example]) -> Result<Option<f64>> {
+    if examples.is_empty() {
+        return Ok(None);
+    }
+    let mut scratch = adapter.zeros_like();
+    let (mut total, mut n) = (0.0, 0usize);
+    for ex in examples {
+        let k = ex.predicted();
+        if k == 0 {
+            continue;
+        }
+        total += trainer.sequence(&ex.ids, &ex.labels, adapter, &mut scratch, 0.0)?;
+        n += k;
+    }
+    Ok((n > 0).then(|| total / n as f64))
+}
+
+fn save_moments(path: &Path, m: &Adapter, v: &Adapter) -> Result<()> {
+    // Moments reuse the adapter layout: two adapter files side by side.
+    m.save(&path.join("exp_avg"), "optimizer")?;
+    v.save(&path.join("exp_avg_sq"), "optimizer")
+}
+
+fn load_moments(path: &Path, model: &Model, like: &Adapter) -> Result<(Adapter, Adapter)> {
+    let load = |d: &str| -> Result<Adapter> {
+        let layers = Adapter::read_tensors(
+            &path.join(d).join("adapter_model.safetensors"),
+            &model.config,
+            like.rank,
+        )?;
+        let mut a = like.zeros_like();
+        for (dst, src) in a.layers.iter_mut().flatten().zip(layers.into_iter().flatten()) {
+            match (dst, src) {
+                (Some(d), Some(s)) => *d = s,
+                (None, None) => {}
+                _ => {
+                    return Err(EngineError::Invalid(
+                        "checkpoint moments do not match the adapter's targets".into(),
+                    ))
+                }
+            }
+        }
+        Ok(a)
+    };
+    Ok((load("exp_avg")?, load("exp_avg_sq")?))
+}
+
+/// An SVG line chart of the loss per step (no dependencies: a polyline and two axes).
+pub fn loss_svg(losses: &[f64]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 40.0);
+    let (lo, hi) = losses
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let n = losses.len().max(2) - 1;
+    let pts: Vec<String> = losses
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let x = pad + (w - 2.0 * pad) * i as f64 / n as f64;
+            let y = h - pad - (h - 2.0 * pad) * (l - lo) / span;
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<text x="{pad}" y="20" font-family="sans-serif" font-size="14">training loss per step ({} steps): {hi:.4} max, {lo:.4} min</text>
+<text x="4" y="{pad}" font-family="sans-serif" font-size="11">{hi:.3}</text><text x="4" y="{b}" font-family="sans-serif" font-size="11">{lo:.3}</text>
+<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{}"/>
+</svg>
+"##,
+        losses.len(),
+        pts.join(" "),
+        b = h - pad,
+        r = w - pad,
+    )
+}
+
+/// Runs (or resumes) a fine-tuning run; `on_step` sees every optimizer step.
+pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) -> Result<Summary> {
+    if cfg.batch == 0 || cfg.grad_accum == 0 {
+        return Err(EngineError::Invalid(
+            "--batch and --grad-accum must be at least 1".into(),
+        ));
+    }
+    if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
+        return Err(EngineError::Invalid("--lr must be a positive number".into()));
+    }
+    let model = Model::load(&cfg.model)?;
+    let context = model.config.max_position_embeddings;
+    if cfg.seq_len > context {
+        return Err(EngineError::Invalid(format!(
+            "--seq-len {} is longer than the model's context {context}",
+            cfg.seq_len
+        )));
+    }
+    let tok = Tokenizer::load(&cfg.model)?;
+    let eos = model
+        .config
+        .eos_token_ids
+        .first()
+        .copied()
+        .ok_or_else(|| EngineError::Invalid("the model's config.json names no eos_token_id".into()))?;
+    let spec = DataSpec::for_model(&cfg.model, &tok, eos, cfg.seq_len);
+    let mut examples = data::load(&cfg.data, &spec)?;
+    if cfg.val_split > 0.0 {
+        // The split is taken from a seeded shuffle so that validation covers the whole file.
+        let order = data::shuffled(examples.len(), cfg.seed ^ 0x5eed);
+        let mut reordered: Vec<Example> = order.iter().map(|&i| examples[i].clone()).collect();
+        std::mem::swap(&mut examples, &mut reordered);
+    }
+    let (train, val) = data::split(examples, cfg.val_split)?;
+    let n = train.len();
+    let per_step = cfg.batch * cfg.grad_accum;
+    let total = match (cfg.steps, cfg.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) if e > 0.0 => ((e * n as f64) / per_step as f64).ceil().max(1.0) as usize,
+        (None, Some(_)) => return Err(EngineError::Invalid("--epochs must be positive".into())),
+        (None, None) => (n / per_step).max(1),
+    };
+    let targets: Vec<&str> = cfg.targets.iter().map(String::as_str).collect();
+    let opt_cfg = AdamW {
+        lr: cfg.lr,
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    };
+    let (mut adapter, mut opt, start) = match &cfg.resume {
+        Some(dir) => {
+            let st: TrainerState = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| EngineError::io(dir, e))?,
+            )
+            .map_err(|e| EngineError::Invalid(format!("{}: bad trainer_state.json: {e}", dir.display())))?;
+            if st.examples != n || st.seed != cfg.seed {
+                return Err(EngineError::Invalid(format!(
+                    "{}: the checkpoint was made with other data or another --seed ({} examples, seed {}); resume with the same settings",
+                    dir.display(),
+                    st.examples,
+                    st.seed
+                )));
+            }
+            let a = Adapter::load(dir, &model.config)?;
+            let mut o = Optimizer::new(&a, opt_cfg, cfg.max_grad_norm);
+            let (m, v) = load_moments(dir, &model, &a)?;
+            o.m = m;
+            o.v = v;
+            o.step = st.step as u64;
+            (a, o, st.step)
+        }
+        None => {
+            let a = match &cfg.init_adapter {
+                Some(d) => Adapter::load(d, &model.config)?,
+                None => Adapter::init(&model.config, cfg.rank, cfg.alpha, &targets, cfg.seed)?,
+            };
+            let o = Optimizer::new(&a, opt_cfg, cfg.max_grad_norm);
+            (a, o, 0)
+        }
+    };
+    let trainer = CpuTrainer::new(&model);
+    let order_cache = std::cell::RefCell::new(std::collections::HashMap::<usize, Vec<usize>>::new());
+    let order = |epoch: usize| -> Vec<usize> {
+        if !cfg.shuffle {
+            return (0..n).collect();
+        }
+        order_cache
+            .borrow_mut()
+            .entry(epoch)
+            .or_insert_with(|| data::shuffled(n, cfg.seed.wrapping_add(epoch as u64)))
+            .clone()
+    };
+    let val_before = if start == 0 {
+        mean_loss(&trainer, &adapter, &val)?
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    let mut losses = vec![];
+    for step in start..total {
+        let ts = Instant::now();
+        let mut grad = adapter.zeros_like();
+        let (mut loss, mut tokens) = (0.0, 0usize);
+        for a in 0..cfg.grad_accum {
+            let mb = micro_batch(&order, &train, step * cfg.grad_accum + a, cfg.batch);
+            tokens += mb
+                .iter()
+                .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != crate::train::IGNORE).count())
+                .sum::<usize>();
+            loss += trainer.micro_batch(&mb, &adapter, &mut grad, cfg.grad_accum)? / cfg.grad_accum as f64;
+        }
+        if !loss.is_finite() {
+            return Err(EngineError::Invalid(format!(
+                "the loss became {loss} at step {step}; lower --lr"
+            )));
+        }
+        let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, total);
+        let grad_norm = opt.apply(&mut adapter, &mut grad, lr);
+        losses.push(loss);
+        let log = StepLog {
+            step: step + 1,
+            loss,
+            lr,
+            tokens,
+            tokens_per_second: tokens as f64 / ts.elapsed().as_secs_f64().max(1e-9),
+            elapsed_s: t0.elapsed().as_secs_f64(),
+            grad_norm,
+        };
+        on_step(&log, total);
+        if let Some(every) = cfg.save_every.filter(|&e| e > 0) {
+            if (step + 1) % every == 0 && step + 1 < total {
+                let dir = cfg.out.join(format!("checkpoint-{}", step + 1));
+                checkpoint(&dir, &adapter, &opt, step + 1, total, cfg.seed, n, &model)?;
+            }
+        }
+    }
+    adapter.save(&cfg.out, &model_name(&cfg.model))?;
+    if !losses.is_empty() {
+        crate::util::write_atomic(&cfg.out.join("loss.svg"), loss_svg(&losses).as_bytes())?;
+    }
+    let val_after = mean_loss(&trainer, &adapter, &val)?;
+    Ok(Summary {
+        steps: total,
+        first_loss: losses.first().copied(),
+        last_loss: losses.last().copied(),
+        val_loss_before: val_before,
+        val_loss_after: val_after,
+        train_examples: n,
+        val_examples: val.len(),
+        adapter: cfg.out.clone(),
+    })
+}
+
+fn model_name(p: &Path) -> String {
+    p.file_name().and_then(|s| s.to_str()).unwrap_or("model").to_string()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    dir: &Path,
+    adapter: &Adapter,
+    opt: &Optimizer,
+    step: usize,
+    total: usize,
+    seed: u64,
+    examples: usize,
+    model: &Model,
+) -> Result<()> {
+    adapter.save(dir, &model_name(&model.dir))?;
+    save_moments(dir, &opt.m, &opt.v)?;
+    let st = TrainerState {
+        step,
+        total_steps: total,
+        seed,
+        examples,
+    };
+    let text = serde_json::to_string_pretty(&st).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    // Written last: a checkpoint without its state file is incomplete and refused by --resume.
+    crate::util::write_atomic(&dir.join("trainer_state.json"), text.as_bytes())
+}
