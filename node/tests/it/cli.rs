@@ -232,26 +232,30 @@ fn bad_inputs_fail_cleanly() {
     );
 }
 
+/// `bitnode score --json --device cpu` of `text` under `model` (and `adapter`): the mean NLL.
+fn score_nll(model: &Path, text: &Path, adapter: Option<&Path>) -> f64 {
+    let mut c = bin();
+    c.args(["score", "--json", "--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--text-file")
+        .arg(text);
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    let (o, out, err) = run(&mut c);
+    assert!(o.status.success(), "{err}");
+    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["nll"]
+        .as_f64()
+        .unwrap()
+}
+
 /// `--adapter` applies a PEFT adapter: the scores with and without it differ, and infer runs with it.
 #[test]
 fn score_and_infer_apply_a_peft_adapter() {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let text = tmp("lora-text").join("t.txt");
     std::fs::write(&text, "The river runs past the old mill at the edge of the town.").unwrap();
-    let score = |adapter: Option<&Path>| {
-        let mut c = bin();
-        c.args(["score", "--json", "--device", "cpu", "--model"])
-            .arg(fx.join("online_tied"))
-            .arg("--text-file")
-            .arg(&text);
-        if let Some(a) = adapter {
-            c.arg("--adapter").arg(a);
-        }
-        let (o, out, err) = run(&mut c);
-        assert!(o.status.success(), "{err}");
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        v["nll"].as_f64().unwrap()
-    };
+    let score = |adapter: Option<&Path>| score_nll(&fx.join("online_tied"), &text, adapter);
     let base = score(None);
     let tuned = score(Some(&fx.join("lora/final_adapter")));
     assert!((base - tuned).abs() > 1e-3, "{base} vs {tuned}");
@@ -340,21 +344,7 @@ fn finetune_learns_resumes_exactly_and_refuses_bad_data() {
     let (first, last) = (mean(&steps[..6]), mean(&steps[18..]));
     assert!(last < first - 0.5, "loss should fall: {first} -> {last}");
     assert!(out.join("loss.svg").exists() && out.join("adapter_config.json").exists());
-    let score = |adapter: Option<&Path>| {
-        let mut c = bin();
-        c.args(["score", "--json", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--text-file")
-            .arg(&data);
-        if let Some(a) = adapter {
-            c.arg("--adapter").arg(a);
-        }
-        let (o, out, err) = run(&mut c);
-        assert!(o.status.success(), "{err}");
-        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["nll"]
-            .as_f64()
-            .unwrap()
-    };
+    let score = |adapter: Option<&Path>| score_nll(&model, &data, adapter);
     assert!(score(Some(&out)) < score(None) - 0.5, "the adapter must fit the text");
 
     // Resume from the step-12 checkpoint into another directory: the same final adapter, bit for bit.
