@@ -12,9 +12,10 @@
 //!
 //! NAT behaviour covered: Linux MASQUERADE with conntrack, i.e. endpoint-independent mapping that keeps
 //! the source port when it is free, and address-and-port-dependent filtering (only replies to flows the
-//! inside started get in; unsolicited inbound packets are dropped by the router's FORWARD chain). The
-//! private networks have no route from the internet. Not covered: symmetric NAT (`--random-fully`), where
-//! hole punching cannot work and the relay stays the path, and hairpinning.
+//! inside started get in; unsolicited inbound packets are dropped by the router's FORWARD chain); the
+//! nodes must end `direct`. And symmetric NAT on both sides (`MASQUERADE --random-fully`: a new random
+//! port per flow), where hole punching cannot work: the nodes must stay connected `relayed` through the
+//! owner's relay. The private networks have no route from the internet. Not covered: hairpinning.
 //!
 //! R pairs with A and B; A reserves a relayed address on R; A invites B; B joins through the relay; the
 //! daemons must end with a direct connection made by DCUtR. Needs root, `ip` and `iptables`: under
@@ -62,9 +63,11 @@ fn available() -> Result<(), String> {
     Ok(())
 }
 
-fn topology() -> Netns {
+/// `tag` keeps the namespace names of tests running in parallel apart; `symmetric` makes both routers pick
+/// a random source port per flow (`--random-fully`), the NAT under which hole punching cannot work.
+fn topology(tag: &str, symmetric: bool) -> Netns {
     let p = std::process::id() % 100000;
-    let [i, ra, a, rb, b] = ["i", "ra", "a", "rb", "b"].map(|s| format!("bn{p}{s}"));
+    let [i, ra, a, rb, b] = ["i", "ra", "a", "rb", "b"].map(|s| format!("bn{p}{tag}{s}"));
     let ns = Netns {
         names: vec![i.clone(), ra.clone(), a.clone(), rb.clone(), b.clone()],
     };
@@ -95,7 +98,8 @@ fn topology() -> Netns {
         // The NAT: masquerade outbound, admit inbound only for flows the inside started.
         sh(&format!("ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"));
         sh(&format!(
-            "ip netns exec {r} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE"
+            "ip netns exec {r} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE{}",
+            if symmetric { " --random-fully" } else { "" }
         ));
         sh(&format!(
             "ip netns exec {r} iptables -A FORWARD -i lan -o wan -j ACCEPT"
@@ -112,25 +116,31 @@ fn topology() -> Netns {
     ns
 }
 
-#[test]
-fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
+/// Under `CI=true` a missing prerequisite fails the test; elsewhere it is skipped with a message.
+fn require_netns() -> bool {
     if let Err(why) = available() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("the NAT test must run in CI but cannot: {why}");
         }
         eprintln!("skipping the NAT test: {why}");
-        return;
+        return false;
     }
-    let ns = topology();
+    true
+}
+
+/// The relay and the two NATed nodes, started; A has paired with R, B with R, and A holds a relayed
+/// address. Returns (namespaces, relay, a, b).
+fn relay_and_two_nated_nodes(tag: &str, symmetric: bool) -> (Netns, Node, Node, Node) {
+    let ns = topology(tag, symmetric);
     let (i, a_ns, b_ns) = (ns.names[0].clone(), ns.names[2].clone(), ns.names[4].clone());
-    let mut r = Node::init("relay", "")
+    let mut r = Node::init(&format!("relay{tag}"), "")
         .prefix(&["ip", "netns", "exec", &i])
         .listen(&["/ip4/10.77.0.1/tcp/4001", "/ip4/10.77.0.1/udp/4001/quic-v1"])
         .args(&["--relay-server"]);
-    let mut a = Node::init("natted-a", "")
+    let mut a = Node::init(&format!("natted-a{tag}"), "")
         .prefix(&["ip", "netns", "exec", &a_ns])
         .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
-    let mut b = Node::init("natted-b", "")
+    let mut b = Node::init(&format!("natted-b{tag}"), "")
         .prefix(&["ip", "netns", "exec", &b_ns])
         .listen(&["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]);
     r.start();
@@ -149,6 +159,16 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
         let s = a.status();
         (!s["relayed_addresses"].as_array()?.is_empty()).then_some(())
     });
+    (ns, r, a, b)
+}
+
+#[test]
+fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
+    if !require_netns() {
+        return;
+    }
+    let (ns, r, a, b) = relay_and_two_nated_nodes("c", false);
+    let t = Duration::from_secs(60);
     // A's code carries the circuit address; B reaches A only through it (A's own address is private).
     let code = a.invite();
     let t0 = std::time::Instant::now();
@@ -178,6 +198,33 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
     assert!(direct_to_router(&pa, "10.77.0.3"), "A's view of B: {pa}");
     assert!(b.log().contains("hole punch succeeded") || a.log().contains("hole punch succeeded"));
     assert!(pa["capabilities"]["score"].is_number() && pb["capabilities"]["score"].is_number());
+    drop((r, a, b));
+    drop(ns);
+}
+
+/// Behind symmetric NATs hole punching fails; the devices still pair and work through the owner's relay,
+/// whose raised limits keep the circuit up, and `bitnode peers` says `relayed`.
+#[test]
+fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
+    if !require_netns() {
+        return;
+    }
+    let (ns, r, a, b) = relay_and_two_nated_nodes("s", true);
+    let t = Duration::from_secs(60);
+    b.join(&a.invite());
+    let pb = b.wait_connected(&a, t);
+    let pa = a.wait_connected(&b, t);
+    // Give DCUtR its attempts; the connection must stay relayed and keep serving.
+    wait_for(t, "the hole punch to fail", || {
+        (a.log().contains("hole punch failed") || b.log().contains("hole punch failed")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for (x, y, p) in [(&a, &b, &pa), (&b, &a, &pb)] {
+        let now = x.peer(&y.id).unwrap();
+        assert_eq!(now["connection"], "relayed", "{} -> {}: {now}", x.name, y.name);
+        assert_eq!(now["connected"], true);
+        assert!(p["capabilities"]["score"].is_number());
+    }
     drop((r, a, b));
     drop(ns);
 }
