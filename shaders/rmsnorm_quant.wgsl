@@ -22,6 +22,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> s: array<f32>;      // [T]        (rmsnorm_quant)
 @group(0) @binding(6) var<storage, read_write> qsum: array<i32>;   // [T]        (rmsnorm_quant)
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;      // [T, C]     (rmsnorm)
+@group(0) @binding(8) var<storage, read> dy: array<f32>;           // [T, C]     (rmsnorm_backward)
+@group(0) @binding(9) var<storage, read_write> dx: array<f32>;     // [T, C]     (rmsnorm_backward)
 
 var<workgroup> redi: array<i32, 256>;
 
@@ -97,5 +99,32 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     let r = inv_rms(t, lid);
     for (var i = lid; i < p.c; i += 256u) {
         y[t * p.c + i] = w[i] * (x[t * p.c + i] * r);
+    }
+}
+
+// Backward of RMSNorm with respect to its input (the norm weights are frozen under LoRA):
+//   r = 1/sqrt(mean(x^2) + eps),  dx = r * w * dy - x * r^3 * sum(w * dy * x) / C
+// One workgroup per token; dx is assigned. CPU twin: cpu::rmsnorm_backward.
+@compute @workgroup_size(256)
+fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.x;
+    let lid = lid3.x;
+    if t >= step.t {
+        return;
+    }
+    let o = t * p.c;
+    var sq = 0.0;
+    var dot = 0.0;
+    for (var j = lid; j < p.c; j += 256u) {
+        let v = x[o + j];
+        sq += v * v;
+        dot += w[j] * dy[o + j] * v;
+    }
+    let ms = wg_sum(sq, lid) / f32(p.c);
+    let d = wg_sum(dot, lid);
+    let r = 1.0 / sqrt(ms + p.eps);
+    let k = r * r * r * d / f32(p.c);
+    for (var j = lid; j < p.c; j += 256u) {
+        dx[o + j] = r * w[j] * dy[o + j] - x[o + j] * k;
     }
 }

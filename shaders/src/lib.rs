@@ -9,6 +9,17 @@ pub const ATTENTION: &str = concat!(include_str!("../common.wgsl"), include_str!
 pub const LM_HEAD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head.wgsl"));
 pub const NLL: &str = concat!(include_str!("../common.wgsl"), include_str!("../nll.wgsl"));
 pub const SAMPLE: &str = concat!(include_str!("../common.wgsl"), include_str!("../sample.wgsl"));
+// Training (Engine II): backward passes, the LoRA branch and the optimizer.
+pub const RELU2_MUL_BACKWARD: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../relu2_mul_backward.wgsl")
+);
+pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../matmul_ternary_backward.wgsl")
+);
+pub const LORA: &str = concat!(include_str!("../common.wgsl"), include_str!("../lora.wgsl"));
+pub const ADAMW: &str = concat!(include_str!("../common.wgsl"), include_str!("../adamw.wgsl"));
 
 /// Every kernel, by name (for validation tests and the pipeline cache).
 pub const ALL: &[(&str, &str)] = &[
@@ -20,4 +31,8 @@ pub const ALL: &[(&str, &str)] = &[
     ("lm_head", LM_HEAD),
     ("nll", NLL),
     ("sample", SAMPLE),
+    ("relu2_mul_backward", RELU2_MUL_BACKWARD),
+    ("matmul_ternary_backward", MATMUL_TERNARY_BACKWARD),
+    ("lora", LORA),
+    ("adamw", ADAMW),
 ];

@@ -566,3 +566,200 @@ fn capability_probe_runs_matmul_ternary_and_verifies_it() {
     assert!(c.verified && c.ternary_gops > 0.0 && c.backend == "cpu", "{c:?}");
     assert!(bitnode_engine::probe::probe("no-such-adapter-name", std::time::Duration::ZERO).is_err());
 }
+
+// ---- training kernels (Engine II), each against its CPU twin ----
+
+fn upload(g: &bitnode_engine::gpu::Gpu, v: &[f32]) -> wgpu::Buffer {
+    g.storage_init("t", bytemuck::cast_slice(v)).unwrap()
+}
+
+fn fetch(g: &bitnode_engine::gpu::Gpu, b: &wgpu::Buffer, n: usize) -> Vec<f32> {
+    f32s(&g.download(b, (4 * n) as u64).unwrap())
+}
+
+#[test]
+fn rmsnorm_and_relu2_backward_match_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(21);
+    for &(t, c) in &[(1usize, 64usize), (5, 352), (3, 2560)] {
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                ..Default::default()
+            },
+        );
+        let (x, w, dy) = (
+            randn(&mut rng, t * c, 1.0),
+            randn(&mut rng, c, 1.0),
+            randn(&mut rng, t * c, 1.0),
+        );
+        let mut want = vec![0f32; t * c];
+        cpu::rmsnorm_backward(&mut want, &dy, &x, &w, 1e-5, t, c);
+        let dxb = g.storage("dx", (4 * t * c) as u64).unwrap();
+        let op = k::rmsnorm_backward(
+            &g,
+            c,
+            1e-5,
+            &upload(&g, &w),
+            &upload(&g, &x),
+            &upload(&g, &dy),
+            &dxb,
+            &step,
+        );
+        k::run(&g, &[&op], t as u32, 0);
+        let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * c), &want);
+        assert!(d < 1e-4, "rmsnorm_backward {t}x{c}: {d} at {at}");
+
+        let (gg, u) = (randn(&mut rng, t * c, 1.0), randn(&mut rng, t * c, 1.0));
+        let (mut wg, mut wu) = (vec![0f32; t * c], vec![0f32; t * c]);
+        cpu::relu2_mul_backward(&mut wg, &mut wu, &dy, &gg, &u);
+        let (dgb, dub) = (
+            g.storage("dg", (4 * t * c) as u64).unwrap(),
+            g.storage("du", (4 * t * c) as u64).unwrap(),
+        );
+        let op = k::relu2_mul_backward(
+            &g,
+            c,
+            &upload(&g, &dy),
+            &upload(&g, &gg),
+            &upload(&g, &u),
+            &dgb,
+            &dub,
+            &step,
+        );
+        k::run(&g, &[&op], t as u32, 0);
+        assert!(max_rel_diff(&fetch(&g, &dgb, t * c), &wg).0 < 1e-6);
+        assert!(max_rel_diff(&fetch(&g, &dub, t * c), &wu).0 < 1e-6);
+    }
+}
+
+#[test]
+fn matmul_ternary_backward_matches_cpu_across_tiles() {
+    let mut rng = Rng::new(22);
+    // 8 KiB bindings split the weights into several row tiles, accumulated into one dx.
+    for limit in [None, Some(8192u64)] {
+        let g = gpu(limit);
+        for &(t, o, i) in &[(1usize, 96usize, 128usize), (4, 160, 352), (2, 64, 2560)] {
+            if limit.is_some() && 4 * t * i > 8192 {
+                continue; // the activations themselves would exceed the forced limit
+            }
+            let w = random_linear(&mut rng, o, i);
+            let dy = randn(&mut rng, t * o, 1.0);
+            let mut want = vec![0f32; t * i];
+            cpu::matmul_ternary_backward(&mut want, &dy, &w, t);
+            let step = step_buf(
+                &g,
+                Step {
+                    t: t as u32,
+                    ..Default::default()
+                },
+            );
+            let tiles = k::ternary_tiles(&g, &[&w], false).unwrap();
+            let (dyb, dxb) = (upload(&g, &dy), g.storage("dx", (4 * t * i) as u64).unwrap());
+            let ops: Vec<_> = tiles
+                .iter()
+                .enumerate()
+                .map(|(n, tl)| k::matmul_ternary_backward(&g, tl, o, n > 0, &dyb, &dxb, &step))
+                .collect();
+            // Tiles accumulate into dx: one dispatch after another.
+            for op in &ops {
+                k::run(&g, &[op], t as u32, 0);
+            }
+            let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * i), &want);
+            assert!(d < 1e-5, "{t}x{o}x{i} ({} tiles): {d} at {at}", tiles.len());
+        }
+    }
+}
+
+#[test]
+fn lora_forward_and_backward_match_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(23);
+    for &(t, i, o, r) in &[(1usize, 64usize, 96usize, 4usize), (6, 352, 160, 16), (3, 2560, 640, 8)] {
+        let scale = 2.0;
+        let (x, a, b) = (
+            randn(&mut rng, t * i, 1.0),
+            randn(&mut rng, r * i, 0.1),
+            randn(&mut rng, o * r, 0.1),
+        );
+        let y0 = randn(&mut rng, t * o, 1.0);
+        let dy = randn(&mut rng, t * o, 1.0);
+        let (mut y, mut h) = (y0.clone(), vec![0f32; t * r]);
+        cpu::lora(&mut y, &mut h, &x, &a, &b, scale, t, i, o, r);
+        let (mut dx, mut da, mut db) = (
+            randn(&mut rng, t * i, 1.0),
+            randn(&mut rng, r * i, 1.0),
+            randn(&mut rng, o * r, 1.0),
+        );
+        let (dx0, da0, db0) = (dx.clone(), da.clone(), db.clone());
+        cpu::lora_backward(&mut dx, &mut da, &mut db, &dy, &x, &h, &a, &b, scale, t, i, o, r);
+
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                ..Default::default()
+            },
+        );
+        let s = k::LoraShape {
+            inp: i,
+            out: o,
+            rank: r,
+            scale,
+            x_stride: i,
+            y_stride: o,
+            y_off: 0,
+        };
+        let (xb, ab, bb, yb) = (upload(&g, &x), upload(&g, &a), upload(&g, &b), upload(&g, &y0));
+        let hb = g.storage("h", (4 * t * r) as u64).unwrap();
+        let ops = k::lora(&g, &s, &xb, &ab, &bb, &hb, &yb, &step);
+        k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+        assert!(max_rel_diff(&fetch(&g, &hb, t * r), &h).0 < 1e-4, "lora h");
+        assert!(max_rel_diff(&fetch(&g, &yb, t * o), &y).0 < 1e-4, "lora y");
+
+        let (dyb, dhb) = (upload(&g, &dy), g.storage("dh", (4 * t * r) as u64).unwrap());
+        let (dxb, dab, dbb) = (upload(&g, &dx0), upload(&g, &da0), upload(&g, &db0));
+        let ops = k::lora_backward(&g, &s, &xb, &ab, &bb, &hb, &dyb, &dhb, &dab, &dbb, &dxb, &step);
+        // dh first; the others read it.
+        for op in &ops {
+            k::run(&g, &[op], t as u32, 0);
+        }
+        assert!(max_rel_diff(&fetch(&g, &dxb, t * i), &dx).0 < 1e-4, "lora dx");
+        assert!(max_rel_diff(&fetch(&g, &dab, r * i), &da).0 < 1e-4, "lora dA");
+        assert!(max_rel_diff(&fetch(&g, &dbb, o * r), &db).0 < 1e-4, "lora dB");
+    }
+}
+
+#[test]
+fn adamw_matches_cpu_over_several_steps() {
+    let g = gpu(None);
+    let mut rng = Rng::new(24);
+    let n = 1000;
+    let o = cpu::AdamW {
+        lr: 3e-3,
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let p0 = randn(&mut rng, n, 1.0);
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+    let (pb, mb, vb) = (upload(&g, &p0), upload(&g, &m), upload(&g, &v));
+    let step = step_buf(
+        &g,
+        Step {
+            t: 1,
+            ..Default::default()
+        },
+    );
+    for t in 1..=5u64 {
+        let grad = randn(&mut rng, n, 0.5);
+        let lr = o.lr * (1.0 - t as f64 / 10.0);
+        cpu::adamw(&mut p, &mut m, &mut v, &grad, &o, lr, t);
+        let gb = upload(&g, &grad);
+        let op = k::adamw(&g, n, &o, lr, t, &pb, &mb, &vb, &gb, &step);
+        k::run(&g, &[&op], 1, 0);
+    }
+    let (d, at) = max_rel_diff(&fetch(&g, &pb, n), &p);
+    assert!(d < 1e-5, "params: {d} at {at}");
+    assert!(max_rel_diff(&fetch(&g, &vb, n), &v).0 < 1e-5, "second moment");
+}

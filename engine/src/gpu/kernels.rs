@@ -617,3 +617,211 @@ pub fn sample(
         ),
     ]
 }
+
+// ---- training (Engine II): backward passes, the LoRA branch, the optimizer ----
+
+/// dx [T, C] from dy [T, C], x [T, C] and the norm weight w [C]. CPU twin: `cpu::rmsnorm_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    gpu: &Gpu,
+    c: usize,
+    eps: f32,
+    w: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "rmsnorm_backward",
+        sh::RMSNORM_QUANT,
+        &[],
+        &[c as u32, eps.to_bits(), 0, 0],
+        &[(2, w), (3, x), (8, dy), (9, dx)],
+        step,
+        Grid::Tokens,
+    )
+}
+
+/// dg, du [T, F] from dout, g, u. CPU twin: `cpu::relu2_mul_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn relu2_mul_backward(
+    gpu: &Gpu,
+    f: usize,
+    dout: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    dg: &wgpu::Buffer,
+    du: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "relu2_mul_backward",
+        sh::RELU2_MUL_BACKWARD,
+        &[],
+        &[f as u32, 0, 0, 0],
+        &[(2, dout), (3, g), (4, u), (5, dg), (6, du)],
+        step,
+        Grid::ByTokens((f as u32).div_ceil(256)),
+    )
+}
+
+/// dx [T, I] (+)= W_eff^T dy over one weight tile; `accumulate` for every tile after the first.
+/// CPU twin: `cpu::matmul_ternary_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ternary_backward(
+    gpu: &Gpu,
+    tile: &TernaryTile,
+    dy_stride: usize,
+    accumulate: bool,
+    dy: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "matmul_ternary_backward",
+        sh::MATMUL_TERNARY_BACKWARD,
+        &[],
+        &[
+            tile.words,
+            tile.rows,
+            tile.row0,
+            dy_stride as u32,
+            accumulate as u32,
+            0,
+            0,
+            0,
+        ],
+        &[(2, &tile.w), (3, &tile.scales), (4, dy), (5, dx)],
+        step,
+        Grid::ByTokens((tile.words * 16).div_ceil(256)),
+    )
+}
+
+/// Shapes of one LoRA branch as the kernels see them.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraShape {
+    pub inp: usize,
+    pub out: usize,
+    pub rank: usize,
+    pub scale: f32,
+    /// Columns of the input buffer, of the output (or dy) buffer, and the first output column.
+    pub x_stride: usize,
+    pub y_stride: usize,
+    pub y_off: usize,
+}
+
+impl LoraShape {
+    fn params(&self) -> [u32; 8] {
+        [
+            self.inp as u32,
+            self.out as u32,
+            self.rank as u32,
+            self.scale.to_bits(),
+            self.x_stride as u32,
+            self.y_stride as u32,
+            self.y_off as u32,
+            0,
+        ]
+    }
+}
+
+/// `h = A x`, then `y += scale * B h` (two ops). CPU twin: `cpu::lora`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora(
+    gpu: &Gpu,
+    s: &LoraShape,
+    x: &wgpu::Buffer,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    h: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 2] {
+    let pr = s.params();
+    // Each entry point binds only what it uses (the pipeline layouts are derived from the shader).
+    let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
+    let (r, o) = (s.rank as u32, s.out as u32);
+    [
+        mk("lora_a", &[(2, x), (3, a), (5, h)], Grid::ByTokens(r)),
+        mk("lora_b", &[(4, b), (5, h), (6, y)], Grid::ByTokens(o.div_ceil(256))),
+    ]
+}
+
+/// The four LoRA backward ops: dh, then dB, dA (accumulated) and dx (accumulated). CPU twin:
+/// `cpu::lora_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    gpu: &Gpu,
+    s: &LoraShape,
+    x: &wgpu::Buffer,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    h: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    dh: &wgpu::Buffer,
+    da: &wgpu::Buffer,
+    db: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 4] {
+    let pr = s.params();
+    let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
+    let (r, o, i) = (s.rank as u32, s.out as u32, s.inp as u32);
+    [
+        mk("lora_dh", &[(4, b), (7, dy), (8, dh)], Grid::ByTokens(r)),
+        mk(
+            "lora_db",
+            &[(5, h), (7, dy), (10, db)],
+            Grid::Fixed((o * r).div_ceil(256), 1),
+        ),
+        mk(
+            "lora_da",
+            &[(2, x), (8, dh), (9, da)],
+            Grid::Fixed((r * i).div_ceil(256), 1),
+        ),
+        mk("lora_dx", &[(3, a), (8, dh), (11, dx)], Grid::ByTokens(i.div_ceil(256))),
+    ]
+}
+
+/// One AdamW step over `n` parameters (bias corrections in f64 on the host, as torch does in Python).
+/// CPU twin: `cpu::adamw`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    gpu: &Gpu,
+    n: usize,
+    o: &crate::cpu::AdamW,
+    lr: f64,
+    t: u64,
+    param: &wgpu::Buffer,
+    m: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let bc1 = 1.0 - o.beta1.powi(t as i32);
+    let bc2 = 1.0 - o.beta2.powi(t as i32);
+    let pr = [
+        n as u32,
+        ((1.0 - lr * o.weight_decay) as f32).to_bits(),
+        ((lr / bc1) as f32).to_bits(),
+        (bc2.sqrt() as f32).to_bits(),
+        ((1.0 - o.beta1) as f32).to_bits(),
+        (o.beta2 as f32).to_bits(),
+        ((1.0 - o.beta2) as f32).to_bits(),
+        (o.eps as f32).to_bits(),
+    ];
+    op(
+        gpu,
+        "adamw",
+        sh::ADAMW,
+        &[],
+        &pr,
+        &[(2, param), (3, m), (4, v), (5, g)],
+        step,
+        Grid::Fixed((n as u32).div_ceil(256), 1),
+    )
+}
