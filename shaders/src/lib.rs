@@ -18,6 +18,8 @@ pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
     include_str!("../common.wgsl"),
     include_str!("../matmul_ternary_backward.wgsl")
 );
+pub const LM_HEAD_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head_backward.wgsl"));
+pub const ROPE_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope_backward.wgsl"));
 pub const LORA: &str = concat!(include_str!("../common.wgsl"), include_str!("../lora.wgsl"));
 pub const ADAMW: &str = concat!(include_str!("../common.wgsl"), include_str!("../adamw.wgsl"));
 
@@ -33,6 +35,8 @@ pub const ALL: &[(&str, &str)] = &[
     ("sample", SAMPLE),
     ("relu2_mul_backward", RELU2_MUL_BACKWARD),
     ("matmul_ternary_backward", MATMUL_TERNARY_BACKWARD),
+    ("lm_head_backward", LM_HEAD_BACKWARD),
+    ("rope_backward", ROPE_BACKWARD),
     ("lora", LORA),
     ("adamw", ADAMW),
 ];

@@ -763,3 +763,73 @@ fn adamw_matches_cpu_over_several_steps() {
     assert!(d < 1e-5, "params: {d} at {at}");
     assert!(max_rel_diff(&fetch(&g, &vb, n), &v).0 < 1e-5, "second moment");
 }
+
+#[test]
+fn nll_lm_head_and_rope_backward_match_cpu() {
+    let model = tiny_model();
+    let mut rng = Rng::new(25);
+    let (v, c) = (model.embed.rows, model.embed.cols);
+    let t = 5;
+    for f16 in [false, true] {
+        // 64 KiB bindings: the head spans several row tiles, accumulated into one dx.
+        let g = gpu(Some(64 * 1024));
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                lm_t: t as u32,
+                ..Default::default()
+            },
+        );
+        let logits = randn(&mut rng, t * v, 2.0);
+        let targets: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+        let dnll = [0.2f32, 0.0, 0.2, 0.2, 0.4];
+        let mut want = vec![0f32; t * v];
+        cpu::nll_backward(&mut want, &logits, &targets, &dnll, v);
+        let dlb = g.storage("dlogits", (4 * t * v) as u64).unwrap();
+        let tb = g.storage_init("targets", bytemuck::cast_slice(&targets)).unwrap();
+        let op = k::nll_backward(&g, v, &upload(&g, &logits), &tb, &upload(&g, &dnll), &dlb, &step);
+        k::run(&g, &[&op], t as u32, t as u32);
+        let got = fetch(&g, &dlb, t * v);
+        let (d, at) = max_rel_diff(&got, &want);
+        assert!(d < 1e-4, "nll_backward: {d} at {at}");
+
+        // lm_head_backward reads the head as stored (f16 rounds it), so the twin gets the same values.
+        let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
+        assert!(tiles.len() > 1);
+        let mut w = model.embed.rows_f32(0, v);
+        if f16 {
+            w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+        }
+        let mut wdx = vec![0f32; t * c];
+        cpu::lm_head_backward(&mut wdx, &want, &w, t, c, v);
+        let dxb = g.storage("dx", (4 * t * c) as u64).unwrap();
+        for (n, tl) in tiles.iter().enumerate() {
+            let op = k::lm_head_backward(&g, f16, c, v, tl, n > 0, &dlb, &dxb, &step);
+            k::run(&g, &[&op], t as u32, t as u32);
+        }
+        let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * c), &wdx);
+        assert!(d < 1e-4, "lm_head_backward f16={f16}: {d} at {at}");
+    }
+    // RoPE backward at an offset start position.
+    let g = gpu(None);
+    let (nh, hd, start) = (4usize, 16usize, 3usize);
+    let (cos, sin) = cpu::rope_table(10000.0, hd, 16);
+    let dy = randn(&mut rng, t * nh * hd, 1.0);
+    let mut want = dy.clone();
+    let pos: Vec<usize> = (start..start + t).collect();
+    cpu::rope_backward(&mut want, &pos, &cos, &sin, nh, hd);
+    let step = step_buf(
+        &g,
+        Step {
+            t: t as u32,
+            start: start as u32,
+            ..Default::default()
+        },
+    );
+    let dxb = upload(&g, &dy);
+    let op = k::rope_backward(&g, nh, hd, &upload(&g, &cos), &upload(&g, &sin), &dxb, &step);
+    k::run(&g, &[&op], t as u32, 0);
+    let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * nh * hd), &want);
+    assert!(d < 1e-5, "rope_backward: {d} at {at}");
+}

@@ -825,3 +825,79 @@ pub fn adamw(
         Grid::Fixed((n as u32).div_ceil(256), 1),
     )
 }
+
+/// dlogits [lm_t, V] from logits, targets and the per-position weights dnll. CPU twin: `cpu::nll_backward`.
+pub fn nll_backward(
+    gpu: &Gpu,
+    v: usize,
+    logits: &wgpu::Buffer,
+    targets: &wgpu::Buffer,
+    dnll: &wgpu::Buffer,
+    dlogits: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let bufs = [(2, logits), (3, targets), (5, dnll), (6, dlogits)];
+    op(
+        gpu,
+        "nll_backward",
+        sh::NLL,
+        &[],
+        &[v as u32, 0, 0, 0],
+        &bufs,
+        step,
+        Grid::LmTokens,
+    )
+}
+
+/// dx [T, C] (+)= dlogits . W over one row tile of the head; `accumulate` for tiles after the first.
+/// CPU twin: `cpu::lm_head_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_backward(
+    gpu: &Gpu,
+    f16: bool,
+    c: usize,
+    v: usize,
+    tile: &MatrixTile,
+    accumulate: bool,
+    dlogits: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let pr = [c as u32, tile.rows, tile.row0, v as u32, accumulate as u32, 0, 0, 0];
+    let consts = [("F16", if f16 { 1.0 } else { 0.0 })];
+    let bufs = [(2, &tile.buf), (3, dlogits), (4, dx)];
+    let grid = Grid::ByTokens((c as u32).div_ceil(256));
+    op(
+        gpu,
+        "lm_head_backward",
+        sh::LM_HEAD_BACKWARD,
+        &consts,
+        &pr,
+        &bufs,
+        step,
+        grid,
+    )
+}
+
+/// In-place inverse rotation of dx [T, NH, HD]. CPU twin: `cpu::rope_backward`.
+pub fn rope_backward(
+    gpu: &Gpu,
+    nh: usize,
+    hd: usize,
+    cos: &wgpu::Buffer,
+    sin: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let bufs = [(2, cos), (3, sin), (4, dx)];
+    op(
+        gpu,
+        "rope_backward",
+        sh::ROPE_BACKWARD,
+        &[],
+        &[nh as u32, hd as u32, 0, 0],
+        &bufs,
+        step,
+        Grid::TokensBy(nh as u32),
+    )
+}

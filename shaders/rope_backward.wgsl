@@ -1,0 +1,36 @@
+// Backward of the rotary embedding, in place: the rotation is orthogonal, so the gradient turns back by
+// the same angle: dx1 = dy1*cos + dy2*sin, dx2 = dy2*cos - dy1*sin (rotate-half convention, position of
+// token t is step.start + t). Grid (T, NH). CPU twin: cpu::rope_backward.
+
+struct Params {
+    nh: u32,   // heads in this buffer
+    hd: u32,   // head_dim
+    _a: u32,
+    _b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> cos_t: array<f32>;        // [P, HD/2]
+@group(0) @binding(3) var<storage, read> sin_t: array<f32>;        // [P, HD/2]
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;     // [T, NH, HD], dy on entry
+
+@compute @workgroup_size(64)
+fn rope_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wg.x;
+    let h = wg.y;
+    if t >= step.t || h >= p.nh {
+        return;
+    }
+    let half = p.hd / 2u;
+    let pos = step.start + t;
+    let base = (t * p.nh + h) * p.hd;
+    for (var i = lid.x; i < half; i += 64u) {
+        let c = cos_t[pos * half + i];
+        let s = sin_t[pos * half + i];
+        let d1 = dx[base + i];
+        let d2 = dx[base + half + i];
+        dx[base + i] = d1 * c + d2 * s;
+        dx[base + half + i] = d2 * c - d1 * s;
+    }
+}
