@@ -20,6 +20,10 @@ pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
 );
 pub const LM_HEAD_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head_backward.wgsl"));
 pub const ROPE_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope_backward.wgsl"));
+pub const ATTENTION_BACKWARD: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../attention_backward.wgsl")
+);
 pub const LORA: &str = concat!(include_str!("../common.wgsl"), include_str!("../lora.wgsl"));
 pub const ADAMW: &str = concat!(include_str!("../common.wgsl"), include_str!("../adamw.wgsl"));
 
@@ -37,6 +41,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("matmul_ternary_backward", MATMUL_TERNARY_BACKWARD),
     ("lm_head_backward", LM_HEAD_BACKWARD),
     ("rope_backward", ROPE_BACKWARD),
+    ("attention_backward", ATTENTION_BACKWARD),
     ("lora", LORA),
     ("adamw", ADAMW),
 ];

@@ -833,3 +833,40 @@ fn nll_lm_head_and_rope_backward_match_cpu() {
     let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * nh * hd), &want);
     assert!(d < 1e-5, "rope_backward: {d} at {at}");
 }
+
+#[test]
+fn attention_backward_matches_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(26);
+    // The second case has more keys than one 256-key block.
+    for &(t, nh, nkv, hd) in &[(5usize, 4usize, 2usize, 16usize), (300, 4, 1, 32)] {
+        let q = randn(&mut rng, t * nh * hd, 0.5);
+        let kk = randn(&mut rng, nkv * t * hd, 0.5);
+        let vv = randn(&mut rng, nkv * t * hd, 1.0);
+        let dy = randn(&mut rng, t * nh * hd, 1.0);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; kk.len()], vec![0f32; vv.len()]);
+        cpu::attention_backward(&mut dq, &mut dk, &mut dv, &dy, &q, &kk, &vv, t, nh, nkv, hd);
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                ..Default::default()
+            },
+        );
+        let stats = g.storage("stats", (16 * t * nh) as u64).unwrap();
+        let (dqb, dkb, dvb) = (
+            g.storage("dq", (4 * q.len()) as u64).unwrap(),
+            g.storage("dk", (4 * kk.len()) as u64).unwrap(),
+            g.storage("dv", (4 * vv.len()) as u64).unwrap(),
+        );
+        let (qb, kb, vb, db) = (upload(&g, &q), upload(&g, &kk), upload(&g, &vv), upload(&g, &dy));
+        let ops = k::attention_backward(&g, nh, nkv, hd, t, &qb, &kb, &vb, &db, &stats, &dqb, &dkb, &dvb, &step);
+        for op in &ops {
+            k::run(&g, &[op], t as u32, 0);
+        }
+        for (name, b, want) in [("dq", &dqb, &dq), ("dk", &dkb, &dk), ("dv", &dvb, &dv)] {
+            let (d, at) = max_rel_diff(&fetch(&g, b, want.len()), want);
+            assert!(d < 1e-3, "attention {name} T={t}: {d} at {at}");
+        }
+    }
+}

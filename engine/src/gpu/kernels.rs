@@ -901,3 +901,48 @@ pub fn rope_backward(
         Grid::TokensBy(nh as u32),
     )
 }
+
+/// The two attention backward ops: dq (saving the softmax statistics), then dk and dv. The K/V buffers
+/// hold `p` positions ([NKV, P, HD]); `stats` is [T, NH, 4]. CPU twin: `cpu::attention_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    p: usize,
+    q: &wgpu::Buffer,
+    k: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    dout: &wgpu::Buffer,
+    stats: &wgpu::Buffer,
+    dq: &wgpu::Buffer,
+    dk: &wgpu::Buffer,
+    dv: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 2] {
+    let pr = [nh as u32, nkv as u32, hd as u32, p as u32];
+    let src = sh::ATTENTION_BACKWARD;
+    [
+        op(
+            gpu,
+            "attention_backward_dq",
+            src,
+            &[],
+            &pr,
+            &[(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dq)],
+            step,
+            Grid::TokensBy(nh as u32),
+        ),
+        op(
+            gpu,
+            "attention_backward_dkv",
+            src,
+            &[],
+            &pr,
+            &[(2, q), (3, k), (4, v), (5, dout), (6, stats), (8, dk), (9, dv)],
+            step,
+            Grid::TokensBy(nkv as u32),
+        ),
+    ]
+}

@@ -1,0 +1,147 @@
+// Backward of causal GQA attention over a whole sequence (training: start = 0, K/V in the cache layout
+// [NKV, P, HD]). The softmax is recomputed, never stored: with s_j = scale q.k_j, p = softmax(s),
+// dp_j = dout.v_j and D = sum_j p_j dp_j:
+//   attention_backward_dq:  dq = scale * sum_j p_j (dp_j - D) k_j;  also saves (max, sum, D) per (t, h)
+//                           grid (T, NH), the keys in blocks of 256, one thread per key in a block
+//   attention_backward_dkv: dk_j = scale * sum_{t>=j, h in group} p_tj (dp_tj - D_t) q_t,
+//                           dv_j = sum p_tj dout_t;  grid (T, NKV), one thread per head dimension
+// Each output has a single writer, so no atomics. CPU twin: cpu::attention_backward.
+
+struct Params {
+    nh: u32,
+    nkv: u32,
+    hd: u32,
+    p: u32,    // positions the K/V buffers hold
+}
+
+@group(0) @binding(0) var<uniform> prm: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> q: array<f32>;            // [T, NH, HD] rotated
+@group(0) @binding(3) var<storage, read> k: array<f32>;            // [NKV, P, HD] rotated
+@group(0) @binding(4) var<storage, read> v: array<f32>;            // [NKV, P, HD]
+@group(0) @binding(5) var<storage, read> dout: array<f32>;         // [T, NH, HD]
+@group(0) @binding(6) var<storage, read_write> stats: array<f32>;  // [T, NH, 4]: max, sum, D
+@group(0) @binding(7) var<storage, read_write> dq: array<f32>;     // [T, NH, HD] (assigned)
+@group(0) @binding(8) var<storage, read_write> dk: array<f32>;     // [NKV, P, HD] (assigned)
+@group(0) @binding(9) var<storage, read_write> dv: array<f32>;     // [NKV, P, HD] (assigned)
+
+var<workgroup> ds_blk: array<f32, 256>;
+
+fn score(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
+    let qo = (t * prm.nh + h) * prm.hd;
+    let ko = (kvh * prm.p + j) * prm.hd;
+    var s = 0.0;
+    for (var d = 0u; d < prm.hd; d++) {
+        s += q[qo + d] * k[ko + d];
+    }
+    return s * inverseSqrt(f32(prm.hd));
+}
+
+fn dprob(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
+    let oo = (t * prm.nh + h) * prm.hd;
+    let vo = (kvh * prm.p + j) * prm.hd;
+    var s = 0.0;
+    for (var d = 0u; d < prm.hd; d++) {
+        s += dout[oo + d] * v[vo + d];
+    }
+    return s;
+}
+
+@compute @workgroup_size(256)
+fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.x;
+    let h = wg.y;
+    let lid = lid3.x;
+    if t >= step.t {
+        return;
+    }
+    let kvh = h / (prm.nh / prm.nkv);
+    let n = t + 1u;
+    let scale = inverseSqrt(f32(prm.hd));
+    // Pass 1: softmax max and sum.
+    var m = -3.0e38;
+    for (var j = lid; j < n; j += 256u) {
+        m = max(m, score(t, h, kvh, j));
+    }
+    m = wg_max(m, lid);
+    var l = 0.0;
+    for (var j = lid; j < n; j += 256u) {
+        l += exp(score(t, h, kvh, j) - m);
+    }
+    l = wg_sum(l, lid);
+    // Pass 2: D = sum_j p_j dp_j.
+    var dd = 0.0;
+    for (var j = lid; j < n; j += 256u) {
+        dd += exp(score(t, h, kvh, j) - m) / l * dprob(t, h, kvh, j);
+    }
+    dd = wg_sum(dd, lid);
+    // Pass 3: dq, a block of 256 keys at a time through workgroup memory.
+    let qo = (t * prm.nh + h) * prm.hd;
+    var acc = 0.0; // thread `lid` owns dq[lid] (HD <= 256)
+    for (var j0 = 0u; j0 < n; j0 += 256u) {
+        let j = j0 + lid;
+        var ds = 0.0;
+        if j < n {
+            let pj = exp(score(t, h, kvh, j) - m) / l;
+            ds = pj * (dprob(t, h, kvh, j) - dd) * scale;
+        }
+        ds_blk[lid] = ds;
+        workgroupBarrier();
+        if lid < prm.hd {
+            let cnt = min(256u, n - j0);
+            for (var b = 0u; b < cnt; b++) {
+                acc += ds_blk[b] * k[(kvh * prm.p + j0 + b) * prm.hd + lid];
+            }
+        }
+        workgroupBarrier();
+    }
+    if lid < prm.hd {
+        dq[qo + lid] = acc;
+    }
+    if lid == 0u {
+        let so = (t * prm.nh + h) * 4u;
+        stats[so] = m;
+        stats[so + 1u] = l;
+        stats[so + 2u] = dd;
+    }
+}
+
+@compute @workgroup_size(256)
+fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let j = wg.x;
+    let kvh = wg.y;
+    let lid = lid3.x;
+    if j >= step.t {
+        return;
+    }
+    let group = prm.nh / prm.nkv;
+    let scale = inverseSqrt(f32(prm.hd));
+    let ko = (kvh * prm.p + j) * prm.hd;
+    var dkd = 0.0;
+    var dvd = 0.0;
+    for (var t = j; t < step.t; t++) {
+        for (var h = kvh * group; h < (kvh + 1u) * group; h++) {
+            let qo = (t * prm.nh + h) * prm.hd;
+            // Two dot products over the head dimension, one lane per dimension.
+            var qk = 0.0;
+            var dov = 0.0;
+            if lid < prm.hd {
+                qk = q[qo + lid] * k[ko + lid];
+                dov = dout[qo + lid] * v[ko + lid];
+            }
+            let s = wg_sum(qk, lid) * scale;
+            let dp = wg_sum(dov, lid);
+            let so = (t * prm.nh + h) * 4u;
+            let pj = exp(s - stats[so]) / stats[so + 1u];
+            let ds = pj * (dp - stats[so + 2u]) * scale;
+            if lid < prm.hd {
+                dkd += ds * q[qo + lid];
+                dvd += pj * dout[qo + lid];
+            }
+        }
+    }
+    if lid < prm.hd {
+        dk[ko + lid] = dkd;
+        dv[ko + lid] = dvd;
+    }
+}
