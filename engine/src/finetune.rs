@@ -25,6 +25,8 @@ pub struct FinetuneConfig {
     pub init_adapter: Option<PathBuf>,
     pub rank: usize,
     pub alpha: f32,
+    /// PEFT's `lora_dropout` for a fresh adapter (an `--init-adapter` keeps its own unless this is set).
+    pub lora_dropout: Option<f32>,
     pub targets: Vec<String>,
     pub lr: f64,
     pub steps: Option<usize>,
@@ -103,7 +105,7 @@ fn mean_loss(trainer: &CpuTrainer<'_>, adapter: &Adapter, examples: &[Example]) 
         if k == 0 {
             continue;
         }
-        total += trainer.sequence(&ex.ids, &ex.labels, adapter, &mut scratch, 0.0)?;
+        total += trainer.sequence(&ex.ids, &ex.labels, adapter, &mut scratch, 0.0, None)?;
         n += k;
     }
     Ok((n > 0).then(|| total / n as f64))
@@ -247,6 +249,13 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
                 Some(d) => Adapter::load(d, &model.config)?,
                 None => Adapter::init(&model.config, cfg.rank, cfg.alpha, &targets, cfg.seed)?,
             };
+            let mut a = a;
+            if let Some(p) = cfg.lora_dropout {
+                if !(0.0..1.0).contains(&p) {
+                    return Err(EngineError::Invalid("--lora-dropout must be in [0, 1)".into()));
+                }
+                a.dropout = p;
+            }
             let o = Optimizer::new(&a, opt_cfg, cfg.max_grad_norm);
             (a, o, 0)
         }
@@ -280,7 +289,10 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
                 .iter()
                 .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != crate::train::IGNORE).count())
                 .sum::<usize>();
-            loss += trainer.micro_batch(&mb, &adapter, &mut grad, cfg.grad_accum)? / cfg.grad_accum as f64;
+            // Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same ones.
+            let drop_seed = cfg.seed ^ ((step * cfg.grad_accum + a) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            loss +=
+                trainer.micro_batch(&mb, &adapter, &mut grad, cfg.grad_accum, Some(drop_seed))? / cfg.grad_accum as f64;
         }
         if !loss.is_finite() {
             return Err(EngineError::Invalid(format!(

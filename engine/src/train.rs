@@ -46,20 +46,30 @@ pub fn lr_factor(s: Schedule, k: usize, warmup: usize, total: usize) -> f64 {
 
 /// What one layer's forward keeps for its backward. Shapes per sequence of T tokens.
 struct LayerCache {
-    x: Vec<f32>,       // [T, C] residual stream in
-    n1: Vec<f32>,      // [T, C] input_layernorm(x)
-    q: Vec<f32>,       // [T, NH, HD] rotated
-    k: Vec<f32>,       // [NKV, T, HD] rotated (cache layout)
-    v: Vec<f32>,       // [NKV, T, HD]
-    att: Vec<f32>,     // [T, NH*HD]
-    a2: Vec<f32>,      // [T, NH*HD] attn_sub_norm(att)
-    h: Vec<f32>,       // [T, C] after the attention residual
-    n2: Vec<f32>,      // [T, C] post_attention_layernorm(h)
-    g: Vec<f32>,       // [T, F]
-    u: Vec<f32>,       // [T, F]
-    m: Vec<f32>,       // [T, F] relu2(g) * u
-    m2: Vec<f32>,      // [T, F] ffn_sub_norm(m)
-    lh: Vec<Vec<f32>>, // per target: the LoRA hidden [T, R] (empty when not adapted)
+    x: Vec<f32>,         // [T, C] residual stream in
+    n1: Vec<f32>,        // [T, C] input_layernorm(x)
+    q: Vec<f32>,         // [T, NH, HD] rotated
+    k: Vec<f32>,         // [NKV, T, HD] rotated (cache layout)
+    v: Vec<f32>,         // [NKV, T, HD]
+    att: Vec<f32>,       // [T, NH*HD]
+    a2: Vec<f32>,        // [T, NH*HD] attn_sub_norm(att)
+    h: Vec<f32>,         // [T, C] after the attention residual
+    n2: Vec<f32>,        // [T, C] post_attention_layernorm(h)
+    g: Vec<f32>,         // [T, F]
+    u: Vec<f32>,         // [T, F]
+    m: Vec<f32>,         // [T, F] relu2(g) * u
+    m2: Vec<f32>,        // [T, F] ffn_sub_norm(m)
+    lh: Vec<Vec<f32>>,   // per target: the LoRA hidden [T, R] (empty when not adapted)
+    mask: Vec<Vec<f32>>, // per target: the LoRA dropout mask, 0 or 1/(1-p) [T, I] (empty: no dropout)
+}
+
+/// `x * mask` (the LoRA branch's dropout), or x itself without a mask.
+fn dropped<'a>(x: &'a [f32], mask: &[f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    if mask.is_empty() {
+        return x;
+    }
+    *buf = x.iter().zip(mask).map(|(a, m)| a * m).collect();
+    buf
 }
 
 /// `y = ternary(x) (+ LoRA(x))`: the activation quantizer sees x, the LoRA branch sees it unquantized.
@@ -70,6 +80,7 @@ fn project(
     x: &[f32],
     w: &TernaryLinear,
     lora: Option<&LoraPair>,
+    mask: &[f32],
     scale: f32,
     r: usize,
     t: usize,
@@ -80,7 +91,9 @@ fn project(
     cpu::matmul_ternary(y, &q, &s, w, t);
     if let Some(p) = lora {
         lh.resize(t * r, 0.0);
-        cpu::lora(y, lh, x, &p.a, &p.b, scale, t, p.inp, p.out, r);
+        let mut buf = vec![];
+        let xd = dropped(x, mask, &mut buf);
+        cpu::lora(y, lh, xd, &p.a, &p.b, scale, t, p.inp, p.out, r);
     }
 }
 
@@ -94,6 +107,7 @@ fn project_backward(
     lora: Option<&LoraPair>,
     grad: Option<&mut LoraPair>,
     lh: &[f32],
+    mask: &[f32],
     scale: f32,
     r: usize,
     t: usize,
@@ -109,7 +123,20 @@ fn project_backward(
         dx.copy_from_slice(&tmp);
     }
     if let (Some(p), Some(g)) = (lora, grad) {
-        cpu::lora_backward(dx, &mut g.a, &mut g.b, dy, x, lh, &p.a, &p.b, scale, t, p.inp, p.out, r);
+        if mask.is_empty() {
+            cpu::lora_backward(dx, &mut g.a, &mut g.b, dy, x, lh, &p.a, &p.b, scale, t, p.inp, p.out, r);
+        } else {
+            // Through the dropout: the branch saw x * mask, so its input gradient is masked the same way.
+            let mut buf = vec![];
+            let xd = dropped(x, mask, &mut buf);
+            let mut dxl = vec![0f32; t * p.inp];
+            cpu::lora_backward(
+                &mut dxl, &mut g.a, &mut g.b, dy, xd, lh, &p.a, &p.b, scale, t, p.inp, p.out, r,
+            );
+            for ((d, v), m) in dx.iter_mut().zip(&dxl).zip(mask) {
+                *d += v * m;
+            }
+        }
     }
 }
 
@@ -144,6 +171,8 @@ impl<'m> CpuTrainer<'m> {
     /// shift: position t predicts `labels[t+1]`); each predicted position's NLL is weighted by `weight`
     /// (1/N for a mean over N predicted positions of a micro-batch, divided by the accumulation steps).
     /// Adds `weight * dNLL/dparam` to `grad` and returns the sum of the NLLs of the predicted positions.
+    /// `dropout`: the seed of this sequence's LoRA dropout masks (PEFT's `lora_dropout`, one independent
+    /// mask per adapted projection, scaled by 1/(1-p)); `None` or `adapter.dropout == 0` disables it.
     pub fn sequence(
         &self,
         ids: &[u32],
@@ -151,6 +180,7 @@ impl<'m> CpuTrainer<'m> {
         adapter: &Adapter,
         grad: &mut Adapter,
         weight: f32,
+        dropout: Option<u64>,
     ) -> Result<f64> {
         let m = self.model;
         let cfg = &m.config;
@@ -185,19 +215,65 @@ impl<'m> CpuTrainer<'m> {
                 .and_then(|p| p.as_ref())
         };
 
+        let mask_for = |li: usize, target: usize, n: usize| -> Vec<f32> {
+            let p = adapter.dropout;
+            match dropout {
+                Some(seed) if p > 0.0 && weight != 0.0 && lora(li, target).is_some() => {
+                    let mut rng = crate::rng::Rng::new(
+                        seed ^ (((li as u64) << 8 | target as u64) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
+                    let keep = 1.0 / (1.0 - p);
+                    (0..n).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect()
+                }
+                _ => vec![],
+            }
+        };
+
         // ---- forward ----
         let mut x = vec![0f32; t * c];
         cpu::embedding(&mut x, ids, &m.embed);
         let mut caches = Vec::with_capacity(m.layers.len());
         for (li, layer) in m.layers.iter().enumerate() {
             let mut lh = vec![vec![]; 7];
+            let ins = [c, c, c, qd, c, c, f];
+            let mask: Vec<Vec<f32>> = (0..7).map(|i| mask_for(li, i, t * ins[i])).collect();
             let n1 = norm(&x, &layer.input_layernorm, eps, t, c);
             let mut q = vec![0f32; t * qd];
             let mut k = vec![0f32; t * kvd];
             let mut vv = vec![0f32; t * kvd];
-            project(&mut q, &mut lh[0], &n1, &layer.q_proj, lora(li, 0), scale, r, t);
-            project(&mut k, &mut lh[1], &n1, &layer.k_proj, lora(li, 1), scale, r, t);
-            project(&mut vv, &mut lh[2], &n1, &layer.v_proj, lora(li, 2), scale, r, t);
+            project(
+                &mut q,
+                &mut lh[0],
+                &n1,
+                &layer.q_proj,
+                lora(li, 0),
+                &mask[0],
+                scale,
+                r,
+                t,
+            );
+            project(
+                &mut k,
+                &mut lh[1],
+                &n1,
+                &layer.k_proj,
+                lora(li, 1),
+                &mask[1],
+                scale,
+                r,
+                t,
+            );
+            project(
+                &mut vv,
+                &mut lh[2],
+                &n1,
+                &layer.v_proj,
+                lora(li, 2),
+                &mask[2],
+                scale,
+                r,
+                t,
+            );
             cpu::rope(&mut q, &pos, &self.cos, &self.sin, nh, hd);
             cpu::rope(&mut k, &pos, &self.cos, &self.sin, nkv, hd);
             let (kc, vc) = (to_heads(&k, t, nkv, hd), to_heads(&vv, t, nkv, hd));
@@ -205,18 +281,58 @@ impl<'m> CpuTrainer<'m> {
             cpu::attention(&mut att, &q, &kc, &vc, 0, t, nh, nkv, hd, t);
             let a2 = norm(&att, &layer.attn_sub_norm, eps, t, qd);
             let mut o = vec![0f32; t * c];
-            project(&mut o, &mut lh[3], &a2, &layer.o_proj, lora(li, 3), scale, r, t);
+            project(
+                &mut o,
+                &mut lh[3],
+                &a2,
+                &layer.o_proj,
+                lora(li, 3),
+                &mask[3],
+                scale,
+                r,
+                t,
+            );
             let h: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
             let n2 = norm(&h, &layer.post_attention_layernorm, eps, t, c);
             let mut g = vec![0f32; t * f];
             let mut u = vec![0f32; t * f];
-            project(&mut g, &mut lh[4], &n2, &layer.gate_proj, lora(li, 4), scale, r, t);
-            project(&mut u, &mut lh[5], &n2, &layer.up_proj, lora(li, 5), scale, r, t);
+            project(
+                &mut g,
+                &mut lh[4],
+                &n2,
+                &layer.gate_proj,
+                lora(li, 4),
+                &mask[4],
+                scale,
+                r,
+                t,
+            );
+            project(
+                &mut u,
+                &mut lh[5],
+                &n2,
+                &layer.up_proj,
+                lora(li, 5),
+                &mask[5],
+                scale,
+                r,
+                t,
+            );
             let mut mm = vec![0f32; t * f];
             cpu::relu2_mul(&mut mm, &g, &u);
             let m2 = norm(&mm, &layer.ffn_sub_norm, eps, t, f);
             let mut d = vec![0f32; t * c];
-            project(&mut d, &mut lh[6], &m2, &layer.down_proj, lora(li, 6), scale, r, t);
+            project(
+                &mut d,
+                &mut lh[6],
+                &m2,
+                &layer.down_proj,
+                lora(li, 6),
+                &mask[6],
+                scale,
+                r,
+                t,
+            );
             let xn: Vec<f32> = h.iter().zip(&d).map(|(a, b)| a + b).collect();
             caches.push(LayerCache {
                 x: std::mem::replace(&mut x, xn),
@@ -233,6 +349,7 @@ impl<'m> CpuTrainer<'m> {
                 m: mm,
                 m2,
                 lh,
+                mask,
             });
         }
         let xf = norm(&x, &m.norm, eps, t, c);
@@ -281,6 +398,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 6),
                 gl[6].as_mut(),
                 &cache.lh[6],
+                &cache.mask[6],
                 scale,
                 r,
                 t,
@@ -299,6 +417,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 4),
                 gl[4].as_mut(),
                 &cache.lh[4],
+                &cache.mask[4],
                 scale,
                 r,
                 t,
@@ -312,6 +431,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 5),
                 gl[5].as_mut(),
                 &cache.lh[5],
+                &cache.mask[5],
                 scale,
                 r,
                 t,
@@ -332,6 +452,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 3),
                 gl[3].as_mut(),
                 &cache.lh[3],
+                &cache.mask[3],
                 scale,
                 r,
                 t,
@@ -356,6 +477,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 0),
                 gl[0].as_mut(),
                 &cache.lh[0],
+                &cache.mask[0],
                 scale,
                 r,
                 t,
@@ -369,6 +491,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 1),
                 gl[1].as_mut(),
                 &cache.lh[1],
+                &cache.mask[1],
                 scale,
                 r,
                 t,
@@ -382,6 +505,7 @@ impl<'m> CpuTrainer<'m> {
                 lora(li, 2),
                 gl[2].as_mut(),
                 &cache.lh[2],
+                &cache.mask[2],
                 scale,
                 r,
                 t,
@@ -398,13 +522,15 @@ impl<'m> CpuTrainer<'m> {
     }
 
     /// One micro-batch: the mean NLL over its predicted, unmasked positions (transformers' causal-LM loss),
-    /// with gradients scaled by `1/accum` added into `grad`. Returns the micro-batch loss.
+    /// with gradients scaled by `1/accum` added into `grad`. Returns the micro-batch loss. `dropout` seeds the
+    /// LoRA dropout masks of its sequences (see [`CpuTrainer::sequence`]).
     pub fn micro_batch(
         &self,
         batch: &[(Vec<u32>, Vec<i32>)],
         adapter: &Adapter,
         grad: &mut Adapter,
         accum: usize,
+        dropout: Option<u64>,
     ) -> Result<f64> {
         let n: usize = batch
             .iter()
@@ -417,8 +543,9 @@ impl<'m> CpuTrainer<'m> {
         }
         let w = 1.0 / (n as f32 * accum as f32);
         let mut total = 0f64;
-        for (ids, labels) in batch {
-            total += self.sequence(ids, labels, adapter, grad, w)?;
+        for (i, (ids, labels)) in batch.iter().enumerate() {
+            let seed = dropout.map(|s| s.wrapping_mul(0x100_0000_01B3).wrapping_add(i as u64));
+            total += self.sequence(ids, labels, adapter, grad, w, seed)?;
         }
         Ok(total / n as f64)
     }

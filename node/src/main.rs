@@ -158,6 +158,9 @@ struct FinetuneArgs {
     rank: usize,
     #[arg(long, default_value_t = 32.0)]
     alpha: f32,
+    /// Dropout on the LoRA branch's input (PEFT's lora_dropout), 0 to 1.
+    #[arg(long)]
+    lora_dropout: Option<f32>,
     #[arg(
         long,
         value_delimiter = ',',
@@ -619,6 +622,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         init_adapter: a.init_adapter,
         rank: a.rank,
         alpha: a.alpha,
+        lora_dropout: a.lora_dropout,
         targets: a.targets,
         lr: a.lr,
         steps: a.steps,
