@@ -79,8 +79,14 @@ impl Node {
     pub fn init(name: &str, extra_config: &str) -> Node {
         let home = home(name);
         cli_ok(&home, &["init", "--name", name]);
+        // Defaults for tests, unless `extra_config` sets the key itself (TOML forbids a key twice).
+        let mdns = if extra_config.contains("mdns") {
+            ""
+        } else {
+            "mdns = false\n"
+        };
         let cfg = format!(
-            "[node]\nname = {name:?}\n[network]\nmdns = false\nreconnect_secs = 1\n{extra_config}\n[capabilities]\nbenchmark_ms = 30\n"
+            "[node]\nname = {name:?}\n[network]\n{mdns}reconnect_secs = 1\n{extra_config}\n[capabilities]\nbenchmark_ms = 30\n"
         );
         let cfg = merge_sections(&cfg);
         std::fs::write(home.join("config.toml"), cfg).unwrap();

@@ -1,4 +1,5 @@
-//! Hole punching through real NATs, in network namespaces, on the topology of libp2p's hole-punch test:
+//! Real network topologies in network namespaces: mDNS discovery on a LAN segment (at the end), and hole
+//! punching through real NATs on the topology of libp2p's hole-punch test:
 //!
 //! ```text
 //!            relay R 10.77.0.1 (on the "internet" bridge, in namespace I)
@@ -226,5 +227,57 @@ fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
         assert!(p["capabilities"]["score"].is_number());
     }
     drop((r, a, b));
+    drop(ns);
+}
+
+/// Two devices on one LAN segment (a bridge in its own namespace), paired by `pair add` with no address at
+/// all: mDNS is the only way they can find each other, and they must connect directly.
+#[test]
+fn paired_devices_on_a_lan_find_each_other_by_mdns() {
+    if !require_netns() {
+        return;
+    }
+    let p = std::process::id() % 100000;
+    let [l, ha, hb] = ["l", "la", "lb"].map(|s| format!("bn{p}{s}"));
+    let ns = Netns {
+        names: vec![l.clone(), ha.clone(), hb.clone()],
+    };
+    for n in &ns.names {
+        sh(&format!("ip netns add {n} && ip -n {n} link set lo up"));
+    }
+    sh(&format!(
+        "ip -n {l} link add br0 type bridge && ip -n {l} link set br0 up"
+    ));
+    for (h, ip) in [(&ha, "10.79.0.2"), (&hb, "10.79.0.3")] {
+        sh(&format!(
+            "ip link add eth0 netns {h} type veth peer name {h}p netns {l}"
+        ));
+        sh(&format!(
+            "ip -n {l} link set {h}p master br0 && ip -n {l} link set {h}p up"
+        ));
+        sh(&format!(
+            "ip -n {h} addr add {ip}/24 dev eth0 && ip -n {h} link set eth0 up"
+        ));
+        sh(&format!("ip -n {h} route add 224.0.0.0/4 dev eth0"));
+    }
+    let cfg = "[network]\nmdns = true";
+    let mut a = Node::init("lan-a", cfg)
+        .prefix(&["ip", "netns", "exec", &ha])
+        .listen(&["/ip4/0.0.0.0/tcp/4001"]);
+    let mut b = Node::init("lan-b", cfg)
+        .prefix(&["ip", "netns", "exec", &hb])
+        .listen(&["/ip4/0.0.0.0/tcp/4001"]);
+    // Manual pairing on both sides, before start, with no addresses.
+    cli_ok(&a.home, &["pair", "add", &b.id, "--name", "lan-b"]);
+    cli_ok(&b.home, &["pair", "add", &a.id, "--name", "lan-a"]);
+    a.start();
+    b.start();
+    let t = Duration::from_secs(60);
+    let pa = a.wait_connected(&b, t);
+    let pb = b.wait_connected(&a, t);
+    assert_eq!(pa["connection"], "direct");
+    assert_eq!(pb["connection"], "direct");
+    assert!(pa["addresses"].to_string().contains("10.79.0.3"), "{pa}");
+    drop((a, b));
     drop(ns);
 }
