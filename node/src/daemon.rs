@@ -297,6 +297,8 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Ctl>(64);
     let acceptor = tokio::spawn(accept_loop(listener, tx));
     let res = d.event_loop(rx).await;
+    // Let in-flight control replies (the answer to `bitnode stop` among them) reach their clients.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     acceptor.abort();
     let _ = std::fs::remove_file(&sock);
     tracing::info!("bitnode daemon stopped");

@@ -125,6 +125,8 @@ enum Cmd {
         #[arg(long)]
         relay_server: bool,
     },
+    /// Stop the running daemon (as SIGTERM does: connections closed, socket removed).
+    Stop,
     /// The running daemon's state.
     Status {
         #[arg(long)]
@@ -413,6 +415,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &home,
                 bitnode::daemon::StartOptions { listen, relay_server },
             ))?;
+        }
+        Cmd::Stop => {
+            call(&home, Request::Shutdown)?;
+            // Wait for the socket to go away, so scripts can start a new daemon right after.
+            let t0 = std::time::Instant::now();
+            while control::is_running(&home) && t0.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            println!("stopped");
         }
         Cmd::Status { json } => {
             let v = call(&home, Request::Status)?;

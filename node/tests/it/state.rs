@@ -80,6 +80,15 @@ fn identity_and_trust_list_are_private_atomic_and_validated() {
     );
     cli_err(&h, &["status"], "no bitnode daemon is running");
 
+    // `bitnode stop` ends it the same way.
+    n.start();
+    assert_eq!(cli_ok(&h, &["stop"]).trim(), "stopped");
+    wait_for(
+        Duration::from_secs(10),
+        "the daemon to exit after `bitnode stop`",
+        || (!n.running()).then_some(()),
+    );
+    cli_err(&h, &["stop"], "no bitnode daemon is running");
     // A daemon killed with SIGKILL leaves a stale socket; the next start replaces it.
     n.start();
     n.kill();
