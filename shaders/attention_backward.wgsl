@@ -2,6 +2,7 @@
 // [NKV, P, HD]). The softmax is recomputed, never stored: with s_j = scale q.k_j, p = softmax(s),
 // dp_j = dout.v_j and D = sum_j p_j dp_j:
 //   attention_backward_dq:  dq = scale * sum_j p_j (dp_j - D) k_j;  also saves (max, sum, D) per (t, h)
+//                           (q may sit inside the fused qkv buffer: q_stride)
 //                           grid (T, NH), the keys in blocks of 256, one thread per key in a block
 //   attention_backward_dkv: dk_j = scale * sum_{t>=j, h in group} p_tj (dp_tj - D_t) q_t,
 //                           dv_j = sum p_tj dout_t;  grid (T, NKV), one thread per head dimension
@@ -11,24 +12,29 @@ struct Params {
     nh: u32,
     nkv: u32,
     hd: u32,
-    p: u32,    // positions the K/V buffers hold
+    p: u32,        // positions the K/V buffers hold
+    q_stride: u32, // columns per token of q (NH*HD, or NH*HD + 2*NKV*HD inside the fused qkv buffer)
+    g_stride: u32, // columns per token of the gradient buffer dqkv
+    _a: u32,
+    _b: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<uniform> step: Step;
-@group(0) @binding(2) var<storage, read> q: array<f32>;            // [T, NH, HD] rotated
+@group(0) @binding(2) var<storage, read> q: array<f32>;            // [T, q_stride], rotated q first
 @group(0) @binding(3) var<storage, read> k: array<f32>;            // [NKV, P, HD] rotated
 @group(0) @binding(4) var<storage, read> v: array<f32>;            // [NKV, P, HD]
 @group(0) @binding(5) var<storage, read> dout: array<f32>;         // [T, NH, HD]
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;  // [T, NH, 4]: max, sum, D
-@group(0) @binding(7) var<storage, read_write> dq: array<f32>;     // [T, NH, HD] (assigned)
-@group(0) @binding(8) var<storage, read_write> dk: array<f32>;     // [NKV, P, HD] (assigned)
-@group(0) @binding(9) var<storage, read_write> dv: array<f32>;     // [NKV, P, HD] (assigned)
+// The gradients go to one buffer laid out like the fused qkv projection output, [T, g_stride] with dq in
+// columns [0, NH*HD), dk in [NH*HD, NH*HD + NKV*HD) and dv after it: the ternary backward of the fused
+// q|k|v tile reads it as its dy directly. (All assigned.)
+@group(0) @binding(7) var<storage, read_write> dqkv: array<f32>;
 
 var<workgroup> ds_blk: array<f32, 256>;
 
 fn score(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
-    let qo = (t * prm.nh + h) * prm.hd;
+    let qo = t * prm.q_stride + h * prm.hd;
     let ko = (kvh * prm.p + j) * prm.hd;
     var s = 0.0;
     for (var d = 0u; d < prm.hd; d++) {
@@ -76,7 +82,6 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     }
     dd = wg_sum(dd, lid);
     // Pass 3: dq, a block of 256 keys at a time through workgroup memory.
-    let qo = (t * prm.nh + h) * prm.hd;
     var acc = 0.0; // thread `lid` owns dq[lid] (HD <= 256)
     for (var j0 = 0u; j0 < n; j0 += 256u) {
         let j = j0 + lid;
@@ -96,7 +101,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         workgroupBarrier();
     }
     if lid < prm.hd {
-        dq[qo + lid] = acc;
+        dqkv[t * prm.g_stride + h * prm.hd + lid] = acc;
     }
     if lid == 0u {
         let so = (t * prm.nh + h) * 4u;
@@ -121,13 +126,14 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     var dvd = 0.0;
     for (var t = j; t < step.t; t++) {
         for (var h = kvh * group; h < (kvh + 1u) * group; h++) {
-            let qo = (t * prm.nh + h) * prm.hd;
+            let qo = t * prm.q_stride + h * prm.hd;
+            let oo = (t * prm.nh + h) * prm.hd;
             // Two dot products over the head dimension, one lane per dimension.
             var qk = 0.0;
             var dov = 0.0;
             if lid < prm.hd {
                 qk = q[qo + lid] * k[ko + lid];
-                dov = dout[qo + lid] * v[ko + lid];
+                dov = dout[oo + lid] * v[ko + lid];
             }
             let s = wg_sum(qk, lid) * scale;
             let dp = wg_sum(dov, lid);
@@ -136,12 +142,14 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             let ds = pj * (dp - stats[so + 2u]) * scale;
             if lid < prm.hd {
                 dkd += ds * q[qo + lid];
-                dvd += pj * dout[qo + lid];
+                dvd += pj * dout[oo + lid];
             }
         }
     }
     if lid < prm.hd {
-        dk[ko + lid] = dkd;
-        dv[ko + lid] = dvd;
+        let kvd = prm.nkv * prm.hd;
+        let go = j * prm.g_stride + prm.nh * prm.hd + kvh * prm.hd + lid;
+        dqkv[go] = dkd;
+        dqkv[go + kvd] = dvd;
     }
 }

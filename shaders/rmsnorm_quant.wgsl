@@ -9,7 +9,7 @@
 struct Params {
     c: u32,      // row length
     eps: f32,
-    _a: u32,
+    acc: u32,    // rmsnorm_backward: 1 adds onto dx (a residual's gradient already there), 0 assigns
     _b: u32,
 }
 
@@ -125,6 +125,11 @@ fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
     let r = 1.0 / sqrt(ms + p.eps);
     let k = r * r * r * d / f32(p.c);
     for (var j = lid; j < p.c; j += 256u) {
-        dx[o + j] = r * w[j] * dy[o + j] - x[o + j] * k;
+        let g = r * w[j] * dy[o + j] - x[o + j] * k;
+        if p.acc == 1u {
+            dx[o + j] += g;
+        } else {
+            dx[o + j] = g;
+        }
     }
 }

@@ -3,17 +3,17 @@
 // token t is step.start + t). Grid (T, NH). CPU twin: cpu::rope_backward.
 
 struct Params {
-    nh: u32,   // heads in this buffer
-    hd: u32,   // head_dim
-    _a: u32,
-    _b: u32,
+    nh: u32,     // heads to rotate
+    hd: u32,     // head_dim
+    stride: u32, // columns per token of dx (NH*HD when dx holds only these heads)
+    off: u32,    // first column of these heads
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> cos_t: array<f32>;        // [P, HD/2]
 @group(0) @binding(3) var<storage, read> sin_t: array<f32>;        // [P, HD/2]
-@group(0) @binding(4) var<storage, read_write> dx: array<f32>;     // [T, NH, HD], dy on entry
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;     // [T, stride], heads at off.., dy on entry
 
 @compute @workgroup_size(64)
 fn rope_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -24,7 +24,7 @@ fn rope_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
     let half = p.hd / 2u;
     let pos = step.start + t;
-    let base = (t * p.nh + h) * p.hd;
+    let base = t * p.stride + p.off + h * p.hd;
     for (var i = lid.x; i < half; i += 64u) {
         let c = cos_t[pos * half + i];
         let s = sin_t[pos * half + i];

@@ -10,10 +10,7 @@ pub const LM_HEAD: &str = concat!(include_str!("../common.wgsl"), include_str!("
 pub const NLL: &str = concat!(include_str!("../common.wgsl"), include_str!("../nll.wgsl"));
 pub const SAMPLE: &str = concat!(include_str!("../common.wgsl"), include_str!("../sample.wgsl"));
 // Training (Engine II): backward passes, the LoRA branch and the optimizer.
-pub const RELU2_MUL_BACKWARD: &str = concat!(
-    include_str!("../common.wgsl"),
-    include_str!("../relu2_mul_backward.wgsl")
-);
+pub const RELU2_MUL: &str = concat!(include_str!("../common.wgsl"), include_str!("../relu2_mul.wgsl"));
 pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
     include_str!("../common.wgsl"),
     include_str!("../matmul_ternary_backward.wgsl")
@@ -37,7 +34,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("lm_head", LM_HEAD),
     ("nll", NLL),
     ("sample", SAMPLE),
-    ("relu2_mul_backward", RELU2_MUL_BACKWARD),
+    ("relu2_mul", RELU2_MUL),
     ("matmul_ternary_backward", MATMUL_TERNARY_BACKWARD),
     ("lm_head_backward", LM_HEAD_BACKWARD),
     ("rope_backward", ROPE_BACKWARD),

@@ -597,19 +597,19 @@ fn rmsnorm_and_relu2_backward_match_cpu() {
         let mut want = vec![0f32; t * c];
         cpu::rmsnorm_backward(&mut want, &dy, &x, &w, 1e-5, t, c);
         let dxb = g.storage("dx", (4 * t * c) as u64).unwrap();
-        let op = k::rmsnorm_backward(
-            &g,
-            c,
-            1e-5,
-            &upload(&g, &w),
-            &upload(&g, &x),
-            &upload(&g, &dy),
-            &dxb,
-            &step,
-        );
+        let (wb, xb, dyb) = (upload(&g, &w), upload(&g, &x), upload(&g, &dy));
+        let op = k::rmsnorm_backward(&g, c, 1e-5, false, &wb, &xb, &dyb, &dxb, &step);
         k::run(&g, &[&op], t as u32, 0);
         let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * c), &want);
         assert!(d < 1e-4, "rmsnorm_backward {t}x{c}: {d} at {at}");
+        // With `accumulate`, the gradient adds onto what dx holds (a residual's gradient).
+        let op = k::rmsnorm_backward(&g, c, 1e-5, true, &wb, &xb, &dyb, &dxb, &step);
+        k::run(&g, &[&op], t as u32, 0);
+        let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        assert!(
+            max_rel_diff(&fetch(&g, &dxb, t * c), &twice).0 < 1e-4,
+            "rmsnorm_backward accumulate"
+        );
 
         let (gg, u) = (randn(&mut rng, t * c, 1.0), randn(&mut rng, t * c, 1.0));
         let (mut wg, mut wu) = (vec![0f32; t * c], vec![0f32; t * c]);
@@ -630,6 +630,12 @@ fn rmsnorm_and_relu2_backward_match_cpu() {
         );
         k::run(&g, &[&op], t as u32, 0);
         assert!(max_rel_diff(&fetch(&g, &dgb, t * c), &wg).0 < 1e-6);
+        let mut wout = vec![0f32; t * c];
+        cpu::relu2_mul(&mut wout, &gg, &u);
+        let outb = g.storage("out", (4 * t * c) as u64).unwrap();
+        let op = k::relu2_mul(&g, c, &upload(&g, &gg), &upload(&g, &u), &outb, &step);
+        k::run(&g, &[&op], t as u32, 0);
+        assert!(max_rel_diff(&fetch(&g, &outb, t * c), &wout).0 < 1e-6, "relu2_mul");
         assert!(max_rel_diff(&fetch(&g, &dub, t * c), &wu).0 < 1e-6);
     }
 }
@@ -827,10 +833,36 @@ fn nll_lm_head_and_rope_backward_match_cpu() {
             ..Default::default()
         },
     );
-    let dxb = upload(&g, &dy);
-    let op = k::rope_backward(&g, nh, hd, &upload(&g, &cos), &upload(&g, &sin), &dxb, &step);
+    // The heads sit at columns [8, 8 + NH*HD) of a wider buffer, as q or k inside the fused qkv gradient.
+    let (stride, off) = (nh * hd + 24, 8);
+    let mut wide = randn(&mut rng, t * stride, 1.0);
+    for ti in 0..t {
+        wide[ti * stride + off..ti * stride + off + nh * hd].copy_from_slice(&dy[ti * nh * hd..(ti + 1) * nh * hd]);
+    }
+    let dxb = upload(&g, &wide);
+    let op = k::rope_backward(
+        &g,
+        nh,
+        hd,
+        stride,
+        off,
+        &upload(&g, &cos),
+        &upload(&g, &sin),
+        &dxb,
+        &step,
+    );
     k::run(&g, &[&op], t as u32, 0);
-    let (d, at) = max_rel_diff(&fetch(&g, &dxb, t * nh * hd), &want);
+    let got = fetch(&g, &dxb, t * stride);
+    let mut heads = vec![];
+    for ti in 0..t {
+        heads.extend_from_slice(&got[ti * stride + off..ti * stride + off + nh * hd]);
+        assert_eq!(
+            got[ti * stride..ti * stride + off],
+            wide[ti * stride..ti * stride + off],
+            "other columns untouched"
+        );
+    }
+    let (d, at) = max_rel_diff(&heads, &want);
     assert!(d < 1e-5, "rope_backward: {d} at {at}");
 }
 
@@ -840,12 +872,18 @@ fn attention_backward_matches_cpu() {
     let mut rng = Rng::new(26);
     // The second case has more keys than one 256-key block.
     for &(t, nh, nkv, hd) in &[(5usize, 4usize, 2usize, 16usize), (300, 4, 1, 32)] {
-        let q = randn(&mut rng, t * nh * hd, 0.5);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let w = qd + 2 * kvd; // q sits inside a fused qkv row, as the forward leaves it
+        let q = randn(&mut rng, t * qd, 0.5);
         let kk = randn(&mut rng, nkv * t * hd, 0.5);
         let vv = randn(&mut rng, nkv * t * hd, 1.0);
-        let dy = randn(&mut rng, t * nh * hd, 1.0);
+        let dy = randn(&mut rng, t * qd, 1.0);
         let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; kk.len()], vec![0f32; vv.len()]);
         cpu::attention_backward(&mut dq, &mut dk, &mut dv, &dy, &q, &kk, &vv, t, nh, nkv, hd);
+        let mut qkv = randn(&mut rng, t * w, 1.0);
+        for ti in 0..t {
+            qkv[ti * w..ti * w + qd].copy_from_slice(&q[ti * qd..(ti + 1) * qd]);
+        }
         let step = step_buf(
             &g,
             Step {
@@ -854,18 +892,26 @@ fn attention_backward_matches_cpu() {
             },
         );
         let stats = g.storage("stats", (16 * t * nh) as u64).unwrap();
-        let (dqb, dkb, dvb) = (
-            g.storage("dq", (4 * q.len()) as u64).unwrap(),
-            g.storage("dk", (4 * kk.len()) as u64).unwrap(),
-            g.storage("dv", (4 * vv.len()) as u64).unwrap(),
-        );
-        let (qb, kb, vb, db) = (upload(&g, &q), upload(&g, &kk), upload(&g, &vv), upload(&g, &dy));
-        let ops = k::attention_backward(&g, nh, nkv, hd, t, &qb, &kb, &vb, &db, &stats, &dqb, &dkb, &dvb, &step);
+        let dqkv = g.storage("dqkv", (4 * t * w) as u64).unwrap();
+        let (qb, kb, vb, db) = (upload(&g, &qkv), upload(&g, &kk), upload(&g, &vv), upload(&g, &dy));
+        let ops = k::attention_backward(&g, nh, nkv, hd, t, w, w, &qb, &kb, &vb, &db, &stats, &dqkv, &step);
         for op in &ops {
             k::run(&g, &[op], t as u32, 0);
         }
-        for (name, b, want) in [("dq", &dqb, &dq), ("dk", &dkb, &dk), ("dv", &dvb, &dv)] {
-            let (d, at) = max_rel_diff(&fetch(&g, b, want.len()), want);
+        let got = fetch(&g, &dqkv, t * w);
+        // The CPU twin's dk/dv are in the cache layout [NKV, T, HD]; the GPU writes token rows.
+        let (mut gq, mut gk, mut gv) = (vec![], vec![0f32; dk.len()], vec![0f32; dv.len()]);
+        for ti in 0..t {
+            gq.extend_from_slice(&got[ti * w..ti * w + qd]);
+            for h in 0..nkv {
+                for d in 0..hd {
+                    gk[(h * t + ti) * hd + d] = got[ti * w + qd + h * hd + d];
+                    gv[(h * t + ti) * hd + d] = got[ti * w + qd + kvd + h * hd + d];
+                }
+            }
+        }
+        for (name, got, want) in [("dq", &gq, &dq), ("dk", &gk, &dk), ("dv", &gv, &dv)] {
+            let (d, at) = max_rel_diff(got, want);
             assert!(d < 1e-3, "attention {name} T={t}: {d} at {at}");
         }
     }

@@ -620,12 +620,14 @@ pub fn sample(
 
 // ---- training (Engine II): backward passes, the LoRA branch, the optimizer ----
 
-/// dx [T, C] from dy [T, C], x [T, C] and the norm weight w [C]. CPU twin: `cpu::rmsnorm_backward`.
+/// dx [T, C] from dy [T, C], x [T, C] and the norm weight w [C]; `accumulate` adds onto dx (where a
+/// residual's gradient already sits). CPU twin: `cpu::rmsnorm_backward`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     gpu: &Gpu,
     c: usize,
     eps: f32,
+    accumulate: bool,
     w: &wgpu::Buffer,
     x: &wgpu::Buffer,
     dy: &wgpu::Buffer,
@@ -637,10 +639,32 @@ pub fn rmsnorm_backward(
         "rmsnorm_backward",
         sh::RMSNORM_QUANT,
         &[],
-        &[c as u32, eps.to_bits(), 0, 0],
+        &[c as u32, eps.to_bits(), accumulate as u32, 0],
         &[(2, w), (3, x), (8, dy), (9, dx)],
         step,
         Grid::Tokens,
+    )
+}
+
+/// out = relu(g)^2 * u, [T, F]. CPU twin: `cpu::relu2_mul`.
+pub fn relu2_mul(
+    gpu: &Gpu,
+    f: usize,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let grid = Grid::ByTokens((f as u32).div_ceil(256));
+    op(
+        gpu,
+        "relu2_mul",
+        sh::RELU2_MUL,
+        &[],
+        &[f as u32, 0, 0, 0],
+        &[(3, g), (4, u), (7, out)],
+        step,
+        grid,
     )
 }
 
@@ -659,7 +683,7 @@ pub fn relu2_mul_backward(
     op(
         gpu,
         "relu2_mul_backward",
-        sh::RELU2_MUL_BACKWARD,
+        sh::RELU2_MUL,
         &[],
         &[f as u32, 0, 0, 0],
         &[(2, dout), (3, g), (4, u), (5, dg), (6, du)],
@@ -879,11 +903,15 @@ pub fn lm_head_backward(
     )
 }
 
-/// In-place inverse rotation of dx [T, NH, HD]. CPU twin: `cpu::rope_backward`.
+/// In-place inverse rotation of `nh` heads stored at columns `off..` of dx [T, stride]. CPU twin:
+/// `cpu::rope_backward`.
+#[allow(clippy::too_many_arguments)]
 pub fn rope_backward(
     gpu: &Gpu,
     nh: usize,
     hd: usize,
+    stride: usize,
+    off: usize,
     cos: &wgpu::Buffer,
     sin: &wgpu::Buffer,
     dx: &wgpu::Buffer,
@@ -895,15 +923,17 @@ pub fn rope_backward(
         "rope_backward",
         sh::ROPE_BACKWARD,
         &[],
-        &[nh as u32, hd as u32, 0, 0],
+        &[nh as u32, hd as u32, stride as u32, off as u32],
         &bufs,
         step,
         Grid::TokensBy(nh as u32),
     )
 }
 
-/// The two attention backward ops: dq (saving the softmax statistics), then dk and dv. The K/V buffers
-/// hold `p` positions ([NKV, P, HD]); `stats` is [T, NH, 4]. CPU twin: `cpu::attention_backward`.
+/// The two attention backward ops: dq (saving the softmax statistics), then dk and dv. q has `q_stride`
+/// columns per token (it may sit inside the fused qkv buffer); K/V hold `p` positions ([NKV, P, HD]);
+/// `stats` is [T, NH, 4]; the gradients land in `dqkv` [T, g_stride] as dq | dk | dv columns.
+/// CPU twin: `cpu::attention_backward`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     gpu: &Gpu,
@@ -911,17 +941,27 @@ pub fn attention_backward(
     nkv: usize,
     hd: usize,
     p: usize,
+    q_stride: usize,
+    g_stride: usize,
     q: &wgpu::Buffer,
     k: &wgpu::Buffer,
     v: &wgpu::Buffer,
     dout: &wgpu::Buffer,
     stats: &wgpu::Buffer,
-    dq: &wgpu::Buffer,
-    dk: &wgpu::Buffer,
-    dv: &wgpu::Buffer,
+    dqkv: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
-    let pr = [nh as u32, nkv as u32, hd as u32, p as u32];
+    let pr = [
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        p as u32,
+        q_stride as u32,
+        g_stride as u32,
+        0,
+        0,
+    ];
+    let bufs = [(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dqkv)];
     let src = sh::ATTENTION_BACKWARD;
     [
         op(
@@ -930,7 +970,7 @@ pub fn attention_backward(
             src,
             &[],
             &pr,
-            &[(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dq)],
+            &bufs,
             step,
             Grid::TokensBy(nh as u32),
         ),
@@ -940,7 +980,7 @@ pub fn attention_backward(
             src,
             &[],
             &pr,
-            &[(2, q), (3, k), (4, v), (5, dout), (6, stats), (8, dk), (9, dv)],
+            &bufs,
             step,
             Grid::TokensBy(nkv as u32),
         ),
