@@ -3,6 +3,7 @@
 pub mod context;
 pub mod forward;
 pub mod kernels;
+pub mod train;
 
 use crate::error::{EngineError, Result};
 
