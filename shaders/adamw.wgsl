@@ -1,4 +1,5 @@
-// torch.optim.AdamW step over one parameter tensor (CPU twin: cpu::adamw, which documents the order):
+// torch.optim.AdamW step over one parameter tensor (CPU twin: cpu::adamw, which documents the order), on
+// the gradient times `gscale` (the global-norm clipping coefficient, 1 when not clipping):
 //   p *= 1 - lr*wd;  m += (1-b1)(g - m);  v = b2 v + (1-b2) g^2;  p -= step_size * m / (sqrt(v)/bc2_sqrt + eps)
 // The bias corrections are computed on the host in double precision, as Python does. Grid ceil(N/256).
 
@@ -11,6 +12,10 @@ struct Params {
     b2: f32,
     w2: f32,         // 1 - b2
     eps: f32,
+    gscale: f32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,7 +32,7 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>) {
     if i >= p.n {
         return;
     }
-    let gi = g[i];
+    let gi = g[i] * p.gscale;
     var x = param[i] * p.decay;
     let mi = m[i] + p.w1 * (gi - m[i]);
     let vi = v[i] * p.b2 + p.w2 * gi * gi;

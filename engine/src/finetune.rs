@@ -43,6 +43,9 @@ pub struct FinetuneConfig {
     pub val_split: f64,
     pub save_every: Option<usize>,
     pub resume: Option<PathBuf>,
+    /// Where to train, as `--device`: "auto" (a hardware GPU, else the CPU reference; software Vulkan is
+    /// skipped), "gpu" (any wgpu adapter, lavapipe included), "cpu", an index or part of a name.
+    pub device: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,6 +70,8 @@ pub struct Summary {
     pub train_examples: usize,
     pub val_examples: usize,
     pub adapter: PathBuf,
+    /// "cpu reference" or the wgpu adapter's name.
+    pub device: String,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -106,6 +111,34 @@ fn mean_loss(trainer: &CpuTrainer<'_>, adapter: &Adapter, examples: &[Example]) 
             continue;
         }
         total += trainer.sequence(&ex.ids, &ex.labels, adapter, &mut scratch, 0.0, None)?;
+        n += k;
+    }
+    Ok((n > 0).then(|| total / n as f64))
+}
+
+/// The wgpu adapter `--device` names, or None for the CPU reference trainer.
+fn gpu_adapter(device: &str) -> Result<Option<wgpu::Adapter>> {
+    if device.eq_ignore_ascii_case("cpu") {
+        return Ok(None);
+    }
+    match crate::gpu::pick_adapter(device)? {
+        Some(a) => Ok(Some(a)),
+        None if device.is_empty() || device.eq_ignore_ascii_case("auto") => Ok(None),
+        None => Err(EngineError::NoAdapter(format!(
+            "no adapter matches {device:?}; see `bitnode devices`"
+        ))),
+    }
+}
+
+/// Validation loss on the GPU trainer (weight 0: the backward adds nothing to the gradients).
+fn mean_loss_gpu(gt: &crate::gpu::train::GpuTrainer, examples: &[Example]) -> Result<Option<f64>> {
+    let (mut total, mut n) = (0.0, 0usize);
+    for ex in examples {
+        let k = ex.predicted();
+        if k == 0 {
+            continue;
+        }
+        total += gt.sequence(&ex.ids, &ex.labels, 0.0)?;
         n += k;
     }
     Ok((n > 0).then(|| total / n as f64))
@@ -184,7 +217,7 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         return Err(EngineError::Invalid("--lr must be a positive number".into()));
     }
-    let model = Model::load(&cfg.model)?;
+    let model = std::sync::Arc::new(Model::load(&cfg.model)?);
     let context = model.config.max_position_embeddings;
     if cfg.seq_len > context {
         return Err(EngineError::Invalid(format!(
@@ -261,6 +294,20 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         }
     };
     let trainer = CpuTrainer::new(&model);
+    let gpu_trainer = match gpu_adapter(&cfg.device)? {
+        Some(a) => {
+            if adapter.dropout > 0.0 {
+                return Err(EngineError::Invalid(
+                    "LoRA dropout runs on the CPU trainer in this build; use --device cpu or --lora-dropout 0".into(),
+                ));
+            }
+            let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
+            let gt = crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter)?;
+            gt.set_moments(&opt.m, &opt.v)?;
+            Some(gt)
+        }
+        None => None,
+    };
     let order_cache = std::cell::RefCell::new(std::collections::HashMap::<usize, Vec<usize>>::new());
     let order = |epoch: usize| -> Vec<usize> {
         if !cfg.shuffle {
@@ -272,11 +319,13 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
             .or_insert_with(|| data::shuffled(n, cfg.seed.wrapping_add(epoch as u64)))
             .clone()
     };
-    let val_before = if start == 0 {
-        mean_loss(&trainer, &adapter, &val)?
-    } else {
-        None
+    let eval = |adapter: &Adapter| -> Result<Option<f64>> {
+        match &gpu_trainer {
+            Some(gt) => mean_loss_gpu(gt, &val),
+            None => mean_loss(&trainer, adapter, &val),
+        }
     };
+    let val_before = if start == 0 { eval(&adapter)? } else { None };
     let t0 = Instant::now();
     let mut losses = vec![];
     for step in start..total {
@@ -285,14 +334,33 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         let (mut loss, mut tokens) = (0.0, 0usize);
         for a in 0..cfg.grad_accum {
             let mb = micro_batch(&order, &train, step * cfg.grad_accum + a, cfg.batch);
-            tokens += mb
+            let predicted = mb
                 .iter()
                 .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != crate::train::IGNORE).count())
                 .sum::<usize>();
-            // Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same ones.
-            let drop_seed = cfg.seed ^ ((step * cfg.grad_accum + a) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            loss +=
-                trainer.micro_batch(&mb, &adapter, &mut grad, cfg.grad_accum, Some(drop_seed))? / cfg.grad_accum as f64;
+            tokens += predicted;
+            match &gpu_trainer {
+                Some(gt) => {
+                    if predicted == 0 {
+                        return Err(EngineError::Invalid(
+                            "a micro-batch has no token to predict (every label masked)".into(),
+                        ));
+                    }
+                    // The same loss as CpuTrainer::micro_batch: the mean over the micro-batch, / accumulation.
+                    let wgt = 1.0 / (predicted as f32 * cfg.grad_accum as f32);
+                    let mut sum = 0.0;
+                    for (ids, labels) in &mb {
+                        sum += gt.sequence(ids, labels, wgt)?;
+                    }
+                    loss += sum / predicted as f64 / cfg.grad_accum as f64;
+                }
+                None => {
+                    // Dropout masks depend on (seed, step, micro-batch) only: a resumed run draws the same ones.
+                    let drop_seed = cfg.seed ^ ((step * cfg.grad_accum + a) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                    loss += trainer.micro_batch(&mb, &adapter, &mut grad, cfg.grad_accum, Some(drop_seed))?
+                        / cfg.grad_accum as f64;
+                }
+            }
         }
         if !loss.is_finite() {
             return Err(EngineError::Invalid(format!(
@@ -300,7 +368,13 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
             )));
         }
         let lr = cfg.lr * lr_factor(cfg.schedule, step, cfg.warmup, total);
-        let grad_norm = opt.apply(&mut adapter, &mut grad, lr);
+        let grad_norm = match &gpu_trainer {
+            Some(gt) => {
+                opt.step += 1;
+                gt.apply(&adapter, &opt.opt, lr, opt.step, opt.max_grad_norm)?
+            }
+            None => opt.apply(&mut adapter, &mut grad, lr),
+        };
         losses.push(loss);
         let log = StepLog {
             step: step + 1,
@@ -315,15 +389,22 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         if let Some(every) = cfg.save_every.filter(|&e| e > 0) {
             if (step + 1) % every == 0 && step + 1 < total {
                 let dir = cfg.out.join(format!("checkpoint-{}", step + 1));
+                if let Some(gt) = &gpu_trainer {
+                    adapter = gt.params(&adapter)?;
+                    (opt.m, opt.v) = gt.moments(&adapter)?;
+                }
                 checkpoint(&dir, &adapter, &opt, step + 1, total, cfg.seed, n, &model)?;
             }
         }
+    }
+    if let Some(gt) = &gpu_trainer {
+        adapter = gt.params(&adapter)?;
     }
     adapter.save(&cfg.out, &model_name(&cfg.model))?;
     if !losses.is_empty() {
         crate::util::write_atomic(&cfg.out.join("loss.svg"), loss_svg(&losses).as_bytes())?;
     }
-    let val_after = mean_loss(&trainer, &adapter, &val)?;
+    let val_after = eval(&adapter)?;
     Ok(Summary {
         steps: total,
         first_loss: losses.first().copied(),
@@ -333,6 +414,7 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         train_examples: n,
         val_examples: val.len(),
         adapter: cfg.out.clone(),
+        device: gpu_trainer.as_ref().map_or("cpu reference".into(), |g| g.device_name()),
     })
 }
 

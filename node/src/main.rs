@@ -107,7 +107,7 @@ enum Cmd {
         json: bool,
     },
     /// LoRA fine-tuning; writes a PEFT-compatible adapter directory (and loss.svg) to --out.
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
     /// Create this device's identity (ed25519, stored 0600) and a commented config.toml.
     Init {
         /// Name shown to paired peers (default: the host name).
@@ -208,6 +208,10 @@ struct FinetuneArgs {
     /// One JSON object per step: {step, loss, lr, tokens, tokens_per_second, elapsed_s}.
     #[arg(long)]
     json_log: Option<PathBuf>,
+    /// Where to train: auto (a hardware GPU, else the CPU reference), gpu (any wgpu adapter, lavapipe
+    /// included), cpu, an index from `bitnode devices`, or part of an adapter name.
+    #[arg(long = "device", env = "BITNODE_ADAPTER", default_value = "auto")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -389,7 +393,7 @@ fn print_peers(v: &serde_json::Value) {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
-        Cmd::Finetune(a) => finetune(a)?,
+        Cmd::Finetune(a) => finetune(*a)?,
         Cmd::Init { name } => {
             if bitnode::init(&home, name.as_deref())? {
                 let id = bitnode::identity::load(&home)?.public().to_peer_id();
@@ -650,8 +654,8 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         val_split: a.val_split,
         save_every: a.save_every,
         resume: a.resume,
+        device: a.device,
     };
-    eprintln!("note: training runs on the CPU reference backend in this build (the WGSL backward kernels come next)");
     let mut log = match &a.json_log {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -674,9 +678,10 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     let sum = bitnode_engine::finetune::finetune(&cfg, &mut on_step)?;
     eprintln!();
     println!(
-        "wrote adapter to {} ({} steps; loss {} -> {}{})",
+        "wrote adapter to {} ({} steps on {}; loss {} -> {}{})",
         sum.adapter.display(),
         sum.steps,
+        sum.device,
         sum.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
         sum.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         match (sum.val_loss_before, sum.val_loss_after) {

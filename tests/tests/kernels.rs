@@ -762,7 +762,7 @@ fn adamw_matches_cpu_over_several_steps() {
         let lr = o.lr * (1.0 - t as f64 / 10.0);
         cpu::adamw(&mut p, &mut m, &mut v, &grad, &o, lr, t);
         let gb = upload(&g, &grad);
-        let op = k::adamw(&g, n, &o, lr, t, &pb, &mb, &vb, &gb, &step);
+        let op = k::adamw(&g, n, &o, lr, t, 1.0, &pb, &mb, &vb, &gb, &step);
         k::run(&g, &[&op], 1, 0);
     }
     let (d, at) = max_rel_diff(&fetch(&g, &pb, n), &p);

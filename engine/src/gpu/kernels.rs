@@ -811,8 +811,8 @@ pub fn lora_backward(
     ]
 }
 
-/// One AdamW step over `n` parameters (bias corrections in f64 on the host, as torch does in Python).
-/// CPU twin: `cpu::adamw`.
+/// One AdamW step over `n` parameters on `gscale * g` (bias corrections in f64 on the host, as torch does
+/// in Python). CPU twin: `cpu::adamw` (on the already scaled gradient).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw(
     gpu: &Gpu,
@@ -820,6 +820,7 @@ pub fn adamw(
     o: &crate::cpu::AdamW,
     lr: f64,
     t: u64,
+    gscale: f32,
     param: &wgpu::Buffer,
     m: &wgpu::Buffer,
     v: &wgpu::Buffer,
@@ -837,6 +838,10 @@ pub fn adamw(
         (o.beta2 as f32).to_bits(),
         ((1.0 - o.beta2) as f32).to_bits(),
         (o.eps as f32).to_bits(),
+        gscale.to_bits(),
+        0,
+        0,
+        0,
     ];
     op(
         gpu,

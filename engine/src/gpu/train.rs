@@ -34,6 +34,11 @@ struct GpuLora {
     b: wgpu::Buffer,
     da: wgpu::Buffer,
     db: wgpu::Buffer,
+    /// AdamW moments of a and b.
+    ma: wgpu::Buffer,
+    va: wgpu::Buffer,
+    mb: wgpu::Buffer,
+    vb: wgpu::Buffer,
     inp: usize,
     out: usize,
 }
@@ -90,6 +95,10 @@ impl GpuTrainer {
                         b: g.storage_init("lora_b", f32_bytes(&p.b))?,
                         da: g.storage("lora_da", (4 * p.a.len()) as u64)?,
                         db: g.storage("lora_db", (4 * p.b.len()) as u64)?,
+                        ma: g.storage("adam_m", (4 * p.a.len()) as u64)?,
+                        va: g.storage("adam_v", (4 * p.a.len()) as u64)?,
+                        mb: g.storage("adam_m", (4 * p.b.len()) as u64)?,
+                        vb: g.storage("adam_v", (4 * p.b.len()) as u64)?,
                         inp: p.inp,
                         out: p.out,
                     }),
@@ -113,18 +122,109 @@ impl GpuTrainer {
         })
     }
 
-    /// The accumulated LoRA gradients, in the adapter's layout.
-    pub fn grads(&self, like: &Adapter) -> Result<Adapter> {
+    pub fn device_name(&self) -> String {
+        self.gpu.name()
+    }
+
+    /// Downloads one of the per-tensor buffer pairs (parameters, gradients or a moment) in the adapter's
+    /// layout.
+    fn fetch(&self, like: &Adapter, pick: impl Fn(&GpuLora) -> (&wgpu::Buffer, &wgpu::Buffer)) -> Result<Adapter> {
         let mut out = like.zeros_like();
         for (row, grow) in out.layers.iter_mut().zip(&self.lora) {
             for (p, gp) in row.iter_mut().zip(grow) {
                 if let (Some(p), Some(gp)) = (p.as_mut(), gp) {
-                    p.a = bytemuck::pod_collect_to_vec(&self.gpu.download(&gp.da, (4 * p.a.len()) as u64)?);
-                    p.b = bytemuck::pod_collect_to_vec(&self.gpu.download(&gp.db, (4 * p.b.len()) as u64)?);
+                    let (ba, bb) = pick(gp);
+                    p.a = bytemuck::pod_collect_to_vec(&self.gpu.download(ba, (4 * p.a.len()) as u64)?);
+                    p.b = bytemuck::pod_collect_to_vec(&self.gpu.download(bb, (4 * p.b.len()) as u64)?);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The accumulated LoRA gradients, in the adapter's layout.
+    pub fn grads(&self, like: &Adapter) -> Result<Adapter> {
+        self.fetch(like, |p| (&p.da, &p.db))
+    }
+
+    /// The current adapter parameters (dropout and scaling from `like`).
+    pub fn params(&self, like: &Adapter) -> Result<Adapter> {
+        self.fetch(like, |p| (&p.a, &p.b))
+    }
+
+    /// The AdamW moments (exp_avg, exp_avg_sq), for checkpoints.
+    pub fn moments(&self, like: &Adapter) -> Result<(Adapter, Adapter)> {
+        Ok((
+            self.fetch(like, |p| (&p.ma, &p.mb))?,
+            self.fetch(like, |p| (&p.va, &p.vb))?,
+        ))
+    }
+
+    /// Restores AdamW moments (resuming from a checkpoint).
+    pub fn set_moments(&self, m: &Adapter, v: &Adapter) -> Result<()> {
+        for ((gr, mr), vr) in self.lora.iter().zip(&m.layers).zip(&v.layers) {
+            for ((gp, mp), vp) in gr.iter().zip(mr).zip(vr) {
+                if let (Some(gp), Some(mp), Some(vp)) = (gp, mp, vp) {
+                    self.gpu.queue.write_buffer(&gp.ma, 0, f32_bytes(&mp.a));
+                    self.gpu.queue.write_buffer(&gp.mb, 0, f32_bytes(&mp.b));
+                    self.gpu.queue.write_buffer(&gp.va, 0, f32_bytes(&vp.a));
+                    self.gpu.queue.write_buffer(&gp.vb, 0, f32_bytes(&vp.b));
+                }
+            }
+        }
+        self.gpu.check_error()
+    }
+
+    /// The optimizer step: global-norm clipping (the norm is taken over the downloaded gradients; a device
+    /// reduction comes with the performance work), AdamW on every LoRA tensor, gradients cleared for the
+    /// next step. Returns the gradient norm before clipping.
+    pub fn apply(
+        &self,
+        like: &Adapter,
+        o: &crate::cpu::AdamW,
+        lr: f64,
+        step: u64,
+        max_norm: Option<f32>,
+    ) -> Result<f32> {
+        let g = &*self.gpu;
+        let grads = self.grads(like)?;
+        let norm = grads
+            .pairs()
+            .map(|p| {
+                let a: f32 = p.a.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let b: f32 = p.b.iter().map(|x| x * x).sum::<f32>().sqrt();
+                a * a + b * b
+            })
+            .sum::<f32>()
+            .sqrt();
+        let gscale = match max_norm {
+            Some(m) => (m / (norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
+        let mut ops = vec![];
+        for p in self.lora.iter().flatten().flatten() {
+            let (na, nb) = (self.rank * p.inp, p.out * self.rank);
+            ops.push(k::adamw(g, na, o, lr, step, gscale, &p.a, &p.ma, &p.va, &p.da, &stepb));
+            ops.push(k::adamw(g, nb, o, lr, step, gscale, &p.b, &p.mb, &p.vb, &p.db, &stepb));
+        }
+        let mut enc = g.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("adamw"),
+                timestamp_writes: None,
+            });
+            for op in &ops {
+                op.record(&mut pass, 1, 1);
+            }
+        }
+        for p in self.lora.iter().flatten().flatten() {
+            enc.clear_buffer(&p.da, 0, None);
+            enc.clear_buffer(&p.db, 0, None);
+        }
+        g.queue.submit([enc.finish()]);
+        g.check_error()?;
+        Ok(norm)
     }
 
     /// Records and submits the items; `t` sizes the token grids (the lm_head reads all T rows).
