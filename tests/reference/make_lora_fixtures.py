@@ -74,6 +74,21 @@ def load_base():
     return model
 
 
+def check_bitnode_adapter():
+    """Loads the adapter bitnode wrote (lora/bitnode_adapter, made by `bitnode finetune`, see the README) in
+    PEFT and records the held-out NLL PEFT computes with it; tests/tests/lora.rs checks that `bitnode score
+    --adapter` gives the same number."""
+    expected = json.loads((OUT / "expected.json").read_text())
+    held_out = expected["held_out_ids"]
+    pm = PeftModel.from_pretrained(load_base(), str(OUT / "bitnode_adapter"))
+    pm.eval()
+    with torch.no_grad():
+        nll = pm(input_ids=torch.tensor([held_out]), labels=torch.tensor([held_out])).loss.item()
+    out = {"held_out_nll": nll, "peft": __import__("peft").__version__}
+    (OUT / "bitnode_adapter_peft.json").write_text(json.dumps(out, indent=1) + "\n")
+    print("PEFT NLL with the bitnode adapter", nll)
+
+
 def main():
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -175,4 +190,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--check-bitnode-adapter"]:
+        check_bitnode_adapter()
+    else:
+        main()

@@ -378,3 +378,37 @@ fn gpu_finetune_follows_the_cpu_trainer_and_resumes() {
     let (err, at) = worst(&resumed, &gpu_adapter.layers);
     assert!(err < 1e-6, "resumed GPU run differs by {err:.2e} at {at}");
 }
+
+/// An adapter written by `bitnode finetune` loads in PEFT (`make_lora_fixtures.py --check-bitnode-adapter`)
+/// and gives there the NLL bitnode computes with it.
+#[test]
+fn a_bitnode_adapter_gives_the_same_nll_in_peft() {
+    use bitnode_engine::session::{Engine, EngineOptions};
+    let dir = fixtures().join("lora");
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let peft: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bitnode_adapter_peft.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = e["held_out_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let opts = EngineOptions {
+        adapter: Some("cpu".into()),
+        lora: Some(dir.join("bitnode_adapter")),
+        ..Default::default()
+    };
+    let mut eng = Engine::load(&fixtures().join("online_tied"), &opts).unwrap();
+    let (n, total) = eng.score_ids(&ids).unwrap();
+    let want = peft["held_out_nll"].as_f64().unwrap();
+    // Measured: 5.5e-4 apart (the PEFT-trained adapter above agrees to 1e-4). The likely cause, not yet
+    // pinned down: an activation at an int8 rounding boundary of the quantizer, which float rounding sends
+    // to different levels in the two implementations. The bound is the PEFT training parity's loss
+    // tolerance (2e-3).
+    assert!(
+        (total / n as f64 - want).abs() < 2e-3,
+        "bitnode {} vs PEFT {want}",
+        total / n as f64
+    );
+}
