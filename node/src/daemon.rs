@@ -704,12 +704,28 @@ impl Daemon {
             BehaviourEvent::Mdns(libp2p::mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     // Strangers on the LAN are ignored: only paired peers are ever dialed.
-                    if self.is_trusted(&peer) && !self.peers.get(&peer).is_some_and(|s| s.connected()) {
+                    if !self.is_trusted(&peer) {
+                        continue;
+                    }
+                    // Remembered, so the redial loop retries it if this attempt fails.
+                    if self.trust.note_addrs(&peer, &[strip_peer(&addr)]) {
+                        self.save_trust();
+                    }
+                    if self.peers.get(&peer).is_some_and(|s| !s.conns.is_empty()) {
+                        continue;
+                    }
+                    // Both sides hear each other's announcement at the same moment; if both dialed, the two
+                    // TCP dials from the reused listen ports would meet as one simultaneous open and fail.
+                    // The smaller peer id dials now, the other leaves it to its redial loop a moment later.
+                    if self.me.to_bytes() < peer.to_bytes() {
                         let opts = DialOpts::peer_id(peer)
                             .condition(PeerCondition::DisconnectedAndNotDialing)
                             .addresses(vec![addr])
                             .build();
                         let _ = self.swarm.dial(opts);
+                    } else {
+                        let st = self.peers.entry(peer).or_default();
+                        st.next_dial = Some(Instant::now() + Duration::from_secs(3));
                     }
                 }
             }
