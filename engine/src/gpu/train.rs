@@ -53,7 +53,8 @@ pub struct GpuTrainer {
     gpu: Arc<Gpu>,
     model: Arc<Model>,
     embed: Vec<MatrixTile>,
-    head: Vec<MatrixTile>,
+    /// `None` when the embedding is tied: the head reads the embedding's tiles (one copy on the device).
+    head: Option<Vec<MatrixTile>>,
     norm: wgpu::Buffer,
     layers: Vec<LayerWeights>,
     lora: Vec<Vec<Option<GpuLora>>>,
@@ -70,7 +71,11 @@ impl GpuTrainer {
         let g = &gpu;
         // f32 tables: training compares against float32 references, and the embedding is read once per step.
         let embed = k::matrix_tiles(g, &model.embed, false)?;
-        let head = k::matrix_tiles(g, model.head(), false)?;
+        let head = if model.tied() {
+            None
+        } else {
+            Some(k::matrix_tiles(g, model.head(), false)?)
+        };
         let mut layers = vec![];
         for l in &model.layers {
             layers.push(LayerWeights {
@@ -477,7 +482,8 @@ impl GpuTrainer {
         items.extend(fwd);
         let xl = &xs[nl];
         let mut tail = vec![k::rmsnorm(g, c, eps, &self.norm, xl, &xf, &step)];
-        for tile in &self.head {
+        let head = self.head.as_deref().unwrap_or(&self.embed);
+        for tile in head {
             tail.push(k::lm_head(g, false, c, v, tile, &xf, &logits, &step));
         }
         tail.push(k::nll(g, v, &logits, &targets_b, &nll_b, &step));
@@ -501,7 +507,7 @@ impl GpuTrainer {
         let stats = buf("stats", t * nh * 4)?;
         let dlh = buf("dlora_h", t * r.max(1))?;
         let mut bw: Vec<Op> = vec![k::nll_backward(g, v, &logits, &targets_b, &dnll_b, &dlogits, &step)];
-        for (n, tile) in self.head.iter().enumerate() {
+        for (n, tile) in head.iter().enumerate() {
             bw.push(k::lm_head_backward(g, false, c, v, tile, n > 0, &dlogits, &dxf, &step));
         }
         bw.push(k::rmsnorm_backward(
