@@ -43,6 +43,9 @@ const MAX_INVITE_FAILURES: u32 = 3;
 const MAX_OPEN_INVITES: usize = 16;
 /// Capability re-check period (battery, AC, queue); a change is pushed to connected peers.
 const CAPS_REFRESH: Duration = Duration::from_secs(10);
+/// Extra hole-punch rounds after a failed one, and the wait before each (times the round number).
+const MAX_PUNCH_ROUNDS: u32 = 3;
+const PUNCH_RETRY: Duration = Duration::from_secs(5);
 
 struct Conn {
     addr: Multiaddr,
@@ -74,6 +77,10 @@ struct PeerState {
     caps_in_flight: bool,
     /// Redial schedule while disconnected.
     next_dial: Option<Instant>,
+    /// A failed hole punch is tried again on a fresh relayed connection (hole punching is timing-sensitive;
+    /// a second round often succeeds where the first did not): when, and how many rounds so far.
+    punch_retry_at: Option<Instant>,
+    punch_rounds: u32,
     backoff: u32,
 }
 
@@ -507,6 +514,7 @@ impl Daemon {
         }
         self.redial(now);
         self.retry_caps();
+        self.retry_hole_punches(now);
         self.ensure_relay_reservations();
     }
 
@@ -733,8 +741,23 @@ impl Daemon {
                 tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
             }
             BehaviourEvent::Dcutr(e) => match e.result {
-                Ok(_) => tracing::info!(peer = %e.remote_peer_id, "hole punch succeeded: direct connection"),
-                Err(err) => tracing::info!(peer = %e.remote_peer_id, "hole punch failed: {err}"),
+                Ok(_) => {
+                    tracing::info!(peer = %e.remote_peer_id, "hole punch succeeded: direct connection");
+                    if let Some(st) = self.peers.get_mut(&e.remote_peer_id) {
+                        st.punch_retry_at = None;
+                        st.punch_rounds = 0;
+                    }
+                }
+                Err(err) => {
+                    tracing::info!(peer = %e.remote_peer_id, "hole punch failed: {err}");
+                    // The side that ran the attempt (the one that hears of its failure) retries.
+                    if let Some(st) = self.peers.get_mut(&e.remote_peer_id) {
+                        if st.punch_rounds < MAX_PUNCH_ROUNDS {
+                            st.punch_rounds += 1;
+                            st.punch_retry_at = Some(Instant::now() + PUNCH_RETRY * st.punch_rounds);
+                        }
+                    }
+                }
             },
             BehaviourEvent::Pair(e) => self.on_pair(e),
             BehaviourEvent::Caps(e) => self.on_caps(e),
@@ -755,6 +778,25 @@ impl Daemon {
         let a = self.advert();
         self.swarm.behaviour_mut().caps.send_request(&peer, Ok(a));
         self.peers.entry(peer).or_default().caps_in_flight = true;
+    }
+
+    /// Closes the relayed connections of peers whose hole punch failed and is due for another round; the
+    /// redial loop then reconnects through the relay, and DCUtR tries again on the new relayed connection.
+    fn retry_hole_punches(&mut self, now: Instant) {
+        let mut close = vec![];
+        for (id, st) in self.peers.iter_mut() {
+            if st.punch_retry_at.is_some_and(|t| now >= t) {
+                st.punch_retry_at = None;
+                if !st.direct() {
+                    close.extend(st.conns.iter().filter(|(_, c)| c.relayed).map(|(cid, _)| (*id, *cid)));
+                    st.next_dial = None;
+                }
+            }
+        }
+        for (id, cid) in close {
+            tracing::info!(peer = %id, "retrying the hole punch on a fresh relayed connection");
+            self.swarm.close_connection(cid);
+        }
     }
 
     /// Adverts can be lost: sent before the peer finished pairing, or on a duplicate connection that libp2p

@@ -215,15 +215,17 @@ fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
     b.join(&a.invite());
     let pb = b.wait_connected(&a, t);
     let pa = a.wait_connected(&b, t);
-    // Give DCUtR its attempts; the connection must stay relayed and keep serving.
+    // Give DCUtR its attempts; the mesh must keep serving over the relay. (A failed punch is retried on a
+    // fresh relayed connection a few seconds later, so the check waits for a settled relayed state.)
     wait_for(t, "the hole punch to fail", || {
         (a.log().contains("hole punch failed") || b.log().contains("hole punch failed")).then_some(())
     });
-    std::thread::sleep(Duration::from_secs(3));
     for (x, y, p) in [(&a, &b, &pa), (&b, &a, &pb)] {
-        let now = x.peer(&y.id).unwrap();
+        let now = wait_for(t, "a working relayed connection", || {
+            let q = x.peer(&y.id)?;
+            (q["connected"] == true && q["capabilities"]["score"].is_number()).then_some(q)
+        });
         assert_eq!(now["connection"], "relayed", "{} -> {}: {now}", x.name, y.name);
-        assert_eq!(now["connected"], true);
         assert!(p["capabilities"]["score"].is_number());
     }
     drop((r, a, b));
