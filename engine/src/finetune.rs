@@ -334,20 +334,11 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         let (mut loss, mut tokens) = (0.0, 0usize);
         for a in 0..cfg.grad_accum {
             let mb = micro_batch(&order, &train, step * cfg.grad_accum + a, cfg.batch);
-            let predicted = mb
-                .iter()
-                .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != crate::train::IGNORE).count())
-                .sum::<usize>();
+            let (predicted, wgt) = crate::train::micro_batch_weight(&mb, cfg.grad_accum)?;
             tokens += predicted;
             match &gpu_trainer {
                 Some(gt) => {
-                    if predicted == 0 {
-                        return Err(EngineError::Invalid(
-                            "a micro-batch has no token to predict (every label masked)".into(),
-                        ));
-                    }
                     // The same loss as CpuTrainer::micro_batch: the mean over the micro-batch, / accumulation.
-                    let wgt = 1.0 / (predicted as f32 * cfg.grad_accum as f32);
                     let mut sum = 0.0;
                     for (ids, labels) in &mb {
                         sum += gt.sequence(ids, labels, wgt)?;

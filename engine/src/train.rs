@@ -356,20 +356,11 @@ impl<'m> CpuTrainer<'m> {
         let mut logits = vec![0f32; t * v];
         cpu::lm_head(&mut logits, &xf, &self.head, t, c, v);
         // Position i predicts labels[i+1]; the last position predicts nothing.
-        let mut targets = vec![0u32; t];
-        let mut dnll = vec![0f32; t];
-        let mut predicted = vec![false; t];
-        for i in 0..t - 1 {
-            let lab = labels[i + 1];
-            if lab != IGNORE {
-                if lab < 0 || lab as usize >= v {
-                    return Err(EngineError::Invalid(format!("label {lab} is outside the vocabulary")));
-                }
-                targets[i] = lab as u32;
-                dnll[i] = weight;
-                predicted[i] = true;
-            }
-        }
+        let LossTargets {
+            targets,
+            dnll,
+            predicted,
+        } = loss_targets(labels, v, weight)?;
         let mut nll = vec![0f32; t];
         cpu::nll(&mut nll, &logits, &targets, v);
         let total: f64 = (0..t).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum();
@@ -532,16 +523,7 @@ impl<'m> CpuTrainer<'m> {
         accum: usize,
         dropout: Option<u64>,
     ) -> Result<f64> {
-        let n: usize = batch
-            .iter()
-            .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != IGNORE).count())
-            .sum();
-        if n == 0 {
-            return Err(EngineError::Invalid(
-                "a micro-batch has no token to predict (every label masked)".into(),
-            ));
-        }
-        let w = 1.0 / (n as f32 * accum as f32);
+        let (n, w) = micro_batch_weight(batch, accum)?;
         let mut total = 0f64;
         for (i, (ids, labels)) in batch.iter().enumerate() {
             let seed = dropout.map(|s| s.wrapping_mul(0x100_0000_01B3).wrapping_add(i as u64));
@@ -549,6 +531,51 @@ impl<'m> CpuTrainer<'m> {
         }
         Ok(total / n as f64)
     }
+}
+
+/// Per-position loss targets of one sequence under transformers' shift (position i predicts
+/// `labels[i+1]`; the last position predicts nothing): the target id (0 where none), the NLL's weight
+/// (`weight`, 0 where none) and whether the position counts. Shared by the CPU and GPU trainers.
+pub struct LossTargets {
+    pub targets: Vec<u32>,
+    pub dnll: Vec<f32>,
+    pub predicted: Vec<bool>,
+}
+
+pub fn loss_targets(labels: &[i32], vocab: usize, weight: f32) -> Result<LossTargets> {
+    let t = labels.len();
+    let mut out = LossTargets {
+        targets: vec![0; t],
+        dnll: vec![0.0; t],
+        predicted: vec![false; t],
+    };
+    for i in 0..t.saturating_sub(1) {
+        let lab = labels[i + 1];
+        if lab != IGNORE {
+            if lab < 0 || lab as usize >= vocab {
+                return Err(EngineError::Invalid(format!("label {lab} is outside the vocabulary")));
+            }
+            out.targets[i] = lab as u32;
+            out.dnll[i] = weight;
+            out.predicted[i] = true;
+        }
+    }
+    Ok(out)
+}
+
+/// The loss positions of a micro-batch and the weight of each one's NLL: the mean over the micro-batch
+/// (transformers' causal-LM loss), divided by the accumulation steps. Shared by both trainers.
+pub fn micro_batch_weight(batch: &[(Vec<u32>, Vec<i32>)], accum: usize) -> Result<(usize, f32)> {
+    let n: usize = batch
+        .iter()
+        .map(|(_, l)| l.iter().skip(1).filter(|&&x| x != IGNORE).count())
+        .sum();
+    if n == 0 {
+        return Err(EngineError::Invalid(
+            "a micro-batch has no token to predict (every label masked)".into(),
+        ));
+    }
+    Ok((n, 1.0 / (n as f32 * accum as f32)))
 }
 
 /// [T, NKV, HD] -> [NKV, T, HD]
@@ -602,11 +629,7 @@ impl Optimizer {
             let mut gs: Vec<&mut [f32]> = grad.pairs_mut().flat_map(|p| [&mut p.a[..], &mut p.b[..]]).collect();
             match self.max_grad_norm {
                 Some(max) => cpu::clip_grad_norm(&mut gs, max),
-                None => gs
-                    .iter()
-                    .map(|g| g.iter().map(|x| x * x).sum::<f32>())
-                    .sum::<f32>()
-                    .sqrt(),
+                None => cpu::grad_norm(gs.iter().map(|g| &**g)),
             }
         };
         self.step += 1;

@@ -103,7 +103,6 @@ impl PeerState {
 
 struct OpenInvite {
     secret: [u8; 32],
-    expires_unix: u64,
     expires: Instant,
     used: bool,
     failures: u32,
@@ -1012,7 +1011,7 @@ impl Daemon {
                 }
                 let name = match check_name(&name) {
                     Ok(()) => name,
-                    Err(_) => format!("peer-{}", &peer.to_base58()[..8.min(peer.to_base58().len())]),
+                    Err(_) => crate::trust::default_name(&peer),
                 };
                 inv.used = true;
                 self.refresh_open_invites();
@@ -1080,7 +1079,7 @@ impl Daemon {
                 let Some(mut j) = self.joins.remove(&peer) else { return };
                 let name = match check_name(&name) {
                     Ok(()) => name,
-                    Err(_) => format!("peer-{}", &peer.to_base58()[..8]),
+                    Err(_) => crate::trust::default_name(&peer),
                 };
                 let mut addrs: Vec<Multiaddr> = j.addrs.iter().map(strip_peer).collect();
                 if let Some(st) = self.peers.get(&peer) {
@@ -1205,12 +1204,7 @@ impl Daemon {
     }
 
     fn pair_list(&self) -> serde_json::Value {
-        json!(self
-            .trust
-            .peers
-            .iter()
-            .map(|(id, t)| json!({"id": id, "name": t.name, "added": t.added, "via": t.via, "addresses": t.addresses}))
-            .collect::<Vec<_>>())
+        self.trust.to_json()
     }
 
     fn invite(&mut self, ttl_secs: u64) -> Response {
@@ -1251,7 +1245,6 @@ impl Daemon {
             id,
             OpenInvite {
                 secret,
-                expires_unix,
                 expires,
                 used: false,
                 failures: 0,
@@ -1259,7 +1252,6 @@ impl Daemon {
         );
         self.refresh_open_invites();
         tracing::info!(expires_unix, "invite created");
-        let _ = self.invites.get(&id).map(|i| i.expires_unix);
         Response::ok(json!({
             "code": inv.to_code(),
             "expires_unix": expires_unix,
@@ -1319,7 +1311,7 @@ impl Daemon {
         if id == self.me {
             return Response::err("that is this node's own peer id");
         }
-        let name = name.unwrap_or_else(|| format!("peer-{}", &id.to_base58()[..8]));
+        let name = name.unwrap_or_else(|| crate::trust::default_name(&id));
         if let Err(e) = check_name(&name) {
             return Response::err(e);
         }

@@ -741,7 +741,7 @@ fn pair(home: &std::path::Path, cmd: PairCmd) -> anyhow::Result<()> {
                     let id: libp2p::PeerId = peer_id
                         .parse()
                         .map_err(|_| anyhow::anyhow!("{peer_id:?} is not a peer id"))?;
-                    let name = name.unwrap_or_else(|| format!("peer-{}", &id.to_base58()[..8]));
+                    let name = name.unwrap_or_else(|| bitnode::trust::default_name(&id));
                     bitnode_protocol::wire::check_name(&name)?;
                     let addrs: Vec<libp2p::Multiaddr> = addr
                         .iter()
@@ -758,14 +758,7 @@ fn pair(home: &std::path::Path, cmd: PairCmd) -> anyhow::Result<()> {
         PairCmd::List { json } => {
             let v = match control::call(home, &Request::PairList, std::time::Duration::from_secs(10)) {
                 Ok(v) => v,
-                Err(control::ClientError::NotRunning(_)) => {
-                    let t = bitnode::trust::TrustList::load(home)?;
-                    serde_json::json!(t
-                        .peers
-                        .iter()
-                        .map(|(id, p)| serde_json::json!({"id": id, "name": p.name, "added": p.added, "via": p.via, "addresses": p.addresses}))
-                        .collect::<Vec<_>>())
-                }
+                Err(control::ClientError::NotRunning(_)) => bitnode::trust::TrustList::load(home)?.to_json(),
                 Err(e) => return Err(e.into()),
             };
             if json {

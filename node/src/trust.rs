@@ -32,6 +32,12 @@ pub fn path(home: &Path) -> PathBuf {
     home.join("trust.json")
 }
 
+/// The name a peer gets when none was given or the one it sent is unusable: `peer-` and the start of its id.
+pub fn default_name(id: &PeerId) -> String {
+    let b58 = id.to_base58();
+    format!("peer-{}", &b58[..8.min(b58.len())])
+}
+
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -64,6 +70,18 @@ impl TrustList {
     pub fn save(&self, home: &Path) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(self)?;
         crate::fsutil::write_private(&path(home), &bytes)
+    }
+
+    /// What `bitnode pair list --json` prints, with or without a daemon.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.peers
+                .iter()
+                .map(|(id, p)| {
+                    serde_json::json!({"id": id, "name": p.name, "added": p.added, "via": p.via, "addresses": p.addresses})
+                })
+                .collect(),
+        )
     }
 
     pub fn ids(&self) -> Vec<PeerId> {

@@ -48,16 +48,28 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], o: &AdamW, 
     }
 }
 
+/// The global L2 norm over several gradient tensors, as torch computes it: the norm of the per-tensor norms.
+pub fn grad_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f32 {
+    grads
+        .into_iter()
+        .map(|g| {
+            let n = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+            n * n
+        })
+        .sum::<f32>()
+        .sqrt()
+}
+
+/// The factor torch's clipping scales gradients by: `max_norm / (norm + 1e-6)`, at most 1.
+pub fn clip_coef(norm: f32, max_norm: f32) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
 /// `torch.nn.utils.clip_grad_norm_`: the global L2 norm over all gradients; when it exceeds `max_norm`, every
 /// gradient is scaled by `max_norm / (norm + 1e-6)`. Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
-    // torch: the norm of the per-tensor norms.
-    let norms: Vec<f32> = grads
-        .iter()
-        .map(|g| g.iter().map(|x| x * x).sum::<f32>().sqrt())
-        .collect();
-    let total = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
-    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    let total = grad_norm(grads.iter().map(|g| &**g));
+    let coef = clip_coef(total, max_norm);
     if coef < 1.0 {
         for g in grads.iter_mut() {
             for x in g.iter_mut() {

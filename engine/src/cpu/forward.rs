@@ -129,14 +129,20 @@ impl Backend for CpuBackend {
         }
         let positions: Vec<usize> = (start..start + t).collect();
         let lora = self.lora.clone();
-        // y += LoRA(target) of the normed input `n` (recomputed here: the fused rmsnorm_quant keeps only the
-        // quantized form). `rmsnorm_quant` is rmsnorm followed by act_quant, so the base path is unchanged.
-        let add_lora = |y: &mut [f32], x: &[f32], w: &[f32], li: usize, target: usize, cols: usize| {
-            if let Some(a) = &lora {
-                if let Some(p) = a.layers.get(li).and_then(|r| r[target].as_ref()) {
-                    let mut n = vec![0f32; t * cols];
-                    rmsnorm(&mut n, x, w, eps, t, cols);
-                    let mut hbuf = vec![0f32; t * a.rank];
+        // y += LoRA(target) of the normed input `n`, for every projection that reads it (q, k and v share
+        // one). The fused rmsnorm_quant keeps only the quantized form, so `n` is computed here, once per
+        // input; `rmsnorm_quant` is rmsnorm followed by act_quant, so the base path is unchanged.
+        let add_lora = |outs: &mut [(&mut [f32], usize)], x: &[f32], w: &[f32], li: usize, cols: usize| {
+            let Some(a) = &lora else { return };
+            let pair = |target: usize| a.layers.get(li).and_then(|r| r[target].as_ref());
+            if outs.iter().all(|(_, target)| pair(*target).is_none()) {
+                return;
+            }
+            let mut n = vec![0f32; t * cols];
+            rmsnorm(&mut n, x, w, eps, t, cols);
+            let mut hbuf = vec![0f32; t * a.rank];
+            for (y, target) in outs.iter_mut() {
+                if let Some(p) = pair(*target) {
                     super::lora(y, &mut hbuf, &n, &p.a, &p.b, a.scale(), t, p.inp, p.out, a.rank);
                 }
             }
@@ -161,9 +167,13 @@ impl Backend for CpuBackend {
             matmul_ternary(&mut q, &qx[..t * c], &s, &layer.q_proj, t);
             matmul_ternary(&mut k, &qx[..t * c], &s, &layer.k_proj, t);
             matmul_ternary(&mut v, &qx[..t * c], &s, &layer.v_proj, t);
-            add_lora(&mut q, &x, &layer.input_layernorm, li, 0, c);
-            add_lora(&mut k, &x, &layer.input_layernorm, li, 1, c);
-            add_lora(&mut v, &x, &layer.input_layernorm, li, 2, c);
+            add_lora(
+                &mut [(&mut q, 0), (&mut k, 1), (&mut v, 2)],
+                &x,
+                &layer.input_layernorm,
+                li,
+                c,
+            );
             rope(&mut q, &positions, &self.cos, &self.sin, nh, hd);
             rope(&mut k, &positions, &self.cos, &self.sin, nkv, hd);
             let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
@@ -178,18 +188,23 @@ impl Backend for CpuBackend {
             attention(&mut att, &q, kc, vc, start, t, nh, nkv, hd, p);
             rmsnorm_quant(&mut qx[..t * qd], &mut s, &att, &layer.attn_sub_norm, eps, t, qd);
             matmul_ternary(&mut o, &qx[..t * qd], &s, &layer.o_proj, t);
-            add_lora(&mut o, &att, &layer.attn_sub_norm, li, 3, qd);
+            add_lora(&mut [(&mut o, 3)], &att, &layer.attn_sub_norm, li, qd);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             // MLP block
             rmsnorm_quant(&mut qx[..t * c], &mut s, &x, &layer.post_attention_layernorm, eps, t, c);
             matmul_ternary(&mut g, &qx[..t * c], &s, &layer.gate_proj, t);
             matmul_ternary(&mut u, &qx[..t * c], &s, &layer.up_proj, t);
-            add_lora(&mut g, &x, &layer.post_attention_layernorm, li, 4, c);
-            add_lora(&mut u, &x, &layer.post_attention_layernorm, li, 5, c);
+            add_lora(
+                &mut [(&mut g, 4), (&mut u, 5)],
+                &x,
+                &layer.post_attention_layernorm,
+                li,
+                c,
+            );
             relu2_mul(&mut h, &g, &u);
             rmsnorm_quant(&mut qx[..t * f], &mut s, &h, &layer.ffn_sub_norm, eps, t, f);
             matmul_ternary(&mut o, &qx[..t * f], &s, &layer.down_proj, t);
-            add_lora(&mut o, &h, &layer.ffn_sub_norm, li, 6, f);
+            add_lora(&mut [(&mut o, 6)], &h, &layer.ffn_sub_norm, li, f);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         let vsz = cfg.vocab_size;

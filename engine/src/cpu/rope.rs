@@ -23,35 +23,28 @@ pub fn rope_table(theta: f64, head_dim: usize, positions: usize) -> (Vec<f32>, V
 /// `x1' = x1*cos - x2*sin`, `x2' = x2*cos + x1*sin`.
 /// x: [T, NH, HD]; positions: [T]; cos/sin: [P, HD/2].
 pub fn rope(x: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh: usize, hd: usize) {
-    let half = hd / 2;
-    for (t, &p) in positions.iter().enumerate() {
-        for h in 0..nh {
-            let base = (t * nh + h) * hd;
-            for i in 0..half {
-                let (c, s) = (cos[p * half + i], sin[p * half + i]);
-                let x1 = x[base + i];
-                let x2 = x[base + half + i];
-                x[base + i] = x1 * c - x2 * s;
-                x[base + half + i] = x2 * c + x1 * s;
-            }
-        }
-    }
+    rotate_half(x, positions, cos, sin, nh, hd, 1.0);
 }
 
 /// Backward of `rope`, in place: the rotation is orthogonal, so the gradient rotates by the inverse angle:
 /// `dx1 = dy1*cos + dy2*sin`, `dx2 = dy2*cos - dy1*sin`.
 /// dx: [T, NH, HD] holding dy on entry; positions: [T]; cos/sin: [P, HD/2].
 pub fn rope_backward(dx: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh: usize, hd: usize) {
+    rotate_half(dx, positions, cos, sin, nh, hd, -1.0);
+}
+
+/// The rotation both share; `dir` = -1 turns by the opposite angle (negating sin is exact).
+fn rotate_half(x: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh: usize, hd: usize, dir: f32) {
     let half = hd / 2;
     for (t, &p) in positions.iter().enumerate() {
         for h in 0..nh {
             let base = (t * nh + h) * hd;
             for i in 0..half {
-                let (c, s) = (cos[p * half + i], sin[p * half + i]);
-                let d1 = dx[base + i];
-                let d2 = dx[base + half + i];
-                dx[base + i] = d1 * c + d2 * s;
-                dx[base + half + i] = d2 * c - d1 * s;
+                let (c, s) = (cos[p * half + i], dir * sin[p * half + i]);
+                let x1 = x[base + i];
+                let x2 = x[base + half + i];
+                x[base + i] = x1 * c - x2 * s;
+                x[base + half + i] = x2 * c + x1 * s;
             }
         }
     }

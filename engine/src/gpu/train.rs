@@ -13,7 +13,6 @@ use crate::cpu;
 use crate::error::{EngineError, Result};
 use crate::lora::Adapter;
 use crate::model::Model;
-use crate::train::IGNORE;
 use std::sync::Arc;
 
 struct LayerWeights {
@@ -193,19 +192,8 @@ impl GpuTrainer {
     ) -> Result<f32> {
         let g = &*self.gpu;
         let grads = self.grads(like)?;
-        let norm = grads
-            .pairs()
-            .map(|p| {
-                let a: f32 = p.a.iter().map(|x| x * x).sum::<f32>().sqrt();
-                let b: f32 = p.b.iter().map(|x| x * x).sum::<f32>().sqrt();
-                a * a + b * b
-            })
-            .sum::<f32>()
-            .sqrt();
-        let gscale = match max_norm {
-            Some(m) => (m / (norm + 1e-6)).min(1.0),
-            None => 1.0,
-        };
+        let norm = cpu::grad_norm(grads.pairs().flat_map(|p| [&p.a[..], &p.b[..]]));
+        let gscale = max_norm.map_or(1.0, |m| cpu::clip_coef(norm, m));
         let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
         let mut ops = vec![];
         for p in self.lora.iter().flatten().flatten() {
@@ -286,21 +274,11 @@ impl GpuTrainer {
         let nl = self.layers.len();
         let buf = |name: &str, n: usize| g.storage(name, (4 * n) as u64);
 
-        // Targets: position i predicts labels[i+1]; ignored positions get weight 0.
-        let mut targets = vec![0u32; t];
-        let mut dnll = vec![0f32; t];
-        let mut predicted = vec![false; t];
-        for i in 0..t - 1 {
-            let lab = labels[i + 1];
-            if lab != IGNORE {
-                if lab < 0 || lab as usize >= v {
-                    return Err(EngineError::Invalid(format!("label {lab} is outside the vocabulary")));
-                }
-                targets[i] = lab as u32;
-                dnll[i] = weight;
-                predicted[i] = true;
-            }
-        }
+        let crate::train::LossTargets {
+            targets,
+            dnll,
+            predicted,
+        } = crate::train::loss_targets(labels, v, weight)?;
         let step = g.uniform(
             "step",
             bytemuck::bytes_of(&Step {

@@ -19,17 +19,14 @@ impl rr::Codec for Raw {
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Vec<u8>> {
-        let mut v = vec![];
-        io.take(1 << 20).read_to_end(&mut v).await?;
-        Ok(v)
+        read_all(io).await
     }
     async fn read_response<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
     ) -> std::io::Result<Vec<u8>> {
-        let mut v = vec![];
-        io.take(1 << 20).read_to_end(&mut v).await?;
+        let v = read_all(io).await?;
         if v.is_empty() {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no answer"));
         }
@@ -41,8 +38,7 @@ impl rr::Codec for Raw {
         io: &mut T,
         r: Vec<u8>,
     ) -> std::io::Result<()> {
-        io.write_all(&r).await?;
-        io.close().await
+        write_all(io, &r).await
     }
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
@@ -50,9 +46,19 @@ impl rr::Codec for Raw {
         io: &mut T,
         r: Vec<u8>,
     ) -> std::io::Result<()> {
-        io.write_all(&r).await?;
-        io.close().await
+        write_all(io, &r).await
     }
+}
+
+async fn read_all<T: AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    let mut v = vec![];
+    io.take(1 << 20).read_to_end(&mut v).await?;
+    Ok(v)
+}
+
+async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> std::io::Result<()> {
+    io.write_all(bytes).await?;
+    io.close().await
 }
 
 /// Sends each payload on `protocol` to `target`; returns, per payload, whether any answer came back.
