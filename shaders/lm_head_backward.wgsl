@@ -1,8 +1,19 @@
-// Backward of lm_head with respect to its input (the head is frozen): dx[t, c] (+)= sum_r dlogits[t, row0 + r] W[r, c]
-// over one row tile of the f16 or f32 matrix (layout as lm_head.wgsl). Tiles after the first accumulate.
-// Grid (ceil(C/256), T): one thread per (token, column). CPU twin: cpu::lm_head_backward.
+// Backward of lm_head with respect to its input (the head is frozen):
+//   dx[lm_t0 + t, c] (+)= sum_r dlogits[t, row0 + r] W[r, c]
+// over one row tile of the f16 or f32 matrix (layout as lm_head.wgsl), for the step.lm_t rows of a token
+// chunk that starts at step.lm_t0 (the trainer runs the head in chunks so that only chunk x V logits live at
+// once). Tiles after the first accumulate. CPU twin: cpu::lm_head_backward.
+//
+// A register-tiled GEMM, as matmul_ternary_backward: a 64-token x 64-column block per workgroup, the
+// vocabulary walked in slices of 16 rows staged in workgroup memory, so the matrix is read once per 64
+// tokens instead of once per token.
 
 override F16: bool = true;
+
+const BT: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+const SA: u32 = 65u;
 
 struct Params {
     c: u32,          // C
@@ -18,8 +29,11 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> wt: array<u32>;           // [rows, C] f16 pairs or f32 bits
-@group(0) @binding(3) var<storage, read> dlogits: array<f32>;      // [T, V]
+@group(0) @binding(3) var<storage, read> dlogits: array<f32>;      // [lm_t, V]
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;     // [T, C]
+
+var<workgroup> sa: array<f32, 1040>;  // [BK][SA]
+var<workgroup> sb: array<f32, 1024>;  // [BK][BN]
 
 fn weight(r: u32, c: u32) -> f32 {
     let i = r * p.c + c;
@@ -29,23 +43,70 @@ fn weight(r: u32, c: u32) -> f32 {
     return bitcast<f32>(wt[i]);
 }
 
+// Grid (ceil(C / 64), ceil(lm_t / 64)).
 @compute @workgroup_size(256)
-fn lm_head_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let c = wg.x * 256u + lid.x;
-    let t = wg.y;
-    if t >= step.t || c >= p.c {
-        return;
-    }
-    var acc = 0.0;
-    for (var r = 0u; r < p.rows; r++) {
-        let g = dlogits[t * p.v + p.row0 + r];
-        if g != 0.0 {
-            acc += g * weight(r, c);
+fn lm_head_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let n0 = wg.x * BN;
+    let t0 = wg.y * BT;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<f32, 16>;
+    for (var k0 = 0u; k0 < p.rows; k0 += BK) {
+        for (var j = 0u; j < 4u; j++) {
+            let e = lid + 256u * j;
+            let kk = e % BK;
+            let tt = e / BK;
+            let t = t0 + tt;
+            let r = k0 + kk;
+            var v = 0.0;
+            if t < step.lm_t && r < p.rows {
+                v = dlogits[t * p.v + p.row0 + r];
+            }
+            sa[kk * SA + tt] = v;
         }
+        for (var j = 0u; j < 4u; j++) {
+            let e = lid + 256u * j;
+            let kk = e / BN;
+            let nn = e % BN;
+            let r = k0 + kk;
+            let c = n0 + nn;
+            var v = 0.0;
+            if r < p.rows && c < p.c {
+                v = weight(r, c);
+            }
+            sb[kk * BN + nn] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var a: array<f32, 4>;
+            var b: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                a[i] = sa[kk * SA + 4u * ty + i];
+                b[i] = sb[kk * BN + tx + 16u * i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[4u * i + j] += a[i] * b[j];
+                }
+            }
+        }
+        workgroupBarrier();
     }
-    if p.accumulate == 1u {
-        dx[t * p.c + c] += acc;
-    } else {
-        dx[t * p.c + c] = acc;
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + 4u * ty + i;
+        if t < step.lm_t {
+            for (var j = 0u; j < 4u; j++) {
+                let c = n0 + tx + 16u * j;
+                if c < p.c {
+                    let at = (step.lm_t0 + t) * p.c + c;
+                    if p.accumulate == 1u {
+                        dx[at] += acc[4u * i + j];
+                    } else {
+                        dx[at] = acc[4u * i + j];
+                    }
+                }
+            }
+        }
     }
 }

@@ -43,7 +43,8 @@ fn nll(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3:
 }
 
 // Backward of the cross-entropy: dlogits[t] = (softmax(logits[t]) - onehot(target[t])) * dnll[t]; a
-// position the loss ignores has dnll[t] = 0 and gets zeros. One workgroup per token (step.lm_t rows).
+// position the loss ignores has dnll[t] = 0 and gets zeros. One workgroup per token of the chunk
+// (step.lm_t rows of logits, whose targets and weights start at step.lm_t0).
 // CPU twin: cpu::nll_backward.
 @compute @workgroup_size(256)
 fn nll_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
@@ -53,7 +54,7 @@ fn nll_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         return;
     }
     let base = t * p.v;
-    let d = dnll[t];
+    let d = dnll[step.lm_t0 + t];
     var m = -3.0e38;
     for (var i = lid; i < p.v; i += 256u) {
         m = max(m, logits[base + i]);
@@ -64,7 +65,7 @@ fn nll_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         s += exp(logits[base + i] - m);
     }
     s = wg_sum(s, lid);
-    let tg = targets[t];
+    let tg = targets[step.lm_t0 + t];
     for (var i = lid; i < p.v; i += 256u) {
         var g = 0.0;
         if d != 0.0 {

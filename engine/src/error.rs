@@ -30,6 +30,9 @@ pub enum EngineError {
     Gpu(String),
     #[error("{0}")]
     Invalid(String),
+    /// The memory planner's verdict (before anything is allocated), or the device's own out-of-memory.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -46,6 +46,9 @@ pub struct FinetuneConfig {
     /// Where to train, as `--device`: "auto" (a hardware GPU, else the CPU reference; software Vulkan is
     /// skipped), "gpu" (any wgpu adapter, lavapipe included), "cpu", an index or part of a name.
     pub device: String,
+    /// Device-memory budget of the GPU trainer in bytes (`--max-memory`); `None`: the GPU's own memory
+    /// where the platform reports it, else no limit. The CPU reference trainer ignores it.
+    pub max_memory: Option<u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -72,6 +75,9 @@ pub struct Summary {
     pub adapter: PathBuf,
     /// "cpu reference" or the wgpu adapter's name.
     pub device: String,
+    /// The GPU trainer's memory plan (predicted bytes and the settings chosen), and the bytes it allocated.
+    pub memory: Option<crate::gpu::train::MemoryPlan>,
+    pub device_peak_bytes: Option<u64>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -138,7 +144,7 @@ fn mean_loss_gpu(gt: &crate::gpu::train::GpuTrainer, examples: &[Example]) -> Re
         if k == 0 {
             continue;
         }
-        total += gt.sequence(&ex.ids, &ex.labels, 0.0)?;
+        total += gt.loss(&ex.ids, &ex.labels)?;
         n += k;
     }
     Ok((n > 0).then(|| total / n as f64))
@@ -301,8 +307,14 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
                     "LoRA dropout runs on the CPU trainer in this build; use --device cpu or --lora-dropout 0".into(),
                 ));
             }
+            // Plan before touching the device: an impossible budget fails here, with the numbers.
+            let longest = train.iter().chain(&val).map(|e| e.ids.len()).max().unwrap_or(1);
+            let budget = cfg
+                .max_memory
+                .or_else(|| crate::probe::device_memory(a.get_info().vendor));
+            let plan = crate::gpu::train::plan(&model, &adapter, longest, budget)?;
             let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
-            let gt = crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter)?;
+            let gt = crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter, plan)?;
             gt.set_moments(&opt.m, &opt.v)?;
             Some(gt)
         }
@@ -406,6 +418,8 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
         val_examples: val.len(),
         adapter: cfg.out.clone(),
         device: gpu_trainer.as_ref().map_or("cpu reference".into(), |g| g.device_name()),
+        memory: gpu_trainer.as_ref().map(|g| g.plan().clone()),
+        device_peak_bytes: gpu_trainer.as_ref().map(|g| g.peak_bytes()),
     })
 }
 
@@ -435,4 +449,106 @@ fn checkpoint(
     let text = serde_json::to_string_pretty(&st).map_err(|e| EngineError::Invalid(e.to_string()))?;
     // Written last: a checkpoint without its state file is incomplete and refused by --resume.
     crate::util::write_atomic(&dir.join("trainer_state.json"), text.as_bytes())
+}
+
+/// What `bitnode bench finetune` measures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub model: PathBuf,
+    pub device: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    pub steps: usize,
+    /// Trained tokens (predicted positions) per second over the timed steps, optimizer included.
+    pub tokens_per_second: f64,
+    pub seconds_per_step: f64,
+    /// The high-water mark of the device memory bitnode allocated (GPU trainer only).
+    pub peak_device_memory_bytes: Option<u64>,
+    pub plan: Option<crate::gpu::train::MemoryPlan>,
+}
+
+/// Times LoRA training steps (forward, backward, AdamW) on random tokens: `batch` sequences of `seq_len`
+/// per step, LoRA rank `rank` on all seven projections, one untimed warm-up step first (pipeline
+/// compilation, buffer allocation), then `steps` timed ones.
+pub fn bench(
+    model_dir: &Path,
+    batch: usize,
+    seq_len: usize,
+    rank: usize,
+    steps: usize,
+    device: &str,
+    max_memory: Option<u64>,
+) -> Result<BenchResult> {
+    if batch == 0 || seq_len < 2 || rank == 0 || steps == 0 {
+        return Err(EngineError::Invalid(
+            "--batch, --rank and --steps must be at least 1 and --seq-len at least 2".into(),
+        ));
+    }
+    let model = std::sync::Arc::new(Model::load(model_dir)?);
+    let cfg = &model.config;
+    if seq_len > cfg.max_position_embeddings {
+        return Err(EngineError::Invalid(format!(
+            "--seq-len {seq_len} is longer than the model's context {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    let adapter = Adapter::init(cfg, rank, 2.0 * rank as f32, &crate::lora::TARGETS, 0)?;
+    let mut rng = crate::rng::Rng::new(11);
+    let span = cfg.vocab_size.min(128_000) as u64;
+    let seqs: Vec<(Vec<u32>, Vec<i32>)> = (0..batch)
+        .map(|_| {
+            let ids: Vec<u32> = (0..seq_len).map(|_| (rng.next_u64() % span) as u32).collect();
+            let labels = ids.iter().map(|&x| x as i32).collect();
+            (ids, labels)
+        })
+        .collect();
+    let (predicted, wgt) = crate::train::micro_batch_weight(&seqs, 1)?;
+    let opt = AdamW::default();
+    let gt = match gpu_adapter(device)? {
+        Some(a) => {
+            let budget = max_memory.or_else(|| crate::probe::device_memory(a.get_info().vendor));
+            let plan = crate::gpu::train::plan(&model, &adapter, seq_len, budget)?;
+            let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
+            Some(crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter, plan)?)
+        }
+        None => None,
+    };
+    let trainer = CpuTrainer::new(&model);
+    let mut cpu_adapter = adapter.clone();
+    let mut cpu_opt = Optimizer::new(&adapter, opt, Some(1.0));
+    let mut run_step = |step: u64| -> Result<()> {
+        match &gt {
+            Some(gt) => {
+                for (ids, labels) in &seqs {
+                    gt.sequence(ids, labels, wgt)?;
+                }
+                gt.apply(&adapter, &opt, 1e-4, step, Some(1.0))?;
+            }
+            None => {
+                let mut grad = cpu_adapter.zeros_like();
+                trainer.micro_batch(&seqs, &cpu_adapter, &mut grad, 1, None)?;
+                cpu_opt.apply(&mut cpu_adapter, &mut grad, 1e-4);
+            }
+        }
+        Ok(())
+    };
+    run_step(1)?;
+    let t0 = Instant::now();
+    for s in 0..steps {
+        run_step(2 + s as u64)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        model: model_dir.to_path_buf(),
+        device: gt.as_ref().map_or("cpu reference".into(), |g| g.device_name()),
+        batch,
+        seq_len,
+        rank,
+        steps,
+        tokens_per_second: (predicted * steps) as f64 / secs.max(1e-9),
+        seconds_per_step: secs / steps as f64,
+        peak_device_memory_bytes: gt.as_ref().map(|g| g.peak_bytes()),
+        plan: gt.as_ref().map(|g| g.plan().clone()),
+    })
 }

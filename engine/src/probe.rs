@@ -155,3 +155,36 @@ fn probe_gpu(adapter: wgpu::Adapter, budget: Duration) -> Result<Probe> {
         verified,
     })
 }
+
+/// Dedicated memory of the GPU with this PCI vendor id, where the platform says: AMD's sysfs VRAM
+/// counter, NVIDIA's `nvidia-smi` (first GPU). `None` elsewhere (integrated GPUs share system RAM in
+/// amounts the driver decides). The daemon advertises it; the fine-tuning planner uses it as the default
+/// `--max-memory`.
+pub fn device_memory(vendor_id: u32) -> Option<u64> {
+    match vendor_id {
+        0x1002 => {
+            let rd = std::fs::read_dir("/sys/class/drm").ok()?;
+            for e in rd.flatten() {
+                let p = e.path().join("device/mem_info_vram_total");
+                if let Some(v) = std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok()) {
+                    return Some(v);
+                }
+            }
+            None
+        }
+        0x10de => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+                .output()
+                .ok()?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(mib * 1024 * 1024)
+        }
+        _ => None,
+    }
+}

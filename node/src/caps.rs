@@ -101,30 +101,11 @@ fn device_memory(vendor: &str, device_type: &str, system: u64) -> Option<u64> {
     if device_type == "software" || device_type == "cpu" {
         return Some(system);
     }
-    if vendor == "amd" {
-        if let Ok(rd) = std::fs::read_dir("/sys/class/drm") {
-            for e in rd.flatten() {
-                let p = e.path().join("device/mem_info_vram_total");
-                if let Some(v) = std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok()) {
-                    return Some(v);
-                }
-            }
-        }
+    match vendor {
+        "amd" => bitnode_engine::probe::device_memory(0x1002),
+        "nvidia" => bitnode_engine::probe::device_memory(0x10de),
+        _ => None,
     }
-    if vendor == "nvidia" {
-        let out = std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
-            .output()
-            .ok()?;
-        let mib: u64 = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()?
-            .trim()
-            .parse()
-            .ok()?;
-        return Some(mib * 1024 * 1024);
-    }
-    None
 }
 
 /// Battery percentage and AC state from `/sys/class/power_supply` (Linux and Android): `(None, None)`

@@ -205,6 +205,11 @@ struct FinetuneArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Device-memory budget of the GPU trainer (bytes, or 3GiB, 1500MiB, 3GB): the planner picks gradient
+    /// checkpointing and the head's token chunk to fit, and refuses before the first step if nothing does.
+    /// Default: the GPU's memory where the platform reports it.
+    #[arg(long, value_parser = parse_byte_count)]
+    max_memory: Option<u64>,
     /// One JSON object per step: {step, loss, lr, tokens, tokens_per_second, elapsed_s}.
     #[arg(long)]
     json_log: Option<PathBuf>,
@@ -276,6 +281,27 @@ enum BenchCmd {
         json: bool,
         #[command(flatten)]
         dev: DeviceArgs,
+    },
+    /// LoRA training speed (tokens/s, optimizer included) and peak device memory on random tokens.
+    Finetune {
+        /// Model directory. Default: the built-in random `tiny` model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Timed optimizer steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, value_parser = parse_byte_count)]
+        max_memory: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long = "device", env = "BITNODE_ADAPTER", default_value = "auto")]
+        device: String,
     },
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
@@ -584,6 +610,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench {
             cmd:
+                BenchCmd::Finetune {
+                    model,
+                    batch,
+                    seq_len,
+                    rank,
+                    steps,
+                    max_memory,
+                    json,
+                    device,
+                },
+        } => {
+            let model = model_or_builtin(model, &home)?;
+            let r = bitnode_engine::finetune::bench(&model, batch, seq_len, rank, steps, &device, max_memory)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: batch {} x {} tokens, LoRA r{} on all projections: {:.0} tokens/s ({:.3} s/step), peak device memory {}",
+                    r.model.display(),
+                    r.device,
+                    r.batch,
+                    r.seq_len,
+                    r.rank,
+                    r.tokens_per_second,
+                    r.seconds_per_step,
+                    r.peak_device_memory_bytes
+                        .map_or("n/a (CPU reference)".into(), bitnode_engine::util::human_bytes)
+                );
+                if let Some(p) = &r.plan {
+                    println!(
+                        "plan: gradient checkpointing {}, head chunk {} tokens, embedding {}; predicted {}",
+                        if p.checkpoint { "on" } else { "off" },
+                        p.head_chunk,
+                        if p.embed_f16 { "f16" } else { "f32" },
+                        bitnode_engine::util::human_bytes(p.total)
+                    );
+                }
+            }
+        }
+        Cmd::Bench {
+            cmd:
                 BenchCmd::Infer {
                     model,
                     prompt_len,
@@ -655,6 +722,7 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         device: a.device,
+        max_memory: a.max_memory,
     };
     let mut log = match &a.json_log {
         Some(p) => Some(std::io::BufWriter::new(
@@ -803,6 +871,10 @@ fn pair(home: &std::path::Path, cmd: PairCmd) -> anyhow::Result<()> {
 
 /// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
 /// `<home>/models/builtin-tiny`, so a first run needs no download.
+fn parse_byte_count(s: &str) -> Result<u64, String> {
+    bitnode_engine::util::parse_bytes(s)
+}
+
 fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m);

@@ -646,7 +646,12 @@ fn matmul_ternary_backward_matches_cpu_across_tiles() {
     // 8 KiB bindings split the weights into several row tiles, accumulated into one dx.
     for limit in [None, Some(8192u64)] {
         let g = gpu(limit);
-        for &(t, o, i) in &[(1usize, 96usize, 128usize), (4, 160, 352), (2, 64, 2560)] {
+        for &(t, o, i) in &[
+            (1usize, 96usize, 128usize),
+            (4, 160, 352),
+            (2, 64, 2560),
+            (70, 100, 352),
+        ] {
             if limit.is_some() && 4 * t * i > 8192 {
                 continue; // the activations themselves would exceed the forced limit
             }
@@ -768,6 +773,75 @@ fn adamw_matches_cpu_over_several_steps() {
     let (d, at) = max_rel_diff(&fetch(&g, &pb, n), &p);
     assert!(d < 1e-5, "params: {d} at {at}");
     assert!(max_rel_diff(&fetch(&g, &vb, n), &v).0 < 1e-5, "second moment");
+}
+
+/// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, more than one
+/// 64-token tile, a vocabulary split over several binding tiles: lm_head_tiled, nll_backward and
+/// lm_head_backward against their CPU twins.
+#[test]
+fn head_chunk_kernels_match_cpu() {
+    let model = tiny_model();
+    let mut rng = Rng::new(26);
+    let (v, c) = (model.embed.rows, model.embed.cols);
+    let (t, lm_t0, lm_t) = (75usize, 5usize, 67usize);
+    for f16 in [false, true] {
+        // 160 KiB bindings: the f32 table (256 KiB) spans two tiles, the chunk's logits fit one binding.
+        let g = gpu(Some(160 * 1024));
+        let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
+        assert!(f16 || tiles.len() > 1);
+        let mut w = model.embed.rows_f32(0, v);
+        if f16 {
+            w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+        }
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                lm_t0: lm_t0 as u32,
+                lm_t: lm_t as u32,
+                ..Default::default()
+            },
+        );
+        let x = randn(&mut rng, t * c, 1.0);
+        let xb = upload(&g, &x);
+        let lb = g.storage("logits", (4 * lm_t * v) as u64).unwrap();
+        for tl in &tiles {
+            let op = k::lm_head_tiled(&g, f16, c, v, tl, &xb, &lb, &step);
+            k::run(&g, &[&op], t as u32, lm_t as u32);
+        }
+        let mut want = vec![0f32; lm_t * v];
+        cpu::lm_head(&mut want, &x[lm_t0 * c..(lm_t0 + lm_t) * c], &w, lm_t, c, v);
+        let logits = fetch(&g, &lb, lm_t * v);
+        let (d, at) = max_rel_diff(&logits, &want);
+        assert!(d < 2e-5, "lm_head_tiled f16={f16}: {d} at {at}");
+
+        let targets: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+        let dnll: Vec<f32> = (0..t).map(|i| if i % 7 == 3 { 0.0 } else { 0.1 }).collect();
+        let mut dl = vec![0f32; lm_t * v];
+        let r = lm_t0..lm_t0 + lm_t;
+        cpu::nll_backward(&mut dl, &logits, &targets[r.clone()], &dnll[r], v);
+        let dlb = g.storage("dlogits", (4 * lm_t * v) as u64).unwrap();
+        let tb = g.storage_init("targets", bytemuck::cast_slice(&targets)).unwrap();
+        let op = k::nll_backward(&g, v, &lb, &tb, &upload(&g, &dnll), &dlb, &step);
+        k::run(&g, &[&op], t as u32, lm_t as u32);
+        let (d, at) = max_rel_diff(&fetch(&g, &dlb, lm_t * v), &dl);
+        assert!(d < 1e-4, "nll_backward chunk: {d} at {at}");
+
+        let mut wdx = vec![0f32; lm_t * c];
+        cpu::lm_head_backward(&mut wdx, &dl, &w, lm_t, c, v);
+        let dxb = g.storage("dx", (4 * t * c) as u64).unwrap();
+        for (n, tl) in tiles.iter().enumerate() {
+            let op = k::lm_head_backward(&g, f16, c, v, tl, n > 0, &dlb, &dxb, &step);
+            k::run(&g, &[&op], t as u32, lm_t as u32);
+        }
+        let got = fetch(&g, &dxb, t * c);
+        assert!(
+            got[..lm_t0 * c].iter().all(|&z| z == 0.0),
+            "rows before the chunk are left alone"
+        );
+        let (d, at) = max_rel_diff(&got[lm_t0 * c..(lm_t0 + lm_t) * c], &wdx);
+        assert!(d < 1e-4, "lm_head_backward chunk f16={f16}: {d} at {at}");
+    }
 }
 
 #[test]

@@ -280,7 +280,12 @@ fn gpu_trainer_gradients_match_the_cpu_trainer() {
     let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mbs = micro_batches(&e);
     let cpu_trainer = CpuTrainer::new(&model);
-    let gpu_trainer = GpuTrainer::new(model.clone(), bitnode_tests::gpu(None), &adapter).unwrap();
+    let plan = bitnode_engine::gpu::train::plan(&model, &adapter, 64, None).unwrap();
+    assert!(
+        !plan.checkpoint && !plan.embed_f16,
+        "no budget: the fastest, exact settings"
+    );
+    let gpu_trainer = GpuTrainer::new(model.clone(), bitnode_tests::gpu(None), &adapter, plan).unwrap();
     let mut want = adapter.zeros_like();
     let (mut lc, mut lg) = (0.0, 0.0);
     // Two sequences, the second with masked prompt labels: gradients accumulate across them on both sides.
@@ -336,6 +341,7 @@ fn gpu_finetune_follows_the_cpu_trainer_and_resumes() {
         save_every,
         resume,
         device: device.into(),
+        max_memory: None,
     };
     let run = |c: &FinetuneConfig| {
         let mut logs: Vec<StepLog> = vec![];
@@ -410,5 +416,68 @@ fn a_bitnode_adapter_gives_the_same_nll_in_peft() {
         (total / n as f64 - want).abs() < 2e-3,
         "bitnode {} vs PEFT {want}",
         total / n as f64
+    );
+}
+
+/// The memory planner: its prediction matches what the trainer allocates; a budget that only gradient
+/// checkpointing with chunked head fits selects exactly that, and those settings give the same gradients as
+/// keeping every activation; an impossible budget is refused before anything is allocated, with the numbers.
+#[test]
+fn memory_planner_checkpointing_and_impossible_budgets() {
+    use bitnode_engine::gpu::train::{estimate, plan, GpuTrainer};
+    let dir = fixtures().join("lora");
+    let model = std::sync::Arc::new(Model::load(&fixtures().join("online_tied")).unwrap());
+    let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
+    let mut rng = bitnode_engine::rng::Rng::new(5);
+    let v = model.config.vocab_size as u64;
+    let seqs: Vec<(Vec<u32>, Vec<i32>)> = [60usize, 45]
+        .iter()
+        .map(|&n| {
+            let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % v) as u32).collect();
+            let mut labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+            labels[..10].fill(-100);
+            (ids, labels)
+        })
+        .collect();
+    let full = plan(&model, &adapter, 60, None).unwrap();
+    assert_eq!(model.config.max_position_embeddings, 64, "the fixture's context");
+    assert_eq!((full.t, full.checkpoint, full.head_chunk), (64, false, 64));
+    let lean = estimate(&model, &adapter, 60, true, 16, false);
+    assert!(lean.total < full.total);
+    let chosen = plan(&model, &adapter, 60, Some(lean.total)).unwrap();
+    assert!(
+        chosen.checkpoint && chosen.head_chunk == 16 && !chosen.embed_f16,
+        "{chosen:?}"
+    );
+
+    let train = |p: bitnode_engine::gpu::train::MemoryPlan| {
+        let gpu = bitnode_tests::gpu(None);
+        let predicted = p.total;
+        let tr = GpuTrainer::new(model.clone(), gpu, &adapter, p).unwrap();
+        let mut loss = 0.0;
+        for (ids, labels) in &seqs {
+            loss += tr.sequence(ids, labels, 0.5).unwrap();
+        }
+        let peak = tr.peak_bytes();
+        eprintln!("predicted {predicted} bytes, allocated {peak}");
+        assert!(
+            predicted >= peak && predicted <= peak + peak / 20 + (64 << 10),
+            "planner predicted {predicted} bytes, the trainer allocated {peak}"
+        );
+        (loss, tr.grads(&adapter).unwrap())
+    };
+    let (l_full, g_full) = train(full);
+    let (l_lean, g_lean) = train(chosen);
+    assert!(
+        (l_full - l_lean).abs() < 1e-6 * l_full.abs(),
+        "loss {l_full} vs {l_lean}"
+    );
+    let (err, at) = worst(&g_lean, &g_full.layers);
+    assert!(err < 1e-6, "checkpointed gradients differ by {err:.2e} at {at}");
+
+    let e = plan(&model, &adapter, 60, Some(100_000)).unwrap_err().to_string();
+    assert!(
+        e.contains("out of device memory") && e.contains("needs at least") && e.contains("--max-memory"),
+        "{e}"
     );
 }

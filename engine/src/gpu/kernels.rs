@@ -43,6 +43,10 @@ pub enum Grid {
     RowsBy(u32, u32),
     /// (ceil(rows/n), ceil(lm_t/TT), 1)
     LmRows(u32, u32),
+    /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
+    TokenTiles(u32),
+    /// (n, ceil(lm_t/64), 1): the same over a head chunk
+    LmTiles(u32),
     /// (lm_t, 1, 1)
     LmTokens,
     /// (1, 1, 1)
@@ -60,6 +64,8 @@ impl Grid {
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(TT), 1),
+            Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
+            Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
@@ -545,6 +551,31 @@ pub fn lm_head(
     )
 }
 
+/// Logits of the step's `lm_t` tokens from `lm_t0` for one row tile, tiled for many tokens (training, long
+/// chunks). CPU twin: `cpu::lm_head`.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_tiled(
+    gpu: &Gpu,
+    f16: bool,
+    c: usize,
+    v: usize,
+    tile: &MatrixTile,
+    x: &wgpu::Buffer,
+    logits: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "lm_head_tiled",
+        sh::LM_HEAD,
+        &[("F16", if f16 { 1.0 } else { 0.0 })],
+        &[c as u32, tile.rows, tile.row0, v as u32],
+        &[(2, &tile.buf), (3, x), (4, logits)],
+        step,
+        Grid::LmTiles(tile.rows.div_ceil(64)),
+    )
+}
+
 /// Rows per workgroup of lm_head: 16 unless `BITNODE_LM_ROWS` (1, 2, 4, ..., 32) says otherwise.
 pub fn lm_rows() -> u32 {
     // Measured on an H200 (BENCHMARKS.md): 2 -> 507 us, 4 -> 451, 8 -> 431, 16 -> 397 us per 2B-4T step.
@@ -721,7 +752,7 @@ pub fn matmul_ternary_backward(
         ],
         &[(2, &tile.w), (3, &tile.scales), (4, dy), (5, dx)],
         step,
-        Grid::ByTokens((tile.words * 16).div_ceil(256)),
+        Grid::TokenTiles((tile.words * 16).div_ceil(64)),
     )
 }
 
@@ -895,7 +926,7 @@ pub fn lm_head_backward(
     let pr = [c as u32, tile.rows, tile.row0, v as u32, accumulate as u32, 0, 0, 0];
     let consts = [("F16", if f16 { 1.0 } else { 0.0 })];
     let bufs = [(2, &tile.buf), (3, dlogits), (4, dx)];
-    let grid = Grid::ByTokens((c as u32).div_ceil(256));
+    let grid = Grid::LmTiles((c as u32).div_ceil(64));
     op(
         gpu,
         "lm_head_backward",

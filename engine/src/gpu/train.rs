@@ -5,8 +5,9 @@
 //!
 //! Layout per layer follows the inference forward (fused q|k|v projection output, RoPE writing K/V into a
 //! per-layer cache), except that gate and up stay separate: the LoRA branches add to them and the backward
-//! reads them. This first version keeps every layer's activations for one sequence; gradient checkpointing
-//! and the memory planner come next.
+//! reads them. [`plan`] predicts the device memory before anything is allocated and chooses between keeping
+//! every layer's activations and gradient checkpointing (each layer recomputed from its saved input just
+//! before its backward), the head's token chunk and the embedding's precision.
 use super::kernels::{self as k, LoraShape, MatrixTile, Op, Step, TernaryTile};
 use super::Gpu;
 use crate::cpu;
@@ -42,10 +43,11 @@ struct GpuLora {
     out: usize,
 }
 
-/// One step of a recorded sequence: a dispatch, or a buffer copy between dispatches.
-enum Item<'a> {
-    Op(Op),
-    Copy(&'a wgpu::Buffer, &'a wgpu::Buffer, u64),
+/// One step of a recorded sequence: a dispatch (with the token count of its head chunk), or a buffer copy
+/// between dispatches. Items own their handles, so a bucket's recorded work is kept and replayed.
+enum Item {
+    Op(Op, u32),
+    Copy(wgpu::Buffer, wgpu::Buffer, u64),
 }
 
 pub struct GpuTrainer {
@@ -59,6 +61,9 @@ pub struct GpuTrainer {
     lora: Vec<Vec<Option<GpuLora>>>,
     rank: usize,
     scale: f32,
+    plan: MemoryPlan,
+    /// Buffers and recorded dispatches of the current sequence bucket.
+    scratch: std::cell::RefCell<Option<Scratch>>,
 }
 
 fn f32_bytes(v: &[f32]) -> &[u8] {
@@ -66,14 +71,15 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
 }
 
 impl GpuTrainer {
-    pub fn new(model: Arc<Model>, gpu: Arc<Gpu>, adapter: &Adapter) -> Result<GpuTrainer> {
+    /// Uploads the model and the adapter as `plan` (from [`plan`]) says.
+    pub fn new(model: Arc<Model>, gpu: Arc<Gpu>, adapter: &Adapter, plan: MemoryPlan) -> Result<GpuTrainer> {
         let g = &gpu;
-        // f32 tables: training compares against float32 references, and the embedding is read once per step.
-        let embed = k::matrix_tiles(g, &model.embed, false)?;
+        let f16 = plan.embed_f16;
+        let embed = k::matrix_tiles(g, &model.embed, f16)?;
         let head = if model.tied() {
             None
         } else {
-            Some(k::matrix_tiles(g, model.head(), false)?)
+            Some(k::matrix_tiles(g, model.head(), f16)?)
         };
         let mut layers = vec![];
         for l in &model.layers {
@@ -123,11 +129,18 @@ impl GpuTrainer {
             lora,
             rank: adapter.rank,
             scale: adapter.scale(),
+            plan,
+            scratch: std::cell::RefCell::new(None),
         })
     }
 
     pub fn device_name(&self) -> String {
         self.gpu.name()
+    }
+
+    /// The high-water mark of the device memory bitnode allocated (weights, adapter, activations).
+    pub fn peak_bytes(&self) -> u64 {
+        self.gpu.peak()
     }
 
     /// Downloads one of the per-tensor buffer pairs (parameters, gradients or a moment) in the adapter's
@@ -220,9 +233,15 @@ impl GpuTrainer {
         Ok(norm)
     }
 
-    /// Records and submits the items; `t` sizes the token grids (the lm_head reads all T rows).
-    fn run(&self, items: &[Item<'_>], t: u32) -> Result<()> {
+    /// Records and submits the items: consecutive dispatches share one compute pass (wgpu orders them and
+    /// makes writes visible), copies go between passes.
+    fn run(&self, items: &[Item], t: u32) -> Result<()> {
         let g = &self.gpu;
+        if std::env::var_os("BITNODE_TRAIN_PROFILE").is_some()
+            && g.device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            return self.run_profiled(items, t);
+        }
         let mut enc = g.device.create_command_encoder(&Default::default());
         let mut i = 0;
         while i < items.len() {
@@ -231,14 +250,13 @@ impl GpuTrainer {
                     enc.copy_buffer_to_buffer(src, 0, dst, 0, *n);
                     i += 1;
                 }
-                Item::Op(_) => {
-                    // Consecutive dispatches share one pass (wgpu orders them and makes writes visible).
+                Item::Op(..) => {
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("train"),
                         timestamp_writes: None,
                     });
-                    while let Some(Item::Op(op)) = items.get(i) {
-                        op.record(&mut pass, t, t);
+                    while let Some(Item::Op(op, lm_t)) = items.get(i) {
+                        op.record(&mut pass, t, *lm_t);
                         i += 1;
                     }
                 }
@@ -248,10 +266,102 @@ impl GpuTrainer {
         g.check_error()
     }
 
+    /// `run` with every dispatch in its own timed pass; prints GPU time per kernel to stderr
+    /// (`BITNODE_TRAIN_PROFILE=1`, for `bitnode bench finetune`). Separate passes serialise the work, so
+    /// the total runs above the normal step time.
+    fn run_profiled(&self, items: &[Item], t: u32) -> Result<()> {
+        let g = &self.gpu;
+        let n = items.iter().filter(|i| matches!(i, Item::Op(..))).count() as u32;
+        let qs = g.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n.max(1),
+        });
+        let size = 16 * n.max(1) as u64;
+        let resolve = g.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile"),
+            size,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = g.readback_buffer(size);
+        let mut enc = g.device.create_command_encoder(&Default::default());
+        let mut names = vec![];
+        for it in items {
+            match it {
+                Item::Copy(src, dst, b) => enc.copy_buffer_to_buffer(src, 0, dst, 0, *b),
+                Item::Op(op, lm_t) => {
+                    let i = names.len() as u32;
+                    let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &qs,
+                            beginning_of_pass_write_index: Some(2 * i),
+                            end_of_pass_write_index: Some(2 * i + 1),
+                        }),
+                    });
+                    op.record(&mut p, t, *lm_t);
+                    names.push(op.name);
+                }
+            }
+        }
+        enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, size);
+        g.queue.submit([enc.finish()]);
+        g.check_error()?;
+        let b = g.read(&read, size)?;
+        let ticks: &[u64] = bytemuck::cast_slice(&b);
+        let period = g.queue.get_timestamp_period() as f64 / 1000.0;
+        let mut by: Vec<(&str, usize, f64)> = vec![];
+        for (i, name) in names.iter().enumerate() {
+            let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            match by.iter_mut().find(|e| e.0 == *name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += us;
+                }
+                None => by.push((name, 1, us)),
+            }
+        }
+        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let total: f64 = by.iter().map(|e| e.2).sum();
+        eprintln!(
+            "training pass, T = {t}: {} dispatches, {:.1} ms of kernel time",
+            names.len(),
+            total / 1e3
+        );
+        for (name, count, us) in by {
+            eprintln!(
+                "  {name:<28} {count:>5}  {:>9.1} ms  {:>5.1}%",
+                us / 1e3,
+                100.0 * us / total.max(1e-9)
+            );
+        }
+        Ok(())
+    }
+
+    /// The memory plan the trainer was built with.
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
     /// Forward and backward of one sequence, as `CpuTrainer::sequence` (same label convention and weight),
     /// accumulating `weight * dNLL/dLoRA` into the device gradients. Returns the sum of the NLLs of the
     /// predicted positions.
+    ///
+    /// The sequence is padded to a multiple of 64 tokens (its bucket) with positions the loss ignores:
+    /// attention is causal, so padding at the end changes nothing before it and gets zero gradient, and
+    /// every sequence of a bucket reuses one set of buffers and recorded dispatches.
     pub fn sequence(&self, ids: &[u32], labels: &[i32], weight: f32) -> Result<f64> {
+        self.pass(ids, labels, weight, true)
+    }
+
+    /// The summed NLL of the predicted positions, forward only (eval loss).
+    pub fn loss(&self, ids: &[u32], labels: &[i32]) -> Result<f64> {
+        self.pass(ids, labels, 0.0, false)
+    }
+
+    fn pass(&self, ids: &[u32], labels: &[i32], weight: f32, backward: bool) -> Result<f64> {
         let g = &*self.gpu;
         let cfg = &self.model.config;
         let t = ids.len();
@@ -265,20 +375,57 @@ impl GpuTrainer {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let w = qd + 2 * kvd;
-        let eps = cfg.rms_norm_eps as f32;
-        let r = self.rank;
-        let nl = self.layers.len();
-        let buf = |name: &str, n: usize| g.storage(name, (4 * n) as u64);
-
+        let tb = bucket(t, cfg.max_position_embeddings);
+        if tb > self.plan.t {
+            return Err(EngineError::Invalid(format!(
+                "a sequence of {t} tokens is longer than the {} the memory plan was made for",
+                self.plan.t
+            )));
+        }
+        let mut ids_p = ids.to_vec();
+        ids_p.resize(tb, 0);
+        let mut labels_p = labels.to_vec();
+        labels_p.resize(tb, -100);
         let crate::train::LossTargets {
             targets,
             dnll,
             predicted,
-        } = crate::train::loss_targets(labels, v, weight)?;
+        } = crate::train::loss_targets(&labels_p, cfg.vocab_size, weight)?;
+        let mut slot = self.scratch.borrow_mut();
+        if slot.as_ref().map(|s| s.t) != Some(tb) {
+            // Free the previous bucket's buffers first (its bytes leave the tracker with it).
+            *slot = None;
+            *slot = Some(self.build(tb)?);
+        }
+        let sc = slot
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("training buffers missing".into()))?;
+        g.queue.write_buffer(&sc.tokens, 0, bytemuck::cast_slice(&ids_p));
+        g.queue.write_buffer(&sc.targets, 0, bytemuck::cast_slice(&targets));
+        g.queue.write_buffer(&sc.dnll, 0, f32_bytes(&dnll));
+        if backward {
+            self.run(&sc.items, tb as u32)?;
+        } else {
+            self.run(&sc.items[..sc.fwd_len], tb as u32)?;
+            self.run(&sc.eval_tail, tb as u32)?;
+        }
+        let nll: Vec<f32> = bytemuck::pod_collect_to_vec(&g.download(&sc.nll, (4 * tb) as u64)?);
+        Ok((0..t).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum())
+    }
+
+    /// Allocates the buffers of a `tb`-token bucket and records its forward and backward.
+    fn build(&self, tb: usize) -> Result<Scratch> {
+        let g = &*self.gpu;
+        let before = g.allocated();
+        let cfg = &self.model.config;
+        let d = Dims::new(cfg, self.rank);
+        let (c, f, v) = (d.c, d.f, d.v);
+        let (nh, hd, qd, kvd, w) = (d.nh, d.hd, d.qd, d.kvd, d.w);
+        let eps = cfg.rms_norm_eps as f32;
+        let r = self.rank;
+        let nl = self.layers.len();
+        let t = tb;
+        let buf = |name: &str, n: usize| g.storage(name, (4 * n) as u64);
         let step = g.uniform(
             "step",
             bytemuck::bytes_of(&Step {
@@ -287,35 +434,21 @@ impl GpuTrainer {
                 ..Default::default()
             }),
         );
-        let tokens = g.storage_init("tokens", bytemuck::cast_slice(ids))?;
-        let targets_b = g.storage_init("targets", bytemuck::cast_slice(&targets))?;
-        let dnll_b = g.storage_init("dnll", f32_bytes(&dnll))?;
+        let tokens = buf("tokens", t)?;
+        let targets_b = buf("targets", t)?;
+        let dnll_b = buf("dnll", t)?;
         let sampled = buf("sampled", 1)?;
         let (cos, sin) = cpu::rope_table(cfg.rope_theta, hd, t);
         let (cos_b, sin_b) = (
             g.storage_init("cos", f32_bytes(&cos))?,
             g.storage_init("sin", f32_bytes(&sin))?,
         );
-
-        // Saved activations, per layer.
+        // Layer inputs are kept for every layer; the per-layer activations for every layer, or (with
+        // gradient checkpointing) for one layer, recomputed from its input just before its backward.
         let xs: Vec<wgpu::Buffer> = (0..=nl).map(|_| buf("x", t * c)).collect::<Result<_>>()?;
-        struct Acts {
-            n1: wgpu::Buffer,
-            qkv: wgpu::Buffer,
-            kc: wgpu::Buffer,
-            vc: wgpu::Buffer,
-            att: wgpu::Buffer,
-            a2: wgpu::Buffer,
-            h: wgpu::Buffer,
-            n2: wgpu::Buffer,
-            g: wgpu::Buffer,
-            u: wgpu::Buffer,
-            m: wgpu::Buffer,
-            m2: wgpu::Buffer,
-            lh: Vec<wgpu::Buffer>,
-        }
+        let sets = if self.plan.checkpoint { 1 } else { nl };
         let mut acts = vec![];
-        for _ in 0..nl {
+        for _ in 0..sets {
             acts.push(Acts {
                 n1: buf("n1", t * c)?,
                 qkv: buf("qkv", t * w)?,
@@ -332,268 +465,580 @@ impl GpuTrainer {
                 lh: (0..7).map(|_| buf("lora_h", t * r.max(1))).collect::<Result<_>>()?,
             });
         }
-        let widest = c.max(f).max(qd);
-        let xq = g.storage("xq", (t * widest) as u64)?;
-        let xsc = buf("xs", t)?;
-        let qsum = buf("qsum", t)?;
+        let xr = if self.plan.checkpoint {
+            Some(buf("x_recompute", t * c)?)
+        } else {
+            None
+        };
+        let sh = Shared {
+            xq: g.storage("xq", (t * d.widest()) as u64)?,
+            xsc: buf("xs", t)?,
+            qsum: buf("qsum", t)?,
+            cos: cos_b,
+            sin: sin_b,
+        };
         let xf = buf("xf", t * c)?;
-        let logits = buf("logits", t * v)?;
+        let chunk = self.plan.head_chunk.min(t);
+        let logits = buf("logits", chunk * v)?;
+        let dlogits = buf("dlogits", chunk * v)?;
         let nll_b = buf("nll", t)?;
+        let bw = Grads {
+            dres: buf("dres", t * c)?,
+            dh: buf("dh", t * c)?,
+            dm2: buf("dm2", t * f)?,
+            dm: buf("dm", t * f)?,
+            dg: buf("dg", t * f)?,
+            du: buf("du", t * f)?,
+            dn2: buf("dn2", t * c)?,
+            da2: buf("da2", t * qd)?,
+            datt: buf("datt", t * qd)?,
+            dqkv: buf("dqkv", t * w)?,
+            dn1: buf("dn1", t * c)?,
+            stats: buf("stats", t * nh * 4)?,
+            dlh: buf("dlora_h", t * r.max(1))?,
+        };
+        let dxf = buf("dxf", t * c)?;
 
-        let mut items: Vec<Item<'_>> = vec![];
-        // ---- forward ----
+        let mut items: Vec<Item> = vec![];
+        let op = |o: Op| Item::Op(o, t as u32);
         for tile in &self.embed {
-            items.push(Item::Op(k::embedding(
-                g, false, c, tile, &tokens, &sampled, &xs[0], &step,
+            items.push(op(k::embedding(
+                g,
+                self.plan.embed_f16,
+                c,
+                tile,
+                &tokens,
+                &sampled,
+                &xs[0],
+                &step,
             )));
         }
-        let shape = |li: usize, ti: usize, x_stride: usize, y_stride: usize, y_off: usize| {
-            self.lora[li][ti].as_ref().map(|p| {
-                (
-                    p,
-                    LoraShape {
-                        inp: p.inp,
-                        out: p.out,
-                        rank: r,
-                        scale: self.scale,
-                        x_stride,
-                        y_stride,
-                        y_off,
-                    },
-                )
-            })
-        };
-        let mut fwd: Vec<Item<'_>> = vec![];
-        for (li, (lw, a)) in self.layers.iter().zip(&acts).enumerate() {
-            let (x, xn) = (&xs[li], &xs[li + 1]);
-            let mut ops: Vec<Op> = vec![];
-            ops.push(k::rmsnorm(g, c, eps, &lw.input_layernorm, x, &a.n1, &step));
-            ops.push(k::rmsnorm_quant(
-                g,
-                c,
-                eps,
-                &lw.input_layernorm,
-                x,
-                &xq,
-                &xsc,
-                &qsum,
-                &step,
-            ));
-            for tile in &lw.qkv {
-                ops.push(k::matmul_ternary(g, tile, 0, 0, w, &xq, &xsc, &qsum, &a.qkv, &step));
-            }
-            for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
-                if let Some((p, s)) = shape(li, ti, c, w, off) {
-                    ops.extend(k::lora(g, &s, &a.n1, &p.a, &p.b, &a.lh[ti], &a.qkv, &step));
-                }
-            }
-            ops.push(k::rope(g, nh, nkv, hd, t, &cos_b, &sin_b, &a.qkv, &a.kc, &a.vc, &step));
-            ops.push(k::attention(g, nh, nkv, hd, t, &a.qkv, &a.kc, &a.vc, &a.att, &step));
-            ops.push(k::rmsnorm(g, qd, eps, &lw.attn_sub_norm, &a.att, &a.a2, &step));
-            ops.push(k::rmsnorm_quant(
-                g,
-                qd,
-                eps,
-                &lw.attn_sub_norm,
-                &a.att,
-                &xq,
-                &xsc,
-                &qsum,
-                &step,
-            ));
-            fwd.extend(ops.drain(..).map(Item::Op));
-            // h = x + o(a2): copy the residual, then the projection and its LoRA branch add onto it.
-            fwd.push(Item::Copy(x, &a.h, (4 * t * c) as u64));
-            for tile in &lw.o {
-                ops.push(k::matmul_ternary(g, tile, 1, 0, c, &xq, &xsc, &qsum, &a.h, &step));
-            }
-            if let Some((p, s)) = shape(li, 3, qd, c, 0) {
-                ops.extend(k::lora(g, &s, &a.a2, &p.a, &p.b, &a.lh[3], &a.h, &step));
-            }
-            ops.push(k::rmsnorm(g, c, eps, &lw.post_attention_layernorm, &a.h, &a.n2, &step));
-            ops.push(k::rmsnorm_quant(
-                g,
-                c,
-                eps,
-                &lw.post_attention_layernorm,
-                &a.h,
-                &xq,
-                &xsc,
-                &qsum,
-                &step,
-            ));
-            for tile in &lw.gate {
-                ops.push(k::matmul_ternary(g, tile, 0, 0, f, &xq, &xsc, &qsum, &a.g, &step));
-            }
-            for tile in &lw.up {
-                ops.push(k::matmul_ternary(g, tile, 0, 0, f, &xq, &xsc, &qsum, &a.u, &step));
-            }
-            if let Some((p, s)) = shape(li, 4, c, f, 0) {
-                ops.extend(k::lora(g, &s, &a.n2, &p.a, &p.b, &a.lh[4], &a.g, &step));
-            }
-            if let Some((p, s)) = shape(li, 5, c, f, 0) {
-                ops.extend(k::lora(g, &s, &a.n2, &p.a, &p.b, &a.lh[5], &a.u, &step));
-            }
-            ops.push(k::relu2_mul(g, f, &a.g, &a.u, &a.m, &step));
-            ops.push(k::rmsnorm(g, f, eps, &lw.ffn_sub_norm, &a.m, &a.m2, &step));
-            ops.push(k::rmsnorm_quant(
-                g,
-                f,
-                eps,
-                &lw.ffn_sub_norm,
-                &a.m,
-                &xq,
-                &xsc,
-                &qsum,
-                &step,
-            ));
-            fwd.extend(ops.drain(..).map(Item::Op));
-            fwd.push(Item::Copy(&a.h, xn, (4 * t * c) as u64));
-            for tile in &lw.down {
-                ops.push(k::matmul_ternary(g, tile, 1, 0, c, &xq, &xsc, &qsum, xn, &step));
-            }
-            if let Some((p, s)) = shape(li, 6, f, c, 0) {
-                ops.extend(k::lora(g, &s, &a.m2, &p.a, &p.b, &a.lh[6], xn, &step));
-            }
-            fwd.extend(ops.drain(..).map(Item::Op));
+        for li in 0..nl {
+            let a = &acts[if self.plan.checkpoint { 0 } else { li }];
+            items.extend(self.layer_forward(li, t, &xs[li], &xs[li + 1], a, &sh, &step));
         }
-        items.extend(fwd);
+        // The head in token chunks: logits, NLL, dlogits and dxf for `chunk` rows at a time.
         let xl = &xs[nl];
-        let mut tail = vec![k::rmsnorm(g, c, eps, &self.norm, xl, &xf, &step)];
+        items.push(op(k::rmsnorm(g, c, eps, &self.norm, xl, &xf, &step)));
         let head = self.head.as_deref().unwrap_or(&self.embed);
-        for tile in head {
-            tail.push(k::lm_head(g, false, c, v, tile, &xf, &logits, &step));
+        let f16 = self.plan.embed_f16;
+        let fwd_len = items.len();
+        let mut eval_tail = vec![];
+        let mut c0 = 0;
+        let mut chunk_steps = vec![];
+        while c0 < t {
+            let n = chunk.min(t - c0);
+            let cs = g.uniform(
+                "step",
+                bytemuck::bytes_of(&Step {
+                    t: t as u32,
+                    lm_t0: c0 as u32,
+                    lm_t: n as u32,
+                    ..Default::default()
+                }),
+            );
+            let hop = |o: Op| Item::Op(o, n as u32);
+            for tile in head {
+                items.push(hop(k::lm_head_tiled(g, f16, c, v, tile, &xf, &logits, &cs)));
+            }
+            items.push(hop(k::nll(g, v, &logits, &targets_b, &nll_b, &cs)));
+            for tile in head {
+                eval_tail.push(hop(k::lm_head_tiled(g, f16, c, v, tile, &xf, &logits, &cs)));
+            }
+            eval_tail.push(hop(k::nll(g, v, &logits, &targets_b, &nll_b, &cs)));
+            items.push(hop(k::nll_backward(g, v, &logits, &targets_b, &dnll_b, &dlogits, &cs)));
+            for (i, tile) in head.iter().enumerate() {
+                items.push(hop(k::lm_head_backward(g, f16, c, v, tile, i > 0, &dlogits, &dxf, &cs)));
+            }
+            chunk_steps.push(cs);
+            c0 += n;
         }
-        tail.push(k::nll(g, v, &logits, &targets_b, &nll_b, &step));
-        items.extend(tail.into_iter().map(Item::Op));
+        items.push(op(k::rmsnorm_backward(
+            g, c, eps, false, &self.norm, xl, &dxf, &bw.dres, &step,
+        )));
+        for li in (0..nl).rev() {
+            let a = if self.plan.checkpoint {
+                let (a, xr) = (&acts[0], xr.as_ref().unwrap_or(&xf));
+                items.extend(self.layer_forward(li, t, &xs[li], xr, a, &sh, &step));
+                a
+            } else {
+                &acts[li]
+            };
+            items.extend(self.layer_backward(li, t, &xs[li], a, &bw, &sh, &step));
+        }
+        let bytes = g.allocated().saturating_sub(before);
+        Ok(Scratch {
+            t,
+            tokens,
+            targets: targets_b,
+            dnll: dnll_b,
+            nll: nll_b,
+            items,
+            fwd_len,
+            eval_tail,
+            bytes,
+            gpu: self.gpu.clone(),
+            _keep: (acts, xs, chunk_steps, step),
+        })
+    }
 
-        // ---- backward ----
-        let dlogits = buf("dlogits", t * v)?;
-        let dxf = buf("dxf", t * c)?;
-        let dres = buf("dres", t * c)?;
-        let dh = buf("dh", t * c)?;
-        let (dm2, dm, dg, du) = (
-            buf("dm2", t * f)?,
-            buf("dm", t * f)?,
-            buf("dg", t * f)?,
-            buf("du", t * f)?,
-        );
-        let dn2 = buf("dn2", t * c)?;
-        let (da2, datt) = (buf("da2", t * qd)?, buf("datt", t * qd)?);
-        let dqkv = buf("dqkv", t * w)?;
-        let dn1 = buf("dn1", t * c)?;
-        let stats = buf("stats", t * nh * 4)?;
-        let dlh = buf("dlora_h", t * r.max(1))?;
-        let mut bw: Vec<Op> = vec![k::nll_backward(g, v, &logits, &targets_b, &dnll_b, &dlogits, &step)];
-        for (n, tile) in head.iter().enumerate() {
-            bw.push(k::lm_head_backward(g, false, c, v, tile, n > 0, &dlogits, &dxf, &step));
+    fn shape(
+        &self,
+        li: usize,
+        ti: usize,
+        x_stride: usize,
+        y_stride: usize,
+        y_off: usize,
+    ) -> Option<(&GpuLora, LoraShape)> {
+        self.lora[li][ti].as_ref().map(|p| {
+            (
+                p,
+                LoraShape {
+                    inp: p.inp,
+                    out: p.out,
+                    rank: self.rank,
+                    scale: self.scale,
+                    x_stride,
+                    y_stride,
+                    y_off,
+                },
+            )
+        })
+    }
+
+    /// One decoder layer forward, x -> xn, keeping what its backward reads in `a`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        li: usize,
+        t: usize,
+        x: &wgpu::Buffer,
+        xn: &wgpu::Buffer,
+        a: &Acts,
+        s: &Shared,
+        step: &wgpu::Buffer,
+    ) -> Vec<Item> {
+        let g = &*self.gpu;
+        let d = Dims::new(&self.model.config, self.rank);
+        let (c, f, nh, nkv, hd, qd, kvd, w) = (d.c, d.f, d.nh, d.nkv, d.hd, d.qd, d.kvd, d.w);
+        let eps = self.model.config.rms_norm_eps as f32;
+        let lw = &self.layers[li];
+        let tt = t as u32;
+        let mut out: Vec<Item> = vec![];
+        let mut ops: Vec<Op> = vec![];
+        let quant = |n: usize, wt: &wgpu::Buffer, xin: &wgpu::Buffer| {
+            k::rmsnorm_quant(g, n, eps, wt, xin, &s.xq, &s.xsc, &s.qsum, step)
+        };
+        ops.push(k::rmsnorm(g, c, eps, &lw.input_layernorm, x, &a.n1, step));
+        ops.push(quant(c, &lw.input_layernorm, x));
+        for tile in &lw.qkv {
+            ops.push(k::matmul_ternary(
+                g, tile, 0, 0, w, &s.xq, &s.xsc, &s.qsum, &a.qkv, step,
+            ));
         }
-        bw.push(k::rmsnorm_backward(
-            g, c, eps, false, &self.norm, xl, &dxf, &dres, &step,
-        ));
-        items.extend(bw.drain(..).map(Item::Op));
-        let lora_bw = |li: usize,
-                       ti: usize,
-                       x: &wgpu::Buffer,
+        for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
+            if let Some((p, sh)) = self.shape(li, ti, c, w, off) {
+                ops.extend(k::lora(g, &sh, &a.n1, &p.a, &p.b, &a.lh[ti], &a.qkv, step));
+            }
+        }
+        ops.push(k::rope(g, nh, nkv, hd, t, &s.cos, &s.sin, &a.qkv, &a.kc, &a.vc, step));
+        ops.push(k::attention(g, nh, nkv, hd, t, &a.qkv, &a.kc, &a.vc, &a.att, step));
+        ops.push(k::rmsnorm(g, qd, eps, &lw.attn_sub_norm, &a.att, &a.a2, step));
+        ops.push(quant(qd, &lw.attn_sub_norm, &a.att));
+        out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
+        // h = x + o(a2): copy the residual, then the projection and its LoRA branch add onto it.
+        out.push(Item::Copy(x.clone(), a.h.clone(), (4 * t * c) as u64));
+        for tile in &lw.o {
+            ops.push(k::matmul_ternary(g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, &a.h, step));
+        }
+        if let Some((p, sh)) = self.shape(li, 3, qd, c, 0) {
+            ops.extend(k::lora(g, &sh, &a.a2, &p.a, &p.b, &a.lh[3], &a.h, step));
+        }
+        ops.push(k::rmsnorm(g, c, eps, &lw.post_attention_layernorm, &a.h, &a.n2, step));
+        ops.push(quant(c, &lw.post_attention_layernorm, &a.h));
+        for tile in &lw.gate {
+            ops.push(k::matmul_ternary(g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.g, step));
+        }
+        for tile in &lw.up {
+            ops.push(k::matmul_ternary(g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.u, step));
+        }
+        if let Some((p, sh)) = self.shape(li, 4, c, f, 0) {
+            ops.extend(k::lora(g, &sh, &a.n2, &p.a, &p.b, &a.lh[4], &a.g, step));
+        }
+        if let Some((p, sh)) = self.shape(li, 5, c, f, 0) {
+            ops.extend(k::lora(g, &sh, &a.n2, &p.a, &p.b, &a.lh[5], &a.u, step));
+        }
+        ops.push(k::relu2_mul(g, f, &a.g, &a.u, &a.m, step));
+        ops.push(k::rmsnorm(g, f, eps, &lw.ffn_sub_norm, &a.m, &a.m2, step));
+        ops.push(quant(f, &lw.ffn_sub_norm, &a.m));
+        out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
+        out.push(Item::Copy(a.h.clone(), xn.clone(), (4 * t * c) as u64));
+        for tile in &lw.down {
+            ops.push(k::matmul_ternary(g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, xn, step));
+        }
+        if let Some((p, sh)) = self.shape(li, 6, f, c, 0) {
+            ops.extend(k::lora(g, &sh, &a.m2, &p.a, &p.b, &a.lh[6], xn, step));
+        }
+        out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
+        out
+    }
+
+    /// One decoder layer backward: reads the residual gradient in `bw.dres` (the layer's output gradient)
+    /// and leaves its input gradient there; LoRA gradients accumulate into the adapter's buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        li: usize,
+        t: usize,
+        x: &wgpu::Buffer,
+        a: &Acts,
+        bw: &Grads,
+        s: &Shared,
+        step: &wgpu::Buffer,
+    ) -> Vec<Item> {
+        let g = &*self.gpu;
+        let d = Dims::new(&self.model.config, self.rank);
+        let (c, f, nh, nkv, hd, qd, kvd, w) = (d.c, d.f, d.nh, d.nkv, d.hd, d.qd, d.kvd, d.w);
+        let eps = self.model.config.rms_norm_eps as f32;
+        let lw = &self.layers[li];
+        let tt = t as u32;
+        let mut out: Vec<Item> = vec![];
+        let mut ops: Vec<Op> = vec![];
+        let lora_bw = |ti: usize,
+                       xin: &wgpu::Buffer,
                        x_stride: usize,
                        dy: &wgpu::Buffer,
                        y_stride: usize,
                        y_off: usize,
-                       dx: &wgpu::Buffer,
-                       a: &Acts|
+                       dx: &wgpu::Buffer|
          -> Vec<Op> {
-            match shape(li, ti, x_stride, y_stride, y_off) {
-                Some((p, s)) => {
-                    k::lora_backward(g, &s, x, &p.a, &p.b, &a.lh[ti], dy, &dlh, &p.da, &p.db, dx, &step).into()
+            match self.shape(li, ti, x_stride, y_stride, y_off) {
+                Some((p, sh)) => {
+                    k::lora_backward(g, &sh, xin, &p.a, &p.b, &a.lh[ti], dy, &bw.dlh, &p.da, &p.db, dx, step).into()
                 }
                 None => vec![],
             }
         };
-        for li in (0..nl).rev() {
-            let (lw, a) = (&self.layers[li], &acts[li]);
-            // MLP: y = h + down(ffn_sub_norm(relu2(gate(n2)) * up(n2)))
-            for (n, tile) in lw.down.iter().enumerate() {
-                bw.push(k::matmul_ternary_backward(g, tile, c, n > 0, &dres, &dm2, &step));
-            }
-            bw.extend(lora_bw(li, 6, &a.m2, f, &dres, c, 0, &dm2, a));
-            bw.push(k::rmsnorm_backward(
-                g,
-                f,
-                eps,
-                false,
-                &lw.ffn_sub_norm,
-                &a.m,
-                &dm2,
-                &dm,
-                &step,
-            ));
-            bw.push(k::relu2_mul_backward(g, f, &dm, &a.g, &a.u, &dg, &du, &step));
-            for (n, tile) in lw.gate.iter().enumerate() {
-                bw.push(k::matmul_ternary_backward(g, tile, f, n > 0, &dg, &dn2, &step));
-            }
-            for tile in &lw.up {
-                bw.push(k::matmul_ternary_backward(g, tile, f, true, &du, &dn2, &step));
-            }
-            bw.extend(lora_bw(li, 4, &a.n2, c, &dg, f, 0, &dn2, a));
-            bw.extend(lora_bw(li, 5, &a.n2, c, &du, f, 0, &dn2, a));
-            items.extend(bw.drain(..).map(Item::Op));
-            // dh = dres + rmsnorm_backward(...): copy the residual's gradient, then add onto it.
-            items.push(Item::Copy(&dres, &dh, (4 * t * c) as u64));
-            bw.push(k::rmsnorm_backward(
-                g,
-                c,
-                eps,
-                true,
-                &lw.post_attention_layernorm,
-                &a.h,
-                &dn2,
-                &dh,
-                &step,
-            ));
-            // Attention: h = x + o(attn_sub_norm(attention(rope(q(n1)), rope(k(n1)), v(n1))))
-            for (n, tile) in lw.o.iter().enumerate() {
-                bw.push(k::matmul_ternary_backward(g, tile, c, n > 0, &dh, &da2, &step));
-            }
-            bw.extend(lora_bw(li, 3, &a.a2, qd, &dh, c, 0, &da2, a));
-            bw.push(k::rmsnorm_backward(
-                g,
-                qd,
-                eps,
-                false,
-                &lw.attn_sub_norm,
-                &a.att,
-                &da2,
-                &datt,
-                &step,
-            ));
-            bw.extend(k::attention_backward(
-                g, nh, nkv, hd, t, w, w, &a.qkv, &a.kc, &a.vc, &datt, &stats, &dqkv, &step,
-            ));
-            bw.push(k::rope_backward(g, nh, hd, w, 0, &cos_b, &sin_b, &dqkv, &step));
-            bw.push(k::rope_backward(g, nkv, hd, w, qd, &cos_b, &sin_b, &dqkv, &step));
-            for (n, tile) in lw.qkv.iter().enumerate() {
-                bw.push(k::matmul_ternary_backward(g, tile, w, n > 0, &dqkv, &dn1, &step));
-            }
-            bw.extend(lora_bw(li, 0, &a.n1, c, &dqkv, w, 0, &dn1, a));
-            bw.extend(lora_bw(li, 1, &a.n1, c, &dqkv, w, qd, &dn1, a));
-            bw.extend(lora_bw(li, 2, &a.n1, c, &dqkv, w, qd + kvd, &dn1, a));
-            items.extend(bw.drain(..).map(Item::Op));
-            // dx = dh + rmsnorm_backward(...), which becomes the next (lower) layer's residual gradient.
-            items.push(Item::Copy(&dh, &dres, (4 * t * c) as u64));
-            items.push(Item::Op(k::rmsnorm_backward(
-                g,
-                c,
-                eps,
-                true,
-                &lw.input_layernorm,
-                &xs[li],
-                &dn1,
-                &dres,
-                &step,
-            )));
+        // MLP: y = h + down(ffn_sub_norm(relu2(gate(n2)) * up(n2)))
+        for (n, tile) in lw.down.iter().enumerate() {
+            ops.push(k::matmul_ternary_backward(g, tile, c, n > 0, &bw.dres, &bw.dm2, step));
         }
-        self.run(&items, t as u32)?;
-        let nll: Vec<f32> = bytemuck::pod_collect_to_vec(&g.download(&nll_b, (4 * t) as u64)?);
-        Ok((0..t).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum())
+        ops.extend(lora_bw(6, &a.m2, f, &bw.dres, c, 0, &bw.dm2));
+        ops.push(k::rmsnorm_backward(
+            g,
+            f,
+            eps,
+            false,
+            &lw.ffn_sub_norm,
+            &a.m,
+            &bw.dm2,
+            &bw.dm,
+            step,
+        ));
+        ops.push(k::relu2_mul_backward(g, f, &bw.dm, &a.g, &a.u, &bw.dg, &bw.du, step));
+        for (n, tile) in lw.gate.iter().enumerate() {
+            ops.push(k::matmul_ternary_backward(g, tile, f, n > 0, &bw.dg, &bw.dn2, step));
+        }
+        for tile in &lw.up {
+            ops.push(k::matmul_ternary_backward(g, tile, f, true, &bw.du, &bw.dn2, step));
+        }
+        ops.extend(lora_bw(4, &a.n2, c, &bw.dg, f, 0, &bw.dn2));
+        ops.extend(lora_bw(5, &a.n2, c, &bw.du, f, 0, &bw.dn2));
+        out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
+        // dh = dres + rmsnorm_backward(...): copy the residual's gradient, then add onto it.
+        out.push(Item::Copy(bw.dres.clone(), bw.dh.clone(), (4 * t * c) as u64));
+        ops.push(k::rmsnorm_backward(
+            g,
+            c,
+            eps,
+            true,
+            &lw.post_attention_layernorm,
+            &a.h,
+            &bw.dn2,
+            &bw.dh,
+            step,
+        ));
+        // Attention: h = x + o(attn_sub_norm(attention(rope(q(n1)), rope(k(n1)), v(n1))))
+        for (n, tile) in lw.o.iter().enumerate() {
+            ops.push(k::matmul_ternary_backward(g, tile, c, n > 0, &bw.dh, &bw.da2, step));
+        }
+        ops.extend(lora_bw(3, &a.a2, qd, &bw.dh, c, 0, &bw.da2));
+        ops.push(k::rmsnorm_backward(
+            g,
+            qd,
+            eps,
+            false,
+            &lw.attn_sub_norm,
+            &a.att,
+            &bw.da2,
+            &bw.datt,
+            step,
+        ));
+        ops.extend(k::attention_backward(
+            g, nh, nkv, hd, t, w, w, &a.qkv, &a.kc, &a.vc, &bw.datt, &bw.stats, &bw.dqkv, step,
+        ));
+        ops.push(k::rope_backward(g, nh, hd, w, 0, &s.cos, &s.sin, &bw.dqkv, step));
+        ops.push(k::rope_backward(g, nkv, hd, w, qd, &s.cos, &s.sin, &bw.dqkv, step));
+        for (n, tile) in lw.qkv.iter().enumerate() {
+            ops.push(k::matmul_ternary_backward(g, tile, w, n > 0, &bw.dqkv, &bw.dn1, step));
+        }
+        ops.extend(lora_bw(0, &a.n1, c, &bw.dqkv, w, 0, &bw.dn1));
+        ops.extend(lora_bw(1, &a.n1, c, &bw.dqkv, w, qd, &bw.dn1));
+        ops.extend(lora_bw(2, &a.n1, c, &bw.dqkv, w, qd + kvd, &bw.dn1));
+        out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
+        // dx = dh + rmsnorm_backward(...), which becomes the next (lower) layer's residual gradient.
+        out.push(Item::Copy(bw.dh.clone(), bw.dres.clone(), (4 * t * c) as u64));
+        out.push(Item::Op(
+            k::rmsnorm_backward(g, c, eps, true, &lw.input_layernorm, x, &bw.dn1, &bw.dres, step),
+            tt,
+        ));
+        out
+    }
+}
+
+/// Activations of one layer that its backward reads.
+struct Acts {
+    n1: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    kc: wgpu::Buffer,
+    vc: wgpu::Buffer,
+    att: wgpu::Buffer,
+    a2: wgpu::Buffer,
+    h: wgpu::Buffer,
+    n2: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
+    m: wgpu::Buffer,
+    m2: wgpu::Buffer,
+    lh: Vec<wgpu::Buffer>,
+}
+
+/// Scratch shared by every layer: the int8 activations of the current projection and the RoPE tables.
+struct Shared {
+    xq: wgpu::Buffer,
+    xsc: wgpu::Buffer,
+    qsum: wgpu::Buffer,
+    cos: wgpu::Buffer,
+    sin: wgpu::Buffer,
+}
+
+/// Gradient buffers of the backward, reused by every layer.
+struct Grads {
+    dres: wgpu::Buffer,
+    dh: wgpu::Buffer,
+    dm2: wgpu::Buffer,
+    dm: wgpu::Buffer,
+    dg: wgpu::Buffer,
+    du: wgpu::Buffer,
+    dn2: wgpu::Buffer,
+    da2: wgpu::Buffer,
+    datt: wgpu::Buffer,
+    dqkv: wgpu::Buffer,
+    dn1: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    dlh: wgpu::Buffer,
+}
+
+/// The buffers and recorded work of one sequence bucket. Dropping it frees the buffers (wgpu frees them
+/// when the last handle goes) and takes their bytes off the tracker.
+struct Scratch {
+    t: usize,
+    tokens: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    dnll: wgpu::Buffer,
+    nll: wgpu::Buffer,
+    items: Vec<Item>,
+    /// `items[..fwd_len]` is the forward up to the final norm; with `eval_tail` it scores without a backward.
+    fwd_len: usize,
+    eval_tail: Vec<Item>,
+    bytes: u64,
+    gpu: Arc<Gpu>,
+    _keep: (Vec<Acts>, Vec<wgpu::Buffer>, Vec<wgpu::Buffer>, wgpu::Buffer),
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.gpu.release(self.bytes);
+    }
+}
+
+/// Model dimensions the trainer's buffers are sized by.
+struct Dims {
+    c: usize,
+    f: usize,
+    v: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    qd: usize,
+    kvd: usize,
+    w: usize,
+    r: usize,
+    nl: usize,
+}
+
+impl Dims {
+    fn new(cfg: &crate::config::ModelConfig, rank: usize) -> Dims {
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        Dims {
+            c: cfg.hidden_size,
+            f: cfg.intermediate_size,
+            v: cfg.vocab_size,
+            nh,
+            nkv,
+            hd,
+            qd: nh * hd,
+            kvd: nkv * hd,
+            w: nh * hd + 2 * nkv * hd,
+            r: rank.max(1),
+            nl: cfg.num_layers,
+        }
+    }
+
+    fn widest(&self) -> usize {
+        self.c.max(self.f).max(self.qd)
+    }
+
+    /// Bytes of the buffers `build` allocates for a bucket of `t` tokens (mirrors it line by line; a test
+    /// holds the two together).
+    fn activation_bytes(&self, t: usize, checkpoint: bool, chunk: usize) -> u64 {
+        let f4 = |n: usize| (4 * n).max(16) as u64;
+        let (c, f, w, qd, kvd, r, nl) = (self.c, self.f, self.w, self.qd, self.kvd, self.r, self.nl);
+        let mut b = 3 * f4(t) + f4(1) + 2 * f4(t * (self.hd / 2));
+        b += (nl as u64 + 1) * f4(t * c);
+        let per_layer = 3 * f4(t * c) + f4(t * w) + 2 * f4(t * kvd) + 2 * f4(t * qd) + 4 * f4(t * f) + 7 * f4(t * r);
+        b += per_layer * if checkpoint { 1 } else { nl as u64 };
+        if checkpoint {
+            b += f4(t * c);
+        }
+        b += (t * self.widest()).max(16).div_ceil(4) as u64 * 4 + 2 * f4(t) + f4(t * c);
+        let chunk = chunk.min(t);
+        b += 2 * f4(chunk * self.v) + f4(t);
+        b += 3 * f4(t * c) + 4 * f4(t * f) + 2 * f4(t * qd) + f4(t * w) + f4(t * c) + f4(t * self.nh * 4) + f4(t * r);
+        b += f4(t * c);
+        b
+    }
+}
+
+/// `t` rounded up to the 64-token tiles of the GEMM kernels (and never past the context).
+pub fn bucket(t: usize, ctx: usize) -> usize {
+    (t.div_ceil(64) * 64).min(ctx).max(t)
+}
+
+/// What the planner chose and the device memory it predicts, in bytes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemoryPlan {
+    /// Tokens per sequence the buffers are sized for (the longest sequence, rounded up to 64).
+    pub t: usize,
+    /// Gradient checkpointing: keep only each layer's input and recompute the layer before its backward.
+    pub checkpoint: bool,
+    /// Tokens per head chunk (chunk x vocabulary logits live at once).
+    pub head_chunk: usize,
+    /// Embedding (and tied head) stored in f16 on the device.
+    pub embed_f16: bool,
+    pub weights: u64,
+    /// LoRA parameters, their gradients and both AdamW moments.
+    pub adapter: u64,
+    pub activations: u64,
+    /// Uniform buffers of the recorded dispatches (a few bytes each).
+    pub other: u64,
+    pub total: u64,
+    /// The budget the plan was made against, if any.
+    pub budget: Option<u64>,
+}
+
+/// Predicts the trainer's device memory for sequences of up to `seq_len` tokens and picks the fastest
+/// settings that fit `budget`: without gradient checkpointing if possible, else with it; the whole head at
+/// once if possible, else in halving token chunks down to 16; the embedding in f32 (as the float32
+/// references compute) unless only f16 fits. Errors, before anything is allocated on the device, when
+/// even the leanest settings do not fit.
+pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, budget: Option<u64>) -> Result<MemoryPlan> {
+    let t = bucket(seq_len.max(1), model.config.max_position_embeddings);
+    let mut chunks = vec![t];
+    let mut ch = t;
+    while ch > 16 {
+        ch = ch.div_ceil(2);
+        chunks.push(ch);
+    }
+    let mut leanest: Option<MemoryPlan> = None;
+    // f32 first: the embedding is what the references use (exact for bf16/f16 checkpoints too).
+    for f16 in [false, true] {
+        for checkpoint in [false, true] {
+            for &chunk in &chunks {
+                let mut p = estimate(model, adapter, seq_len, checkpoint, chunk, f16);
+                p.budget = budget;
+                if budget.is_none_or(|b| p.total <= b) {
+                    return Ok(p);
+                }
+                if leanest.as_ref().is_none_or(|l| p.total < l.total) {
+                    leanest = Some(p);
+                }
+            }
+        }
+    }
+    let l = leanest.ok_or_else(|| EngineError::Invalid("no memory plan".into()))?;
+    Err(EngineError::OutOfMemory(format!(
+        "fine-tuning this model at --seq-len {seq_len} and rank {} needs at least {} of device memory \
+         (weights {}, adapter and optimizer state {}, activations {} with gradient checkpointing, {}-token \
+         head chunks and an f16 embedding), but the budget is {}; lower --seq-len or --rank, adapt fewer \
+         --targets, or raise --max-memory",
+        adapter.rank,
+        crate::util::human_bytes(l.total),
+        crate::util::human_bytes(l.weights),
+        crate::util::human_bytes(l.adapter),
+        crate::util::human_bytes(l.activations),
+        l.head_chunk,
+        crate::util::human_bytes(budget.unwrap_or(0)),
+    )))
+}
+
+/// The device memory the trainer allocates for sequences of up to `seq_len` tokens with the given
+/// settings (`budget` unset). [`plan`] chooses among these.
+pub fn estimate(
+    model: &Model,
+    adapter: &Adapter,
+    seq_len: usize,
+    checkpoint: bool,
+    head_chunk: usize,
+    embed_f16: bool,
+) -> MemoryPlan {
+    let cfg = &model.config;
+    let d = Dims::new(cfg, adapter.rank);
+    let t = bucket(seq_len.max(1), cfg.max_position_embeddings);
+    let f4 = |n: usize| (4 * n).max(16) as u64;
+    let mut weights = 0u64;
+    for l in &model.layers {
+        for p in [
+            &l.q_proj,
+            &l.k_proj,
+            &l.v_proj,
+            &l.o_proj,
+            &l.gate_proj,
+            &l.up_proj,
+            &l.down_proj,
+        ] {
+            // Packed 2-bit rows plus one f32 scale per row (q|k|v share tiles; the sum is the same).
+            weights += (p.out * p.inp / 4) as u64 + 4 * p.out as u64;
+        }
+        weights += 2 * f4(d.c) + f4(d.qd) + f4(d.f);
+    }
+    weights += f4(d.c);
+    let table = (d.v * d.c * if embed_f16 { 2 } else { 4 }) as u64;
+    weights += table * if model.tied() { 1 } else { 2 };
+    let adapter_bytes: u64 = adapter.pairs().map(|p| 4 * (f4(p.a.len()) + f4(p.b.len()))).sum();
+    // Uniforms: a 32-byte parameter block per recorded dispatch (about 150 per layer with recomputation).
+    let other = (d.nl as u64 * 150 + 64) * 64;
+    let activations = d.activation_bytes(t, checkpoint, head_chunk);
+    MemoryPlan {
+        t,
+        checkpoint,
+        head_chunk: head_chunk.min(t),
+        embed_f16,
+        weights,
+        adapter: adapter_bytes,
+        activations,
+        other,
+        total: weights + adapter_bytes + activations + other,
+        budget: None,
     }
 }
