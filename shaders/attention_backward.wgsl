@@ -5,7 +5,7 @@
 //                           (q may sit inside the fused qkv buffer: q_stride)
 //                           grid (T, NH), the keys in blocks of 256, one thread per key in a block
 //   attention_backward_dkv: dk_j = scale * sum_{t>=j, h in group} p_tj (dp_tj - D_t) q_t,
-//                           dv_j = sum p_tj dout_t;  grid (T, NKV), one thread per head dimension
+//                           dv_j = sum p_tj dout_t;  grid (T, NKV), (query, head) pairs in blocks of 256
 // Each output has a single writer, so no atomics. CPU twin: cpu::attention_backward.
 
 struct Params {
@@ -111,6 +111,13 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     }
 }
 
+var<workgroup> p_blk: array<f32, 256>;
+
+// One workgroup per (key j, kv head): the (query t >= j, head h in the group) pairs go 256 at a time, one
+// per thread, which computes its score and dp serially over the head dimension and leaves p and ds in
+// workgroup memory; then the first HD threads fold the block into dk[d] and dv[d]. Two barriers per 256
+// pairs (the first version reduced every pair's two dot products across the workgroup: two barrier trees
+// per pair, 13% of a 125m training step).
 @compute @workgroup_size(256)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let j = wg.x;
@@ -121,30 +128,33 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     }
     let group = prm.nh / prm.nkv;
     let scale = inverseSqrt(f32(prm.hd));
-    let ko = (kvh * prm.p + j) * prm.hd;
+    let pairs = (step.t - j) * group;
     var dkd = 0.0;
     var dvd = 0.0;
-    for (var t = j; t < step.t; t++) {
-        for (var h = kvh * group; h < (kvh + 1u) * group; h++) {
-            let qo = t * prm.q_stride + h * prm.hd;
-            let oo = (t * prm.nh + h) * prm.hd;
-            // Two dot products over the head dimension, one lane per dimension.
-            var qk = 0.0;
-            var dov = 0.0;
-            if lid < prm.hd {
-                qk = q[qo + lid] * k[ko + lid];
-                dov = dout[oo + lid] * v[ko + lid];
-            }
-            let s = wg_sum(qk, lid) * scale;
-            let dp = wg_sum(dov, lid);
+    for (var i0 = 0u; i0 < pairs; i0 += 256u) {
+        let i = i0 + lid;
+        var pj = 0.0;
+        var ds = 0.0;
+        if i < pairs {
+            let t = j + i / group;
+            let h = kvh * group + i % group;
             let so = (t * prm.nh + h) * 4u;
-            let pj = exp(s - stats[so]) / stats[so + 1u];
-            let ds = pj * (dp - stats[so + 2u]) * scale;
-            if lid < prm.hd {
-                dkd += ds * q[qo + lid];
-                dvd += pj * dout[oo + lid];
+            pj = exp(score(t, h, kvh, j) - stats[so]) / stats[so + 1u];
+            ds = pj * (dprob(t, h, kvh, j) - stats[so + 2u]) * scale;
+        }
+        p_blk[lid] = pj;
+        ds_blk[lid] = ds;
+        workgroupBarrier();
+        if lid < prm.hd {
+            let cnt = min(256u, pairs - i0);
+            for (var b = 0u; b < cnt; b++) {
+                let t = j + (i0 + b) / group;
+                let h = kvh * group + (i0 + b) % group;
+                dkd += ds_blk[b] * q[t * prm.q_stride + h * prm.hd + lid];
+                dvd += p_blk[b] * dout[(t * prm.nh + h) * prm.hd + lid];
             }
         }
+        workgroupBarrier();
     }
     if lid < prm.hd {
         let kvd = prm.nkv * prm.hd;

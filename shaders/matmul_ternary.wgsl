@@ -237,3 +237,95 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// matmul_ternary_tiled: the same projection (MODE 0 stores, MODE 1 adds; not the fused gate/up) for many
+// tokens at once, as a register-tiled integer GEMM: a 64-token x 64-row block per workgroup, the input
+// walked four weight words (64 columns) at a time with the packed weights and int8 activations staged in
+// workgroup memory, so each weight word is read once per 64 tokens (matmul_ternary reads it once per TT =
+// 4). The integer sums and the final scaling are the same as above, so both kernels give identical bits.
+// Training's forward and recomputation run it. CPU twin: cpu::matmul_ternary. Grid (ceil(rows / 64),
+// ceil(T / 64)).
+
+const MW: u32 = 4u;     // weight words per slice (16 activation words)
+const MS: u32 = 65u;    // padded stride of the staged slices
+
+var<workgroup> mw_s: array<u32, 260>;    // [MW][MS]: weight word w0 + kw of row r0 + rr
+var<workgroup> mq_s: array<u32, 1040>;   // [4 MW][MS]: activation word 4 w0 + aw of token t0 + tt
+
+fn mt_store(t: u32, r: u32, v: vec4<i32>) {
+    if t >= step.t {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let row = r + 16u * j;
+        if row < p.rows {
+            let dst = t * p.y_stride + p.y_off + row;
+            let g = f32(v[j] - qsum[t]) * scale[row] / s[t];
+            if MODE == 1u {
+                y[dst] += g;
+            } else {
+                y[dst] = g;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let lid = lid3.x;
+    let r0 = wg.x * 64u;
+    let t0 = wg.y * 64u;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let qwords = p.words * 4u;
+    // Four tokens (4ty..) x four rows (tx + 16j) per thread, in named vectors (no indexed arrays: those
+    // would sit in local memory).
+    var acc0 = vec4<i32>(0);
+    var acc1 = vec4<i32>(0);
+    var acc2 = vec4<i32>(0);
+    var acc3 = vec4<i32>(0);
+    for (var w0 = 0u; w0 < p.words; w0 += MW) {
+        {
+            let rr = lid / MW;
+            let kw = lid % MW;
+            var v = 0u;
+            if r0 + rr < p.rows && w0 + kw < p.words {
+                v = w[(r0 + rr) * p.words + w0 + kw];
+            }
+            mw_s[kw * MS + rr] = v;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let e = lid + 256u * j;
+            let aw = e % (4u * MW);
+            let tt = e / (4u * MW);
+            var v = 0u;
+            if t0 + tt < step.t && 4u * w0 + aw < qwords {
+                v = q[(t0 + tt) * qwords + 4u * w0 + aw];
+            }
+            mq_s[aw * MS + tt] = v;
+        }
+        workgroupBarrier();
+        for (var kw = 0u; kw < MW; kw++) {
+            let wb = kw * MS + tx;
+            let wv = vec4<u32>(mw_s[wb], mw_s[wb + 16u], mw_s[wb + 32u], mw_s[wb + 48u]);
+            for (var sh = 0u; sh < 4u; sh++) {
+                let c = (wv >> vec4<u32>(2u * sh)) & vec4<u32>(0x03030303u);
+                let ab = (4u * kw + sh) * MS + 4u * ty;
+                let a0 = mq_s[ab];
+                let a1 = mq_s[ab + 1u];
+                let a2 = mq_s[ab + 2u];
+                let a3 = mq_s[ab + 3u];
+                acc0 += vec4<i32>(dot4I8Packed(c.x, a0), dot4I8Packed(c.y, a0), dot4I8Packed(c.z, a0), dot4I8Packed(c.w, a0));
+                acc1 += vec4<i32>(dot4I8Packed(c.x, a1), dot4I8Packed(c.y, a1), dot4I8Packed(c.z, a1), dot4I8Packed(c.w, a1));
+                acc2 += vec4<i32>(dot4I8Packed(c.x, a2), dot4I8Packed(c.y, a2), dot4I8Packed(c.z, a2), dot4I8Packed(c.w, a2));
+                acc3 += vec4<i32>(dot4I8Packed(c.x, a3), dot4I8Packed(c.y, a3), dot4I8Packed(c.z, a3), dot4I8Packed(c.w, a3));
+            }
+        }
+        workgroupBarrier();
+    }
+    mt_store(t0 + 4u * ty, r0 + tx, acc0);
+    mt_store(t0 + 4u * ty + 1u, r0 + tx, acc1);
+    mt_store(t0 + 4u * ty + 2u, r0 + tx, acc2);
+    mt_store(t0 + 4u * ty + 3u, r0 + tx, acc3);
+}

@@ -360,6 +360,42 @@ pub fn matmul_ternary(
     )
 }
 
+/// `matmul_ternary` (MODE 0 or 1) for many tokens: the register-tiled integer GEMM, identical bits.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ternary_tiled(
+    gpu: &Gpu,
+    tile: &TernaryTile,
+    mode: u32,
+    y_off: usize,
+    y_stride: usize,
+    q: &wgpu::Buffer,
+    s: &wgpu::Buffer,
+    qsum: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    debug_assert!(mode < 2, "the tiled kernel has no fused gate/up");
+    op(
+        gpu,
+        "matmul_ternary_tiled",
+        sh::MATMUL_TERNARY,
+        &[("MODE", mode as f64)],
+        &[
+            tile.words,
+            tile.rows,
+            (y_off as u32) + tile.row0,
+            y_stride as u32,
+            0,
+            0,
+            0,
+            0,
+        ],
+        &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)],
+        step,
+        Grid::TokenTiles(tile.rows.div_ceil(64)),
+    )
+}
+
 /// Widest input the fused decode kernel holds in workgroup memory (its `xq_s` is 2048 words).
 pub const FUSED_MAX_INPUT: usize = 8192;
 

@@ -271,63 +271,87 @@ impl GpuTrainer {
     /// the total runs above the normal step time.
     fn run_profiled(&self, items: &[Item], t: u32) -> Result<()> {
         let g = &self.gpu;
-        let n = items.iter().filter(|i| matches!(i, Item::Op(..))).count() as u32;
-        let qs = g.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("profile"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2 * n.max(1),
-        });
-        let size = 16 * n.max(1) as u64;
-        let resolve = g.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("profile"),
-            size,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let read = g.readback_buffer(size);
-        let mut enc = g.device.create_command_encoder(&Default::default());
-        let mut names = vec![];
-        for it in items {
-            match it {
-                Item::Copy(src, dst, b) => enc.copy_buffer_to_buffer(src, 0, dst, 0, *b),
-                Item::Op(op, lm_t) => {
-                    let i = names.len() as u32;
-                    let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: None,
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: &qs,
-                            beginning_of_pass_write_index: Some(2 * i),
-                            end_of_pass_write_index: Some(2 * i + 1),
-                        }),
-                    });
-                    op.record(&mut p, t, *lm_t);
-                    names.push(op.name);
-                }
-            }
-        }
-        enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
-        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, size);
-        g.queue.submit([enc.finish()]);
-        g.check_error()?;
-        let b = g.read(&read, size)?;
-        let ticks: &[u64] = bytemuck::cast_slice(&b);
         let period = g.queue.get_timestamp_period() as f64 / 1000.0;
         let mut by: Vec<(&str, usize, f64)> = vec![];
-        for (i, name) in names.iter().enumerate() {
-            let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
-            match by.iter_mut().find(|e| e.0 == *name) {
-                Some(e) => {
-                    e.1 += 1;
-                    e.2 += us;
+        let mut dispatches = 0;
+        // A query set holds at most 4096 timestamps: 2048 dispatches per submission.
+        let mut rest = items;
+        while !rest.is_empty() {
+            let mut n = 0u32;
+            let mut cut = 0;
+            while cut < rest.len() && n < 2048 {
+                if matches!(rest[cut], Item::Op(..)) {
+                    n += 1;
                 }
-                None => by.push((name, 1, us)),
+                cut += 1;
             }
+            let (batch, tail) = rest.split_at(cut);
+            rest = tail;
+            let qs = g.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * n.max(1),
+            });
+            let size = 16 * n.max(1) as u64;
+            let resolve = g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile"),
+                size,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile-read"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = g.device.create_command_encoder(&Default::default());
+            let mut names = vec![];
+            for it in batch {
+                match it {
+                    Item::Copy(src, dst, b) => enc.copy_buffer_to_buffer(src, 0, dst, 0, *b),
+                    Item::Op(op, lm_t) => {
+                        let i = names.len() as u32;
+                        let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: None,
+                            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                query_set: &qs,
+                                beginning_of_pass_write_index: Some(2 * i),
+                                end_of_pass_write_index: Some(2 * i + 1),
+                            }),
+                        });
+                        op.record(&mut p, t, *lm_t);
+                        names.push(op.name);
+                    }
+                }
+            }
+            if n > 0 {
+                enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
+                enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, size);
+            }
+            g.queue.submit([enc.finish()]);
+            g.check_error()?;
+            if n == 0 {
+                continue;
+            }
+            let b = g.read(&read, size)?;
+            let ticks: &[u64] = bytemuck::cast_slice(&b);
+            for (i, name) in names.iter().enumerate() {
+                let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+                match by.iter_mut().find(|e| e.0 == *name) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += us;
+                    }
+                    None => by.push((name, 1, us)),
+                }
+            }
+            dispatches += names.len();
         }
         by.sort_by(|a, b| b.2.total_cmp(&a.2));
         let total: f64 = by.iter().map(|e| e.2).sum();
         eprintln!(
-            "training pass, T = {t}: {} dispatches, {:.1} ms of kernel time",
-            names.len(),
+            "training pass, T = {t}: {dispatches} dispatches, {:.1} ms of kernel time",
             total / 1e3
         );
         for (name, count, us) in by {
@@ -649,7 +673,9 @@ impl GpuTrainer {
         // h = x + o(a2): copy the residual, then the projection and its LoRA branch add onto it.
         out.push(Item::Copy(x.clone(), a.h.clone(), (4 * t * c) as u64));
         for tile in &lw.o {
-            ops.push(k::matmul_ternary(g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, &a.h, step));
+            ops.push(k::matmul_ternary_tiled(
+                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, &a.h, step,
+            ));
         }
         if let Some((p, sh)) = self.shape(li, 3, qd, c, 0) {
             ops.extend(k::lora(g, &sh, &a.a2, &p.a, &p.b, &a.lh[3], &a.h, step));
@@ -657,10 +683,14 @@ impl GpuTrainer {
         ops.push(k::rmsnorm(g, c, eps, &lw.post_attention_layernorm, &a.h, &a.n2, step));
         ops.push(quant(c, &lw.post_attention_layernorm, &a.h));
         for tile in &lw.gate {
-            ops.push(k::matmul_ternary(g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.g, step));
+            ops.push(k::matmul_ternary_tiled(
+                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.g, step,
+            ));
         }
         for tile in &lw.up {
-            ops.push(k::matmul_ternary(g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.u, step));
+            ops.push(k::matmul_ternary_tiled(
+                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.u, step,
+            ));
         }
         if let Some((p, sh)) = self.shape(li, 4, c, f, 0) {
             ops.extend(k::lora(g, &sh, &a.n2, &p.a, &p.b, &a.lh[4], &a.g, step));
@@ -674,7 +704,9 @@ impl GpuTrainer {
         out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
         out.push(Item::Copy(a.h.clone(), xn.clone(), (4 * t * c) as u64));
         for tile in &lw.down {
-            ops.push(k::matmul_ternary(g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, xn, step));
+            ops.push(k::matmul_ternary_tiled(
+                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, xn, step,
+            ));
         }
         if let Some((p, sh)) = self.shape(li, 6, f, c, 0) {
             ops.extend(k::lora(g, &sh, &a.m2, &p.a, &p.b, &a.lh[6], xn, step));
