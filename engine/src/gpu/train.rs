@@ -656,7 +656,7 @@ impl GpuTrainer {
         ops.push(k::rmsnorm(g, c, eps, &lw.input_layernorm, x, &a.n1, step));
         ops.push(quant(c, &lw.input_layernorm, x));
         for tile in &lw.qkv {
-            ops.push(k::matmul_ternary(
+            ops.push(k::matmul_ternary_tiled(
                 g, tile, 0, 0, w, &s.xq, &s.xsc, &s.qsum, &a.qkv, step,
             ));
         }
