@@ -279,15 +279,22 @@ pub fn generate(
 pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn Backend>> {
     let want = opts.adapter.as_deref().unwrap_or("auto");
     if let Some(dir) = &opts.lora {
-        // The LoRA branch runs on the CPU reference in this build; the WGSL LoRA kernels arrive with the
-        // GPU trainer. "auto" therefore means the CPU here; an explicit GPU choice is refused.
-        if !(want.eq_ignore_ascii_case("cpu") || want.eq_ignore_ascii_case("auto")) {
-            return Err(EngineError::Invalid(format!(
-                "--adapter {}: LoRA adapters run on the CPU backend in this build; use --device cpu",
-                dir.display()
-            )));
-        }
         let lora = crate::lora::Adapter::load(dir, &model.config)?;
+        if !want.eq_ignore_ascii_case("cpu") {
+            match gpu::pick_adapter(want)? {
+                Some(adapter) => {
+                    return Ok(Box::new(
+                        gpu::forward::GpuBackend::new(model, adapter, opts)?.with_lora(&lora)?,
+                    ))
+                }
+                None if !want.eq_ignore_ascii_case("auto") => {
+                    return Err(EngineError::NoAdapter(format!(
+                        "no adapter matches {want:?}; see `bitnode devices`"
+                    )))
+                }
+                None => {}
+            }
+        }
         return Ok(Box::new(
             CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16).with_lora(lora),
         ));

@@ -88,6 +88,28 @@ pub struct GpuBackend {
     seen: Vec<u32>,
     weight_bytes: (u64, u64, u64, u64),
     kv_bytes: u64,
+    /// A LoRA adapter applied at runtime (`--adapter`).
+    lora: Option<LoraOnDevice>,
+}
+
+/// A LoRA adapter on the device for inference: `y += (alpha/r) B A norm(x)` after each adapted projection,
+/// with the training kernels (`lora_a`, `lora_b`) on the projection's normalised f32 input, as PEFT
+/// computes it. With an adapter the decode step runs the unfused layer (the fused kernels normalise
+/// inside the projection and keep no f32 input for the branch), and gate/up run as two projections when
+/// either is adapted (the fused relu² epilogue leaves no place for the branch).
+struct LoraOnDevice {
+    rank: usize,
+    scale: f32,
+    /// `[layer][target]`: A [R, I], B [O, R], I, O.
+    w: Vec<Vec<Option<(wgpu::Buffer, wgpu::Buffer, usize, usize)>>>,
+    /// Separate gate and up tiles per layer (empty when neither is adapted).
+    gate: Vec<Vec<TernaryTile>>,
+    up: Vec<Vec<TernaryTile>>,
+    /// The normalised input of the current projection [tmax, widest], A x [tmax, R], gate and up outputs.
+    ln: wgpu::Buffer,
+    lh: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
 }
 
 fn f32_bytes(v: &[f32]) -> &[u8] {
@@ -208,7 +230,63 @@ impl GpuBackend {
             weight_bytes: (tern, ebytes, hbytes, other + 4 * c as u64),
             kv_bytes: 0,
             model,
+            lora: None,
         })
+    }
+
+    /// Applies a LoRA adapter at runtime (see [`LoraOnDevice`]).
+    pub fn with_lora(mut self, adapter: &crate::lora::Adapter) -> Result<Self> {
+        let g = self.gpu.clone();
+        let cfg = &self.model.config;
+        let (c, f, qd) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim);
+        let before = g.allocated();
+        let mut w = vec![];
+        for row in &adapter.layers {
+            let mut r = vec![];
+            for p in row {
+                r.push(match p {
+                    Some(p) => Some((
+                        g.storage_init("lora_a", f32_bytes(&p.a))?,
+                        g.storage_init("lora_b", f32_bytes(&p.b))?,
+                        p.inp,
+                        p.out,
+                    )),
+                    None => None,
+                });
+            }
+            w.push(r);
+        }
+        // Targets 4 and 5 are gate_proj and up_proj (lora::TARGETS order).
+        let split = w.iter().any(|r| r[4].is_some() || r[5].is_some());
+        let (mut gate, mut up) = (vec![], vec![]);
+        if split {
+            for (l, lb) in self.model.layers.iter().zip(self.layers.iter_mut()) {
+                gate.push(kernels::ternary_tiles(&g, &[&l.gate_proj], false)?);
+                up.push(kernels::ternary_tiles(&g, &[&l.up_proj], false)?);
+                for t in lb.gate_up.drain(..) {
+                    g.release(t.w.size() + t.scales.size());
+                }
+            }
+        }
+        let t = self.tmax;
+        let widest = c.max(f).max(qd);
+        let lora = LoraOnDevice {
+            rank: adapter.rank,
+            scale: adapter.scale(),
+            w,
+            gate,
+            up,
+            ln: g.storage("lora_in", (4 * t * widest) as u64)?,
+            lh: g.storage("lora_h", (4 * t * adapter.rank.max(1)) as u64)?,
+            g: g.storage("gate", if split { (4 * t * f) as u64 } else { 16 })?,
+            u: g.storage("up", if split { (4 * t * f) as u64 } else { 16 })?,
+        };
+        g.flush_uploads()?;
+        self.weight_bytes.3 += g.allocated().saturating_sub(before);
+        self.lora = Some(lora);
+        self.ops = None;
+        self.cap = 0;
+        Ok(self)
     }
 
     pub fn embed_f16(&self) -> bool {
@@ -232,6 +310,7 @@ impl GpuBackend {
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let mut body = vec![];
+        let mut body_layer = 0usize;
         for t in &self.embed {
             body.push(kernels::embedding(
                 g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
@@ -263,6 +342,20 @@ impl GpuBackend {
                     &a.step,
                 ));
             }
+            let li = body_layer;
+            if let Some(lo) = &self.lora {
+                let w = qd + 2 * kvd;
+                let mut normed = false;
+                for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
+                    if let Some(o) = lora_ops(g, lo, li, ti, c, w, off, &a.qkv, &a.step) {
+                        if !normed {
+                            body.push(kernels::rmsnorm(g, c, eps, &l.input_layernorm, &a.x, &lo.ln, &a.step));
+                            normed = true;
+                        }
+                        body.extend(o);
+                    }
+                }
+            }
             body.push(kernels::rope(
                 g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step,
             ));
@@ -285,6 +378,12 @@ impl GpuBackend {
                     g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
                 ));
             }
+            if let Some(lo) = &self.lora {
+                if let Some(o) = lora_ops(g, lo, li, 3, qd, c, 0, &a.x, &a.step) {
+                    body.push(kernels::rmsnorm(g, qd, eps, &l.attn_sub_norm, &a.att, &lo.ln, &a.step));
+                    body.extend(o);
+                }
+            }
             body.push(kernels::rmsnorm_quant(
                 g,
                 c,
@@ -300,6 +399,31 @@ impl GpuBackend {
                 body.push(kernels::matmul_ternary(
                     g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step,
                 ));
+            }
+            if let Some(lo) = self.lora.as_ref().filter(|lo| !lo.gate.is_empty()) {
+                // gate and up as two projections, each with its branch, then relu²(gate) * up.
+                for t in &lo.gate[li] {
+                    body.push(kernels::matmul_ternary(
+                        g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.g, &a.step,
+                    ));
+                }
+                for t in &lo.up[li] {
+                    body.push(kernels::matmul_ternary(
+                        g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.u, &a.step,
+                    ));
+                }
+                body.push(kernels::rmsnorm(
+                    g,
+                    c,
+                    eps,
+                    &l.post_attention_layernorm,
+                    &a.x,
+                    &lo.ln,
+                    &a.step,
+                ));
+                body.extend(lora_ops(g, lo, li, 4, c, f, 0, &lo.g, &a.step).into_iter().flatten());
+                body.extend(lora_ops(g, lo, li, 5, c, f, 0, &lo.u, &a.step).into_iter().flatten());
+                body.push(kernels::relu2_mul(g, f, &lo.g, &lo.u, &a.h, &a.step));
             }
             body.push(kernels::rmsnorm_quant(
                 g,
@@ -317,8 +441,15 @@ impl GpuBackend {
                     g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
                 ));
             }
+            if let Some(lo) = &self.lora {
+                if let Some(o) = lora_ops(g, lo, li, 6, f, c, 0, &a.x, &a.step) {
+                    body.push(kernels::rmsnorm(g, f, eps, &l.ffn_sub_norm, &a.h, &lo.ln, &a.step));
+                    body.extend(o);
+                }
+            }
+            body_layer += 1;
         }
-        let decode_body = if c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
+        let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let mut d = vec![];
             for t in &self.embed {
                 d.push(kernels::embedding(
@@ -832,4 +963,31 @@ impl Backend for GpuBackend {
             }
         }
     }
+}
+
+/// The two dispatches of one LoRA branch onto `y` (None where the target is not adapted); its input is the
+/// normalised projection input in `lo.ln`.
+#[allow(clippy::too_many_arguments)]
+fn lora_ops(
+    g: &Gpu,
+    lo: &LoraOnDevice,
+    layer: usize,
+    target: usize,
+    x_stride: usize,
+    y_stride: usize,
+    y_off: usize,
+    y: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Option<[Op; 2]> {
+    let (a, b, inp, out) = lo.w.get(layer)?.get(target)?.as_ref()?;
+    let shape = kernels::LoraShape {
+        inp: *inp,
+        out: *out,
+        rank: lo.rank,
+        scale: lo.scale,
+        x_stride,
+        y_stride,
+        y_off,
+    };
+    Some(kernels::lora(g, &shape, &lo.ln, a, b, &lo.lh, y, step))
 }
