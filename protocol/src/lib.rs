@@ -4,8 +4,10 @@
 //!
 //! - [`wire`]: protocol ids and the size-bounded bincode framing every mesh message goes through;
 //! - [`mesh`]: the pairing and capability messages;
-//! - [`invite`]: one-time pairing codes and the proofs that show knowledge of their secret.
+//! - [`invite`]: one-time pairing codes and the proofs that show knowledge of their secret;
+//! - [`job`]: jobs for other devices and the signed envelopes they travel in.
 pub mod invite;
+pub mod job;
 pub mod mesh;
 pub mod wire;
 

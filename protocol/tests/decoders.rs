@@ -155,3 +155,24 @@ fn proofs_bind_secret_role_and_both_peers() {
         "replayed with other nonces"
     );
 }
+
+proptest! {
+    /// Arbitrary bytes never panic the envelope decoder, and any single-byte change to a sealed envelope's
+    /// wire form makes it either undecodable or refused.
+    #[test]
+    fn envelopes_survive_garbage_and_detect_any_flipped_byte(garbage in proptest::collection::vec(any::<u8>(), 0..512), at in any::<usize>(), bit in 0u8..8) {
+        use bitnode_protocol::job::{Envelope, Kind, NonceCache};
+        let _ = wire::decode::<Envelope>(&garbage, 1 << 16);
+        let alice = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let me = ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes();
+        let env = Envelope::seal(&alice, Kind::Job, [3; 16], me, 1000, 60, [4; 16], b"payload".to_vec());
+        let mut bytes = wire::encode(&env, 1 << 16).unwrap();
+        let i = at % bytes.len();
+        bytes[i] ^= 1 << bit;
+        if let Ok(e) = wire::decode::<Envelope>(&bytes, 1 << 16) {
+            let mut nonces = NonceCache::new(8);
+            let opened = e.open(&me, Kind::Job, 1000, 1 << 16, |_| true, &mut nonces).is_ok();
+            prop_assert!(!opened || e == env, "a changed envelope opened");
+        }
+    }
+}
