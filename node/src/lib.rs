@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod fsutil;
 pub mod identity;
 pub mod net;
+pub mod schedule;
 pub mod trust;
 
 use anyhow::Context;
