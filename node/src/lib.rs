@@ -6,6 +6,8 @@ pub mod control;
 pub mod daemon;
 pub mod fsutil;
 pub mod identity;
+pub mod jobs;
+pub mod models;
 pub mod net;
 pub mod schedule;
 pub mod trust;

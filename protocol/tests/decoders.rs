@@ -166,7 +166,7 @@ proptest! {
         let alice = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let me = ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes();
         let env = Envelope::seal(&alice, Kind::Job, [3; 16], me, 1000, 60, [4; 16], b"payload".to_vec());
-        let mut bytes = wire::encode(&env, 1 << 16).unwrap();
+        let mut bytes = wire::encode(&env, 1 << 16).expect("a sealed envelope encodes");
         let i = at % bytes.len();
         bytes[i] ^= 1 << bit;
         if let Ok(e) = wire::decode::<Envelope>(&bytes, 1 << 16) {

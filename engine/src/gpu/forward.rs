@@ -92,6 +92,9 @@ pub struct GpuBackend {
     lora: Option<LoraOnDevice>,
 }
 
+/// A [R, I], B [O, R], I, O of one adapted projection.
+type LoraPairOnDevice = (wgpu::Buffer, wgpu::Buffer, usize, usize);
+
 /// A LoRA adapter on the device for inference: `y += (alpha/r) B A norm(x)` after each adapted projection,
 /// with the training kernels (`lora_a`, `lora_b`) on the projection's normalised f32 input, as PEFT
 /// computes it. With an adapter the decode step runs the unfused layer (the fused kernels normalise
@@ -100,8 +103,8 @@ pub struct GpuBackend {
 struct LoraOnDevice {
     rank: usize,
     scale: f32,
-    /// `[layer][target]`: A [R, I], B [O, R], I, O.
-    w: Vec<Vec<Option<(wgpu::Buffer, wgpu::Buffer, usize, usize)>>>,
+    /// `[layer][target]`.
+    w: Vec<Vec<Option<LoraPairOnDevice>>>,
     /// Separate gate and up tiles per layer (empty when neither is adapted).
     gate: Vec<Vec<TernaryTile>>,
     up: Vec<Vec<TernaryTile>>,

@@ -1,0 +1,184 @@
+//! The job table (Mesh II): every job this node submitted or ran, with its state, where it ran, why that
+//! device was chosen, and how it ended. Persisted in `<home>/jobs.json` (0600, written atomically after
+//! every change), so the history survives daemon restarts. A job that was running when the daemon stopped
+//! is marked failed with that reason on the next start: no job is ever silently lost.
+use crate::fsutil::write_private;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// 32 hex digits.
+    pub id: String,
+    /// "infer", "score" or "finetune".
+    pub kind: String,
+    /// Peer id of the submitter, and of the device that ran (or runs) it.
+    pub submitter: String,
+    pub executed_by: Option<String>,
+    pub state: State,
+    pub created_unix: u64,
+    pub updated_unix: u64,
+    /// Why this device was chosen: the scheduler's verdict on every candidate, best first.
+    pub placement: Vec<String>,
+    /// The reason of a failure or cancellation.
+    pub reason: Option<String>,
+    /// The local command's JSON result, once succeeded.
+    pub result: Option<serde_json::Value>,
+    /// Devices tried before (failover), oldest first.
+    pub attempts: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct JobTable {
+    pub jobs: Vec<Job>,
+}
+
+pub fn path(home: &Path) -> PathBuf {
+    home.join("jobs.json")
+}
+
+impl JobTable {
+    /// Loads the table (empty when the file does not exist). Jobs left queued or running by a previous
+    /// daemon end as failed, "the daemon stopped while the job was running". A corrupt file is an error,
+    /// never silently replaced.
+    pub fn load(home: &Path, now: u64) -> anyhow::Result<JobTable> {
+        let p = path(home);
+        let mut t: JobTable = match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is corrupt; move it aside to start a new job history", p.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => JobTable::default(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        let mut changed = false;
+        for j in &mut t.jobs {
+            if !j.state.is_final() {
+                j.state = State::Failed;
+                j.reason = Some("the daemon stopped while the job was running".into());
+                j.updated_unix = now;
+                changed = true;
+            }
+        }
+        if changed {
+            t.save(home)?;
+        }
+        Ok(t)
+    }
+
+    pub fn save(&self, home: &Path) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        write_private(&path(home), &bytes)
+    }
+
+    /// The job whose id is `id` or starts with it (at least 4 digits, unique).
+    pub fn find(&self, id: &str) -> anyhow::Result<&Job> {
+        if id.len() < 4 {
+            anyhow::bail!("give at least 4 digits of the job id");
+        }
+        let hits: Vec<&Job> = self.jobs.iter().filter(|j| j.id.starts_with(id)).collect();
+        match hits.as_slice() {
+            [j] => Ok(j),
+            [] => anyhow::bail!("no job {id}"),
+            _ => anyhow::bail!("{id} matches {} jobs; give more digits", hits.len()),
+        }
+    }
+
+    /// Applies `f` to job `id` and persists the table.
+    pub fn update(&mut self, home: &Path, id: &str, now: u64, f: impl FnOnce(&mut Job)) -> anyhow::Result<()> {
+        let j = self
+            .jobs
+            .iter_mut()
+            .find(|j| j.id == id)
+            .with_context(|| format!("no job {id}"))?;
+        f(j);
+        j.updated_unix = now;
+        self.save(home)
+    }
+
+    pub fn insert(&mut self, home: &Path, job: Job) -> anyhow::Result<()> {
+        self.jobs.push(job);
+        self.save(home)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, state: State) -> Job {
+        Job {
+            id: id.into(),
+            kind: "score".into(),
+            submitter: "me".into(),
+            executed_by: None,
+            state,
+            created_unix: 1,
+            updated_unix: 1,
+            placement: vec!["desktop: expected 1.00 s".into()],
+            reason: None,
+            result: None,
+            attempts: vec![],
+        }
+    }
+
+    fn home(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bitnode-jobs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn history_survives_a_restart_and_running_jobs_end_failed_with_a_reason() {
+        let h = home("restart");
+        let mut t = JobTable::load(&h, 10).expect("empty");
+        t.insert(&h, job("aaaa1111", State::Running)).expect("insert");
+        t.insert(&h, job("bbbb2222", State::Queued)).expect("insert");
+        t.update(&h, "bbbb2222", 11, |j| {
+            j.state = State::Succeeded;
+            j.result = Some(serde_json::json!({"nll": 1.5}));
+        })
+        .expect("update");
+        let t2 = JobTable::load(&h, 20).expect("reload");
+        let a = t2.find("aaaa").expect("a");
+        assert_eq!(a.state, State::Failed);
+        assert!(a.reason.as_deref().unwrap_or("").contains("daemon stopped"));
+        let b = t2.find("bbbb").expect("b");
+        assert_eq!(
+            (b.state, b.result.clone()),
+            (State::Succeeded, Some(serde_json::json!({"nll": 1.5})))
+        );
+        assert!(t2.find("aa").is_err() && t2.find("cccc").is_err());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path(&h)).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_table_is_an_error_and_is_left_in_place() {
+        let h = home("corrupt");
+        std::fs::write(path(&h), b"{\"jobs\": [tru").expect("write");
+        let e = JobTable::load(&h, 0)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("corrupt"), "{e}");
+        assert_eq!(std::fs::read(path(&h)).expect("still there"), b"{\"jobs\": [tru");
+    }
+}
