@@ -7,6 +7,7 @@
 //   attention_backward_dkv: dk_j = scale * sum_{t>=j, h in group} p_tj (dp_tj - D_t) q_t,
 //                           dv_j = sum p_tj dout_t;  grid (T, NKV), (query, head) pairs in blocks of 256
 // Each output has a single writer, so no atomics. CPU twin: cpu::attention_backward.
+// (D is taken as dout . out with the forward output, as FlashAttention does; the CPU twin sums p_j dp_j.)
 
 struct Params {
     nh: u32,
@@ -30,6 +31,7 @@ struct Params {
 // columns [0, NH*HD), dk in [NH*HD, NH*HD + NKV*HD) and dv after it: the ternary backward of the fused
 // q|k|v tile reads it as its dy directly. (All assigned.)
 @group(0) @binding(7) var<storage, read_write> dqkv: array<f32>;
+@group(0) @binding(8) var<storage, read> o_fwd: array<f32>;        // [T, NH, HD] the forward output (dq only)
 
 var<workgroup> ds_blk: array<f32, 256>;
 
@@ -64,21 +66,30 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let kvh = h / (prm.nh / prm.nkv);
     let n = t + 1u;
     let scale = inverseSqrt(f32(prm.hd));
-    // Pass 1: softmax max and sum.
-    var m = -3.0e38;
+    // Pass 1: softmax max and sum in one sweep (online: each thread rescales its running sum when its
+    // maximum grows), then combined across the workgroup.
+    var mt = -3.0e38;
+    var lt = 0.0;
     for (var j = lid; j < n; j += 256u) {
-        m = max(m, score(t, h, kvh, j));
+        let sj = score(t, h, kvh, j);
+        if sj > mt {
+            lt = lt * exp(mt - sj);
+            mt = sj;
+        }
+        lt += exp(sj - mt);
     }
-    m = wg_max(m, lid);
+    let m = wg_max(mt, lid);
     var l = 0.0;
-    for (var j = lid; j < n; j += 256u) {
-        l += exp(score(t, h, kvh, j) - m);
+    if lt > 0.0 {
+        l = lt * exp(mt - m);
     }
     l = wg_sum(l, lid);
-    // Pass 2: D = sum_j p_j dp_j.
+    // D = sum_j p_j dp_j = dout . out (the forward output), one dot product over the head dimension
+    // instead of a sweep over the keys.
     var dd = 0.0;
-    for (var j = lid; j < n; j += 256u) {
-        dd += exp(score(t, h, kvh, j) - m) / l * dprob(t, h, kvh, j);
+    if lid < prm.hd {
+        let oo = (t * prm.nh + h) * prm.hd + lid;
+        dd = dout[oo] * o_fwd[oo];
     }
     dd = wg_sum(dd, lid);
     // Pass 3: dq, a block of 256 keys at a time through workgroup memory.

@@ -993,7 +993,11 @@ fn attention_backward_matches_cpu() {
         let stats = g.storage("stats", (16 * t * nh) as u64).unwrap();
         let dqkv = g.storage("dqkv", (4 * t * w) as u64).unwrap();
         let (qb, kb, vb, db) = (upload(&g, &qkv), upload(&g, &kk), upload(&g, &vv), upload(&g, &dy));
-        let ops = k::attention_backward(&g, nh, nkv, hd, t, w, w, &qb, &kb, &vb, &db, &stats, &dqkv, &step);
+        // The forward output, which the dq kernel reads for D = dout . out.
+        let mut out = vec![0f32; t * qd];
+        cpu::attention(&mut out, &q, &kk, &vv, 0, t, nh, nkv, hd, t);
+        let ob = upload(&g, &out);
+        let ops = k::attention_backward(&g, nh, nkv, hd, t, w, w, &qb, &kb, &vb, &ob, &db, &stats, &dqkv, &step);
         for op in &ops {
             k::run(&g, &[op], t as u32, 0);
         }

@@ -1018,6 +1018,7 @@ pub fn attention_backward(
     q: &wgpu::Buffer,
     k: &wgpu::Buffer,
     v: &wgpu::Buffer,
+    out: &wgpu::Buffer,
     dout: &wgpu::Buffer,
     stats: &wgpu::Buffer,
     dqkv: &wgpu::Buffer,
@@ -1034,6 +1035,7 @@ pub fn attention_backward(
         0,
     ];
     let bufs = [(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dqkv)];
+    let dq_bufs = [(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dqkv), (8, out)];
     let src = sh::ATTENTION_BACKWARD;
     [
         op(
@@ -1042,7 +1044,7 @@ pub fn attention_backward(
             src,
             &[],
             &pr,
-            &bufs,
+            &dq_bufs,
             step,
             Grid::TokensBy(nh as u32),
         ),

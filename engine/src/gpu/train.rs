@@ -807,7 +807,7 @@ impl GpuTrainer {
             step,
         ));
         ops.extend(k::attention_backward(
-            g, nh, nkv, hd, t, w, w, &a.qkv, &a.kc, &a.vc, &bw.datt, &bw.stats, &bw.dqkv, step,
+            g, nh, nkv, hd, t, w, w, &a.qkv, &a.kc, &a.vc, &a.att, &bw.datt, &bw.stats, &bw.dqkv, step,
         ));
         ops.push(k::rope_backward(g, nh, hd, w, 0, &s.cos, &s.sin, &bw.dqkv, step));
         ops.push(k::rope_backward(g, nkv, hd, w, qd, &s.cos, &s.sin, &bw.dqkv, step));
