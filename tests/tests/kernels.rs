@@ -193,7 +193,13 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
                 } else {
                     base.iter().zip(&gy).map(|(a, b)| a + b).collect()
                 };
-                assert_eq!(got, want, "matmul_ternary_tiled mode {mode}, {t}x{o}x{i}");
+                // The integer sums are identical; the float epilogue may round differently per kernel on
+                // drivers that contract `y += a * b / c` into FMAs (seen on NVIDIA: last-bit differences).
+                let (d, at) = max_rel_diff(&got, &want);
+                assert!(
+                    d < 1e-6,
+                    "matmul_ternary_tiled mode {mode}, {t}x{o}x{i}: diff {d} at {at}"
+                );
             }
             // mode 1: accumulate onto a residual
             let base = randn(&mut rng, t * o, 1.0);

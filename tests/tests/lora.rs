@@ -376,12 +376,14 @@ fn gpu_finetune_follows_the_cpu_trainer_and_resumes() {
     let (gpu_logs, gpu_adapter, gpu_dev) = run(&gpu_cfg);
     assert_eq!(cpu_dev, "cpu reference");
     assert_ne!(gpu_dev, "cpu reference");
-    // The first steps agree to float rounding. Later, last-bit differences between the two devices'
-    // arithmetic (lavapipe's sqrt and division are not IEEE-exact) can move an activation across an int8
-    // rounding boundary of the ternary projections' quantizer, a discrete step of about 1e-3 in the loss;
-    // the bounds below are PEFT parity's (2% on the final adapter), not bit-equality.
+    // The first steps agree to float rounding, up to a few int8 quantizer flips: last-bit differences
+    // between the devices' arithmetic (Vulkan's sqrt and division are not IEEE-exact: lavapipe and NVIDIA
+    // both differ) can move an activation across a rounding boundary of the ternary projections'
+    // quantizer, a discrete step of about 1e-4 nats per flip (on lavapipe the first steps agree to 1e-6;
+    // on an H100, 8.6e-6 at step 1). Later steps compound them; the bounds are within PEFT parity's (loss
+    // 2e-3, 2% on the final adapter), not bit-equality.
     for (c, g) in cpu_logs.iter().zip(&gpu_logs) {
-        let tol = if c.step <= 3 { 1e-6 } else { 1e-3 };
+        let tol = if c.step <= 3 { 5e-5 } else { 1e-3 };
         assert!(
             (c.loss - g.loss).abs() < tol * c.loss,
             "step {}: loss cpu {} gpu {}",
@@ -390,9 +392,12 @@ fn gpu_finetune_follows_the_cpu_trainer_and_resumes() {
             g.loss
         );
         assert!(
-            (c.grad_norm - g.grad_norm).abs() < 10.0 * tol as f32 * c.grad_norm,
-            "step {}: grad norm",
-            c.step
+            // Gradient norms move more than losses under a flip (2% at step 5 on an H100 at this lr).
+            (c.grad_norm - g.grad_norm).abs() < if c.step <= 3 { 1e-3 } else { 5e-2 } * c.grad_norm,
+            "step {}: grad norm cpu {} gpu {}",
+            c.step,
+            c.grad_norm,
+            g.grad_norm
         );
     }
     let (err, at) = worst(&gpu_adapter, &cpu_adapter.layers);
