@@ -213,6 +213,10 @@ struct FinetuneArgs {
     /// One JSON object per step: {step, loss, lr, tokens, tokens_per_second, elapsed_s}.
     #[arg(long)]
     json_log: Option<PathBuf>,
+    /// Print the run's summary as one JSON object on the last line (steps, losses, eval losses, examples,
+    /// adapter directory, device, memory plan and peak).
+    #[arg(long)]
+    json: bool,
     /// Where to train: auto (a hardware GPU, else the CPU reference), gpu (any wgpu adapter, lavapipe
     /// included), cpu, an index from `bitnode devices`, or part of an adapter name.
     #[arg(long = "device", env = "BITNODE_ADAPTER", default_value = "auto")]
@@ -745,6 +749,10 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     };
     let sum = bitnode_engine::finetune::finetune(&cfg, &mut on_step)?;
     eprintln!();
+    if a.json {
+        println!("{}", serde_json::to_string(&sum)?);
+        return Ok(());
+    }
     println!(
         "wrote adapter to {} ({} steps on {}; loss {} -> {}{})",
         sum.adapter.display(),

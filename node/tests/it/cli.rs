@@ -356,10 +356,27 @@ fn finetune_learns_resumes_exactly_and_refuses_bad_data() {
         .arg(&data)
         .arg("--out")
         .arg(&out2)
-        .args(["--steps", "24", "--schedule", "cosine", "--warmup", "2", "--resume"])
+        .args([
+            "--steps",
+            "24",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "2",
+            "--json",
+            "--resume",
+        ])
         .arg(out.join("checkpoint-12"))
         .args(common));
     assert!(o.status.success(), "{err}");
+    // --json: the summary as the last line (what a delegated job returns).
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let sum: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(sum["steps"], 24);
+    assert!(
+        sum["last_loss"].as_f64().is_some() && sum["adapter"].as_str().is_some(),
+        "{sum}"
+    );
     assert_eq!(
         std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(out2.join("adapter_model.safetensors")).unwrap()
