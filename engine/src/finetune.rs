@@ -122,6 +122,22 @@ fn mean_loss(trainer: &CpuTrainer<'_>, adapter: &Adapter, examples: &[Example]) 
     Ok((n > 0).then(|| total / n as f64))
 }
 
+/// The GPU trainer for sequences of up to `longest` tokens. The memory plan is made before the device is
+/// touched, so an impossible budget fails here with the numbers; the budget defaults to the GPU's memory
+/// where the platform reports it.
+fn gpu_trainer(
+    a: wgpu::Adapter,
+    model: &std::sync::Arc<Model>,
+    adapter: &Adapter,
+    longest: usize,
+    max_memory: Option<u64>,
+) -> Result<crate::gpu::train::GpuTrainer> {
+    let budget = max_memory.or_else(|| crate::probe::device_memory(a.get_info().vendor));
+    let plan = crate::gpu::train::plan(model, adapter, longest, budget)?;
+    let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
+    crate::gpu::train::GpuTrainer::new(model.clone(), gpu, adapter, plan)
+}
+
 /// The wgpu adapter `--device` names, or None for the CPU reference trainer.
 fn gpu_adapter(device: &str) -> Result<Option<wgpu::Adapter>> {
     if device.eq_ignore_ascii_case("cpu") {
@@ -307,14 +323,8 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
                     "LoRA dropout runs on the CPU trainer in this build; use --device cpu or --lora-dropout 0".into(),
                 ));
             }
-            // Plan before touching the device: an impossible budget fails here, with the numbers.
             let longest = train.iter().chain(&val).map(|e| e.ids.len()).max().unwrap_or(1);
-            let budget = cfg
-                .max_memory
-                .or_else(|| crate::probe::device_memory(a.get_info().vendor));
-            let plan = crate::gpu::train::plan(&model, &adapter, longest, budget)?;
-            let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
-            let gt = crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter, plan)?;
+            let gt = gpu_trainer(a, &model, &adapter, longest, cfg.max_memory)?;
             gt.set_moments(&opt.m, &opt.v)?;
             Some(gt)
         }
@@ -506,12 +516,7 @@ pub fn bench(
     let (predicted, wgt) = crate::train::micro_batch_weight(&seqs, 1)?;
     let opt = AdamW::default();
     let gt = match gpu_adapter(device)? {
-        Some(a) => {
-            let budget = max_memory.or_else(|| crate::probe::device_memory(a.get_info().vendor));
-            let plan = crate::gpu::train::plan(&model, &adapter, seq_len, budget)?;
-            let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
-            Some(crate::gpu::train::GpuTrainer::new(model.clone(), gpu, &adapter, plan)?)
-        }
+        Some(a) => Some(gpu_trainer(a, &model, &adapter, seq_len, max_memory)?),
         None => None,
     };
     let trainer = CpuTrainer::new(&model);

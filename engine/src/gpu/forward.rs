@@ -689,57 +689,9 @@ impl Backend for GpuBackend {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| EngineError::Gpu(e.to_string()))?;
         // GPU cost: each dispatch in its own timed pass.
-        let n = all.len() as u32;
-        let qs = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("profile"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2 * n,
-        });
-        let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("profile"),
-            size: 16 * n as u64,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let read = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("profile-read"),
-            size: 16 * n as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        for (i, o) in all.iter().enumerate() {
-            let tw = wgpu::ComputePassTimestampWrites {
-                query_set: &qs,
-                beginning_of_pass_write_index: Some(2 * i as u32),
-                end_of_pass_write_index: Some(2 * i as u32 + 1),
-            };
-            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: Some(tw),
-            });
-            o.record(&mut p, 1, 1);
-        }
-        enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
-        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16 * n as u64);
-        self.gpu.queue.submit([enc.finish()]);
-        let b = self.gpu.read(&read, 16 * n as u64)?;
-        let ticks: &[u64] = bytemuck::cast_slice(&b);
-        let period = self.gpu.queue.get_timestamp_period() as f64 / 1000.0;
-        let mut by: Vec<(String, usize, f64)> = vec![];
-        let mut total = 0.0;
-        for (i, o) in all.iter().enumerate() {
-            let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
-            total += us;
-            match by.iter_mut().find(|e| e.0 == o.name) {
-                Some(e) => {
-                    e.1 += 1;
-                    e.2 += us;
-                }
-                None => by.push((o.name.to_string(), 1, us)),
-            }
-        }
-        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let timed: Vec<kernels::Timed<'_>> = all.iter().map(|o| kernels::Timed::Op(o, 1, 1)).collect();
+        let (by, _) = kernels::time_dispatches(&self.gpu, &timed)?;
+        let total = by.iter().map(|e| e.2).sum();
         Ok(Some(crate::backend::Profile {
             kernels: by,
             dispatches: all.len(),

@@ -78,11 +78,16 @@ pub struct Op {
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub bind: wgpu::BindGroup,
     pub grid: Grid,
-    /// Kept alive for the bind group.
-    _params: wgpu::Buffer,
+    /// The op's parameter block (bound at binding 0).
+    params: wgpu::Buffer,
 }
 
 impl Op {
+    /// Rewrites the parameter block (ops recorded once and reused with new scalars, as AdamW each step).
+    pub fn set_params(&self, queue: &wgpu::Queue, params: &[u32]) {
+        queue.write_buffer(&self.params, 0, bytemuck::cast_slice(params));
+    }
+
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, t: u32, lm_t: u32) {
         let (x, y, z) = self.grid.dims(t, lm_t);
         if x == 0 || y == 0 || z == 0 {
@@ -92,6 +97,97 @@ impl Op {
         pass.set_bind_group(0, &self.bind, &[]);
         pass.dispatch_workgroups(x, y, z);
     }
+}
+
+/// (kernel, dispatches, total GPU microseconds).
+pub type KernelTime = (String, usize, f64);
+
+/// One step of work to time: a dispatch with its token counts (T, lm_t), or a buffer copy between them.
+pub enum Timed<'a> {
+    Op(&'a Op, u32, u32),
+    Copy(&'a wgpu::Buffer, &'a wgpu::Buffer, u64),
+}
+
+/// GPU time per kernel: runs `items` in order with every dispatch in its own timestamped pass (so the
+/// total runs above the normal time, where dispatches overlap), in submissions of at most 2048 dispatches
+/// (a query set holds 4096 timestamps). Returns (kernel, dispatches, microseconds) by total time, and the
+/// number of dispatches. Used by `bench infer --profile` and `BITNODE_TRAIN_PROFILE`.
+pub fn time_dispatches(gpu: &Gpu, items: &[Timed<'_>]) -> Result<(Vec<KernelTime>, usize)> {
+    let period = gpu.queue.get_timestamp_period() as f64 / 1000.0;
+    let mut by: Vec<KernelTime> = vec![];
+    let mut dispatches = 0;
+    let mut rest = items;
+    while !rest.is_empty() {
+        let (mut n, mut cut) = (0u32, 0);
+        while cut < rest.len() && n < 2048 {
+            n += matches!(rest[cut], Timed::Op(..)) as u32;
+            cut += 1;
+        }
+        let (batch, tail) = rest.split_at(cut);
+        rest = tail;
+        let qs = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n.max(1),
+        });
+        let size = 16 * n.max(1) as u64;
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile"),
+            size,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile-read"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut names = vec![];
+        for it in batch {
+            match it {
+                Timed::Copy(src, dst, b) => enc.copy_buffer_to_buffer(src, 0, dst, 0, *b),
+                Timed::Op(op, t, lm_t) => {
+                    let i = names.len() as u32;
+                    let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &qs,
+                            beginning_of_pass_write_index: Some(2 * i),
+                            end_of_pass_write_index: Some(2 * i + 1),
+                        }),
+                    });
+                    op.record(&mut p, *t, *lm_t);
+                    names.push(op.name);
+                }
+            }
+        }
+        if n > 0 {
+            enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, size);
+        }
+        gpu.queue.submit([enc.finish()]);
+        gpu.check_error()?;
+        if n == 0 {
+            continue;
+        }
+        let b = gpu.read(&read, size)?;
+        let ticks: &[u64] = bytemuck::cast_slice(&b);
+        for (i, name) in names.iter().enumerate() {
+            let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+            match by.iter_mut().find(|e| e.0 == *name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += us;
+                }
+                None => by.push((name.to_string(), 1, us)),
+            }
+        }
+        dispatches += names.len();
+    }
+    by.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok((by, dispatches))
 }
 
 /// Runs ops in one compute pass and submits (kernel tests, scoring tails).
@@ -148,7 +244,7 @@ fn op(
         pipeline,
         bind,
         grid,
-        _params: pbuf,
+        params: pbuf,
     }
 }
 
@@ -339,24 +435,17 @@ pub fn matmul_ternary(
     y: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    op(
+    let grid = Grid::Rows(tile.rows);
+    ternary_op(
         gpu,
         "matmul_ternary",
-        sh::MATMUL_TERNARY,
-        &[("MODE", mode as f64)],
-        &[
-            tile.words,
-            tile.rows,
-            (y_off as u32) + tile.row0,
-            y_stride as u32,
-            0,
-            0,
-            0,
-            0,
-        ],
-        &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)],
+        grid,
+        tile,
+        mode,
+        y_off,
+        y_stride,
+        [q, s, qsum, y],
         step,
-        Grid::Rows(tile.rows),
     )
 }
 
@@ -375,9 +464,36 @@ pub fn matmul_ternary_tiled(
     step: &wgpu::Buffer,
 ) -> Op {
     debug_assert!(mode < 2, "the tiled kernel has no fused gate/up");
-    op(
+    let grid = Grid::TokenTiles(tile.rows.div_ceil(64));
+    ternary_op(
         gpu,
         "matmul_ternary_tiled",
+        grid,
+        tile,
+        mode,
+        y_off,
+        y_stride,
+        [q, s, qsum, y],
+        step,
+    )
+}
+
+/// The two entry points of matmul_ternary.wgsl share parameters and bindings; only the grid differs.
+#[allow(clippy::too_many_arguments)]
+fn ternary_op(
+    gpu: &Gpu,
+    entry: &'static str,
+    grid: Grid,
+    tile: &TernaryTile,
+    mode: u32,
+    y_off: usize,
+    y_stride: usize,
+    [q, s, qsum, y]: [&wgpu::Buffer; 4],
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        entry,
         sh::MATMUL_TERNARY,
         &[("MODE", mode as f64)],
         &[
@@ -392,7 +508,7 @@ pub fn matmul_ternary_tiled(
         ],
         &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)],
         step,
-        Grid::TokenTiles(tile.rows.div_ceil(64)),
+        grid,
     )
 }
 
@@ -894,9 +1010,24 @@ pub fn adamw(
     g: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
+    op(
+        gpu,
+        "adamw",
+        sh::ADAMW,
+        &[],
+        &adamw_params(n, o, lr, t, gscale),
+        &[(2, param), (3, m), (4, v), (5, g)],
+        step,
+        Grid::Fixed((n as u32).div_ceil(256), 1),
+    )
+}
+
+/// The parameter block of `adamw` for step `t` (1-based) of `n` elements: lr, bias corrections and the
+/// clipping scale folded into constants.
+pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64, gscale: f32) -> [u32; 12] {
     let bc1 = 1.0 - o.beta1.powi(t as i32);
     let bc2 = 1.0 - o.beta2.powi(t as i32);
-    let pr = [
+    [
         n as u32,
         ((1.0 - lr * o.weight_decay) as f32).to_bits(),
         ((lr / bc1) as f32).to_bits(),
@@ -909,17 +1040,7 @@ pub fn adamw(
         0,
         0,
         0,
-    ];
-    op(
-        gpu,
-        "adamw",
-        sh::ADAMW,
-        &[],
-        &pr,
-        &[(2, param), (3, m), (4, v), (5, g)],
-        step,
-        Grid::Fixed((n as u32).div_ceil(256), 1),
-    )
+    ]
 }
 
 /// dlogits [lm_t, V] from logits, targets and the per-position weights dnll. CPU twin: `cpu::nll_backward`.

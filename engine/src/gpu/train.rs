@@ -64,6 +64,8 @@ pub struct GpuTrainer {
     plan: MemoryPlan,
     /// Buffers and recorded dispatches of the current sequence bucket.
     scratch: std::cell::RefCell<Option<Scratch>>,
+    /// The AdamW dispatches (one per LoRA tensor) with their element counts, built on the first step.
+    adamw: std::cell::RefCell<Option<Vec<(Op, usize)>>>,
 }
 
 fn f32_bytes(v: &[f32]) -> &[u8] {
@@ -131,6 +133,7 @@ impl GpuTrainer {
             scale: adapter.scale(),
             plan,
             scratch: std::cell::RefCell::new(None),
+            adamw: std::cell::RefCell::new(None),
         })
     }
 
@@ -207,12 +210,27 @@ impl GpuTrainer {
         let grads = self.grads(like)?;
         let norm = cpu::grad_norm(grads.pairs().flat_map(|p| [&p.a[..], &p.b[..]]));
         let gscale = max_norm.map_or(1.0, |m| cpu::clip_coef(norm, m));
-        let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
-        let mut ops = vec![];
-        for p in self.lora.iter().flatten().flatten() {
-            let (na, nb) = (self.rank * p.inp, p.out * self.rank);
-            ops.push(k::adamw(g, na, o, lr, step, gscale, &p.a, &p.ma, &p.va, &p.da, &stepb));
-            ops.push(k::adamw(g, nb, o, lr, step, gscale, &p.b, &p.mb, &p.vb, &p.db, &stepb));
+        // The AdamW dispatches are built on the first step and reused: each step only rewrites their
+        // parameter blocks (lr, bias corrections, clipping scale).
+        let mut slot = self.adamw.borrow_mut();
+        let ops = slot.get_or_insert_with(|| {
+            let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
+            let mut ops = vec![];
+            for p in self.lora.iter().flatten().flatten() {
+                let (na, nb) = (self.rank * p.inp, p.out * self.rank);
+                ops.push((
+                    k::adamw(g, na, o, lr, step, gscale, &p.a, &p.ma, &p.va, &p.da, &stepb),
+                    na,
+                ));
+                ops.push((
+                    k::adamw(g, nb, o, lr, step, gscale, &p.b, &p.mb, &p.vb, &p.db, &stepb),
+                    nb,
+                ));
+            }
+            ops
+        });
+        for (op, n) in ops.iter() {
+            op.set_params(&g.queue, &k::adamw_params(*n, o, lr, step, gscale));
         }
         let mut enc = g.device.create_command_encoder(&Default::default());
         {
@@ -220,7 +238,7 @@ impl GpuTrainer {
                 label: Some("adamw"),
                 timestamp_writes: None,
             });
-            for op in &ops {
+            for (op, _) in ops.iter() {
                 op.record(&mut pass, 1, 1);
             }
         }
@@ -270,85 +288,14 @@ impl GpuTrainer {
     /// (`BITNODE_TRAIN_PROFILE=1`, for `bitnode bench finetune`). Separate passes serialise the work, so
     /// the total runs above the normal step time.
     fn run_profiled(&self, items: &[Item], t: u32) -> Result<()> {
-        let g = &self.gpu;
-        let period = g.queue.get_timestamp_period() as f64 / 1000.0;
-        let mut by: Vec<(&str, usize, f64)> = vec![];
-        let mut dispatches = 0;
-        // A query set holds at most 4096 timestamps: 2048 dispatches per submission.
-        let mut rest = items;
-        while !rest.is_empty() {
-            let mut n = 0u32;
-            let mut cut = 0;
-            while cut < rest.len() && n < 2048 {
-                if matches!(rest[cut], Item::Op(..)) {
-                    n += 1;
-                }
-                cut += 1;
-            }
-            let (batch, tail) = rest.split_at(cut);
-            rest = tail;
-            let qs = g.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("profile"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2 * n.max(1),
-            });
-            let size = 16 * n.max(1) as u64;
-            let resolve = g.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("profile"),
-                size,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let read = g.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("profile-read"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let mut enc = g.device.create_command_encoder(&Default::default());
-            let mut names = vec![];
-            for it in batch {
-                match it {
-                    Item::Copy(src, dst, b) => enc.copy_buffer_to_buffer(src, 0, dst, 0, *b),
-                    Item::Op(op, lm_t) => {
-                        let i = names.len() as u32;
-                        let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                            label: None,
-                            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                                query_set: &qs,
-                                beginning_of_pass_write_index: Some(2 * i),
-                                end_of_pass_write_index: Some(2 * i + 1),
-                            }),
-                        });
-                        op.record(&mut p, t, *lm_t);
-                        names.push(op.name);
-                    }
-                }
-            }
-            if n > 0 {
-                enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
-                enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, size);
-            }
-            g.queue.submit([enc.finish()]);
-            g.check_error()?;
-            if n == 0 {
-                continue;
-            }
-            let b = g.read(&read, size)?;
-            let ticks: &[u64] = bytemuck::cast_slice(&b);
-            for (i, name) in names.iter().enumerate() {
-                let us = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
-                match by.iter_mut().find(|e| e.0 == *name) {
-                    Some(e) => {
-                        e.1 += 1;
-                        e.2 += us;
-                    }
-                    None => by.push((name, 1, us)),
-                }
-            }
-            dispatches += names.len();
-        }
-        by.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let timed: Vec<k::Timed<'_>> = items
+            .iter()
+            .map(|it| match it {
+                Item::Op(op, lm_t) => k::Timed::Op(op, t, *lm_t),
+                Item::Copy(src, dst, n) => k::Timed::Copy(src, dst, *n),
+            })
+            .collect();
+        let (by, dispatches) = k::time_dispatches(&self.gpu, &timed)?;
         let total: f64 = by.iter().map(|e| e.2).sum();
         eprintln!(
             "training pass, T = {t}: {dispatches} dispatches, {:.1} ms of kernel time",
