@@ -1,6 +1,6 @@
 //! A LoRA fine-tuning run: data, adapter, optimizer, schedule, checkpoints and resume, driving the CPU
-//! reference trainer. `bitnode finetune` is a thin CLI over [`finetune`]; the daemon will run the same
-//! function for jobs submitted from other devices.
+//! reference trainer. `bitnode finetune` and the daemon's jobs for other devices both run it through
+//! `bitnode::exec`, which calls [`finetune_with`] to hear of each checkpoint as soon as it is complete.
 //!
 //! Determinism: the data order of epoch `e` is `data::shuffled(n, seed + e)` (or file order with
 //! `shuffle = false`) and step `k` takes the micro-batches `k*G .. (k+1)*G`, each of `B` consecutive
@@ -231,6 +231,17 @@ pub fn loss_svg(losses: &[f64]) -> String {
 
 /// Runs (or resumes) a fine-tuning run; `on_step` sees every optimizer step.
 pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) -> Result<Summary> {
+    finetune_with(cfg, on_step, &mut |_, _| {})
+}
+
+/// [`finetune`], and `on_checkpoint(step, dir)` is called once the checkpoint of `step` is completely
+/// written to `dir` (adapter, both moments and, last, `trainer_state.json`), so a caller may copy it away
+/// at once: `on_step` for the same step runs before the checkpoint is written.
+pub fn finetune_with(
+    cfg: &FinetuneConfig,
+    on_step: &mut dyn FnMut(&StepLog, usize),
+    on_checkpoint: &mut dyn FnMut(usize, &Path),
+) -> Result<Summary> {
     if cfg.batch == 0 || cfg.grad_accum == 0 {
         return Err(EngineError::Invalid(
             "--batch and --grad-accum must be at least 1".into(),
@@ -407,6 +418,7 @@ pub fn finetune(cfg: &FinetuneConfig, on_step: &mut dyn FnMut(&StepLog, usize)) 
                     (opt.m, opt.v) = gt.moments(&adapter)?;
                 }
                 checkpoint(&dir, &adapter, &opt, step + 1, total, cfg.seed, n, &model)?;
+                on_checkpoint(step + 1, &dir);
             }
         }
     }

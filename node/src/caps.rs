@@ -40,6 +40,14 @@ pub fn refresh(c: &mut Capabilities, cfg: &CapabilitiesSection, queue_len: u32) 
     c.on_ac = ac;
     c.queue_len = queue_len;
     c.pinned = false;
+    if let Some(v) = cfg.battery_percent {
+        c.battery_percent = Some(v.clamp(0.0, 100.0));
+        c.pinned = true;
+    }
+    if let Some(v) = cfg.on_ac {
+        c.on_ac = Some(v);
+        c.pinned = true;
+    }
     if let Some(v) = cfg.ternary_gops {
         c.ternary_gops = v;
         c.pinned = true;

@@ -17,6 +17,51 @@ pub struct Config {
     pub capabilities: CapabilitiesSection,
     #[serde(default)]
     pub engine: EngineSection,
+    #[serde(default)]
+    pub jobs: JobsSection,
+}
+
+/// `[jobs]`: what this node accepts from paired peers and how it watches the jobs it delegates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSection {
+    /// Run jobs from paired peers at all.
+    pub accept_remote: bool,
+    /// Largest dataset a job may carry, bytes.
+    pub max_dataset_bytes: u64,
+    /// Largest checkpoint or adapter that travels in one message (results, failover resumes), bytes.
+    pub max_checkpoint_bytes: u64,
+    /// Largest model (directory) this node downloads from a submitter, bytes.
+    pub max_model_bytes: u64,
+    /// Jobs queued or running here at once; more are refused.
+    pub max_queue: usize,
+    /// Take jobs from other devices while running on battery.
+    pub run_on_battery: bool,
+    /// A worker sends a heartbeat this often while it holds a job.
+    pub heartbeat_secs: u64,
+    /// A delegated job whose worker is silent (or disconnected) this long moves to the next device.
+    pub heartbeat_timeout_secs: u64,
+    /// Delegated fine-tunes without --save-every checkpoint (and stream the checkpoint back) every N steps.
+    pub checkpoint_every: usize,
+    /// Devices tried for one job before it fails.
+    pub max_attempts: u32,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        JobsSection {
+            accept_remote: true,
+            max_dataset_bytes: 16 << 20,
+            max_checkpoint_bytes: 256 << 20,
+            max_model_bytes: 16 << 30,
+            max_queue: 8,
+            run_on_battery: false,
+            heartbeat_secs: 2,
+            heartbeat_timeout_secs: 8,
+            checkpoint_every: 10,
+            max_attempts: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -99,6 +144,9 @@ pub struct CapabilitiesSection {
     pub device_memory_bytes: Option<u64>,
     pub system_memory_bytes: Option<u64>,
     pub device: Option<String>,
+    /// Power pins (a "phone on battery" for tests and demos): battery percentage and mains power.
+    pub battery_percent: Option<f32>,
+    pub on_ac: Option<bool>,
 }
 
 impl Default for CapabilitiesSection {
@@ -111,6 +159,8 @@ impl Default for CapabilitiesSection {
             device_memory_bytes: None,
             system_memory_bytes: None,
             device: None,
+            battery_percent: None,
+            on_ac: None,
         }
     }
 }

@@ -34,6 +34,29 @@ pub enum Request {
     PairRemove {
         peer: String,
     },
+    /// `bitnode submit`: the job (model and adapters already imported into the store, named by hash), where
+    /// the dataset is (the daemon reads it: it can be far larger than a control line), what the job needs
+    /// (for the scheduler), where to run it and where its adapter lands. Unless `detach`, the daemon
+    /// streams events (`{"event": ...}` lines) until the final response.
+    Submit {
+        spec: bitnode_protocol::job::JobSpec,
+        #[serde(default)]
+        data_path: Option<PathBuf>,
+        need: crate::schedule::Need,
+        /// "auto", "local", or a paired peer (id or name).
+        to: String,
+        #[serde(default)]
+        out: Option<PathBuf>,
+        #[serde(default)]
+        detach: bool,
+    },
+    Jobs,
+    JobShow {
+        id: String,
+    },
+    JobCancel {
+        id: String,
+    },
     Shutdown,
 }
 
@@ -73,6 +96,58 @@ pub enum ClientError {
     Reply(String),
     #[error("{0}")]
     Daemon(String),
+}
+
+/// Like [`call`], for requests the daemon answers with a stream: every `{"event": ...}` line goes to
+/// `on_event`, and the final response line ends the call. There is no overall timeout (a fine-tune takes as
+/// long as it takes); the daemon sends heartbeat events, so a dead daemon is noticed by `idle`.
+pub fn call_stream(
+    home: &Path,
+    req: &Request,
+    idle: Duration,
+    on_event: &mut dyn FnMut(&serde_json::Value),
+) -> Result<serde_json::Value, ClientError> {
+    let path = socket_path(home);
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ClientError::NotRunning(home.to_path_buf()))
+        }
+        Err(e) => return Err(ClientError::Io(path, e)),
+    };
+    let io = |e| ClientError::Io(path.clone(), e);
+    s.set_read_timeout(Some(idle)).map_err(io)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Reply(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut out = String::new();
+        r.read_line(&mut out).map_err(io)?;
+        if out.is_empty() {
+            return Err(ClientError::Reply(
+                "the daemon closed the connection without answering".into(),
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| ClientError::Reply(e.to_string()))?;
+        if v.get("event").is_some() {
+            on_event(&v);
+            continue;
+        }
+        let resp: Response = serde_json::from_value(v).map_err(|e| ClientError::Reply(e.to_string()))?;
+        return if resp.ok {
+            Ok(resp.result)
+        } else {
+            Err(ClientError::Daemon(
+                resp.error.unwrap_or_else(|| "unknown error".into()),
+            ))
+        };
+    }
 }
 
 /// Whether a daemon answers on `home`'s socket.

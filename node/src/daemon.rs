@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+mod delegate;
+
 pub struct StartOptions {
     /// Replaces `[network] listen` when not empty.
     pub listen: Vec<String>,
@@ -127,6 +129,8 @@ struct Join {
 struct Ctl {
     req: Request,
     reply: oneshot::Sender<Response>,
+    /// Events streamed to the client before the reply (`bitnode submit` without --detach).
+    events: mpsc::UnboundedSender<serde_json::Value>,
 }
 
 pub struct Daemon {
@@ -149,6 +153,7 @@ pub struct Daemon {
     pnet: bool,
     started: Instant,
     stop: bool,
+    work: delegate::Work,
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -255,7 +260,11 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         }),
         psk,
         agent: format!("bitnode/{}", env!("CARGO_PKG_VERSION")),
+        max_job_message: (cfg.jobs.max_dataset_bytes + cfg.jobs.max_checkpoint_bytes) as usize + (1 << 20),
+        max_update_message: cfg.jobs.max_checkpoint_bytes as usize + (1 << 20),
     };
+    let (itx, irx) = mpsc::unbounded_channel();
+    let work = delegate::Work::new(home, &key, itx)?;
     let mut swarm = net::build_swarm(key, admission.clone(), &netopts)?;
     let listen = if opts.listen.is_empty() {
         cfg.network.listen.clone()
@@ -298,11 +307,14 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         pnet: psk.is_some(),
         started: Instant::now(),
         stop: false,
+        work,
     };
+    d.refresh_job_caps();
+    d.advertised = Some(d.caps.clone());
     d.dial_bootstrap();
     let (tx, rx) = mpsc::channel::<Ctl>(64);
     let acceptor = tokio::spawn(accept_loop(listener, tx));
-    let res = d.event_loop(rx).await;
+    let res = d.event_loop(rx, irx).await;
     // Let in-flight control replies (the answer to `bitnode stop` among them) reach their clients.
     tokio::time::sleep(Duration::from_millis(100)).await;
     acceptor.abort();
@@ -340,12 +352,34 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
         Ok(_) if line.len() > control::MAX_REQUEST => Response::err("request too large"),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
-                let (reply, rx) = oneshot::channel();
-                if tx.send(Ctl { req, reply }).await.is_err() {
+                let (reply, mut rx) = oneshot::channel();
+                let (etx, mut erx) = mpsc::unbounded_channel::<serde_json::Value>();
+                if tx
+                    .send(Ctl {
+                        req,
+                        reply,
+                        events: etx,
+                    })
+                    .await
+                    .is_err()
+                {
                     Response::err("the daemon is shutting down")
                 } else {
-                    rx.await
-                        .unwrap_or_else(|_| Response::err("the daemon dropped the request"))
+                    // Events go out as they come; the reply ends the exchange. A client that went away
+                    // only stops the stream: the job goes on.
+                    let mut alive = true;
+                    loop {
+                        tokio::select! {
+                            r = &mut rx => break r.unwrap_or_else(|_| Response::err("the daemon dropped the request")),
+                            Some(ev) = erx.recv(), if alive => {
+                                let mut out = serde_json::to_vec(&ev).unwrap_or_default();
+                                out.push(b'\n');
+                                if w.write_all(&out).await.is_err() {
+                                    alive = false;
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => Response::err(format!("malformed request: {e}")),
@@ -360,12 +394,17 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
 enum Wake {
     Swarm(Box<SwarmEvent<BehaviourEvent>>),
     Ctl(Ctl),
+    Internal(delegate::Internal),
     Tick,
     Stop(&'static str),
 }
 
 impl Daemon {
-    async fn event_loop(&mut self, mut rx: mpsc::Receiver<Ctl>) -> anyhow::Result<()> {
+    async fn event_loop(
+        &mut self,
+        mut rx: mpsc::Receiver<Ctl>,
+        mut irx: mpsc::UnboundedReceiver<delegate::Internal>,
+    ) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -375,6 +414,7 @@ impl Daemon {
             let w = tokio::select! {
                 ev = self.swarm.select_next_some() => Wake::Swarm(Box::new(ev)),
                 Some(c) = rx.recv() => Wake::Ctl(c),
+                Some(i) = irx.recv() => Wake::Internal(i),
                 _ = tick.tick() => Wake::Tick,
                 _ = sigint.recv() => Wake::Stop("SIGINT"),
                 _ = sigterm.recv() => Wake::Stop("SIGTERM"),
@@ -382,12 +422,14 @@ impl Daemon {
             match w {
                 Wake::Swarm(ev) => self.on_swarm(*ev),
                 Wake::Ctl(c) => self.on_control(c),
+                Wake::Internal(i) => self.on_internal(i),
                 Wake::Tick => {
                     self.on_tick();
+                    self.jobs_tick();
                     if last_caps.elapsed() >= CAPS_REFRESH {
                         last_caps = Instant::now();
-                        caps::refresh(&mut self.caps, &self.cfg.capabilities, 0);
-                        self.push_caps_if_changed();
+                        caps::refresh(&mut self.caps, &self.cfg.capabilities, self.work.queue_len());
+                        self.refresh_job_caps();
                     }
                 }
                 Wake::Stop(sig) => {
@@ -760,6 +802,9 @@ impl Daemon {
             },
             BehaviourEvent::Pair(e) => self.on_pair(e),
             BehaviourEvent::Caps(e) => self.on_caps(e),
+            BehaviourEvent::Job(e) => self.on_job_event(e),
+            BehaviourEvent::Update(e) => self.on_update_event(e),
+            BehaviourEvent::Model(e) => self.on_model_event(e),
             _ => {}
         }
     }
@@ -1116,8 +1161,28 @@ impl Daemon {
     // ---- control ----
 
     fn on_control(&mut self, c: Ctl) {
-        let Ctl { req, reply } = c;
+        let Ctl { req, reply, events } = c;
         let resp = match req {
+            Request::Submit {
+                spec,
+                data_path,
+                need,
+                to,
+                out,
+                detach,
+            } => {
+                self.submit(spec, data_path, need, &to, out, detach, reply, Some(events));
+                return;
+            }
+            Request::Jobs => Response::ok(self.jobs_list()),
+            Request::JobShow { id } => match self.work.table.find(&id) {
+                Ok(j) => {
+                    let id = j.id.clone();
+                    Response::ok(self.job_json(&id))
+                }
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Request::JobCancel { id } => self.cancel_job(&id),
             Request::Status => Response::ok(self.status()),
             Request::Peers => Response::ok(self.peers_json()),
             Request::PairList => Response::ok(self.pair_list()),

@@ -43,6 +43,12 @@ pub struct Job {
     pub result: Option<serde_json::Value>,
     /// Devices tried before (failover), oldest first.
     pub attempts: Vec<String>,
+    /// Name of the device in `executed_by`, as the trust list knows it.
+    #[serde(default)]
+    pub executed_by_name: Option<String>,
+    /// Where a fine-tune's adapter lands on the submitter.
+    #[serde(default)]
+    pub out: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -134,6 +140,8 @@ mod tests {
             reason: None,
             result: None,
             attempts: vec![],
+            executed_by_name: None,
+            out: None,
         }
     }
 

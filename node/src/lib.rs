@@ -4,12 +4,16 @@ pub mod caps;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
+pub mod exec;
 pub mod fsutil;
 pub mod identity;
 pub mod jobs;
 pub mod models;
 pub mod net;
 pub mod schedule;
+pub mod submit;
+pub mod transfer;
 pub mod trust;
 
 use anyhow::Context;

@@ -3,10 +3,12 @@
 use anyhow::{bail, Context};
 use bitnode::config;
 use bitnode::control::{self, Request};
+use bitnode::exec::{self, JobEvent, JobOutput, JobPaths};
 use bitnode_engine::cpu::SampleParams;
 use bitnode_engine::session::{EmbedDtype, Engine, EngineOptions};
 use bitnode_engine::synth::{self, SynthFormat};
-use bitnode_protocol::{InferRequest, InferResult, ScoreResult};
+use bitnode_protocol::job::{FinetuneRequest, JobSpec};
+use bitnode_protocol::{InferRequest, ScoreRequest};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,51 +48,9 @@ struct DeviceArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text from a prompt, streaming it as it is produced.
-    Infer {
-        /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// A LoRA adapter directory (PEFT format).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
-        /// 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// 0 disables top-k.
-        #[arg(long, default_value_t = 0)]
-        top_k: u32,
-        /// 1.0 disables top-p.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// 1.0 disables the penalty.
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Print a JSON object as the last line.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        dev: DeviceArgs,
-    },
+    Infer(InferArgs),
     /// Mean negative log-likelihood (nats/token) and perplexity of a text file.
-    Score {
-        /// Model directory. Default: the built-in `tiny` model.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        #[arg(long)]
-        text_file: PathBuf,
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        dev: DeviceArgs,
-    },
+    Score(ScoreArgs),
     /// Model utilities.
     Model {
         #[command(subcommand)]
@@ -142,6 +102,129 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PairCmd,
     },
+    /// Run an infer, score or finetune job on the mesh: the strongest paired device that fits (or --to).
+    Submit {
+        #[command(subcommand)]
+        cmd: SubmitCmd,
+    },
+    /// This node's jobs (submitted here or run here), newest first.
+    Jobs {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+    },
+    /// Three real daemons on loopback (phone, laptop, desktop): pairing, a delegated fine-tune, inference.
+    Demo {
+        /// Keep the devices' homes (logs, job tables) instead of removing them.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run DIR/job.json (written by the daemon) and print its events as JSON lines: the daemon runs each
+    /// job in a child process this way.
+    #[command(hide = true)]
+    JobExec {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A LoRA adapter directory (PEFT format).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// 1.0 disables top-p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 1.0 disables the penalty.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Model directory. Default: the built-in `tiny` model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    text_file: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+/// Where `bitnode submit` sends a job, and how it waits.
+#[derive(Args, Clone)]
+struct SubmitArgs {
+    /// auto (the strongest device that fits), local (this device), or a paired peer's name or id.
+    #[arg(long, default_value = "auto")]
+    to: String,
+    /// Return at once with the job id instead of streaming until the job ends.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Subcommand)]
+enum SubmitCmd {
+    /// `bitnode infer` on the mesh.
+    Infer {
+        #[command(flatten)]
+        args: InferArgs,
+        #[command(flatten)]
+        submit: SubmitArgs,
+    },
+    /// `bitnode score` on the mesh.
+    Score {
+        #[command(flatten)]
+        args: ScoreArgs,
+        #[command(flatten)]
+        submit: SubmitArgs,
+    },
+    /// `bitnode finetune` on the mesh; the adapter lands in --out on this device.
+    Finetune {
+        #[command(flatten)]
+        args: Box<FinetuneArgs>,
+        #[command(flatten)]
+        submit: SubmitArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// One job: state, where it ran and why, earlier attempts, the result.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job (on whichever device runs it).
+    Cancel { id: String },
 }
 
 #[derive(Args)]
@@ -365,15 +448,6 @@ fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Result<En
     })
 }
 
-fn load_engine(model: &std::path::Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
-    let mut opts = opts.clone();
-    opts.lora = adapter.clone();
-    Engine::load(model, &opts).with_context(|| match adapter {
-        Some(a) => format!("loading model {} with adapter {}", model.display(), a.display()),
-        None => format!("loading model {}", model.display()),
-    })
-}
-
 /// Parses durations such as `90s`, `10m`, `2h`, `1d` (a bare number is seconds).
 fn parse_ttl(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
@@ -424,6 +498,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let home = config::home(cli.home.as_deref());
     match cli.cmd {
         Cmd::Finetune(a) => finetune(*a)?,
+        Cmd::Submit { cmd } => {
+            let (spec, paths, submit, json) = match cmd {
+                SubmitCmd::Infer { args, submit } => {
+                    let json = args.json;
+                    let (spec, paths, _) = infer_job(args, &home)?;
+                    (spec, paths, submit, json)
+                }
+                SubmitCmd::Score { args, submit } => {
+                    let json = args.json;
+                    let (spec, paths, _) = score_job(args, &home)?;
+                    (spec, paths, submit, json)
+                }
+                SubmitCmd::Finetune { args, submit } => {
+                    let json = args.json;
+                    let (spec, paths) = finetune_job(*args)?;
+                    (spec, paths, submit, json)
+                }
+            };
+            let opts = bitnode::submit::SubmitOptions {
+                to: submit.to,
+                detach: submit.detach,
+                json,
+            };
+            bitnode::submit::submit(&home, spec, &paths, &opts)?;
+        }
+        Cmd::Jobs { json, cmd } => match cmd {
+            None => bitnode::submit::list(&home, json)?,
+            Some(JobsCmd::Show { id, json: j }) => bitnode::submit::show(&home, &id, json || j)?,
+            Some(JobsCmd::Cancel { id }) => bitnode::submit::cancel(&home, &id)?,
+        },
+        Cmd::Demo { keep } => bitnode::demo::run(keep)?,
         Cmd::Init { name } => {
             if bitnode::init(&home, name.as_deref())? {
                 let id = bitnode::identity::load(&home)?.public().to_peer_id();
@@ -496,34 +601,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Pair { cmd } => pair(&home, cmd)?,
-        Cmd::Infer {
-            model,
-            adapter,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            seed,
-            json,
-            dev,
-        } => {
-            let model = model_or_builtin(model, &home)?;
-            let opts = engine_options(&home, &dev)?;
-            let req = InferRequest {
-                model: model.display().to_string(),
-                adapter: adapter.as_ref().map(|a| a.display().to_string()),
-                prompt,
-                max_tokens,
-                temperature,
-                top_k,
-                top_p,
-                repetition_penalty,
-                seed,
+        Cmd::JobExec { dir, dev } => {
+            let mut out = std::io::stdout().lock();
+            match engine_options(&home, &dev) {
+                Ok(opts) => exec::exec_dir(&dir, &opts, trainer_device(&opts), &mut out)?,
+                Err(e) => {
+                    // The daemon reads the reason from stdout, as for any other failed job.
+                    let reason = format!("{e:#}");
+                    let _ = exec::write_line(&mut out, &exec::ExecLine::Error { reason });
+                    return Err(e);
+                }
+            }
+        }
+        Cmd::Infer(a) => {
+            let json = a.json;
+            let (spec, paths, opts) = infer_job(a, &home)?;
+            // Stream the text as it is generated.
+            let mut out = std::io::stdout();
+            let mut printed = 0usize;
+            let res = exec::execute(&spec, &paths, &opts, trainer_device(&opts), &mut |e| {
+                if let JobEvent::Token { text, .. } = e {
+                    if !text.is_empty() {
+                        let _ = out.write_all(text.as_bytes());
+                        let _ = out.flush();
+                        printed += text.len();
+                    }
+                }
+            })?;
+            let JobOutput::Infer(res) = res else {
+                bail!("an infer job returned another kind of result");
             };
-            let mut engine = load_engine(&model, &adapter, &opts)?;
-            let res = infer(&mut engine, &req, true)?;
+            // The streamed pieces add up to the text; should any tail be left unreported, print it now.
+            if res.text.len() > printed && res.text.is_char_boundary(printed) {
+                let _ = out.write_all(&res.text.as_bytes()[printed..]);
+            }
             if json {
                 println!();
                 println!("{}", serde_json::to_string(&res)?);
@@ -539,36 +650,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Score {
-            model,
-            adapter,
-            text_file,
-            json,
-            dev,
-        } => {
-            let model = model_or_builtin(model, &home)?;
-            let opts = engine_options(&home, &dev)?;
-            let text =
-                std::fs::read_to_string(&text_file).with_context(|| format!("reading {}", text_file.display()))?;
-            let mut engine = load_engine(&model, &adapter, &opts)?;
-            let ids = engine.tokenizer.encode(&text)?;
-            let (n, total) = engine.score_ids(&ids)?;
-            if n == 0 {
-                bail!(
-                    "{}: the text has fewer than two tokens, nothing to score",
-                    text_file.display()
-                );
-            }
-            let nll = total / n as f64;
-            let res = ScoreResult {
-                tokens: n,
-                nll,
-                ppl: nll.exp(),
+        Cmd::Score(a) => {
+            let json = a.json;
+            let text_file = a.text_file.clone();
+            let (spec, paths, opts) = score_job(a, &home)?;
+            let out = match exec::execute(&spec, &paths, &opts, trainer_device(&opts), &mut |_| {}) {
+                Ok(o) => o,
+                // The runner never sees the file, so the message gets its name here.
+                Err(e) if e.is::<exec::NothingToScore>() => bail!("{}: {e}", text_file.display()),
+                Err(e) => return Err(e),
+            };
+            let JobOutput::Score(res) = &out else {
+                bail!("a score job returned another kind of result");
             };
             if json {
-                println!("{}", serde_json::to_string(&res)?);
+                println!("{}", out.to_json_line()?);
             } else {
-                println!("tokens: {n}\nnll: {nll:.6} nats/token\nperplexity: {:.4}", res.ppl);
+                println!(
+                    "tokens: {}\nnll: {:.6} nats/token\nperplexity: {:.4}",
+                    res.tokens, res.nll, res.ppl
+                );
             }
         }
         Cmd::Model {
@@ -696,16 +797,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bitnode infer`'s arguments as a job: the spec, where its files are, and the engine options.
+fn infer_job(a: InferArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
+    let model = model_or_builtin(a.model, home)?;
+    let opts = engine_options(home, &a.dev)?;
+    let spec = JobSpec::Infer(InferRequest {
+        model: model.display().to_string(),
+        adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+        prompt: a.prompt,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    });
+    let paths = JobPaths {
+        adapter: a.adapter,
+        ..JobPaths::model(model)
+    };
+    Ok((spec, paths, opts))
+}
+
+/// `bitnode score`'s arguments as a job (the text is read here: it travels in the spec).
+fn score_job(a: ScoreArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
+    let model = model_or_builtin(a.model, home)?;
+    let opts = engine_options(home, &a.dev)?;
+    let text = std::fs::read_to_string(&a.text_file).with_context(|| format!("reading {}", a.text_file.display()))?;
+    let spec = JobSpec::Score(ScoreRequest {
+        model: model.display().to_string(),
+        adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+        text,
+    });
+    let paths = JobPaths {
+        adapter: a.adapter,
+        ..JobPaths::model(model)
+    };
+    Ok((spec, paths, opts))
+}
+
 fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
-    use bitnode_engine::finetune::{FinetuneConfig, StepLog};
+    let (device, json) = (a.device.clone(), a.json);
+    let (spec, paths) = finetune_job(a)?;
+    finetune_run(&spec, &paths, &device, json)
+}
+
+/// `bitnode finetune`'s arguments as a job (the dataset is read from its path locally; `submit` sends it).
+fn finetune_job(a: FinetuneArgs) -> anyhow::Result<(JobSpec, JobPaths)> {
     let ctx = bitnode_engine::config::ModelConfig::load(&a.model.join("config.json"))
         .with_context(|| format!("loading model {}", a.model.display()))?
         .max_position_embeddings;
-    let cfg = FinetuneConfig {
-        model: a.model.clone(),
-        data: a.data.clone(),
-        out: a.out.clone(),
-        init_adapter: a.init_adapter,
+    let spec = JobSpec::Finetune(Box::new(FinetuneRequest {
+        model: a.model.display().to_string(),
+        // A local run reads the dataset from its path; the name is what a remote run would store it as.
+        data_name: a
+            .data
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        data: vec![],
+        init_adapter: a.init_adapter.as_ref().map(|p| p.display().to_string()),
         rank: a.rank,
         alpha: a.alpha,
         lora_dropout: a.lora_dropout,
@@ -718,39 +869,50 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         grad_accum: a.grad_accum,
         weight_decay: a.weight_decay,
         warmup: a.warmup,
-        schedule: a.schedule.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        schedule: a.schedule,
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         shuffle: !a.no_shuffle,
         seed: a.seed,
         val_split: a.val_split,
         save_every: a.save_every,
-        resume: a.resume,
-        device: a.device,
         max_memory: a.max_memory,
+    }));
+    let paths = JobPaths {
+        model: a.model,
+        adapter: a.init_adapter,
+        data: Some(a.data),
+        out: Some(a.out),
+        resume: a.resume,
+        json_log: a.json_log,
     };
-    let mut log = match &a.json_log {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => None,
-    };
-    let mut on_step = |s: &StepLog, total: usize| {
-        let eta = s.elapsed_s / s.step as f64 * (total.saturating_sub(s.step)) as f64;
-        eprint!(
-            "\rstep {}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  ETA {:.0}s   ",
-            s.step, total, s.loss, s.lr, s.tokens_per_second, eta
-        );
-        if let Some(w) = log.as_mut() {
-            let v = serde_json::json!({"step": s.step, "loss": s.loss, "lr": s.lr, "tokens": s.tokens,
-                "tokens_per_second": s.tokens_per_second, "elapsed_s": s.elapsed_s, "grad_norm": s.grad_norm});
-            let _ = writeln!(w, "{v}");
-            let _ = w.flush();
+    Ok((spec, paths))
+}
+
+fn finetune_run(spec: &JobSpec, paths: &JobPaths, device: &str, json: bool) -> anyhow::Result<()> {
+    let mut on_event = |e: JobEvent<'_>| {
+        if let JobEvent::Step {
+            step,
+            total,
+            loss,
+            lr,
+            tokens_per_second,
+            elapsed_s,
+        } = e
+        {
+            let eta = elapsed_s / step as f64 * (total.saturating_sub(step)) as f64;
+            eprint!(
+                "\rstep {step}/{total}  loss {loss:.4}  lr {lr:.2e}  {tokens_per_second:.0} tok/s  ETA {eta:.0}s   "
+            );
         }
     };
-    let sum = bitnode_engine::finetune::finetune(&cfg, &mut on_step)?;
+    // The engine options only matter to infer and score; the trainer takes --device.
+    let out = exec::execute(spec, paths, &EngineOptions::default(), device, &mut on_event)?;
     eprintln!();
-    if a.json {
-        println!("{}", serde_json::to_string(&sum)?);
+    let JobOutput::Finetune(sum) = &out else {
+        bail!("a finetune job returned another kind of result");
+    };
+    if json {
+        println!("{}", out.to_json_line()?);
         return Ok(());
     }
     println!(
@@ -883,6 +1045,12 @@ fn parse_byte_count(s: &str) -> Result<u64, String> {
     bitnode_engine::util::parse_bytes(s)
 }
 
+/// The trainer device a job runs on when the command has no `--device` of its own (infer, score,
+/// job-exec): the engine's choice (`--device`, `BITNODE_ADAPTER`, `[engine] adapter`), else auto.
+fn trainer_device(opts: &EngineOptions) -> &str {
+    opts.adapter.as_deref().unwrap_or("auto")
+}
+
 fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m);
@@ -897,83 +1065,6 @@ fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::R
         synth::synth(p, &dir, 0, SynthFormat::Packed).with_context(|| format!("writing {}", dir.display()))?;
     }
     Ok(dir)
-}
-
-/// Runs one inference request, streaming text to stdout when `stream` is set.
-fn infer(engine: &mut Engine, req: &InferRequest, stream: bool) -> anyhow::Result<InferResult> {
-    let ids = engine.tokenizer.encode(&req.prompt)?;
-    let params = SampleParams {
-        temperature: req.temperature,
-        top_k: req.top_k,
-        top_p: req.top_p,
-        repetition_penalty: req.repetition_penalty,
-    };
-    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", params.top_p);
-    }
-    if params.temperature < 0.0 || !params.temperature.is_finite() {
-        bail!("--temperature must be >= 0, got {}", params.temperature);
-    }
-    if params.repetition_penalty <= 0.0 || !params.repetition_penalty.is_finite() {
-        bail!("--repetition-penalty must be > 0, got {}", params.repetition_penalty);
-    }
-    let mut generated: Vec<u32> = vec![];
-    let mut printed = 0usize;
-    let Engine {
-        backend,
-        model,
-        eos,
-        tokenizer,
-    } = engine;
-    let tok = &*tokenizer;
-    let mut out = std::io::stdout();
-    // Decode the whole continuation each time and print the new suffix: byte-level tokens can split a UTF-8
-    // character, which then shows as U+FFFD until its last byte arrives.
-    let mut on_token = |id: u32| {
-        generated.push(id);
-        if stream {
-            if let Ok(text) = tok.decode(&generated) {
-                if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = out.write_all(&text.as_bytes()[printed..]);
-                    let _ = out.flush();
-                    printed = text.len();
-                }
-            }
-        }
-    };
-    let g = bitnode_engine::session::generate(
-        backend.as_mut(),
-        &model.config,
-        eos,
-        &ids,
-        req.max_tokens,
-        &params,
-        req.seed,
-        true,
-        &mut on_token,
-    )?;
-    let text = tokenizer.decode(&g.tokens)?;
-    if stream && text.len() > printed && text.is_char_boundary(printed) {
-        let _ = std::io::stdout().write_all(&text.as_bytes()[printed..]);
-    }
-    let n = g.tokens.len();
-    Ok(InferResult {
-        text,
-        tokens: g.tokens,
-        prompt_tokens: g.prompt_tokens,
-        decode_tokens_per_second: if n > 1 && g.decode_seconds > 0.0 {
-            (n - 1) as f64 / g.decode_seconds
-        } else {
-            0.0
-        },
-        prefill_tokens_per_second: if g.prefill_seconds > 0.0 {
-            g.prompt_tokens as f64 / g.prefill_seconds
-        } else {
-            0.0
-        },
-        stop_reason: g.stop_reason.to_string(),
-        device: backend.device_name(),
-    })
 }
 
 fn bench_infer(

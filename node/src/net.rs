@@ -1,7 +1,11 @@
 //! The libp2p side of the daemon: the composed behaviour, the connection gate that keeps the mesh private,
 //! the size-bounded bincode codec of the `/bitnode/*` protocols, and the transport stack.
+use bitnode_protocol::job::{Envelope, JobAck, ModelRequest, ModelResponse, UpdateAck};
 use bitnode_protocol::mesh::{CapsAck, CapsAdvert, PairRequest, PairResponse};
-use bitnode_protocol::wire::{self, CAPS_PROTOCOL, MAX_CAPS_MESSAGE, MAX_PAIR_MESSAGE, PAIR_PROTOCOL};
+use bitnode_protocol::wire::{
+    self, CAPS_PROTOCOL, JOB_PROTOCOL, MAX_CAPS_MESSAGE, MAX_MODEL_MESSAGE, MAX_PAIR_MESSAGE, MODEL_PROTOCOL,
+    PAIR_PROTOCOL, UPDATE_PROTOCOL,
+};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::core::{transport::PortUse, upgrade::Version, Endpoint, Multiaddr, Transport};
 use libp2p::multiaddr::Protocol;
@@ -203,6 +207,12 @@ where
 
 pub type PairBehaviour = request_response::Behaviour<WireCodec<PairRequest, PairResponse>>;
 pub type CapsBehaviour = request_response::Behaviour<WireCodec<CapsAdvert, CapsAck>>;
+/// Submitter to worker: signed job and cancel envelopes.
+pub type JobBehaviour = request_response::Behaviour<WireCodec<Envelope, JobAck>>;
+/// Worker to submitter: signed progress, checkpoints, heartbeats and the result.
+pub type UpdateBehaviour = request_response::Behaviour<WireCodec<Envelope, UpdateAck>>;
+/// Worker to submitter: content-addressed model chunks.
+pub type ModelBehaviour = request_response::Behaviour<WireCodec<ModelRequest, ModelResponse>>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -217,6 +227,9 @@ pub struct Behaviour {
     pub autonat: autonat::Behaviour,
     pub pair: PairBehaviour,
     pub caps: CapsBehaviour,
+    pub job: JobBehaviour,
+    pub update: UpdateBehaviour,
+    pub model: ModelBehaviour,
 }
 
 /// Limits of the relay this node runs for the owner's mesh (`[relay]`). libp2p's defaults (2 minutes and
@@ -235,6 +248,10 @@ pub struct NetOptions {
     /// Pre-shared mesh key: TCP with libp2p pnet, and no QUIC (pnet cannot wrap QUIC).
     pub psk: Option<[u8; 32]>,
     pub agent: String,
+    /// Largest job envelope (dataset plus a resume checkpoint plus framing) and largest update envelope
+    /// (a checkpoint or adapter plus framing), from `[jobs]`.
+    pub max_job_message: usize,
+    pub max_update_message: usize,
 }
 
 /// `true` for an address or endpoint that goes through a relay circuit.
@@ -349,7 +366,32 @@ fn behaviour(
                 StreamProtocol::new(CAPS_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            rr,
+            rr.clone(),
+        ),
+        // Jobs and updates may carry datasets and checkpoints of many MiB: give them time on slow links.
+        job: request_response::Behaviour::with_codec(
+            WireCodec::new(opts.max_job_message),
+            [(
+                StreamProtocol::new(JOB_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            rr.clone().with_request_timeout(Duration::from_secs(300)),
+        ),
+        update: request_response::Behaviour::with_codec(
+            WireCodec::new(opts.max_update_message),
+            [(
+                StreamProtocol::new(UPDATE_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            rr.clone().with_request_timeout(Duration::from_secs(300)),
+        ),
+        model: request_response::Behaviour::with_codec(
+            WireCodec::new(MAX_MODEL_MESSAGE),
+            [(
+                StreamProtocol::new(MODEL_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            rr.with_request_timeout(Duration::from_secs(60)),
         ),
     })
 }

@@ -10,7 +10,7 @@
 //!   assumed 10x slower than a direct one: relays are limited and add a hop);
 //! - a relayed link adds a fixed latency penalty, so between equals the direct peer wins.
 use bitnode_protocol::mesh::Capabilities;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a candidate is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,10 +31,13 @@ pub struct Candidate {
     pub has_model: bool,
     /// Whether it is a phone (or other battery device) the owner allows to work on battery.
     pub battery_allowed: bool,
+    /// Why it could not get the model, when it lacks it and no link can carry it (a relay whose per-
+    /// connection byte limit is below the model's size, and no direct connection).
+    pub no_model_route: Option<String>,
 }
 
 /// What the job needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Need {
     /// Device memory the engine's planner predicts for the job.
     pub memory_bytes: u64,
@@ -77,6 +80,9 @@ pub fn rank(cands: &[Candidate], need: &Need) -> Vec<Verdict> {
             }
             if c.caps.on_ac == Some(false) && c.caps.battery_percent.is_some() && !c.battery_allowed {
                 return v(None, "on battery, and the config does not allow jobs on battery".into());
+            }
+            if let Some(why) = &c.no_model_route {
+                return v(None, format!("cannot get the model: {why}"));
             }
             if c.caps.score <= 0.0 {
                 return v(None, "its engine failed the capability check (score 0)".into());
@@ -132,6 +138,7 @@ mod tests {
             queue_len: 0,
             pinned: false,
             version: "0".into(),
+            ..Default::default()
         }
     }
 
@@ -143,6 +150,7 @@ mod tests {
             caps: c,
             has_model: true,
             battery_allowed: false,
+            no_model_route: None,
         }
     }
 

@@ -65,6 +65,203 @@ pub enum JobSpec {
     Finetune(Box<FinetuneRequest>),
 }
 
+impl JobSpec {
+    /// "infer", "score" or "finetune": the local command this job is.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Infer(_) => "infer",
+            JobSpec::Score(_) => "score",
+            JobSpec::Finetune(_) => "finetune",
+        }
+    }
+
+    /// The model the job runs on (a directory for a local run, a content hash on the wire).
+    pub fn model(&self) -> &str {
+        match self {
+            JobSpec::Infer(r) => &r.model,
+            JobSpec::Score(r) => &r.model,
+            JobSpec::Finetune(r) => &r.model,
+        }
+    }
+
+    /// Every content-addressed directory the job needs: the model, then any adapter it starts from.
+    pub fn inputs(&self) -> Vec<&str> {
+        let mut v = vec![self.model()];
+        let extra = match self {
+            JobSpec::Infer(r) => r.adapter.as_deref(),
+            JobSpec::Score(r) => r.adapter.as_deref(),
+            JobSpec::Finetune(r) => r.init_adapter.as_deref(),
+        };
+        v.extend(extra);
+        v
+    }
+}
+
+/// Files that travel inside a message: a fine-tune checkpoint (adapter, both AdamW moments, trainer
+/// state) or a finished adapter. Paths are relative, `/`-separated, at most two components, each a plain
+/// name (no `..`, no leading dot, no control characters), so unpacking can never write outside its
+/// directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub files: Vec<BundleFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Most files one bundle may hold.
+pub const MAX_BUNDLE_FILES: usize = 64;
+
+/// Whether `name` is one plain path component a peer may name (a file in a bundle or a model manifest).
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.chars().any(|c| c.is_control())
+}
+
+impl Bundle {
+    pub fn total_bytes(&self) -> usize {
+        self.files.iter().map(|f| f.bytes.len()).sum()
+    }
+
+    /// Refuses unsafe or duplicate paths and too many files.
+    pub fn check(&self) -> Result<(), String> {
+        if self.files.len() > MAX_BUNDLE_FILES {
+            return Err(format!(
+                "{} files in a bundle (at most {MAX_BUNDLE_FILES})",
+                self.files.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.files {
+            let parts: Vec<&str> = f.path.split('/').collect();
+            if parts.len() > 2 || !parts.iter().all(|p| plain_name(p)) {
+                return Err(format!("unsafe path {:?} in a bundle", f.path));
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Err(format!("duplicate path {:?} in a bundle", f.path));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a `Job` envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPayload {
+    /// Model and adapters named by content hash (64 lowercase hex digits), never by path.
+    pub spec: JobSpec,
+    /// A fine-tune checkpoint to resume from (failover: the last one the previous worker streamed back).
+    pub resume: Option<Bundle>,
+    /// 0 for the first device asked, 1 for the next, ...
+    pub attempt: u32,
+}
+
+/// The worker's answer to a `Job` or `Cancel` envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobAck {
+    /// Queued at this position (0 = running now).
+    Accepted {
+        queue_position: u32,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// Worker to submitter, in an `Update` envelope (everything but `Done`) or a `Result` envelope (`Done`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Update {
+    /// Sent every few seconds while the job is queued or running: silence means the worker is gone.
+    Heartbeat {
+        running: bool,
+    },
+    /// Generated text as it is made (one or more tokens).
+    Tokens {
+        ids: Vec<u32>,
+        text: String,
+    },
+    /// A fine-tune step.
+    Progress {
+        step: u64,
+        total: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_second: f64,
+    },
+    /// A fine-tune checkpoint at `step`, for resuming elsewhere if this worker goes away.
+    Checkpoint {
+        step: u64,
+        bundle: Bundle,
+    },
+    Done(Outcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// `result_json` is what the local command's `--json` prints; `files` the adapter of a fine-tune.
+    Succeeded {
+        result_json: String,
+        files: Bundle,
+    },
+    Failed {
+        reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
+}
+
+/// The submitter's answer to an update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateAck {
+    Ok,
+    /// The submitter does not expect updates for this job from this worker (it was cancelled, moved to
+    /// another device, or never existed): the worker should stop it.
+    Stop {
+        reason: String,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// Worker to submitter: fetch a content-addressed model (or adapter) directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelRequest {
+    Manifest { hash: String },
+    Chunk { hash: String, file: u32, index: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelResponse {
+    Manifest(Manifest),
+    Chunk { bytes: Vec<u8> },
+    Refused { reason: String },
+}
+
+/// What a model directory holds: each file with its length and the SHA-256 of each of its
+/// [`crate::wire::MODEL_CHUNK`]-byte chunks, so every chunk is verified on arrival and a broken transfer
+/// resumes from the verified prefix. The directory's content hash checks the whole at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub hash: String,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub name: String,
+    pub len: u64,
+    pub chunks: Vec<[u8; 32]>,
+}
+
 /// What an envelope carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {

@@ -59,7 +59,18 @@ pub struct Capabilities {
     pub pinned: bool,
     /// bitnode version of the advertising node.
     pub version: String,
+    /// Content hashes of the models (and adapters) in this node's store, so a scheduler knows who can skip
+    /// a transfer. At most [`MAX_ADVERTISED_MODELS`].
+    pub models: Vec<String>,
+    /// Whether this node takes jobs from paired peers while on battery (`[jobs] run_on_battery`).
+    pub jobs_on_battery: bool,
+    /// For a node that serves as the mesh's relay: the most bytes one relayed connection may carry, so a
+    /// scheduler knows whether a model transfer fits through it.
+    pub relay_max_circuit_bytes: Option<u64>,
 }
+
+/// Most model hashes one advert lists (the advert must fit its 16 KiB limit).
+pub const MAX_ADVERTISED_MODELS: usize = 64;
 
 /// `/bitnode/caps/1` request: the sender's current capabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -176,3 +176,121 @@ proptest! {
         }
     }
 }
+
+// ---- Mesh II: jobs, updates and model transfer ----
+use bitnode_protocol::job::{
+    Bundle, BundleFile, Envelope, JobAck, JobPayload, JobSpec, ModelRequest, ModelResponse, Outcome, Update, UpdateAck,
+};
+use bitnode_protocol::wire::MAX_MODEL_MESSAGE;
+
+fn arb_update() -> impl Strategy<Value = Update> {
+    prop_oneof![
+        any::<bool>().prop_map(|running| Update::Heartbeat { running }),
+        (proptest::collection::vec(any::<u32>(), 0..8), ".{0,32}").prop_map(|(ids, text)| Update::Tokens { ids, text }),
+        (any::<u64>(), any::<u64>(), -1e9f64..1e9).prop_map(|(step, total, loss)| Update::Progress {
+            step,
+            total,
+            loss,
+            lr: 1e-4,
+            tokens_per_second: 10.0
+        }),
+        (
+            "[a-z]{1,8}(/[a-z]{1,8})?",
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(path, bytes)| {
+                Update::Checkpoint {
+                    step: 3,
+                    bundle: Bundle {
+                        files: vec![BundleFile { path, bytes }],
+                    },
+                }
+            }),
+        ".{0,40}".prop_map(|reason| Update::Done(Outcome::Failed { reason })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn job_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        let _ = wire::decode::<Envelope>(&bytes, 1 << 24);
+        let _ = wire::decode::<JobPayload>(&bytes, 1 << 24);
+        let _ = wire::decode::<JobAck>(&bytes, 1 << 20);
+        let _ = wire::decode::<Update>(&bytes, 1 << 24);
+        let _ = wire::decode::<UpdateAck>(&bytes, 1 << 20);
+        let _ = wire::decode::<ModelRequest>(&bytes, MAX_MODEL_MESSAGE);
+        let _ = wire::decode::<ModelResponse>(&bytes, MAX_MODEL_MESSAGE);
+    }
+
+    #[test]
+    fn updates_round_trip(u in arb_update()) {
+        let bytes = wire::encode(&u, 1 << 24).expect("fits");
+        prop_assert_eq!(wire::decode::<Update>(&bytes, 1 << 24).expect("decodes"), u);
+    }
+
+    #[test]
+    fn bundle_paths_never_escape(path in ".{0,40}") {
+        let b = Bundle { files: vec![BundleFile { path: path.clone(), bytes: vec![] }] };
+        if b.check().is_ok() {
+            let parts: Vec<&str> = path.split('/').collect();
+            prop_assert!(parts.len() <= 2);
+            for p in parts {
+                prop_assert!(!p.is_empty() && p != ".." && p != "." && !p.starts_with('.') && !p.contains('\\'));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_huge_length_prefix_in_a_job_is_refused_without_allocating() {
+    // A JobPayload whose dataset claims 2^40 bytes: bincode must refuse the claim, not reserve it.
+    let spec = JobSpec::Score(bitnode_protocol::ScoreRequest {
+        model: "m".into(),
+        adapter: None,
+        text: "t".into(),
+    });
+    let p = JobPayload {
+        spec,
+        resume: None,
+        attempt: 0,
+    };
+    let mut bytes = wire::encode(&p, 1 << 20).expect("fits");
+    assert!(wire::decode::<JobPayload>(&bytes, 1 << 20).is_ok());
+    // Replace the text's length (1) with a varint claiming 2^40.
+    let pos = bytes.iter().rposition(|&b| b == 1).expect("a length byte");
+    bytes.splice(pos..pos + 1, [0xfd, 0, 0, 0, 0, 0, 1, 0, 0]);
+    assert!(wire::decode::<JobPayload>(&bytes, 1 << 28).is_err());
+}
+
+#[test]
+fn unsafe_bundles_are_refused() {
+    for bad in ["../x", "/etc/passwd", "a/b/c", ".hidden", "a/..", "a\\b", "", "a//b"] {
+        let b = Bundle {
+            files: vec![BundleFile {
+                path: bad.into(),
+                bytes: vec![],
+            }],
+        };
+        assert!(b.check().is_err(), "{bad:?} accepted");
+    }
+    let dup = Bundle {
+        files: vec![
+            BundleFile {
+                path: "a".into(),
+                bytes: vec![],
+            },
+            BundleFile {
+                path: "a".into(),
+                bytes: vec![1],
+            },
+        ],
+    };
+    assert!(dup.check().is_err());
+    let ok = Bundle {
+        files: vec![BundleFile {
+            path: "exp_avg/adapter_model.safetensors".into(),
+            bytes: vec![1],
+        }],
+    };
+    assert!(ok.check().is_ok());
+}

@@ -62,7 +62,7 @@ async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> st
 }
 
 /// Sends each payload on `protocol` to `target`; returns, per payload, whether any answer came back.
-fn send_raw(
+pub fn send_raw(
     key: identity::Keypair,
     target: PeerId,
     addr: Multiaddr,

@@ -4,6 +4,7 @@
 mod cli;
 mod harness;
 mod hostile;
+mod jobs;
 mod mesh;
 mod nat;
 mod state;

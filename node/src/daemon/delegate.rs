@@ -1,0 +1,1929 @@
+//! Mesh II: jobs submitted from any node, run on the strongest device that fits, streamed back, and moved
+//! to the next device when a worker goes away.
+//!
+//! Two roles live in every daemon:
+//! - **submitter** ([`Sub`]): a job from `bitnode submit` on this node. The scheduler ranks this node and the
+//!   connected paired peers; the job travels to the winner in an envelope signed with this node's key; the
+//!   worker's heartbeats, tokens, progress, checkpoints and result come back in envelopes signed with its
+//!   key. A worker that disconnects or falls silent for `[jobs] heartbeat_timeout_secs` loses the job to the
+//!   next best device (a fine-tune resumes from the last checkpoint it streamed back; inference restarts).
+//! - **worker** ([`Task`]): a job this node runs, for a peer or for itself. Missing models are pulled from
+//!   the submitter by content hash, chunk by verified chunk; jobs run one at a time, each in a child
+//!   process (`bitnode job-exec`), so a cancel is a kill, and a crash in a GPU driver cannot take the
+//!   daemon (and the mesh) down with it.
+//!
+//! A job that runs here for a local submission takes the same path without envelopes: its updates go
+//! straight to the submitter half. Every change of a job's state is written to the job table at once.
+use super::*;
+use crate::exec::{ExecFile, ExecLine, JobPaths};
+use crate::jobs::{Job, State};
+use crate::models::Store;
+use crate::schedule::{self, Candidate, Link, Need, Verdict};
+use crate::transfer::Download;
+use bitnode_protocol::job::{
+    Bundle, BundleFile, Envelope, JobAck, JobPayload, JobSpec, Kind, ModelRequest, ModelResponse, NonceCache, Outcome,
+    Update, UpdateAck,
+};
+use bitnode_protocol::mesh::MAX_ADVERTISED_MODELS;
+use bitnode_protocol::wire;
+use ed25519_dalek::SigningKey;
+use libp2p::request_response::OutboundRequestId;
+use std::collections::VecDeque;
+
+/// Validity of the envelopes this node seals (the receiver allows 60 s of clock skew on top).
+const ENVELOPE_TTL: u64 = 600;
+/// Model chunks requested at once from a submitter.
+const CHUNKS_IN_FLIGHT: usize = 4;
+/// Failed chunk requests tolerated in one transfer (they are retried every second: a broken connection
+/// has about this many seconds to come back before the job fails).
+const MAX_CHUNK_FAILURES: u32 = 60;
+/// Tries to deliver a worker's final result to its submitter.
+const MAX_RESULT_TRIES: u32 = 30;
+/// Marks a failed manifest request in a task's retry list.
+const MANIFEST_RETRY: (u32, u32) = (u32::MAX, u32::MAX);
+/// A worker that is disconnected (rather than silent) is given this long to come back.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+
+pub(super) enum Internal {
+    /// A line from a job's child process.
+    Child {
+        task: String,
+        line: ExecLine,
+    },
+    /// Tokens from a job's child process, batched.
+    Tokens {
+        task: String,
+        ids: Vec<u32>,
+        text: String,
+    },
+    ChildExit {
+        task: String,
+        ok: bool,
+        stderr_tail: String,
+    },
+    /// A model download was begun (existing partial chunks verified) or finished (hash checked).
+    Began {
+        task: String,
+        res: Result<Download, String>,
+    },
+    Fetched {
+        task: String,
+        res: Result<PathBuf, String>,
+    },
+}
+
+/// Where a submitted job may run.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Target {
+    Auto,
+    Local,
+    Peer(PeerId),
+}
+
+/// A job this node submitted.
+pub(super) struct Sub {
+    job_id: [u8; 16],
+    spec: JobSpec,
+    need: Need,
+    target: Target,
+    out: Option<PathBuf>,
+    /// The device running it now (this node's own id for a local run) and whether it accepted.
+    worker: Option<PeerId>,
+    accepted: bool,
+    tried: Vec<PeerId>,
+    attempt: u32,
+    last_heard: Instant,
+    disconnected_since: Option<Instant>,
+    checkpoint: Option<(u64, Bundle)>,
+    progress: Option<serde_json::Value>,
+    watchers: Vec<mpsc::UnboundedSender<serde_json::Value>>,
+    finals: Vec<oneshot::Sender<Response>>,
+}
+
+enum TaskState {
+    /// Pulling missing inputs from the submitter: which hashes are still missing, the download of the first.
+    Fetching {
+        missing: Vec<String>,
+        download: Option<Download>,
+        in_flight: HashSet<(u32, u32)>,
+        failed: Vec<(u32, u32)>,
+        failures: u32,
+    },
+    Queued,
+    Running {
+        pid: u32,
+    },
+    /// The result is waiting to be acknowledged by the submitter.
+    Done {
+        update: Update,
+        tries: u32,
+        due: Instant,
+    },
+}
+
+/// A job this node runs.
+pub(super) struct Task {
+    job_id: [u8; 16],
+    /// None: submitted by this node itself.
+    submitter: Option<PeerId>,
+    payload: JobPayload,
+    dir: PathBuf,
+    state: TaskState,
+    cancelled: Option<String>,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+}
+
+pub(super) struct Work {
+    pub(super) table: crate::jobs::JobTable,
+    store: Store,
+    signing: SigningKey,
+    my_key: [u8; 32],
+    nonces: NonceCache,
+    subs: HashMap<String, Sub>,
+    tasks: HashMap<String, Task>,
+    order: VecDeque<String>,
+    running: Option<String>,
+    internal: mpsc::UnboundedSender<Internal>,
+    job_requests: HashMap<OutboundRequestId, (String, PeerId)>,
+    model_requests: HashMap<OutboundRequestId, (String, ModelRequest)>,
+    done_requests: HashMap<OutboundRequestId, String>,
+    last_heartbeat: Instant,
+}
+
+impl Work {
+    pub(super) fn new(
+        home: &Path,
+        key: &libp2p::identity::Keypair,
+        internal: mpsc::UnboundedSender<Internal>,
+    ) -> anyhow::Result<Work> {
+        let kp = key
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| anyhow::anyhow!("the identity is not an ed25519 key; job envelopes need one"))?;
+        let bytes = kp.to_bytes();
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&bytes[..32]);
+        let signing = SigningKey::from_bytes(&secret);
+        Ok(Work {
+            table: crate::jobs::JobTable::load(home, now_unix())?,
+            store: Store::new(home),
+            my_key: signing.verifying_key().to_bytes(),
+            signing,
+            nonces: NonceCache::new(1 << 20),
+            subs: HashMap::new(),
+            tasks: HashMap::new(),
+            order: VecDeque::new(),
+            running: None,
+            internal,
+            job_requests: HashMap::new(),
+            model_requests: HashMap::new(),
+            done_requests: HashMap::new(),
+            last_heartbeat: Instant::now(),
+        })
+    }
+
+    /// Jobs queued, fetching or running here (what the capability advert calls the queue).
+    pub(super) fn queue_len(&self) -> u32 {
+        self.tasks
+            .values()
+            .filter(|t| !matches!(t.state, TaskState::Done { .. }))
+            .count() as u32
+    }
+
+    pub(super) fn models(&self) -> Vec<String> {
+        let mut m = self.store.list();
+        m.truncate(MAX_ADVERTISED_MODELS);
+        m
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn parse_job_id(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The ed25519 public key inside an ed25519 peer id (libp2p inlines such keys in the id).
+pub(super) fn peer_key(p: &PeerId) -> Option<[u8; 32]> {
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(p.as_ref().digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+fn key_peer(k: &[u8; 32]) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(k).ok()?;
+    Some(PeerId::from_public_key(&libp2p::identity::PublicKey::from(pk)))
+}
+
+/// Reads a directory's regular files, and those one level down, into a bundle (a checkpoint holds the
+/// adapter plus `exp_avg/` and `exp_avg_sq/`).
+fn read_bundle(dir: &Path, recurse: bool, max: u64) -> anyhow::Result<Bundle> {
+    let mut files = vec![];
+    let mut total = 0u64;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ft = e.file_type()?;
+        if ft.is_file() && bitnode_protocol::job::plain_name(&name) {
+            let bytes = std::fs::read(e.path())?;
+            total += bytes.len() as u64;
+            files.push(BundleFile { path: name, bytes });
+        } else if ft.is_dir() && recurse && bitnode_protocol::job::plain_name(&name) {
+            for f in read_bundle(&e.path(), false, max)?.files {
+                total += f.bytes.len() as u64;
+                files.push(BundleFile {
+                    path: format!("{name}/{}", f.path),
+                    bytes: f.bytes,
+                });
+            }
+        }
+        if total > max {
+            bail!(
+                "{} holds more than {max} bytes ([jobs] max_checkpoint_bytes)",
+                dir.display()
+            );
+        }
+    }
+    Ok(Bundle { files })
+}
+
+/// Writes a checked bundle under `dir` (each file to a temporary name, then renamed).
+fn write_bundle(dir: &Path, b: &Bundle) -> anyhow::Result<()> {
+    b.check().map_err(|e| anyhow::anyhow!(e))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for f in &b.files {
+        let p = dir.join(&f.path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = p.with_extension("bitnode-tmp");
+        std::fs::write(&tmp, &f.bytes).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(())
+}
+
+fn event(kind: &str, mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("event".into(), json!(kind));
+    }
+    v
+}
+
+impl Daemon {
+    fn peer_name(&self, p: &PeerId) -> String {
+        if *p == self.me {
+            return self.name.clone();
+        }
+        self.trust
+            .get(p)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| crate::trust::default_name(p))
+    }
+
+    pub(super) fn refresh_job_caps(&mut self) {
+        self.caps.queue_len = self.work.queue_len();
+        self.caps.models = self.work.models();
+        self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
+        self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
+        self.push_caps_if_changed();
+    }
+
+    fn update_job(&mut self, id: &str, f: impl FnOnce(&mut Job)) {
+        if let Err(e) = self.work.table.update(&self.home, id, now_unix(), f) {
+            tracing::error!(job = %id, "updating the job table: {e:#}");
+        }
+    }
+
+    /// Whether a model of `bytes` can travel between us and `peer`: over a direct connection always; over
+    /// a relayed one only when the relay advertises a per-connection limit that holds it.
+    fn model_route(&self, peer: &PeerId, bytes: u64) -> Result<(), String> {
+        let Some(st) = self.peers.get(peer) else {
+            return Err("not connected".into());
+        };
+        if st.direct() {
+            return Ok(());
+        }
+        for c in st.conns.values().filter(|c| c.identified && c.relayed) {
+            let relay = c.addr.iter().find_map(|p| match p {
+                Protocol::P2p(r) if r != *peer => Some(r),
+                _ => None,
+            });
+            let limit = relay
+                .and_then(|r| self.peers.get(&r))
+                .and_then(|s| s.caps.as_ref())
+                .and_then(|c| c.relay_max_circuit_bytes);
+            // Headroom for the framing of chunks and the job's other traffic.
+            if limit.is_some_and(|l| l >= bytes + bytes / 16 + (4 << 20)) {
+                return Ok(());
+            }
+            return Err(format!(
+                "only a relayed connection, and the relay {} carries at most {} per connection (the model is {})",
+                relay.map(|r| self.peer_name(&r)).unwrap_or_else(|| "?".into()),
+                limit.map_or(
+                    "an unknown amount (libp2p's default is 128 KiB)".into(),
+                    bitnode_engine::util::human_bytes
+                ),
+                bitnode_engine::util::human_bytes(bytes)
+            ));
+        }
+        Err("no identified connection".into())
+    }
+
+    // ---- submitter ----
+
+    /// `bitnode submit`: records the job, places it, and either answers at once (`detach`) or keeps the
+    /// reply until the job ends, streaming its events meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn submit(
+        &mut self,
+        mut spec: JobSpec,
+        data_path: Option<PathBuf>,
+        need: Need,
+        to: &str,
+        out: Option<PathBuf>,
+        detach: bool,
+        reply: oneshot::Sender<Response>,
+        events: Option<mpsc::UnboundedSender<serde_json::Value>>,
+    ) {
+        let fail = |reply: oneshot::Sender<Response>, e: String| {
+            let _ = reply.send(Response::err(e));
+        };
+        for h in spec.inputs() {
+            match self.work.store.resolve(h) {
+                Ok(Some(_)) => {}
+                Ok(None) => return fail(reply, format!("model {h} is not in this node's store")),
+                Err(e) => return fail(reply, format!("{e:#}")),
+            }
+        }
+        let target = match to {
+            "" | "auto" => Target::Auto,
+            "local" => Target::Local,
+            who => match self.trust.resolve(who) {
+                Some(p) => Target::Peer(p),
+                None if who == self.me.to_base58() || who == self.name => Target::Local,
+                None => return fail(reply, format!("{who:?} is not a paired peer (see `bitnode peers`)")),
+            },
+        };
+        if let JobSpec::Finetune(f) = &mut spec {
+            let Some(p) = &data_path else {
+                return fail(reply, "a fine-tune needs its dataset".into());
+            };
+            let max = self.cfg.jobs.max_dataset_bytes;
+            match std::fs::metadata(p) {
+                Ok(m) if m.len() > max => {
+                    return fail(
+                        reply,
+                        format!(
+                            "the dataset {} is {} bytes, over the limit of {max} bytes ([jobs] max_dataset_bytes)",
+                            p.display(),
+                            m.len()
+                        ),
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => return fail(reply, format!("reading {}: {e}", p.display())),
+            }
+            match std::fs::read(p) {
+                Ok(b) => f.data = b,
+                Err(e) => return fail(reply, format!("reading {}: {e}", p.display())),
+            }
+            if f.data_name.is_empty() {
+                f.data_name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "data.txt".into());
+            }
+            // Checkpoints are what a failover resumes from; a delegated fine-tune always makes them.
+            if f.save_every.is_none() && self.cfg.jobs.checkpoint_every > 0 {
+                f.save_every = Some(self.cfg.jobs.checkpoint_every);
+            }
+            if out.is_none() {
+                return fail(reply, "a fine-tune needs --out".into());
+            }
+        }
+        let job_id = random::<16>();
+        let id = hex(&job_id);
+        let job = Job {
+            id: id.clone(),
+            kind: spec.kind().into(),
+            submitter: self.me.to_base58(),
+            executed_by: None,
+            state: State::Queued,
+            created_unix: now_unix(),
+            updated_unix: now_unix(),
+            placement: vec![],
+            reason: None,
+            result: None,
+            attempts: vec![],
+            executed_by_name: None,
+            out: out.as_ref().map(|o| o.display().to_string()),
+        };
+        if let Err(e) = self.work.table.insert(&self.home, job) {
+            return fail(reply, format!("recording the job: {e:#}"));
+        }
+        let mut sub = Sub {
+            job_id,
+            spec,
+            need,
+            target,
+            out,
+            worker: None,
+            accepted: false,
+            tried: vec![],
+            attempt: 0,
+            last_heard: Instant::now(),
+            disconnected_since: None,
+            checkpoint: None,
+            progress: None,
+            watchers: vec![],
+            finals: vec![],
+        };
+        if let Some(e) = events.filter(|_| !detach) {
+            sub.watchers.push(e);
+        }
+        let detached = if detach {
+            Some(reply)
+        } else {
+            sub.finals.push(reply);
+            None
+        };
+        self.work.subs.insert(id.clone(), sub);
+        self.place(&id, None);
+        if let Some(reply) = detached {
+            let _ = reply.send(Response::ok(self.job_json(&id)));
+        }
+    }
+
+    fn candidates(&self, sub: &Sub) -> Vec<Candidate> {
+        let mut out = vec![];
+        let mut mine = self.caps.clone();
+        mine.queue_len = self.work.queue_len();
+        let local = Candidate {
+            id: self.me.to_base58(),
+            name: format!("{} (this device)", self.name),
+            link: Link::Local,
+            caps: mine,
+            has_model: true,
+            // The owner asked on this device: it may always run its own jobs.
+            battery_allowed: true,
+            no_model_route: None,
+        };
+        if sub.target != Target::Auto && sub.target != Target::Local {
+            // Pinned to a peer: only that one.
+        } else if !sub.tried.contains(&self.me) {
+            out.push(local);
+        }
+        if sub.target == Target::Local {
+            return out;
+        }
+        let inputs: Vec<String> = sub.spec.inputs().iter().map(|s| s.to_string()).collect();
+        for (p, st) in &self.peers {
+            if !self.trust.contains(p) || !st.connected() || sub.tried.contains(p) {
+                continue;
+            }
+            if let Target::Peer(t) = sub.target {
+                if t != *p {
+                    continue;
+                }
+            }
+            let Some(caps) = st.caps.clone() else { continue };
+            let has_model = inputs.iter().all(|h| caps.models.contains(h));
+            let no_model_route = if has_model {
+                None
+            } else {
+                self.model_route(p, sub.need.model_bytes).err()
+            };
+            out.push(Candidate {
+                id: p.to_base58(),
+                name: self.peer_name(p),
+                link: if st.direct() { Link::Direct } else { Link::Relayed },
+                battery_allowed: caps.jobs_on_battery,
+                caps,
+                has_model,
+                no_model_route,
+            });
+        }
+        out
+    }
+
+    /// Ranks the candidates not yet tried and sends the job to the best; `why` is the reason of the move
+    /// when this is a failover. Ends the job failed when nobody is left.
+    fn place(&mut self, id: &str, why: Option<String>) {
+        let Some(sub) = self.work.subs.get(id) else { return };
+        let cands = self.candidates(sub);
+        let ranked: Vec<Verdict> = schedule::rank(&cands, &sub.need);
+        let lines: Vec<String> = ranked
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} ({}): {}{}",
+                    v.name,
+                    v.id,
+                    if v.eta_s.is_some() { "" } else { "dropped, " },
+                    v.reason
+                )
+            })
+            .collect();
+        let pinned = matches!(sub.target, Target::Peer(_));
+        let best = ranked
+            .iter()
+            .find(|v| v.eta_s.is_some())
+            .and_then(|v| v.id.parse::<PeerId>().ok());
+        let attempt = sub.attempt;
+        let max_attempts = self.cfg.jobs.max_attempts.max(1);
+        let tried = sub.tried.len();
+        self.update_job(id, |j| {
+            if !lines.is_empty() {
+                let head = if attempt == 0 {
+                    "placement:".to_string()
+                } else {
+                    format!("placement after attempt {attempt}:")
+                };
+                j.placement.push(head);
+                j.placement.extend(lines.iter().cloned());
+            }
+        });
+        let Some(best) = best else {
+            let reason = match (&why, pinned, ranked.is_empty()) {
+                (Some(w), _, _) => format!("{w}; no other device can run it"),
+                (None, true, true) => "the pinned peer is not connected".to_string(),
+                (None, _, _) => format!(
+                    "no device can run this job: {}",
+                    if lines.is_empty() {
+                        "no candidates".into()
+                    } else {
+                        lines.join("; ")
+                    }
+                ),
+            };
+            return self.finish_sub(id, State::Failed, Some(reason), None);
+        };
+        if tried as u32 >= max_attempts {
+            let reason = format!(
+                "{}; gave up after {tried} devices ([jobs] max_attempts)",
+                why.unwrap_or_else(|| "the job failed".into())
+            );
+            return self.finish_sub(id, State::Failed, Some(reason), None);
+        }
+        let name = self.peer_name(&best);
+        let reason = ranked
+            .iter()
+            .find(|v| v.id == best.to_base58())
+            .map(|v| v.reason.clone())
+            .unwrap_or_default();
+        self.emit(
+            id,
+            event(
+                "placed",
+                json!({"executed_by": best.to_base58(), "name": name, "attempt": attempt, "why": reason,
+                    "after": why, "placement": lines}),
+            ),
+        );
+        let Some(sub) = self.work.subs.get_mut(id) else { return };
+        sub.worker = Some(best);
+        sub.accepted = false;
+        sub.tried.push(best);
+        sub.last_heard = Instant::now();
+        sub.disconnected_since = None;
+        let resume = sub.checkpoint.as_ref().map(|(_, b)| b.clone());
+        let payload = JobPayload {
+            spec: sub.spec.clone(),
+            resume,
+            attempt,
+        };
+        let job_id = sub.job_id;
+        let me = self.me.to_base58();
+        self.update_job(id, |j| {
+            j.executed_by = Some(best.to_base58());
+            j.executed_by_name = Some(name.clone());
+        });
+        if best == self.me {
+            let _ = me;
+            self.accept_task(id.to_string(), job_id, None, payload);
+            if let Some(s) = self.work.subs.get_mut(id) {
+                s.accepted = true;
+            }
+            self.update_job(id, |j| j.state = State::Running);
+            return;
+        }
+        let Some(target_key) = peer_key(&best) else {
+            return self.attempt_failed(id, best, "its peer id holds no ed25519 key".into());
+        };
+        let bytes = match wire::encode(&payload, self.job_message_max()) {
+            Ok(b) => b,
+            Err(e) => {
+                return self.finish_sub(
+                    id,
+                    State::Failed,
+                    Some(format!("the job does not fit a message: {e}")),
+                    None,
+                )
+            }
+        };
+        let env = Envelope::seal(
+            &self.work.signing,
+            Kind::Job,
+            job_id,
+            target_key,
+            now_unix(),
+            ENVELOPE_TTL,
+            random::<16>(),
+            bytes,
+        );
+        let rid = self.swarm.behaviour_mut().job.send_request(&best, Ok(env));
+        self.work.job_requests.insert(rid, (id.to_string(), best));
+    }
+
+    pub(super) fn job_message_max(&self) -> usize {
+        let j = &self.cfg.jobs;
+        (j.max_dataset_bytes + j.max_checkpoint_bytes) as usize + (1 << 20)
+    }
+
+    pub(super) fn update_message_max(&self) -> usize {
+        self.cfg.jobs.max_checkpoint_bytes as usize + (1 << 20)
+    }
+
+    /// The device running job `id` refused it, failed to take it, or went away.
+    fn attempt_failed(&mut self, id: &str, worker: PeerId, reason: String) {
+        let name = self.peer_name(&worker);
+        let line = format!("{name} ({worker}): {reason}");
+        tracing::warn!(job = %id, "attempt failed on {line}");
+        self.update_job(id, |j| j.attempts.push(line.clone()));
+        let Some(sub) = self.work.subs.get_mut(id) else { return };
+        if sub.worker != Some(worker) {
+            return;
+        }
+        sub.worker = None;
+        sub.attempt += 1;
+        let pinned = !matches!(sub.target, Target::Auto);
+        self.emit(
+            id,
+            event(
+                "attempt_failed",
+                json!({"worker": worker.to_base58(), "name": name, "reason": reason}),
+            ),
+        );
+        if pinned {
+            return self.finish_sub(id, State::Failed, Some(format!("{name}: {reason}")), None);
+        }
+        self.place(id, Some(format!("{name} {reason}")));
+    }
+
+    fn emit(&mut self, id: &str, v: serde_json::Value) {
+        if let Some(s) = self.work.subs.get_mut(id) {
+            s.watchers.retain(|w| w.send(v.clone()).is_ok());
+        }
+    }
+
+    /// The job as `bitnode jobs show --json` and the final line of `bitnode submit --json` print it.
+    pub(super) fn job_json(&self, id: &str) -> serde_json::Value {
+        let Some(j) = self.work.table.jobs.iter().find(|j| j.id == id) else {
+            return json!({"job_id": id});
+        };
+        let mut v = json!({
+            "job_id": j.id,
+            "kind": j.kind,
+            "state": j.state,
+            "submitter": j.submitter,
+            "executed_by": j.executed_by,
+            "executed_by_name": j.executed_by_name,
+            "created_unix": j.created_unix,
+            "updated_unix": j.updated_unix,
+            "placement": j.placement,
+            "attempts": j.attempts,
+            "reason": j.reason,
+            "result": j.result,
+            "out": j.out,
+        });
+        if let Some(s) = self.work.subs.get(id) {
+            v["progress"] = s.progress.clone().unwrap_or(serde_json::Value::Null);
+            v["checkpoint_step"] = json!(s.checkpoint.as_ref().map(|(k, _)| *k));
+        }
+        v
+    }
+
+    /// Ends a submitted job: records it, answers the waiting `submit`s, forgets the live state.
+    fn finish_sub(&mut self, id: &str, state: State, reason: Option<String>, result: Option<serde_json::Value>) {
+        let worker = self.work.subs.get(id).and_then(|s| s.worker);
+        let name = worker.map(|w| self.peer_name(&w));
+        self.update_job(id, |j| {
+            j.state = state;
+            j.reason = reason.clone();
+            j.result = result;
+            if let Some(w) = worker {
+                j.executed_by = Some(w.to_base58());
+                j.executed_by_name = name;
+            }
+        });
+        let v = self.job_json(id);
+        tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job ended");
+        if let Some(sub) = self.work.subs.remove(id) {
+            for w in &sub.watchers {
+                let _ = w.send(event("finished", v.clone()));
+            }
+            for f in sub.finals {
+                let _ = f.send(Response::ok(v.clone()));
+            }
+        }
+    }
+
+    /// An update for a job this node submitted, from its current worker (`worker` is this node itself for
+    /// a local run). Returns the answer for the worker.
+    fn on_sub_update(&mut self, worker: PeerId, job_id: [u8; 16], update: Update) -> UpdateAck {
+        let id = hex(&job_id);
+        let Some(sub) = self.work.subs.get_mut(&id) else {
+            let done = self.work.table.jobs.iter().any(|j| j.id == id && j.state.is_final());
+            if done && matches!(update, Update::Done(_)) {
+                return UpdateAck::Ok;
+            }
+            return UpdateAck::Stop {
+                reason: "this device is not waiting for that job (it ended, was cancelled or never existed)".into(),
+            };
+        };
+        if sub.worker != Some(worker) {
+            return UpdateAck::Stop {
+                reason: "the job has moved to another device".into(),
+            };
+        }
+        sub.last_heard = Instant::now();
+        sub.accepted = true;
+        match update {
+            Update::Heartbeat { .. } => {}
+            Update::Tokens { ids, text } => {
+                self.emit(&id, event("tokens", json!({"ids": ids, "text": text})));
+            }
+            Update::Progress {
+                step,
+                total,
+                loss,
+                lr,
+                tokens_per_second,
+            } => {
+                let v = json!({"step": step, "total": total, "loss": loss, "lr": lr,
+                    "tokens_per_second": tokens_per_second, "worker": worker.to_base58()});
+                sub.progress = Some(v.clone());
+                self.emit(&id, event("progress", v));
+            }
+            Update::Checkpoint { step, bundle } => {
+                if let Err(e) = bundle.check() {
+                    return UpdateAck::Rejected { reason: e };
+                }
+                // Kept on disk too, so the owner can resume by hand if every device fails.
+                let dir = self.home.join("jobs").join(&id).join("checkpoint");
+                let tmp = self.home.join("jobs").join(&id).join(".checkpoint-tmp");
+                let _ = std::fs::remove_dir_all(&tmp);
+                if let Err(e) = write_bundle(&tmp, &bundle).and_then(|_| {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::rename(&tmp, &dir).map_err(anyhow::Error::from)
+                }) {
+                    tracing::warn!(job = %id, "saving a checkpoint: {e:#}");
+                }
+                sub.checkpoint = Some((step, bundle));
+                self.emit(
+                    &id,
+                    event("checkpoint", json!({"step": step, "worker": worker.to_base58()})),
+                );
+            }
+            Update::Done(outcome) => self.sub_done(&id, worker, outcome),
+        }
+        UpdateAck::Ok
+    }
+
+    fn sub_done(&mut self, id: &str, worker: PeerId, outcome: Outcome) {
+        let name = self.peer_name(&worker);
+        match outcome {
+            Outcome::Succeeded { result_json, files } => {
+                let mut result: serde_json::Value = match serde_json::from_str(&result_json) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return self.finish_sub(
+                            id,
+                            State::Failed,
+                            Some(format!("{name} sent a malformed result: {e}")),
+                            None,
+                        )
+                    }
+                };
+                let out = self.work.subs.get(id).and_then(|s| s.out.clone());
+                if let Some(out) = out {
+                    if let Err(e) = write_bundle(&out, &files) {
+                        return self.finish_sub(
+                            id,
+                            State::Failed,
+                            Some(format!("writing the adapter to {}: {e:#}", out.display())),
+                            None,
+                        );
+                    }
+                    // The summary names the directory on the worker; here it is --out.
+                    if result.get("adapter").is_some() {
+                        result["adapter"] = json!(out.display().to_string());
+                    }
+                }
+                self.finish_sub(id, State::Succeeded, None, Some(result));
+            }
+            Outcome::Failed { reason } => {
+                // The job itself failed (bad data, bad settings): another device would fail the same way.
+                self.finish_sub(id, State::Failed, Some(format!("on {name}: {reason}")), None)
+            }
+            Outcome::Cancelled { reason } => self.finish_sub(id, State::Cancelled, Some(reason), None),
+        }
+    }
+
+    pub(super) fn cancel_job(&mut self, id_prefix: &str) -> Response {
+        let id = match self.work.table.find(id_prefix) {
+            Ok(j) => j.id.clone(),
+            Err(e) => return Response::err(format!("{e:#}")),
+        };
+        if let Some(sub) = self.work.subs.get(&id) {
+            let worker = sub.worker;
+            let job_id = sub.job_id;
+            match worker {
+                Some(w) if w == self.me => self.cancel_task(&id, "cancelled by its submitter"),
+                Some(w) => self.send_cancel(w, job_id),
+                None => {}
+            }
+            self.finish_sub(&id, State::Cancelled, Some("cancelled by the owner".into()), None);
+            return Response::ok(self.job_json(&id));
+        }
+        if self.work.tasks.contains_key(&id) {
+            self.cancel_task(&id, "cancelled on the device running it");
+            return Response::ok(self.job_json(&id));
+        }
+        Response::err(format!(
+            "job {id} already ended ({:?})",
+            self.work.table.find(&id).map(|j| j.state).ok()
+        ))
+    }
+
+    fn send_cancel(&mut self, worker: PeerId, job_id: [u8; 16]) {
+        let Some(k) = peer_key(&worker) else { return };
+        let env = Envelope::seal(
+            &self.work.signing,
+            Kind::Cancel,
+            job_id,
+            k,
+            now_unix(),
+            ENVELOPE_TTL,
+            random::<16>(),
+            vec![],
+        );
+        self.swarm.behaviour_mut().job.send_request(&worker, Ok(env));
+    }
+
+    pub(super) fn jobs_list(&self) -> serde_json::Value {
+        let mut v: Vec<serde_json::Value> = self
+            .work
+            .table
+            .jobs
+            .iter()
+            .rev()
+            .map(|j| self.job_json(&j.id))
+            .collect();
+        v.truncate(200);
+        serde_json::Value::Array(v)
+    }
+
+    /// Heartbeat checks (submitter) and heartbeats, retries and resends (worker); every tick.
+    pub(super) fn jobs_tick(&mut self) {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(self.cfg.jobs.heartbeat_timeout_secs.max(1));
+        let mut lost = vec![];
+        for (id, sub) in self.work.subs.iter_mut() {
+            let Some(w) = sub.worker else { continue };
+            if w == self.me {
+                continue;
+            }
+            let connected = self.peers.get(&w).is_some_and(|s| s.connected());
+            if connected {
+                sub.disconnected_since = None;
+            } else if sub.disconnected_since.is_none() {
+                sub.disconnected_since = Some(now);
+            }
+            if sub
+                .disconnected_since
+                .is_some_and(|t| now - t >= DISCONNECT_GRACE.min(timeout))
+            {
+                lost.push((id.clone(), w, "disconnected".to_string()));
+            } else if now - sub.last_heard >= timeout {
+                lost.push((id.clone(), w, format!("sent no heartbeat for {} s", timeout.as_secs())));
+            }
+        }
+        for (id, w, why) in lost {
+            if let Some(job_id) = self.work.subs.get(&id).map(|s| s.job_id) {
+                // If it is merely slow, make sure it stops working on a job that has moved on.
+                self.send_cancel(w, job_id);
+            }
+            self.attempt_failed(&id, w, why);
+        }
+        // Worker side.
+        let beat =
+            now.duration_since(self.work.last_heartbeat) >= Duration::from_secs(self.cfg.jobs.heartbeat_secs.max(1));
+        if beat {
+            self.work.last_heartbeat = now;
+        }
+        let ids: Vec<String> = self.work.tasks.keys().cloned().collect();
+        for id in ids {
+            let Some(t) = self.work.tasks.get_mut(&id) else {
+                continue;
+            };
+            match &mut t.state {
+                TaskState::Done { update, tries, due } if now >= *due => {
+                    *tries += 1;
+                    *due = now + Duration::from_secs(2);
+                    if *tries > MAX_RESULT_TRIES {
+                        tracing::warn!(job = %id, "giving up delivering the result to the submitter");
+                        self.work.tasks.remove(&id);
+                        continue;
+                    }
+                    let u = update.clone();
+                    self.send_update(&id, u);
+                }
+                TaskState::Fetching { failed, .. } if !failed.is_empty() => {
+                    let retry = std::mem::take(failed);
+                    for (f, i) in retry {
+                        if (f, i) == MANIFEST_RETRY {
+                            self.fetch_next(&id);
+                        } else {
+                            self.request_chunk(&id, f, i);
+                        }
+                    }
+                }
+                TaskState::Queued | TaskState::Running { .. } | TaskState::Fetching { .. } if beat => {
+                    let running = matches!(t.state, TaskState::Running { .. });
+                    if t.submitter.is_some() {
+                        self.send_update(&id, Update::Heartbeat { running });
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Streams of `submit` clients stay alive (and notice a dead daemon) by these.
+        if beat {
+            let ids: Vec<String> = self.work.subs.keys().cloned().collect();
+            for id in ids {
+                self.emit(&id, event("heartbeat", json!({})));
+            }
+        }
+    }
+
+    // ---- worker ----
+
+    pub(super) fn on_job_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<JobAck>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let ack = match request {
+                    Ok(env) => self.job_request(peer, env),
+                    Err(why) => {
+                        tracing::warn!(%peer, "malformed job message refused: {why}");
+                        JobAck::Rejected { reason: why }
+                    }
+                };
+                if let JobAck::Rejected { reason } = &ack {
+                    tracing::warn!(%peer, "job refused: {reason}");
+                }
+                let _ = self.swarm.behaviour_mut().job.send_response(channel, Ok(ack));
+            }
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some((id, worker)) = self.work.job_requests.remove(&request_id) else {
+                    return;
+                };
+                match response {
+                    Ok(JobAck::Accepted { queue_position }) => {
+                        if let Some(s) = self.work.subs.get_mut(&id) {
+                            if s.worker == Some(worker) {
+                                s.accepted = true;
+                                s.last_heard = Instant::now();
+                            }
+                        }
+                        self.update_job(&id, |j| j.state = State::Running);
+                        self.emit(
+                            &id,
+                            event(
+                                "accepted",
+                                json!({"worker": peer.to_base58(), "queue_position": queue_position}),
+                            ),
+                        );
+                    }
+                    Ok(JobAck::Rejected { reason }) => {
+                        self.attempt_failed(&id, worker, format!("refused the job: {reason}"))
+                    }
+                    Err(why) => self.attempt_failed(&id, worker, format!("sent a malformed answer: {why}")),
+                }
+            }
+            rr::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some((id, worker)) = self.work.job_requests.remove(&request_id) {
+                    self.attempt_failed(&id, worker, format!("could not be given the job: {error}"));
+                }
+            }
+            rr::Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, "job message failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn open_envelope<'a>(
+        &mut self,
+        peer: &PeerId,
+        env: &'a Envelope,
+        kind: Kind,
+        max: usize,
+    ) -> Result<&'a [u8], String> {
+        if peer_key(peer) != Some(env.header.signer) {
+            return Err("the envelope is signed by another device than the one that sent it".into());
+        }
+        let admission = self.admission.clone();
+        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(&admission).trusted.contains(&p));
+        env.open(&self.work.my_key, kind, now_unix(), max, trusted, &mut self.work.nonces)
+            .map_err(|e| e.to_string())
+    }
+
+    fn job_request(&mut self, peer: PeerId, env: Envelope) -> JobAck {
+        let rej = |r: String| JobAck::Rejected { reason: r };
+        let kind = env.header.kind;
+        if kind != Kind::Job && kind != Kind::Cancel {
+            return rej(format!("a {kind:?} envelope is not a job"));
+        }
+        let max = self.job_message_max();
+        let payload = match self.open_envelope(&peer, &env, kind, max) {
+            Ok(p) => p.to_vec(),
+            Err(e) => return rej(e),
+        };
+        let id = hex(&env.header.job_id);
+        if kind == Kind::Cancel {
+            return match self.work.tasks.get(&id) {
+                Some(t) if t.submitter == Some(peer) => {
+                    self.cancel_task(&id, "cancelled by its submitter");
+                    JobAck::Accepted { queue_position: 0 }
+                }
+                _ => rej("no such job on this device".into()),
+            };
+        }
+        if !self.cfg.jobs.accept_remote {
+            return rej("this device does not take jobs from other devices ([jobs] accept_remote = false)".into());
+        }
+        let payload: JobPayload = match wire::decode(&payload, max) {
+            Ok(p) => p,
+            Err(e) => return rej(format!("malformed job: {e}")),
+        };
+        if let Err(e) = self.check_payload(&payload) {
+            return rej(e);
+        }
+        if self.caps.on_ac == Some(false) && self.caps.battery_percent.is_some() && !self.cfg.jobs.run_on_battery {
+            return rej(
+                "this device is on battery and does not take jobs from others then ([jobs] run_on_battery)".into(),
+            );
+        }
+        if self.work.tasks.contains_key(&id) {
+            return rej("this job is already here".into());
+        }
+        if self.work.queue_len() as usize >= self.cfg.jobs.max_queue {
+            return rej(format!(
+                "the queue is full ({} jobs, [jobs] max_queue)",
+                self.cfg.jobs.max_queue
+            ));
+        }
+        let job = Job {
+            id: id.clone(),
+            kind: payload.spec.kind().into(),
+            submitter: peer.to_base58(),
+            executed_by: Some(self.me.to_base58()),
+            state: State::Queued,
+            created_unix: now_unix(),
+            updated_unix: now_unix(),
+            placement: vec![format!(
+                "sent here by {} (attempt {})",
+                self.peer_name(&peer),
+                payload.attempt
+            )],
+            reason: None,
+            result: None,
+            attempts: vec![],
+            executed_by_name: Some(self.name.clone()),
+            out: None,
+        };
+        // A job id seen before (a resubmission after a failover back to us) replaces the old record.
+        self.work.table.jobs.retain(|j| j.id != id);
+        if let Err(e) = self.work.table.insert(&self.home, job) {
+            return rej(format!("this device cannot record the job: {e:#}"));
+        }
+        tracing::info!(job = %id, submitter = %peer, kind = payload.spec.kind(), "job accepted");
+        let pos = self.work.queue_len();
+        self.accept_task(id, env.header.job_id, Some(peer), payload);
+        JobAck::Accepted { queue_position: pos }
+    }
+
+    /// What a worker checks in a job before taking it: well-formed content hashes only (never a path), the
+    /// dataset and a resume checkpoint within this device's limits.
+    fn check_payload(&self, p: &JobPayload) -> Result<(), String> {
+        crate::exec::validate(&p.spec).map_err(|e| format!("{e:#}"))?;
+        for h in p.spec.inputs() {
+            if !crate::models::valid_hash(h) {
+                return Err(format!(
+                    "{h:?} is not a model hash: remote jobs name models by content hash only"
+                ));
+            }
+        }
+        if let JobSpec::Finetune(f) = &p.spec {
+            let max = self.cfg.jobs.max_dataset_bytes;
+            if f.data.len() as u64 > max {
+                return Err(format!(
+                    "the dataset is {} bytes, over this device's limit of {max} bytes ([jobs] max_dataset_bytes)",
+                    f.data.len()
+                ));
+            }
+            let ext = Path::new(&f.data_name)
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("");
+            if !bitnode_protocol::job::plain_name(&f.data_name) || !matches!(ext, "txt" | "jsonl") {
+                return Err(format!(
+                    "the dataset name {:?} must be a plain .txt or .jsonl file name",
+                    f.data_name
+                ));
+            }
+        }
+        if let Some(b) = &p.resume {
+            b.check()?;
+            if b.total_bytes() as u64 > self.cfg.jobs.max_checkpoint_bytes {
+                return Err("the resume checkpoint is over [jobs] max_checkpoint_bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a job to run here: fetches what is missing, then queues it.
+    fn accept_task(&mut self, id: String, job_id: [u8; 16], submitter: Option<PeerId>, payload: JobPayload) {
+        let missing: Vec<String> = payload
+            .spec
+            .inputs()
+            .iter()
+            .filter(|h| !matches!(self.work.store.resolve(h), Ok(Some(_))))
+            .map(|h| h.to_string())
+            .collect();
+        let dir = self.home.join("work").join(&id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Task {
+            job_id,
+            submitter,
+            payload,
+            dir,
+            state: TaskState::Queued,
+            cancelled: None,
+            result: None,
+            error: None,
+        };
+        self.work.tasks.insert(id.clone(), t);
+        if missing.is_empty() || submitter.is_none() {
+            self.work.order.push_back(id);
+            self.start_next();
+        } else {
+            if let Some(t) = self.work.tasks.get_mut(&id) {
+                t.state = TaskState::Fetching {
+                    missing,
+                    download: None,
+                    in_flight: HashSet::new(),
+                    failed: vec![],
+                    failures: 0,
+                };
+            }
+            self.fetch_next(&id);
+        }
+        self.refresh_job_caps();
+    }
+
+    fn fetch_next(&mut self, id: &str) {
+        let store = self.work.store.clone();
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        let Some(sub) = t.submitter else { return };
+        let TaskState::Fetching { missing, failed, .. } = &mut t.state else {
+            return;
+        };
+        // Another job may have brought the model meanwhile.
+        missing.retain(|h| !matches!(store.resolve(h), Ok(Some(_))));
+        if let Some(h) = missing.first() {
+            if crate::transfer::in_progress(&store, h) {
+                // One download per model: wait for the other job's, then find it in the store.
+                failed.push(MANIFEST_RETRY);
+                return;
+            }
+        }
+        match missing.first().cloned() {
+            Some(h) => {
+                tracing::info!(job = %id, model = %h, "fetching a model from the submitter");
+                let req = ModelRequest::Manifest { hash: h };
+                let rid = self.swarm.behaviour_mut().model.send_request(&sub, Ok(req.clone()));
+                self.work.model_requests.insert(rid, (id.to_string(), req));
+            }
+            None => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.state = TaskState::Queued;
+                }
+                self.work.order.push_back(id.to_string());
+                self.refresh_job_caps();
+                self.start_next();
+            }
+        }
+    }
+
+    fn request_chunk(&mut self, id: &str, file: u32, index: u32) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        let Some(sub) = t.submitter else { return };
+        let TaskState::Fetching { missing, in_flight, .. } = &mut t.state else {
+            return;
+        };
+        let Some(hash) = missing.first().cloned() else { return };
+        in_flight.insert((file, index));
+        let req = ModelRequest::Chunk { hash, file, index };
+        let rid = self.swarm.behaviour_mut().model.send_request(&sub, Ok(req.clone()));
+        self.work.model_requests.insert(rid, (id.to_string(), req));
+    }
+
+    /// Keeps up to [`CHUNKS_IN_FLIGHT`] chunk requests going; finishes the download when all are in.
+    fn pump_chunks(&mut self, id: &str) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        let TaskState::Fetching {
+            download,
+            in_flight,
+            failed,
+            ..
+        } = &mut t.state
+        else {
+            return;
+        };
+        let Some(dl) = download.as_ref() else { return };
+        let busy: HashSet<(u32, u32)> = in_flight.iter().chain(failed.iter()).copied().collect();
+        let want: Vec<(u32, u32)> = dl
+            .needed(CHUNKS_IN_FLIGHT + busy.len())
+            .into_iter()
+            .filter(|c| !busy.contains(c))
+            .take(CHUNKS_IN_FLIGHT.saturating_sub(in_flight.len()))
+            .collect();
+        if want.is_empty() && busy.is_empty() && dl.next_needed().is_none() {
+            let Some(dl) = download.take() else { return };
+            let tx = self.work.internal.clone();
+            let task = id.to_string();
+            tokio::task::spawn_blocking(move || {
+                let res = dl.finish().map_err(|e| format!("{e:#}"));
+                let _ = tx.send(Internal::Fetched { task, res });
+            });
+            return;
+        }
+        for (f, i) in want {
+            self.request_chunk(id, f, i);
+        }
+    }
+
+    pub(super) fn on_model_event(&mut self, e: rr::Event<Inbound<ModelRequest>, Inbound<ModelResponse>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let resp = match request {
+                    Ok(req) => self.serve_model(peer, &req),
+                    Err(why) => ModelResponse::Refused { reason: why },
+                };
+                let _ = self.swarm.behaviour_mut().model.send_response(channel, Ok(resp));
+            }
+            rr::Event::Message {
+                message: rr::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some((id, req)) = self.work.model_requests.remove(&request_id) else {
+                    return;
+                };
+                match response {
+                    Ok(r) => self.model_response(&id, req, r),
+                    Err(why) => self.fail_task(&id, format!("the submitter sent a malformed model message: {why}")),
+                }
+            }
+            rr::Event::OutboundFailure { request_id, error, .. } => {
+                let Some((id, req)) = self.work.model_requests.remove(&request_id) else {
+                    return;
+                };
+                if matches!(error, rr::OutboundFailure::UnsupportedProtocols) {
+                    return self.fail_task(&id, "the submitter does not serve models (/bitnode/model/1)".into());
+                }
+                tracing::info!(job = %id, "model request failed ({error}); retrying");
+                let mut give_up = false;
+                if let Some(t) = self.work.tasks.get_mut(&id) {
+                    if let TaskState::Fetching {
+                        in_flight,
+                        failed,
+                        failures,
+                        ..
+                    } = &mut t.state
+                    {
+                        *failures += 1;
+                        give_up = *failures > MAX_CHUNK_FAILURES;
+                        match req {
+                            ModelRequest::Chunk { file, index, .. } => {
+                                in_flight.remove(&(file, index));
+                                failed.push((file, index));
+                            }
+                            // The manifest is asked again by the next fetch round.
+                            ModelRequest::Manifest { .. } => failed.push(MANIFEST_RETRY),
+                        }
+                    }
+                }
+                if give_up {
+                    self.fail_task(&id, format!("the model transfer from the submitter broke off: {error}"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The submitter side of a model transfer: only to a paired peer that holds one of our jobs that needs
+    /// exactly this model.
+    fn serve_model(&mut self, peer: PeerId, req: &ModelRequest) -> ModelResponse {
+        let hash = match req {
+            ModelRequest::Manifest { hash } | ModelRequest::Chunk { hash, .. } => hash,
+        };
+        let allowed = self.is_trusted(&peer)
+            && self
+                .work
+                .subs
+                .values()
+                .any(|s| s.worker == Some(peer) && s.spec.inputs().contains(&hash.as_str()));
+        if !allowed {
+            tracing::warn!(%peer, "model request refused: no job of ours on that device needs {hash}");
+            return ModelResponse::Refused {
+                reason: "no job of this device that you run needs that model".into(),
+            };
+        }
+        crate::transfer::serve(&self.work.store, req)
+    }
+
+    fn model_response(&mut self, id: &str, req: ModelRequest, resp: ModelResponse) {
+        match (req, resp) {
+            (ModelRequest::Manifest { hash }, ModelResponse::Manifest(m)) => {
+                let total: u64 = m.files.iter().map(|f| f.len).sum();
+                let Some(sub) = self.work.tasks.get(id).and_then(|t| t.submitter) else {
+                    return;
+                };
+                if let Err(why) = self.model_route(&sub, total) {
+                    return self.fail_task(id, format!("the model cannot travel to this device: {why}"));
+                }
+                let max = self.cfg.jobs.max_model_bytes;
+                let home = self.home.clone();
+                let tx = self.work.internal.clone();
+                let task = id.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let res = Download::begin(&Store::new(&home), &hash, m, max).map_err(|e| format!("{e:#}"));
+                    let _ = tx.send(Internal::Began { task, res });
+                });
+            }
+            (ModelRequest::Chunk { file, index, .. }, ModelResponse::Chunk { bytes }) => {
+                let mut err = None;
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    if let TaskState::Fetching {
+                        download: Some(dl),
+                        in_flight,
+                        ..
+                    } = &mut t.state
+                    {
+                        in_flight.remove(&(file, index));
+                        if let Err(e) = dl.accept(file, index, &bytes) {
+                            err = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+                match err {
+                    Some(e) => self.fail_task(id, format!("a model chunk failed verification: {e}")),
+                    None => self.pump_chunks(id),
+                }
+            }
+            (_, ModelResponse::Refused { reason }) => {
+                self.fail_task(id, format!("the submitter refused the model transfer: {reason}"))
+            }
+            _ => self.fail_task(
+                id,
+                "the submitter answered a model request with the wrong message".into(),
+            ),
+        }
+    }
+
+    pub(super) fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Began { task, res } => match res {
+                Ok(dl) => {
+                    if let Some(t) = self.work.tasks.get_mut(&task) {
+                        if let TaskState::Fetching { download, .. } = &mut t.state {
+                            tracing::info!(job = %task, have = dl.done_bytes(), total = dl.total_bytes(), "model download");
+                            *download = Some(dl);
+                        }
+                    }
+                    self.pump_chunks(&task);
+                }
+                Err(e) => self.fail_task(&task, format!("cannot receive the model: {e}")),
+            },
+            Internal::Fetched { task, res } => match res {
+                Ok(dir) => {
+                    tracing::info!(job = %task, "model received into {}", dir.display());
+                    if let Some(t) = self.work.tasks.get_mut(&task) {
+                        if let TaskState::Fetching { missing, failures, .. } = &mut t.state {
+                            if !missing.is_empty() {
+                                missing.remove(0);
+                            }
+                            *failures = 0;
+                        }
+                    }
+                    self.refresh_job_caps();
+                    self.fetch_next(&task);
+                }
+                Err(e) => self.fail_task(&task, format!("the received model is not the one asked for: {e}")),
+            },
+            Internal::Child { task, line } => self.on_child_line(&task, line),
+            Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
+            Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
+        }
+    }
+
+    /// Starts the next queued job when nothing runs (one job at a time: they share one GPU).
+    fn start_next(&mut self) {
+        if self.work.running.is_some() {
+            return;
+        }
+        while let Some(id) = self.work.order.pop_front() {
+            match self.spawn_task(&id) {
+                Ok(pid) => {
+                    if let Some(t) = self.work.tasks.get_mut(&id) {
+                        t.state = TaskState::Running { pid };
+                    }
+                    self.work.running = Some(id.clone());
+                    if self.work.tasks.get(&id).is_some_and(|t| t.submitter.is_some()) {
+                        self.update_job(&id, |j| j.state = State::Running);
+                    }
+                    return;
+                }
+                Err(e) => self.fail_task(&id, format!("{e:#}")),
+            }
+        }
+    }
+
+    /// Lays out the job directory (dataset, resume checkpoint, output) and starts `bitnode job-exec` on it.
+    fn spawn_task(&mut self, id: &str) -> anyhow::Result<u32> {
+        let t = self.work.tasks.get(id).context("the job vanished")?;
+        let dir = t.dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let resolve = |h: &str| -> anyhow::Result<PathBuf> {
+            self.work
+                .store
+                .resolve(h)?
+                .with_context(|| format!("model {h} is not in this device's store"))
+        };
+        let mut spec = t.payload.spec.clone();
+        let model = resolve(spec.model())?;
+        let mut paths = JobPaths {
+            model,
+            adapter: None,
+            data: None,
+            out: None,
+            resume: None,
+            json_log: None,
+        };
+        match &mut spec {
+            JobSpec::Infer(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
+            JobSpec::Score(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
+            JobSpec::Finetune(f) => {
+                paths.adapter = f.init_adapter.as_deref().map(resolve).transpose()?;
+                let data = dir.join(&f.data_name);
+                std::fs::write(&data, &f.data).with_context(|| format!("writing {}", data.display()))?;
+                // The child reads the dataset from the file; the bytes need not be copied again.
+                f.data = vec![];
+                paths.data = Some(data);
+                paths.out = Some(dir.join("out"));
+                if let Some(b) = &t.payload.resume {
+                    let r = dir.join("resume");
+                    write_bundle(&r, b)?;
+                    paths.resume = Some(r);
+                }
+            }
+        }
+        crate::exec::write_exec_file(&dir, &ExecFile { spec, paths })?;
+        let exe = std::env::current_exe().context("locating the bitnode binary")?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--home")
+            .arg(&self.home)
+            .arg("job-exec")
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when this daemon
+        // dies (a killed daemon must not leave an orphan job running).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting the job process")?;
+        let pid = child.id().context("the job process has no pid")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let tx = self.work.internal.clone();
+        let task = id.to_string();
+        tracing::info!(job = %id, pid, "job started");
+        tokio::spawn(async move {
+            let tail = tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                let mut tail: VecDeque<String> = VecDeque::new();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    tail.push_back(l);
+                    if tail.len() > 20 {
+                        tail.pop_front();
+                    }
+                }
+                tail.into_iter().collect::<Vec<_>>().join("\n")
+            });
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut pending: Option<(Vec<u32>, String)> = None;
+            loop {
+                // Tokens are batched for up to 30 ms, so fast decoding does not become one envelope per token.
+                let next = if pending.is_some() {
+                    match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            if let Some((ids, text)) = pending.take() {
+                                let _ = tx.send(Internal::Tokens {
+                                    task: task.clone(),
+                                    ids,
+                                    text,
+                                });
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    lines.next_line().await
+                };
+                let Ok(Some(l)) = next else { break };
+                let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
+                    tracing::debug!("job output: {l}");
+                    continue;
+                };
+                if let ExecLine::Token { id, text } = &line {
+                    let p = pending.get_or_insert_with(|| (vec![], String::new()));
+                    p.0.push(*id);
+                    p.1.push_str(text);
+                    continue;
+                }
+                if let Some((ids, text)) = pending.take() {
+                    let _ = tx.send(Internal::Tokens {
+                        task: task.clone(),
+                        ids,
+                        text,
+                    });
+                }
+                let _ = tx.send(Internal::Child {
+                    task: task.clone(),
+                    line,
+                });
+            }
+            if let Some((ids, text)) = pending.take() {
+                let _ = tx.send(Internal::Tokens {
+                    task: task.clone(),
+                    ids,
+                    text,
+                });
+            }
+            let ok = child.wait().await.map(|s| s.success()).unwrap_or(false);
+            let stderr_tail = tail.await.unwrap_or_default();
+            let _ = tx.send(Internal::ChildExit { task, ok, stderr_tail });
+        });
+        Ok(pid)
+    }
+
+    fn on_child_line(&mut self, id: &str, line: ExecLine) {
+        match line {
+            ExecLine::Token { id: tok, text } => self.deliver(id, Update::Tokens { ids: vec![tok], text }),
+            ExecLine::Step {
+                step,
+                total,
+                loss,
+                lr,
+                tokens_per_second,
+                ..
+            } => self.deliver(
+                id,
+                Update::Progress {
+                    step: step as u64,
+                    total: total as u64,
+                    loss,
+                    lr,
+                    tokens_per_second,
+                },
+            ),
+            ExecLine::Checkpoint { step, dir } => {
+                match read_bundle(Path::new(&dir), true, self.cfg.jobs.max_checkpoint_bytes) {
+                    Ok(bundle) => self.deliver(
+                        id,
+                        Update::Checkpoint {
+                            step: step as u64,
+                            bundle,
+                        },
+                    ),
+                    Err(e) => tracing::warn!(job = %id, "checkpoint not streamed back: {e:#}"),
+                }
+            }
+            ExecLine::Result { result } => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.result = Some(result);
+                }
+            }
+            ExecLine::Error { reason } => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.error = Some(reason);
+                }
+            }
+        }
+    }
+
+    fn on_child_exit(&mut self, id: &str, ok: bool, stderr_tail: String) {
+        if self.work.running.as_deref() == Some(id) {
+            self.work.running = None;
+        }
+        let Some(t) = self.work.tasks.get_mut(id) else {
+            self.start_next();
+            return;
+        };
+        let outcome = if let Some(why) = t.cancelled.clone() {
+            Outcome::Cancelled { reason: why }
+        } else if ok && t.result.is_some() {
+            let result = t.result.take().unwrap_or_default();
+            let out = t.dir.join("out");
+            let files = if matches!(t.payload.spec, JobSpec::Finetune(_)) {
+                match read_bundle(&out, false, self.cfg.jobs.max_checkpoint_bytes) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let reason = format!("reading the adapter: {e:#}");
+                        self.end_task(id, Outcome::Failed { reason });
+                        return;
+                    }
+                }
+            } else {
+                Bundle::default()
+            };
+            if !files.files.is_empty() {
+                // Cached here by content, so an inference with this adapter needs no transfer back.
+                let list: Vec<(String, Vec<u8>)> =
+                    files.files.iter().map(|f| (f.path.clone(), f.bytes.clone())).collect();
+                if let Err(e) = self.work.store.import_files(&list) {
+                    tracing::warn!(job = %id, "caching the adapter: {e:#}");
+                }
+            }
+            Outcome::Succeeded {
+                result_json: result.to_string(),
+                files,
+            }
+        } else {
+            let reason = t
+                .error
+                .clone()
+                .or_else(|| stderr_tail.lines().last().map(str::to_string))
+                .unwrap_or_else(|| "the job process died".into());
+            Outcome::Failed { reason }
+        };
+        self.end_task(id, outcome);
+    }
+
+    /// Records how a job run here ended and tells its submitter (retried until acknowledged).
+    fn end_task(&mut self, id: &str, outcome: Outcome) {
+        let Some(t) = self.work.tasks.get(id) else { return };
+        let dir = t.dir.clone();
+        let remote = t.submitter.is_some();
+        let (state, reason) = match &outcome {
+            Outcome::Succeeded { .. } => (State::Succeeded, None),
+            Outcome::Failed { reason } => (State::Failed, Some(reason.clone())),
+            Outcome::Cancelled { reason } => (State::Cancelled, Some(reason.clone())),
+        };
+        if remote {
+            let result = match &outcome {
+                Outcome::Succeeded { result_json, .. } => serde_json::from_str(result_json).ok(),
+                _ => None,
+            };
+            self.update_job(id, |j| {
+                j.state = state;
+                j.reason = reason.clone();
+                j.result = result;
+            });
+        }
+        tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job run here ended");
+        let _ = std::fs::remove_dir_all(&dir);
+        if self.work.running.as_deref() == Some(id) {
+            self.work.running = None;
+        }
+        self.work.order.retain(|o| o != id);
+        let update = Update::Done(outcome);
+        if remote {
+            if let Some(t) = self.work.tasks.get_mut(id) {
+                t.state = TaskState::Done {
+                    update: update.clone(),
+                    tries: 1,
+                    due: Instant::now() + Duration::from_secs(2),
+                };
+            }
+            self.send_update(id, update);
+        } else {
+            self.work.tasks.remove(id);
+            self.deliver_local(id, update);
+        }
+        self.refresh_job_caps();
+        self.start_next();
+    }
+
+    fn fail_task(&mut self, id: &str, reason: String) {
+        tracing::warn!(job = %id, "job failed here: {reason}");
+        if let Some(TaskState::Running { pid }) = self.work.tasks.get(id).map(|t| &t.state) {
+            // SAFETY: plain syscall on a pid we started; a stale pid at worst gets a signal it ignores.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        self.end_task(id, Outcome::Failed { reason });
+    }
+
+    fn cancel_task(&mut self, id: &str, why: &str) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        t.cancelled = Some(why.to_string());
+        match t.state {
+            TaskState::Running { pid } => {
+                // The exit is reported by the child's reader and ends the task as cancelled.
+                // SAFETY: see fail_task.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            TaskState::Done { .. } => {}
+            _ => self.end_task(id, Outcome::Cancelled { reason: why.into() }),
+        }
+    }
+
+    /// Routes an update of a job run here: to the submitter half of this node for a local submission,
+    /// else signed to the submitting peer.
+    fn deliver(&mut self, id: &str, update: Update) {
+        match self.work.tasks.get(id).map(|t| t.submitter) {
+            Some(Some(_)) => self.send_update(id, update),
+            Some(None) => self.deliver_local(id, update),
+            None => {}
+        }
+    }
+
+    fn deliver_local(&mut self, id: &str, update: Update) {
+        let Some(job_id) = parse_job_id(id) else { return };
+        let me = self.me;
+        if let UpdateAck::Stop { .. } = self.on_sub_update(me, job_id, update) {
+            self.cancel_task(id, "the submitter stopped waiting");
+        }
+    }
+
+    fn send_update(&mut self, id: &str, update: Update) {
+        let Some(t) = self.work.tasks.get(id) else { return };
+        let Some(sub) = t.submitter else { return };
+        let Some(k) = peer_key(&sub) else { return };
+        let kind = if matches!(update, Update::Done(_)) {
+            Kind::Result
+        } else {
+            Kind::Update
+        };
+        let bytes = match wire::encode(&update, self.update_message_max()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(job = %id, "an update does not fit a message: {e}");
+                if kind == Kind::Result {
+                    let u = Update::Done(Outcome::Failed {
+                        reason: format!("the result does not fit a message ({e}); raise [jobs] max_checkpoint_bytes"),
+                    });
+                    if let Ok(b) = wire::encode(&u, self.update_message_max()) {
+                        let env = Envelope::seal(
+                            &self.work.signing,
+                            kind,
+                            t.job_id,
+                            k,
+                            now_unix(),
+                            ENVELOPE_TTL,
+                            random::<16>(),
+                            b,
+                        );
+                        let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
+                        self.work.done_requests.insert(rid, id.to_string());
+                    }
+                }
+                return;
+            }
+        };
+        let env = Envelope::seal(
+            &self.work.signing,
+            kind,
+            t.job_id,
+            k,
+            now_unix(),
+            ENVELOPE_TTL,
+            random::<16>(),
+            bytes,
+        );
+        let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
+        self.work.done_requests.insert(rid, id.to_string());
+    }
+
+    pub(super) fn on_update_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<UpdateAck>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let ack = match request {
+                    Ok(env) => {
+                        let kind = env.header.kind;
+                        let max = self.update_message_max();
+                        match kind {
+                            Kind::Update | Kind::Result => match self.open_envelope(&peer, &env, kind, max) {
+                                Ok(p) => match wire::decode::<Update>(p, max) {
+                                    Ok(u) if (kind == Kind::Result) == matches!(u, Update::Done(_)) => {
+                                        self.on_sub_update(peer, env.header.job_id, u)
+                                    }
+                                    Ok(_) => UpdateAck::Rejected {
+                                        reason: "a result must come in a Result envelope, and only a result".into(),
+                                    },
+                                    Err(e) => UpdateAck::Rejected {
+                                        reason: format!("malformed update: {e}"),
+                                    },
+                                },
+                                Err(e) => UpdateAck::Rejected { reason: e },
+                            },
+                            other => UpdateAck::Rejected {
+                                reason: format!("a {other:?} envelope is not an update"),
+                            },
+                        }
+                    }
+                    Err(why) => UpdateAck::Rejected { reason: why },
+                };
+                if let UpdateAck::Rejected { reason } = &ack {
+                    tracing::warn!(%peer, "update refused: {reason}");
+                }
+                let _ = self.swarm.behaviour_mut().update.send_response(channel, Ok(ack));
+            }
+            rr::Event::Message {
+                message: rr::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some(id) = self.work.done_requests.remove(&request_id) else {
+                    return;
+                };
+                let done = self
+                    .work
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
+                match response {
+                    Ok(UpdateAck::Ok) if done => {
+                        self.work.tasks.remove(&id);
+                    }
+                    Ok(UpdateAck::Stop { reason }) => {
+                        tracing::info!(job = %id, "the submitter no longer wants this job: {reason}");
+                        if done {
+                            self.work.tasks.remove(&id);
+                        } else {
+                            self.cancel_task(&id, &format!("stopped by the submitter: {reason}"));
+                        }
+                    }
+                    Ok(UpdateAck::Rejected { reason }) => {
+                        tracing::warn!(job = %id, "the submitter refused an update: {reason}");
+                    }
+                    _ => {}
+                }
+            }
+            rr::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some(id) = self.work.done_requests.remove(&request_id) {
+                    tracing::debug!(job = %id, "update not delivered: {error}");
+                }
+            }
+            _ => {}
+        }
+    }
+}
