@@ -14,15 +14,25 @@ use std::time::{Duration, Instant};
 
 const DATASET: &str = include_str!("../assets/demo-finetune.jsonl");
 
-struct Device {
-    name: &'static str,
-    home: PathBuf,
-    child: Option<Child>,
+pub(crate) struct Device {
+    pub(crate) name: &'static str,
+    pub(crate) home: PathBuf,
+    child: std::cell::RefCell<Option<Child>>,
+}
+
+impl Device {
+    /// SIGKILL: the device vanishes, as far as its peers can tell.
+    pub(crate) fn kill(&self) {
+        if let Some(mut c) = self.child.borrow_mut().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.get_mut().take() {
             let _ = control::call(&self.home, &Request::Shutdown, Duration::from_secs(5));
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(5) {
@@ -37,18 +47,107 @@ impl Drop for Device {
     }
 }
 
-fn config(name: &str, score: f64, mem_gib: u64, battery: bool) -> String {
-    let power = if battery {
+/// One device of a local mesh: its name, pinned score, device memory and power, and extra config.
+pub(crate) struct Spec {
+    pub(crate) name: &'static str,
+    /// None: measure (the capability probe), else pinned.
+    pub(crate) score: Option<f64>,
+    pub(crate) mem_gib: u64,
+    pub(crate) battery: bool,
+    pub(crate) extra: &'static str,
+}
+
+fn config(s: &Spec) -> String {
+    let power = if s.battery {
         "battery_percent = 64.0\non_ac = false\n"
     } else {
         "on_ac = true\n"
     };
+    let caps = match s.score {
+        Some(score) => format!(
+            "benchmark = false\nscore = {score}\nternary_gops = {score}\ndevice = \"{} GPU (pinned for the demo)\"\n\
+             device_memory_bytes = {}\n{power}",
+            s.name,
+            s.mem_gib << 30
+        ),
+        None => String::new(),
+    };
     format!(
-        "[node]\nname = \"{name}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nreconnect_secs = 1\n\n\
-         [capabilities]\nbenchmark = false\nscore = {score}\nternary_gops = {score}\ndevice = \"{name} GPU (pinned for the demo)\"\n\
-         device_memory_bytes = {}\n{power}\n[jobs]\ncheckpoint_every = 5\n",
-        mem_gib << 30
+        "[node]\nname = \"{}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nreconnect_secs = 1\n\n\
+         [capabilities]\n{caps}\n{}\n",
+        s.name, s.extra
     )
+}
+
+/// Starts one daemon per spec under `base` and pairs every two of them by invite codes (as `pair invite`
+/// and `pair join` do); returns once each sees all the others connected with capabilities.
+pub(crate) fn start_mesh(base: &Path, specs: &[Spec], narrate: bool) -> anyhow::Result<Vec<Device>> {
+    let mut devs = vec![];
+    for s in specs {
+        let home = base.join(s.name);
+        std::fs::create_dir_all(&home)?;
+        crate::init(&home, Some(s.name))?;
+        crate::fsutil::write_private(&home.join("config.toml"), config(s).as_bytes())?;
+        let log = std::fs::File::create(home.join("daemon.log"))?;
+        let child = bitnode(&home)
+            .arg("start")
+            .env("BITNODE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a daemon")?;
+        if narrate {
+            say(&format!(
+                "  started the {:<7} daemon: capability score {} (pinned), {} GiB{}",
+                s.name,
+                s.score.unwrap_or(0.0),
+                s.mem_gib,
+                if s.battery { ", on battery" } else { "" }
+            ));
+        }
+        devs.push(Device {
+            name: s.name,
+            home,
+            child: std::cell::RefCell::new(Some(child)),
+        });
+    }
+    for d in &devs {
+        wait_for(Duration::from_secs(60), "the daemons to start", || {
+            control::is_running(&d.home).then_some(())
+        })?;
+    }
+    for (i, a) in devs.iter().enumerate() {
+        for b in &devs[i + 1..] {
+            let inv = control::call(&a.home, &Request::PairInvite { ttl_secs: 120 }, Duration::from_secs(10))?;
+            let code = inv["code"].as_str().context("no invite code")?.to_string();
+            let v = control::call(
+                &b.home,
+                &Request::PairJoin { code: code.clone() },
+                Duration::from_secs(60),
+            )?;
+            if narrate {
+                say(&format!(
+                    "   {}$ bitnode pair join {}...  -> paired with {}",
+                    b.name,
+                    &code[..code.len().min(28)],
+                    v["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    for d in &devs {
+        wait_for(Duration::from_secs(60), "every device to see the others", || {
+            let v = control::call(&d.home, &Request::Peers, Duration::from_secs(5)).ok()?;
+            let ready = v
+                .as_array()?
+                .iter()
+                .filter(|p| p["connected"] == true && !p["capabilities"].is_null())
+                .count();
+            (ready == devs.len() - 1).then_some(())
+        })?;
+    }
+    Ok(devs)
 }
 
 fn say(s: &str) {
@@ -127,84 +226,32 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 fn demo(base: &Path) -> anyhow::Result<()> {
     say("bitnode demo: three devices of one owner, on this machine (loopback), as real daemons.\n");
     let specs = [
-        ("phone", 5.0, 4, true),
-        ("laptop", 60.0, 16, false),
-        ("desktop", 600.0, 24, false),
-    ];
-    let mut devs = vec![];
-    for (name, score, mem, battery) in specs {
-        let home = base.join(name);
-        std::fs::create_dir_all(&home)?;
-        crate::init(&home, Some(name))?;
-        crate::fsutil::write_private(&home.join("config.toml"), config(name, score, mem, battery).as_bytes())?;
-        let log = std::fs::File::create(home.join("daemon.log"))?;
-        let child = bitnode(&home)
-            .arg("start")
-            .env("BITNODE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting a daemon")?;
-        say(&format!(
-            "  started the {name:<7} daemon: capability score {score} (pinned), {mem} GiB{}",
-            if battery { ", on battery" } else { "" }
-        ));
-        devs.push(Device {
-            name,
-            home,
-            child: Some(child),
-        });
-    }
-    for d in &devs {
-        wait_for(Duration::from_secs(30), "the daemons to start", || {
-            control::is_running(&d.home).then_some(())
-        })?;
-    }
-    let (phone, laptop, desktop) = (&devs[0], &devs[1], &devs[2]);
-
-    say("\n1. Pairing. The phone prints a one-time invite code; the laptop joins with it. Then the same for the desktop.");
-    say("   Each device now trusts the other's key, and only the other's key.");
-    for other in [laptop, desktop] {
-        let inv = control::call(
-            &phone.home,
-            &Request::PairInvite { ttl_secs: 120 },
-            Duration::from_secs(10),
-        )?;
-        let code = inv["code"].as_str().context("no invite code")?.to_string();
-        let v = control::call(
-            &other.home,
-            &Request::PairJoin { code: code.clone() },
-            Duration::from_secs(60),
-        )?;
-        say(&format!(
-            "   {}$ bitnode pair join {}...  -> paired with {}",
-            other.name,
-            &code[..code.len().min(28)],
-            v["name"].as_str().unwrap_or("?")
-        ));
-    }
-    // The laptop and the desktop pair too, so every device knows every other.
-    let inv = control::call(
-        &laptop.home,
-        &Request::PairInvite { ttl_secs: 120 },
-        Duration::from_secs(10),
-    )?;
-    let code = inv["code"].as_str().context("no invite code")?.to_string();
-    control::call(&desktop.home, &Request::PairJoin { code }, Duration::from_secs(60))?;
-    wait_for(
-        Duration::from_secs(30),
-        "the phone to see both peers' capabilities",
-        || {
-            let v = control::call(&phone.home, &Request::Peers, Duration::from_secs(5)).ok()?;
-            let list = v.as_array()?;
-            let ready = list
-                .iter()
-                .filter(|p| p["connected"] == true && !p["capabilities"].is_null())
-                .count();
-            (ready == 2).then_some(())
+        Spec {
+            name: "phone",
+            score: Some(5.0),
+            mem_gib: 4,
+            battery: true,
+            extra: "[jobs]\nheartbeat_timeout_secs = 4",
         },
-    )?;
+        Spec {
+            name: "laptop",
+            score: Some(60.0),
+            mem_gib: 16,
+            battery: false,
+            extra: "",
+        },
+        Spec {
+            name: "desktop",
+            score: Some(600.0),
+            mem_gib: 24,
+            battery: false,
+            extra: "",
+        },
+    ];
+    say("1. Pairing. One device prints a one-time invite code (`bitnode pair invite`); the other joins with it");
+    say("   (`bitnode pair join CODE`). Each device then trusts the other's key, and only that key.");
+    let devs = start_mesh(base, &specs, true)?;
+    let (phone, laptop, desktop) = (&devs[0], &devs[1], &devs[2]);
     say("\n   What the phone sees (`bitnode peers`):");
     let v = control::call(&phone.home, &Request::Peers, Duration::from_secs(5))?;
     for p in v.as_array().into_iter().flatten() {
@@ -316,12 +363,73 @@ fn demo(base: &Path) -> anyhow::Result<()> {
         inf2["executed_by_name"].as_str().unwrap_or("?")
     ));
 
+    say("\n5. The desktop goes away in the middle of a job. The phone starts a longer fine-tune (detached, so the");
+    say("   terminal is free); the desktop streams a checkpoint back every 10 steps; then its daemon is killed.");
+    let adapter2 = base.join("adapter-2");
+    let adapter2_s = adapter2.display().to_string();
+    let v = run_json(
+        phone,
+        &[
+            "submit",
+            "finetune",
+            "--model",
+            &model_s,
+            "--data",
+            &data_s,
+            "--out",
+            &adapter2_s,
+            "--steps",
+            "150",
+            "--rank",
+            "8",
+            "--seq-len",
+            "128",
+            "--lr",
+            "3e-3",
+            "--save-every",
+            "10",
+            "--detach",
+            "--json",
+        ],
+    )?;
+    let id = v["job_id"].as_str().context("no job id")?.to_string();
+    let show = |id: &str| control::call(&phone.home, &Request::JobShow { id: id.into() }, Duration::from_secs(5));
+    let at = wait_for(Duration::from_secs(120), "a checkpoint from the desktop", || {
+        let s = show(&id).ok()?;
+        let step = s["checkpoint_step"].as_u64()?;
+        (s["executed_by_name"] == "desktop" && step >= 10).then_some(step)
+    })?;
+    say(&format!(
+        "   the phone holds the desktop's checkpoint of step {at}; killing the desktop's daemon (SIGKILL) now"
+    ));
+    desktop.kill();
+    let end = wait_for(Duration::from_secs(300), "the job to end", || {
+        let s = show(&id).ok()?;
+        matches!(s["state"].as_str(), Some("succeeded" | "failed" | "cancelled")).then_some(s)
+    })?;
+    for a in end["attempts"].as_array().into_iter().flatten() {
+        say(&format!("   lost: {}", a.as_str().unwrap_or("")));
+    }
+    say(&format!(
+        "   -> the job {} on the {}, resumed from step {at}; its adapter is in {}",
+        end["state"].as_str().unwrap_or("?"),
+        end["executed_by_name"].as_str().unwrap_or("?"),
+        adapter2.display()
+    ));
+    if end["state"] != "succeeded" {
+        bail!("the job did not survive the desktop: {}", end["reason"]);
+    }
+    let _ = laptop;
+
     say("\nWhat happened:");
     say(&format!(
-        "  - the phone (weak, on battery) delegated a fine-tune to the desktop ({by}), watched its progress, and got the adapter;"
+        "  - the phone (weak, on battery) delegated a fine-tune to the {by}, watched its progress, and got the adapter;"
     ));
     say("  - the model moved once, by content hash, verified chunk by chunk; nothing left these three devices;");
     say("  - every job and result was signed by the device that sent it and checked by the device that received it;");
-    say("  - both inference requests went to the strongest device, and its tokens streamed back to the phone.");
+    say("  - both inference requests went to the strongest device, and its tokens streamed back to the phone;");
+    say("  - when the desktop vanished mid-job, the phone noticed within seconds and the laptop finished the");
+    say("    fine-tune from the desktop's last checkpoint: no work was lost beyond the last 10 steps.");
+    say("(The built-in model has random weights, so its text is noise: the demo shows the mesh, not the model.)");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The bitnode node: configuration, identity, trust list, capability probe, the libp2p mesh and the daemon
 //! with its control socket. The `bitnode` binary (main.rs) is a thin CLI over this library.
+pub mod bench_mesh;
 pub mod caps;
 pub mod config;
 pub mod control;

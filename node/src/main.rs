@@ -358,6 +358,18 @@ enum ModelCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// What delegation costs: model-transfer throughput and submit-to-first-token latency, local against
+    /// remote, between two daemons on loopback.
+    Mesh {
+        /// Model directory. Default: the built-in random `tiny` model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Inference jobs timed each way (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// The capability probe the daemon runs at start: the engine's ternary matmul on the chosen device,
     /// checked against the CPU twin (GOPS = 2 x multiply-adds per second).
     Probe {
@@ -690,6 +702,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
         }
+        Cmd::Bench {
+            cmd: BenchCmd::Mesh { model, runs, json },
+        } => bitnode::bench_mesh::run(model, runs, json)?,
         Cmd::Bench {
             cmd: BenchCmd::Probe { ms, json, dev },
         } => {

@@ -32,8 +32,9 @@ fn import(store: &Store, dir: &Path) -> anyhow::Result<String> {
     Ok(h)
 }
 
-/// `bitnode submit infer|score|finetune ...`: `spec` and `paths` are what the local command would run.
-pub fn submit(home: &Path, mut spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions) -> anyhow::Result<()> {
+/// The daemon request for a job: model and adapter imported into the store and named by hash, the
+/// planner's estimate of what the job needs, the dataset left at its path for the daemon to read.
+pub fn prepare(home: &Path, mut spec: JobSpec, paths: &JobPaths, to: &str, detach: bool) -> anyhow::Result<Request> {
     let store = Store::new(home);
     let need = crate::exec::estimate(&spec, &paths.model, paths.adapter.as_deref(), paths.data.as_deref())?;
     let model = import(&store, &paths.model)?;
@@ -62,15 +63,20 @@ pub fn submit(home: &Path, mut spec: JobSpec, paths: &JobPaths, opts: &SubmitOpt
         .data
         .as_ref()
         .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
-    let kind = spec.kind();
-    let req = Request::Submit {
+    Ok(Request::Submit {
         spec,
         data_path,
         need,
-        to: opts.to.clone(),
+        to: to.into(),
         out,
-        detach: opts.detach,
-    };
+        detach,
+    })
+}
+
+/// `bitnode submit infer|score|finetune ...`: `spec` and `paths` are what the local command would run.
+pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions) -> anyhow::Result<()> {
+    let kind = spec.kind();
+    let req = prepare(home, spec, paths, &opts.to, opts.detach)?;
     let mut view = View::new(opts.json, kind);
     let v = if opts.detach {
         control::call(home, &req, Duration::from_secs(60))?
