@@ -375,7 +375,9 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
                                 let mut out = serde_json::to_vec(&ev).unwrap_or_default();
                                 out.push(b'\n');
                                 if w.write_all(&out).await.is_err() {
+                                    // Closed, so the daemon's sends fail and it drops this watcher.
                                     alive = false;
+                                    erx.close();
                                 }
                             }
                         }

@@ -56,6 +56,9 @@ pub struct JobTable {
     pub jobs: Vec<Job>,
 }
 
+/// Jobs the table keeps; older finished ones are dropped.
+pub const MAX_JOBS: usize = 1000;
+
 pub fn path(home: &Path) -> PathBuf {
     home.join("jobs.json")
 }
@@ -119,6 +122,15 @@ impl JobTable {
 
     pub fn insert(&mut self, home: &Path, job: Job) -> anyhow::Result<()> {
         self.jobs.push(job);
+        // Bounded history: the oldest finished jobs go first.
+        while self.jobs.len() > MAX_JOBS {
+            match self.jobs.iter().position(|j| j.state.is_final()) {
+                Some(i) => {
+                    self.jobs.remove(i);
+                }
+                None => break,
+            }
+        }
         self.save(home)
     }
 }

@@ -375,7 +375,10 @@ fn behaviour(
                 StreamProtocol::new(JOB_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            rr.clone().with_request_timeout(Duration::from_secs(300)),
+            // Few at once: each may buffer up to the job limit before it is checked.
+            rr.clone()
+                .with_request_timeout(Duration::from_secs(300))
+                .with_max_concurrent_streams(4),
         ),
         update: request_response::Behaviour::with_codec(
             WireCodec::new(opts.max_update_message),
@@ -383,7 +386,9 @@ fn behaviour(
                 StreamProtocol::new(UPDATE_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            rr.clone().with_request_timeout(Duration::from_secs(300)),
+            rr.clone()
+                .with_request_timeout(Duration::from_secs(300))
+                .with_max_concurrent_streams(16),
         ),
         model: request_response::Behaviour::with_codec(
             WireCodec::new(MAX_MODEL_MESSAGE),

@@ -210,8 +210,12 @@ pub enum Outcome {
         result_json: String,
         files: Bundle,
     },
+    /// `device_fault`: the device failed, not the job (it could not get the model, start the job, or the
+    /// job process died without an error of its own), so another device may succeed: the submitter fails
+    /// over. Otherwise (bad data, bad settings) every device would fail the same way.
     Failed {
         reason: String,
+        device_fault: bool,
     },
     Cancelled {
         reason: String,
@@ -418,10 +422,12 @@ impl Envelope {
 
 /// The (signer, nonce) pairs of accepted envelopes until they expire. Bounded: an envelope lives at most
 /// [`MAX_LIFETIME_SECS`], and when the cache is full the worker refuses new envelopes instead of forgetting
-/// old nonces (forgetting would reopen replays).
+/// old nonces (forgetting would reopen replays). Each signer may hold at most a 16th of the cache, so one
+/// paired device flooding envelopes cannot lock the others out.
 #[derive(Debug, Default)]
 pub struct NonceCache {
     seen: HashMap<([u8; 32], [u8; 16]), u64>,
+    per_signer: HashMap<[u8; 32], usize>,
     cap: usize,
 }
 
@@ -429,7 +435,16 @@ impl NonceCache {
     pub fn new(cap: usize) -> NonceCache {
         NonceCache {
             seen: HashMap::new(),
+            per_signer: HashMap::new(),
             cap,
+        }
+    }
+
+    fn purge(&mut self, now: u64) {
+        self.seen.retain(|_, t| *t >= now);
+        self.per_signer.clear();
+        for (s, _) in self.seen.keys() {
+            *self.per_signer.entry(*s).or_default() += 1;
         }
     }
 
@@ -437,13 +452,20 @@ impl NonceCache {
         if self.seen.contains_key(&(signer, nonce)) {
             return Err(Reject::Replay);
         }
-        if self.seen.len() >= self.cap {
-            self.seen.retain(|_, t| *t >= now);
+        let quota = (self.cap / 16).max(1);
+        let mine = self.per_signer.get(&signer).copied().unwrap_or(0);
+        if self.seen.len() >= self.cap || mine >= quota {
+            self.purge(now);
+            let mine = self.per_signer.get(&signer).copied().unwrap_or(0);
             if self.seen.len() >= self.cap {
                 return Err(Reject::Oversized(self.seen.len(), self.cap));
             }
+            if mine >= quota {
+                return Err(Reject::Oversized(mine, quota));
+            }
         }
         self.seen.insert((signer, nonce), until);
+        *self.per_signer.entry(signer).or_default() += 1;
         Ok(())
     }
 
@@ -559,8 +581,20 @@ mod tests {
     }
 
     #[test]
+    fn one_signer_cannot_fill_the_nonce_cache() {
+        let mut c = NonceCache::new(32);
+        c.insert([1; 32], [1; 16], 100, 0).expect("first");
+        c.insert([1; 32], [2; 16], 100, 0).expect("second");
+        // The quota is 32 / 16 = 2 per signer: the third is refused, another signer still gets in.
+        assert!(c.insert([1; 32], [3; 16], 100, 0).is_err());
+        c.insert([2; 32], [3; 16], 100, 0).expect("another signer");
+        // Once its entries expire, the first signer has room again.
+        c.insert([1; 32], [3; 16], 300, 150).expect("after expiry");
+    }
+
+    #[test]
     fn the_nonce_cache_forgets_only_expired_entries() {
-        let mut c = NonceCache::new(2);
+        let mut c = NonceCache::new(32);
         c.insert([1; 32], [1; 16], 100, 0).expect("first");
         c.insert([1; 32], [2; 16], 200, 0).expect("second");
         // Full and nothing expired: refused rather than forgetting a live nonce.

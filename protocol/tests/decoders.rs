@@ -206,7 +206,8 @@ fn arb_update() -> impl Strategy<Value = Update> {
                     },
                 }
             }),
-        ".{0,40}".prop_map(|reason| Update::Done(Outcome::Failed { reason })),
+        (".{0,40}", any::<bool>())
+            .prop_map(|(reason, device_fault)| Update::Done(Outcome::Failed { reason, device_fault })),
     ]
 }
 

@@ -39,6 +39,8 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 const MAX_CHUNK_FAILURES: u32 = 60;
 /// Tries to deliver a worker's final result to its submitter.
 const MAX_RESULT_TRIES: u32 = 30;
+/// Fine-tune progress goes back at most this often (the last step always).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Marks a failed manifest request in a task's retry list.
 const MANIFEST_RETRY: (u32, u32) = (u32::MAX, u32::MAX);
 /// A worker that is disconnected (rather than silent) is given this long to come back.
@@ -113,11 +115,12 @@ enum TaskState {
     Running {
         pid: u32,
     },
-    /// The result is waiting to be acknowledged by the submitter.
+    /// The result is waiting to be acknowledged by the submitter; `due` is when to resend it after a
+    /// failed delivery (None while a delivery is in flight).
     Done {
         update: Update,
         tries: u32,
-        due: Instant,
+        due: Option<Instant>,
     },
 }
 
@@ -132,6 +135,8 @@ pub(super) struct Task {
     cancelled: Option<String>,
     result: Option<serde_json::Value>,
     error: Option<String>,
+    /// When the last progress update went out (they are sent at most every 200 ms).
+    last_progress: Option<Instant>,
 }
 
 pub(super) struct Work {
@@ -147,7 +152,8 @@ pub(super) struct Work {
     internal: mpsc::UnboundedSender<Internal>,
     job_requests: HashMap<OutboundRequestId, (String, PeerId)>,
     model_requests: HashMap<OutboundRequestId, (String, ModelRequest)>,
-    done_requests: HashMap<OutboundRequestId, String>,
+    /// Updates in flight: (task, whether it is the result).
+    done_requests: HashMap<OutboundRequestId, (String, bool)>,
     last_heartbeat: Instant,
 }
 
@@ -165,6 +171,8 @@ impl Work {
         let mut secret = [0u8; 32];
         secret.copy_from_slice(&bytes[..32]);
         let signing = SigningKey::from_bytes(&secret);
+        // No job survives a restart (the table marks them failed): their directories are debris.
+        let _ = std::fs::remove_dir_all(home.join("work"));
         Ok(Work {
             table: crate::jobs::JobTable::load(home, now_unix())?,
             store: Store::new(home),
@@ -238,12 +246,19 @@ fn read_bundle(dir: &Path, recurse: bool, max: u64) -> anyhow::Result<Bundle> {
         let name = e.file_name().to_string_lossy().into_owned();
         let ft = e.file_type()?;
         if ft.is_file() && bitnode_protocol::job::plain_name(&name) {
+            // Sized before it is read: an oversized checkpoint is refused without loading it.
+            total = total.saturating_add(e.metadata()?.len());
+            if total > max {
+                bail!(
+                    "{} holds more than {max} bytes ([jobs] max_checkpoint_bytes)",
+                    dir.display()
+                );
+            }
             let bytes = std::fs::read(e.path())?;
-            total += bytes.len() as u64;
             files.push(BundleFile { path: name, bytes });
         } else if ft.is_dir() && recurse && bitnode_protocol::job::plain_name(&name) {
-            for f in read_bundle(&e.path(), false, max)?.files {
-                total += f.bytes.len() as u64;
+            for f in read_bundle(&e.path(), false, max.saturating_sub(total))?.files {
+                total = total.saturating_add(f.bytes.len() as u64);
                 files.push(BundleFile {
                     path: format!("{name}/{}", f.path),
                     bytes: f.bytes,
@@ -327,7 +342,7 @@ impl Daemon {
                 .and_then(|s| s.caps.as_ref())
                 .and_then(|c| c.relay_max_circuit_bytes);
             // Headroom for the framing of chunks and the job's other traffic.
-            if limit.is_some_and(|l| l >= bytes + bytes / 16 + (4 << 20)) {
+            if limit.is_some_and(|l| l >= bytes.saturating_add(bytes / 16).saturating_add(4 << 20)) {
                 return Ok(());
             }
             return Err(format!(
@@ -613,11 +628,12 @@ impl Daemon {
         });
         if best == self.me {
             let _ = me;
-            self.accept_task(id.to_string(), job_id, None, payload);
             if let Some(s) = self.work.subs.get_mut(id) {
                 s.accepted = true;
             }
             self.update_job(id, |j| j.state = State::Running);
+            // May end the job at once (a start that fails): after the state above, never before.
+            self.accept_task(id.to_string(), job_id, None, payload);
             return;
         }
         let Some(target_key) = peer_key(&best) else {
@@ -731,6 +747,10 @@ impl Daemon {
         });
         let v = self.job_json(id);
         tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job ended");
+        // The checkpoint kept for a failover is no longer needed once the job ended well.
+        if state == State::Succeeded {
+            let _ = std::fs::remove_dir_all(self.home.join("jobs").join(id));
+        }
         if let Some(sub) = self.work.subs.remove(id) {
             for w in &sub.watchers {
                 let _ = w.send(event("finished", v.clone()));
@@ -835,7 +855,11 @@ impl Daemon {
                 }
                 self.finish_sub(id, State::Succeeded, None, Some(result));
             }
-            Outcome::Failed { reason } => {
+            Outcome::Failed {
+                reason,
+                device_fault: true,
+            } => self.attempt_failed(id, worker, reason),
+            Outcome::Failed { reason, .. } => {
                 // The job itself failed (bad data, bad settings): another device would fail the same way.
                 self.finish_sub(id, State::Failed, Some(format!("on {name}: {reason}")), None)
             }
@@ -918,7 +942,8 @@ impl Daemon {
                 .is_some_and(|t| now - t >= DISCONNECT_GRACE.min(timeout))
             {
                 lost.push((id.clone(), w, "disconnected".to_string()));
-            } else if now - sub.last_heard >= timeout {
+            } else if sub.accepted && now - sub.last_heard >= timeout {
+                // Before the ack, a large job may still be in transit: the request's own timeout covers it.
                 lost.push((id.clone(), w, format!("sent no heartbeat for {} s", timeout.as_secs())));
             }
         }
@@ -940,10 +965,20 @@ impl Daemon {
             let Some(t) = self.work.tasks.get_mut(&id) else {
                 continue;
             };
+            // Heartbeats go out in every state, the result's delivery included (a large adapter may take a
+            // while to arrive, and silence would make the submitter move the job).
+            if beat && t.submitter.is_some() {
+                let running = matches!(t.state, TaskState::Running { .. });
+                self.send_update(&id, Update::Heartbeat { running });
+            }
+            let Some(t) = self.work.tasks.get_mut(&id) else {
+                continue;
+            };
             match &mut t.state {
-                TaskState::Done { update, tries, due } if now >= *due => {
+                // Resent only after a failed delivery (`due` is set then), never while one is in flight.
+                TaskState::Done { update, tries, due } if due.is_some_and(|d| now >= d) => {
                     *tries += 1;
-                    *due = now + Duration::from_secs(2);
+                    *due = None;
                     if *tries > MAX_RESULT_TRIES {
                         tracing::warn!(job = %id, "giving up delivering the result to the submitter");
                         self.work.tasks.remove(&id);
@@ -960,12 +995,6 @@ impl Daemon {
                         } else {
                             self.request_chunk(&id, f, i);
                         }
-                    }
-                }
-                TaskState::Queued | TaskState::Running { .. } | TaskState::Fetching { .. } if beat => {
-                    let running = matches!(t.state, TaskState::Running { .. });
-                    if t.submitter.is_some() {
-                        self.send_update(&id, Update::Heartbeat { running });
                     }
                 }
                 _ => {}
@@ -1011,12 +1040,12 @@ impl Daemon {
                 };
                 match response {
                     Ok(JobAck::Accepted { queue_position }) => {
-                        if let Some(s) = self.work.subs.get_mut(&id) {
-                            if s.worker == Some(worker) {
-                                s.accepted = true;
-                                s.last_heard = Instant::now();
-                            }
-                        }
+                        // The job may have ended or moved while the answer was on its way.
+                        let Some(s) = self.work.subs.get_mut(&id).filter(|s| s.worker == Some(worker)) else {
+                            return;
+                        };
+                        s.accepted = true;
+                        s.last_heard = Instant::now();
                         self.update_job(&id, |j| j.state = State::Running);
                         self.emit(
                             &id,
@@ -1096,8 +1125,19 @@ impl Daemon {
                 "this device is on battery and does not take jobs from others then ([jobs] run_on_battery)".into(),
             );
         }
-        if self.work.tasks.contains_key(&id) {
+        if self.work.tasks.contains_key(&id) || self.work.subs.contains_key(&id) {
             return rej("this job is already here".into());
+        }
+        // A job id may come back from the same submitter (a failover back to this device); never may a
+        // peer reuse the id of a job another device (or this one) submitted.
+        if self
+            .work
+            .table
+            .jobs
+            .iter()
+            .any(|j| j.id == id && j.submitter != peer.to_base58())
+        {
+            return rej("that job id belongs to another submitter".into());
         }
         if self.work.queue_len() as usize >= self.cfg.jobs.max_queue {
             return rej(format!(
@@ -1194,6 +1234,7 @@ impl Daemon {
             cancelled: None,
             result: None,
             error: None,
+            last_progress: None,
         };
         self.work.tasks.insert(id.clone(), t);
         if missing.is_empty() || submitter.is_none() {
@@ -1382,7 +1423,7 @@ impl Daemon {
     fn model_response(&mut self, id: &str, req: ModelRequest, resp: ModelResponse) {
         match (req, resp) {
             (ModelRequest::Manifest { hash }, ModelResponse::Manifest(m)) => {
-                let total: u64 = m.files.iter().map(|f| f.len).sum();
+                let total: u64 = m.files.iter().fold(0u64, |a, f| a.saturating_add(f.len));
                 let Some(sub) = self.work.tasks.get(id).and_then(|t| t.submitter) else {
                     return;
                 };
@@ -1440,7 +1481,24 @@ impl Daemon {
                     }
                     self.pump_chunks(&task);
                 }
-                Err(e) => self.fail_task(&task, format!("cannot receive the model: {e}")),
+                Err(e) => {
+                    let busy = match self.work.tasks.get(&task).map(|t| &t.state) {
+                        Some(TaskState::Fetching { missing, .. }) => missing
+                            .first()
+                            .is_some_and(|h| crate::transfer::in_progress(&self.work.store, h)),
+                        _ => false,
+                    };
+                    if busy {
+                        // Another job of this device is receiving the same model: wait for it.
+                        if let Some(TaskState::Fetching { failed, .. }) =
+                            self.work.tasks.get_mut(&task).map(|t| &mut t.state)
+                        {
+                            failed.push(MANIFEST_RETRY);
+                        }
+                    } else {
+                        self.fail_task(&task, format!("cannot receive the model: {e}"));
+                    }
+                }
             },
             Internal::Fetched { task, res } => match res {
                 Ok(dir) => {
@@ -1466,10 +1524,9 @@ impl Daemon {
 
     /// Starts the next queued job when nothing runs (one job at a time: they share one GPU).
     fn start_next(&mut self) {
-        if self.work.running.is_some() {
-            return;
-        }
-        while let Some(id) = self.work.order.pop_front() {
+        // A failed start ends that task, which calls back here: re-check before each one.
+        while self.work.running.is_none() {
+            let Some(id) = self.work.order.pop_front() else { break };
             match self.spawn_task(&id) {
                 Ok(pid) => {
                     if let Some(t) = self.work.tasks.get_mut(&id) {
@@ -1632,16 +1689,25 @@ impl Daemon {
                 lr,
                 tokens_per_second,
                 ..
-            } => self.deliver(
-                id,
-                Update::Progress {
-                    step: step as u64,
-                    total: total as u64,
-                    loss,
-                    lr,
-                    tokens_per_second,
-                },
-            ),
+            } => {
+                // A small model steps hundreds of times a second: a few updates a second are enough to watch.
+                let Some(t) = self.work.tasks.get_mut(id) else { return };
+                let now = Instant::now();
+                if step < total && t.last_progress.is_some_and(|p| now - p < PROGRESS_EVERY) {
+                    return;
+                }
+                t.last_progress = Some(now);
+                self.deliver(
+                    id,
+                    Update::Progress {
+                        step: step as u64,
+                        total: total as u64,
+                        loss,
+                        lr,
+                        tokens_per_second,
+                    },
+                );
+            }
             ExecLine::Checkpoint { step, dir } => {
                 match read_bundle(Path::new(&dir), true, self.cfg.jobs.max_checkpoint_bytes) {
                     Ok(bundle) => self.deliver(
@@ -1675,6 +1741,11 @@ impl Daemon {
             self.start_next();
             return;
         };
+        // Already ended (failed or cancelled before the process was reaped).
+        if !matches!(t.state, TaskState::Running { .. }) {
+            self.start_next();
+            return;
+        }
         let outcome = if let Some(why) = t.cancelled.clone() {
             Outcome::Cancelled { reason: why }
         } else if ok && t.result.is_some() {
@@ -1685,7 +1756,13 @@ impl Daemon {
                     Ok(b) => b,
                     Err(e) => {
                         let reason = format!("reading the adapter: {e:#}");
-                        self.end_task(id, Outcome::Failed { reason });
+                        self.end_task(
+                            id,
+                            Outcome::Failed {
+                                reason,
+                                device_fault: true,
+                            },
+                        );
                         return;
                     }
                 }
@@ -1705,12 +1782,21 @@ impl Daemon {
                 files,
             }
         } else {
-            let reason = t
-                .error
-                .clone()
-                .or_else(|| stderr_tail.lines().last().map(str::to_string))
-                .unwrap_or_else(|| "the job process died".into());
-            Outcome::Failed { reason }
+            // An error the job reported is the job's; a process that died without one (killed, out of
+            // memory, a driver crash) is the device's.
+            match t.error.clone() {
+                Some(reason) => Outcome::Failed {
+                    reason,
+                    device_fault: false,
+                },
+                None => Outcome::Failed {
+                    reason: format!(
+                        "the job process died: {}",
+                        stderr_tail.lines().last().unwrap_or("no output")
+                    ),
+                    device_fault: true,
+                },
+            }
         };
         self.end_task(id, outcome);
     }
@@ -1722,7 +1808,7 @@ impl Daemon {
         let remote = t.submitter.is_some();
         let (state, reason) = match &outcome {
             Outcome::Succeeded { .. } => (State::Succeeded, None),
-            Outcome::Failed { reason } => (State::Failed, Some(reason.clone())),
+            Outcome::Failed { reason, .. } => (State::Failed, Some(reason.clone())),
             Outcome::Cancelled { reason } => (State::Cancelled, Some(reason.clone())),
         };
         if remote {
@@ -1748,7 +1834,7 @@ impl Daemon {
                 t.state = TaskState::Done {
                     update: update.clone(),
                     tries: 1,
-                    due: Instant::now() + Duration::from_secs(2),
+                    due: None,
                 };
             }
             self.send_update(id, update);
@@ -1760,13 +1846,21 @@ impl Daemon {
         self.start_next();
     }
 
+    /// The device could not run the job (model transfer, job directory, process start): a device fault,
+    /// which sends the job on to the next device.
     fn fail_task(&mut self, id: &str, reason: String) {
         tracing::warn!(job = %id, "job failed here: {reason}");
         if let Some(TaskState::Running { pid }) = self.work.tasks.get(id).map(|t| &t.state) {
             // SAFETY: plain syscall on a pid we started; a stale pid at worst gets a signal it ignores.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
-        self.end_task(id, Outcome::Failed { reason });
+        self.end_task(
+            id,
+            Outcome::Failed {
+                reason,
+                device_fault: true,
+            },
+        );
     }
 
     fn cancel_task(&mut self, id: &str, why: &str) {
@@ -1816,6 +1910,7 @@ impl Daemon {
                 tracing::warn!(job = %id, "an update does not fit a message: {e}");
                 if kind == Kind::Result {
                     let u = Update::Done(Outcome::Failed {
+                        device_fault: false,
                         reason: format!("the result does not fit a message ({e}); raise [jobs] max_checkpoint_bytes"),
                     });
                     if let Ok(b) = wire::encode(&u, self.update_message_max()) {
@@ -1830,7 +1925,9 @@ impl Daemon {
                             b,
                         );
                         let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
-                        self.work.done_requests.insert(rid, id.to_string());
+                        self.work
+                            .done_requests
+                            .insert(rid, (id.to_string(), kind == Kind::Result));
                     }
                 }
                 return;
@@ -1847,7 +1944,9 @@ impl Daemon {
             bytes,
         );
         let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
-        self.work.done_requests.insert(rid, id.to_string());
+        self.work
+            .done_requests
+            .insert(rid, (id.to_string(), kind == Kind::Result));
     }
 
     pub(super) fn on_update_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<UpdateAck>>) {
@@ -1892,7 +1991,7 @@ impl Daemon {
                 message: rr::Message::Response { request_id, response },
                 ..
             } => {
-                let Some(id) = self.work.done_requests.remove(&request_id) else {
+                let Some((id, is_result)) = self.work.done_requests.remove(&request_id) else {
                     return;
                 };
                 let done = self
@@ -1901,7 +2000,8 @@ impl Daemon {
                     .get(&id)
                     .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
                 match response {
-                    Ok(UpdateAck::Ok) if done => {
+                    // Only the result's own acknowledgement ends the delivery (a heartbeat's does not).
+                    Ok(UpdateAck::Ok) if done && is_result => {
                         self.work.tasks.remove(&id);
                     }
                     Ok(UpdateAck::Stop { reason }) => {
@@ -1914,13 +2014,22 @@ impl Daemon {
                     }
                     Ok(UpdateAck::Rejected { reason }) => {
                         tracing::warn!(job = %id, "the submitter refused an update: {reason}");
+                        // A refused result would be refused again: stop resending it.
+                        if done && is_result {
+                            self.work.tasks.remove(&id);
+                        }
                     }
                     _ => {}
                 }
             }
             rr::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some(id) = self.work.done_requests.remove(&request_id) {
+                if let Some((id, is_result)) = self.work.done_requests.remove(&request_id) {
                     tracing::debug!(job = %id, "update not delivered: {error}");
+                    if is_result {
+                        if let Some(TaskState::Done { due, .. }) = self.work.tasks.get_mut(&id).map(|t| &mut t.state) {
+                            *due = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    }
                 }
             }
             _ => {}
