@@ -72,6 +72,26 @@ fn dataset(path: &Path, n: usize) -> String {
     path.display().to_string()
 }
 
+/// SIGKILLs the `bitnode job-exec` processes running jobs for the daemon at `home`; returns how many.
+fn kill_job_processes(home: &Path) -> usize {
+    let needle = format!("{}", home.join("work").display());
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("job-exec") && cmd.contains(&needle) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            n += 1;
+        }
+    }
+    n
+}
+
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -230,7 +250,8 @@ fn jobs_go_to_the_strongest_or_the_pinned_peer_stream_cancel_and_survive_a_resta
     );
     assert!(!out.exists());
 
-    // Cancel: a long fine-tune on the desktop, cancelled from the phone once it is making progress.
+    // A job process that dies on its worker is a device fault: the job moves to the next device. Then
+    // cancel: the job is stopped on the device running it.
     let data = dataset(&phone.home.join("d.jsonl"), 20);
     let out = phone.home.join("cancelled");
     let (ok, v, _) = last_json(
@@ -255,15 +276,26 @@ fn jobs_go_to_the_strongest_or_the_pinned_peer_stream_cancel_and_survive_a_resta
     assert!(ok, "{v}");
     let id = v["job_id"].as_str().unwrap().to_string();
     wait_for(T, "progress from the desktop", || {
-        show(&phone, &id)["progress"]["step"].as_u64().filter(|s| *s >= 2)
+        let s = show(&phone, &id);
+        (s["executed_by"] == desktop.id.as_str()).then_some(())?;
+        s["progress"]["step"].as_u64().filter(|s| *s >= 2)
     });
+    let killed = kill_job_processes(&desktop.home);
+    assert!(killed > 0, "no job process found on the desktop");
+    let s = wait_for(T, "the job to move to the laptop", || {
+        let s = show(&phone, &id);
+        (s["executed_by"] == laptop.id.as_str() && s["progress"]["worker"] == laptop.id.as_str()).then_some(s)
+    });
+    let lost = s["attempts"][0].as_str().unwrap();
+    assert!(lost.starts_with("desktop") && lost.contains("job process died"), "{s}");
+    assert_eq!(show(&desktop, &id)["state"], "failed");
     cli_ok(&phone.home, &["jobs", "cancel", &id[..8]]);
     assert_eq!(show(&phone, &id)["state"], "cancelled");
-    wait_for(T, "the desktop to stop the job", || {
-        (show(&desktop, &id)["state"] == "cancelled").then_some(())
+    wait_for(T, "the laptop to stop the job", || {
+        (show(&laptop, &id)["state"] == "cancelled").then_some(())
     });
-    wait_for(T, "the desktop's queue to empty", || {
-        (phone.peer(&desktop.id)?["capabilities"]["queue_len"] == 0).then_some(())
+    wait_for(T, "the laptop's queue to empty", || {
+        (phone.peer(&laptop.id)?["capabilities"]["queue_len"] == 0).then_some(())
     });
     assert!(!out.join("adapter_model.safetensors").exists());
 
