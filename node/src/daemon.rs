@@ -52,6 +52,8 @@ const PUNCH_RETRY: Duration = Duration::from_secs(5);
 struct Conn {
     addr: Multiaddr,
     relayed: bool,
+    /// The relay a relayed connection goes through (from the circuit address on either end).
+    relay: Option<PeerId>,
     rtt: Option<Duration>,
     /// The peer answered identify on this connection. A connection the other side's gate refuses is
     /// established for a moment and then closed; only an identified one counts as connected.
@@ -648,6 +650,20 @@ impl Daemon {
                     ),
                 };
                 tracing::info!(peer = %peer_id, %addr, relayed, "connected");
+                let relay_of = |a: &Multiaddr| {
+                    a.iter().find_map(|p| match p {
+                        Protocol::P2p(r) if r != peer_id && r != self.me => Some(r),
+                        _ => None,
+                    })
+                };
+                let relay = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => relay_of(address),
+                    ConnectedPoint::Listener {
+                        local_addr,
+                        send_back_addr,
+                    } => relay_of(local_addr).or_else(|| relay_of(send_back_addr)),
+                }
+                .filter(|_| relayed);
                 let trusted = self.is_trusted(&peer_id);
                 let st = self.peers.entry(peer_id).or_default();
                 st.conns.insert(
@@ -655,6 +671,7 @@ impl Daemon {
                     Conn {
                         addr: addr.clone(),
                         relayed,
+                        relay,
                         rtt: None,
                         identified: false,
                         dialer: endpoint.is_dialer(),

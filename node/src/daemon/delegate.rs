@@ -333,10 +333,7 @@ impl Daemon {
             return Ok(());
         }
         for c in st.conns.values().filter(|c| c.identified && c.relayed) {
-            let relay = c.addr.iter().find_map(|p| match p {
-                Protocol::P2p(r) if r != *peer => Some(r),
-                _ => None,
-            });
+            let relay = c.relay;
             let limit = relay
                 .and_then(|r| self.peers.get(&r))
                 .and_then(|s| s.caps.as_ref())

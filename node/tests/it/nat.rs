@@ -199,8 +199,45 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
     assert!(direct_to_router(&pa, "10.77.0.3"), "A's view of B: {pa}");
     assert!(b.log().contains("hole punch succeeded") || a.log().contains("hole punch succeeded"));
     assert!(pa["capabilities"]["score"].is_number() && pb["capabilities"]["score"].is_number());
+    // A job across both NATs: A pulls B's model over the punched connection.
+    let t0 = std::time::Instant::now();
+    delegate_score(&b, &a);
+    eprintln!(
+        "nat: delegated score job with model transfer over the direct connection in {:?}",
+        t0.elapsed()
+    );
     drop((r, a, b));
     drop(ns);
+}
+
+/// `from` sends `to` a scoring job on a model only `from` holds: `to` pulls the model by content hash over
+/// their connection (direct after a hole punch, or through the owner's relay, whose raised limits fit it)
+/// and the result comes back signed.
+fn delegate_score(from: &Node, to: &Node) {
+    let m = from.home.join("tiny");
+    let ms = m.to_str().unwrap();
+    cli_ok(&from.home, &["model", "synth", "--preset", "tiny", "--out", ms]);
+    let text = from.home.join("t.txt");
+    std::fs::write(&text, "a job that crosses two NATs").unwrap();
+    let (ok, out, err) = cli(
+        &from.home,
+        &[
+            "submit",
+            "score",
+            "--model",
+            ms,
+            "--text-file",
+            text.to_str().unwrap(),
+            "--to",
+            &to.id,
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_default();
+    assert!(ok, "submit failed: {out} {err}");
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["executed_by"], to.id.as_str(), "{v}");
+    assert!(v["result"]["nll"].as_f64().is_some_and(f64::is_finite), "{v}");
 }
 
 /// Behind symmetric NATs hole punching fails; the devices still pair and work through the owner's relay,
@@ -228,6 +265,8 @@ fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
         assert_eq!(now["connection"], "relayed", "{} -> {}: {now}", x.name, y.name);
         assert!(p["capabilities"]["score"].is_number());
     }
+    // The model travels through the owner's relay: its advertised per-connection limit (16 GiB) fits it.
+    delegate_score(&b, &a);
     drop((r, a, b));
     drop(ns);
 }
