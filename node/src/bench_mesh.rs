@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct MeshBench {
     pub model: String,
     pub model_bytes: u64,
+    /// The device the remote inference ran on (the worker's engine choice).
+    pub remote_device: String,
     pub transfer_seconds: f64,
     pub transfer_bytes_per_second: f64,
     pub cold_remote_job_seconds: f64,
@@ -35,8 +37,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Submits `req` and times it: (seconds to the first streamed token, seconds to the result).
-fn timed(home: &std::path::Path, req: &Request) -> anyhow::Result<(Option<f64>, f64)> {
+/// Submits `req` and times it: (seconds to the first streamed token, seconds to the result, the result).
+fn timed(home: &std::path::Path, req: &Request) -> anyhow::Result<(Option<f64>, f64, serde_json::Value)> {
     let t0 = Instant::now();
     let mut first = None;
     let v = control::call_stream(home, req, Duration::from_secs(120), &mut |e| {
@@ -47,7 +49,7 @@ fn timed(home: &std::path::Path, req: &Request) -> anyhow::Result<(Option<f64>, 
     if v["state"] != "succeeded" {
         anyhow::bail!("benchmark job {}: {}", v["state"], v["reason"]);
     }
-    Ok((first, t0.elapsed().as_secs_f64()))
+    Ok((first, t0.elapsed().as_secs_f64(), v))
 }
 
 pub fn run(model: Option<PathBuf>, runs: usize, json: bool) -> anyhow::Result<()> {
@@ -65,6 +67,7 @@ pub fn run(model: Option<PathBuf>, runs: usize, json: bool) -> anyhow::Result<()
             r.model,
             bitnode_engine::util::human_bytes(r.model_bytes)
         );
+        println!("remote job device:      {}", r.remote_device);
         println!(
             "model transfer:         {:.3} s, {:.1} MB/s (cold remote job {:.3} s, warm {:.3} s)",
             r.transfer_seconds,
@@ -124,8 +127,8 @@ fn bench(base: &std::path::Path, model: Option<PathBuf>, runs: usize) -> anyhow:
         _ => String::new(),
     };
     let model_bytes = crate::models::Store::new(here).bytes(&hash)?;
-    let (_, cold) = timed(here, &req)?;
-    let (_, warm) = timed(here, &req)?;
+    let (_, cold, _) = timed(here, &req)?;
+    let (_, warm, _) = timed(here, &req)?;
     let transfer = (cold - warm).max(1e-6);
     let infer = JobSpec::Infer(InferRequest {
         model: model.display().to_string(),
@@ -141,18 +144,21 @@ fn bench(base: &std::path::Path, model: Option<PathBuf>, runs: usize) -> anyhow:
     let local = crate::submit::prepare(here, infer.clone(), &paths, "local", false)?;
     let remote = crate::submit::prepare(here, infer, &paths, "peer", false)?;
     let (mut lf, mut lt, mut rf, mut rt) = (vec![], vec![], vec![], vec![]);
+    let mut remote_device = String::new();
     for _ in 0..runs {
-        let (f, t) = timed(here, &local)?;
+        let (f, t, _) = timed(here, &local)?;
         lf.push(f.unwrap_or(t) * 1e3);
         lt.push(t * 1e3);
-        let (f, t) = timed(here, &remote)?;
+        let (f, t, v) = timed(here, &remote)?;
         rf.push(f.unwrap_or(t) * 1e3);
         rt.push(t * 1e3);
+        remote_device = v["result"]["device"].as_str().unwrap_or("?").to_string();
     }
     let (lf, rf) = (median(lf), median(rf));
     Ok(MeshBench {
         model: model.display().to_string(),
         model_bytes,
+        remote_device,
         transfer_seconds: transfer,
         transfer_bytes_per_second: model_bytes as f64 / transfer,
         cold_remote_job_seconds: cold,
