@@ -1368,6 +1368,18 @@ impl Daemon {
                 }
                 tracing::info!(job = %id, "model request failed ({error}); retrying");
                 let mut give_up = false;
+                // A submitter gone for twice its own heartbeat timeout has moved the job elsewhere anyway.
+                let gone = self
+                    .work
+                    .tasks
+                    .get(&id)
+                    .and_then(|t| t.submitter)
+                    .is_some_and(|p| !self.peers.get(&p).is_some_and(|s| s.connected()));
+                let patience = if gone {
+                    (2 * self.cfg.jobs.heartbeat_timeout_secs).min(MAX_CHUNK_FAILURES as u64) as u32
+                } else {
+                    MAX_CHUNK_FAILURES
+                };
                 if let Some(t) = self.work.tasks.get_mut(&id) {
                     if let TaskState::Fetching {
                         in_flight,
@@ -1377,7 +1389,7 @@ impl Daemon {
                     } = &mut t.state
                     {
                         *failures += 1;
-                        give_up = *failures > MAX_CHUNK_FAILURES;
+                        give_up = *failures > patience;
                         match req {
                             ModelRequest::Chunk { file, index, .. } => {
                                 in_flight.remove(&(file, index));

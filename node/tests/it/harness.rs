@@ -124,6 +124,15 @@ impl Node {
         }
     }
 
+    /// Sends `sig` to the daemon (SIGSTOP: a device that hangs without closing its connections).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = self.child.as_ref() {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     pub fn prefix(mut self, p: &[&str]) -> Node {
         self.prefix = p.iter().map(|s| s.to_string()).collect();
         self
