@@ -332,6 +332,8 @@ impl Daemon {
         if st.direct() {
             return Ok(());
         }
+        // Any relayed connection whose relay holds the model will do; else say why the first cannot.
+        let mut why = None;
         for c in st.conns.values().filter(|c| c.identified && c.relayed) {
             let relay = c.relay;
             let limit = relay
@@ -342,17 +344,19 @@ impl Daemon {
             if limit.is_some_and(|l| l >= bytes.saturating_add(bytes / 16).saturating_add(4 << 20)) {
                 return Ok(());
             }
-            return Err(format!(
-                "only a relayed connection, and the relay {} carries at most {} per connection (the model is {})",
-                relay.map(|r| self.peer_name(&r)).unwrap_or_else(|| "?".into()),
-                limit.map_or(
-                    "an unknown amount (libp2p's default is 128 KiB)".into(),
-                    bitnode_engine::util::human_bytes
-                ),
-                bitnode_engine::util::human_bytes(bytes)
-            ));
+            why.get_or_insert_with(|| {
+                format!(
+                    "only a relayed connection, and the relay {} carries at most {} per connection (the model is {})",
+                    relay.map(|r| self.peer_name(&r)).unwrap_or_else(|| "?".into()),
+                    limit.map_or(
+                        "an unknown amount (libp2p's default is 128 KiB)".into(),
+                        bitnode_engine::util::human_bytes
+                    ),
+                    bitnode_engine::util::human_bytes(bytes)
+                )
+            });
         }
-        Err("no identified connection".into())
+        Err(why.unwrap_or_else(|| "no identified connection".into()))
     }
 
     // ---- submitter ----
