@@ -47,6 +47,9 @@ pub enum Request {
         to: String,
         #[serde(default)]
         out: Option<PathBuf>,
+        /// A fine-tune checkpoint directory to start from (`--resume`): it travels with the job.
+        #[serde(default)]
+        resume: Option<PathBuf>,
         #[serde(default)]
         detach: bool,
     },

@@ -1188,9 +1188,10 @@ impl Daemon {
                 need,
                 to,
                 out,
+                resume,
                 detach,
             } => {
-                self.submit(spec, data_path, need, &to, out, detach, reply, Some(events));
+                self.submit(spec, data_path, need, &to, out, resume, detach, reply, Some(events));
                 return;
             }
             Request::Jobs => Response::ok(self.jobs_list()),

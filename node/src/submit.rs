@@ -63,12 +63,17 @@ pub fn prepare(home: &Path, mut spec: JobSpec, paths: &JobPaths, to: &str, detac
         .data
         .as_ref()
         .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+    let resume = paths
+        .resume
+        .as_ref()
+        .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()));
     Ok(Request::Submit {
         spec,
         data_path,
         need,
         to: to.into(),
         out,
+        resume,
         detach,
     })
 }
@@ -78,6 +83,10 @@ pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions
     let kind = spec.kind();
     let req = prepare(home, spec, paths, &opts.to, opts.detach)?;
     let mut view = View::new(opts.json, kind);
+    if let Some(p) = &paths.json_log {
+        // The same per-step lines the local command writes, from the progress the worker streams back.
+        view.log = Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?);
+    }
     let v = if opts.detach {
         control::call(home, &req, Duration::from_secs(60))?
     } else {
@@ -147,6 +156,7 @@ fn print_result(kind: &str, v: &Value) {
 /// What the submitting terminal shows while the job runs: where it went and why, the text as it streams,
 /// a progress bar for fine-tunes, failovers.
 struct View {
+    log: Option<std::fs::File>,
     json: bool,
     kind: &'static str,
     bar: Option<indicatif::ProgressBar>,
@@ -156,6 +166,7 @@ struct View {
 impl View {
     fn new(json: bool, kind: &'static str) -> View {
         View {
+            log: None,
             json,
             kind,
             bar: None,
@@ -196,6 +207,11 @@ impl View {
                 self.printed_text = true;
             }
             "progress" => {
+                if let Some(f) = self.log.as_mut() {
+                    let line = serde_json::json!({"step": e["step"], "loss": e["loss"], "lr": e["lr"],
+                        "tokens_per_second": e["tokens_per_second"], "worker": e["worker"]});
+                    let _ = writeln!(f, "{line}");
+                }
                 let total = e["total"].as_u64().unwrap_or(0);
                 let bar = self.bar.get_or_insert_with(|| {
                     let b = indicatif::ProgressBar::new(total);

@@ -371,6 +371,7 @@ impl Daemon {
         need: Need,
         to: &str,
         out: Option<PathBuf>,
+        resume: Option<PathBuf>,
         detach: bool,
         reply: oneshot::Sender<Response>,
         events: Option<mpsc::UnboundedSender<serde_json::Value>>,
@@ -431,6 +432,29 @@ impl Daemon {
                 return fail(reply, "a fine-tune needs --out".into());
             }
         }
+        // A checkpoint to start from travels with the job, as a failover's does.
+        let checkpoint = match &resume {
+            Some(dir) => {
+                let step = std::fs::read(dir.join("trainer_state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["step"].as_u64());
+                let Some(step) = step else {
+                    return fail(
+                        reply,
+                        format!(
+                            "{} is not a checkpoint (no trainer_state.json with a step)",
+                            dir.display()
+                        ),
+                    );
+                };
+                match read_bundle(dir, true, self.cfg.jobs.max_checkpoint_bytes) {
+                    Ok(b) => Some((step, b)),
+                    Err(e) => return fail(reply, format!("{e:#}")),
+                }
+            }
+            None => None,
+        };
         let job_id = random::<16>();
         let id = hex(&job_id);
         let job = Job {
@@ -463,7 +487,7 @@ impl Daemon {
             attempt: 0,
             last_heard: Instant::now(),
             disconnected_since: None,
-            checkpoint: None,
+            checkpoint,
             progress: None,
             watchers: vec![],
             finals: vec![],

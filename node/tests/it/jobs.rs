@@ -422,6 +422,27 @@ fn a_fine_tune_finishes_on_another_peer_when_its_worker_is_killed() {
         "final adapter differs from the uninterrupted run by {worst}"
     );
     eprintln!("failover: killed at checkpoint {at}, final adapter max |diff| {worst:e}");
+
+    // `submit finetune --resume` sends a local checkpoint along: the worker continues from it.
+    let again = phone.home.join("again");
+    let ck = reference.join("checkpoint-30");
+    let mut sub = vec![
+        "submit",
+        "finetune",
+        "--out",
+        again.to_str().unwrap(),
+        "--resume",
+        ck.to_str().unwrap(),
+    ];
+    sub.extend(["--json-log", "/dev/null", "--json"]);
+    sub.extend(common);
+    let (ok, v, err) = last_json(&phone.home, &sub);
+    assert!(ok, "{v} {err}");
+    assert_eq!(v["executed_by"], laptop.id.as_str(), "{v}");
+    assert_eq!(
+        std::fs::read(again.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(reference.join("adapter_model.safetensors")).unwrap()
+    );
 }
 
 /// The worker's ed25519 key, from its peer id.
