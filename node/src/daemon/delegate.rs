@@ -52,6 +52,12 @@ pub(super) enum Internal {
         task: String,
         line: ExecLine,
     },
+    /// A checkpoint the job wrote, read into a bundle to stream back.
+    CheckpointRead {
+        task: String,
+        step: usize,
+        res: Result<Bundle, String>,
+    },
     /// Tokens from a job's child process, batched.
     Tokens {
         task: String,
@@ -827,16 +833,23 @@ impl Daemon {
                 if let Err(e) = bundle.check() {
                     return UpdateAck::Rejected { reason: e };
                 }
-                // Kept on disk too, so the owner can resume by hand if every device fails.
+                // Kept on disk too, so the owner can resume by hand if every device fails; written off the
+                // event loop (it can be hundreds of MiB), one at a time.
                 let dir = self.home.join("jobs").join(&id).join("checkpoint");
                 let tmp = self.home.join("jobs").join(&id).join(".checkpoint-tmp");
-                let _ = std::fs::remove_dir_all(&tmp);
-                if let Err(e) = write_bundle(&tmp, &bundle).and_then(|_| {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    std::fs::rename(&tmp, &dir).map_err(anyhow::Error::from)
-                }) {
-                    tracing::warn!(job = %id, "saving a checkpoint: {e:#}");
-                }
+                let copy = bundle.clone();
+                let job = id.clone();
+                tokio::task::spawn_blocking(move || {
+                    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    if let Err(e) = write_bundle(&tmp, &copy).and_then(|_| {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        std::fs::rename(&tmp, &dir).map_err(anyhow::Error::from)
+                    }) {
+                        tracing::warn!(job = %job, "saving a checkpoint: {e:#}");
+                    }
+                });
                 sub.checkpoint = Some((step, bundle));
                 self.emit(
                     &id,
@@ -1554,6 +1567,23 @@ impl Daemon {
                 Err(e) => self.fail_task(&task, format!("the received model is not the one asked for: {e}")),
             },
             Internal::Child { task, line } => self.on_child_line(&task, line),
+            Internal::CheckpointRead { task, step, res } => match res {
+                // Only while the job runs: a checkpoint must never overtake its result.
+                Ok(_)
+                    if !self
+                        .work
+                        .tasks
+                        .get(&task)
+                        .is_some_and(|t| matches!(t.state, TaskState::Running { .. })) => {}
+                Ok(bundle) => self.deliver(
+                    &task,
+                    Update::Checkpoint {
+                        step: step as u64,
+                        bundle,
+                    },
+                ),
+                Err(e) => tracing::warn!(job = %task, "checkpoint not streamed back: {e}"),
+            },
             Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
             Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
         }
@@ -1746,16 +1776,14 @@ impl Daemon {
                 );
             }
             ExecLine::Checkpoint { step, dir } => {
-                match read_bundle(Path::new(&dir), true, self.cfg.jobs.max_checkpoint_bytes) {
-                    Ok(bundle) => self.deliver(
-                        id,
-                        Update::Checkpoint {
-                            step: step as u64,
-                            bundle,
-                        },
-                    ),
-                    Err(e) => tracing::warn!(job = %id, "checkpoint not streamed back: {e:#}"),
-                }
+                // Read off the event loop; the child has finished writing it (trainer_state.json last).
+                let max = self.cfg.jobs.max_checkpoint_bytes;
+                let tx = self.work.internal.clone();
+                let task = id.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let res = read_bundle(Path::new(&dir), true, max).map_err(|e| format!("{e:#}"));
+                    let _ = tx.send(Internal::CheckpointRead { task, step, res });
+                });
             }
             ExecLine::Result { result } => {
                 if let Some(t) = self.work.tasks.get_mut(id) {
