@@ -81,6 +81,9 @@ pub fn rank(cands: &[Candidate], need: &Need) -> Vec<Verdict> {
             if c.caps.on_ac == Some(false) && c.caps.battery_percent.is_some() && !c.battery_allowed {
                 return v(None, "on battery, and the config does not allow jobs on battery".into());
             }
+            if c.link != Link::Local && !c.caps.accepts_jobs {
+                return v(None, "it does not take jobs from other devices ([jobs] accept_remote = false)".into());
+            }
             if let Some(why) = &c.no_model_route {
                 return v(None, format!("cannot get the model: {why}"));
             }
@@ -138,6 +141,7 @@ mod tests {
             queue_len: 0,
             pinned: false,
             version: "0".into(),
+            accepts_jobs: true,
             ..Default::default()
         }
     }
@@ -171,6 +175,14 @@ mod tests {
                 cand("laptop", Link::Direct, caps(50.0, 16 << 30)),
                 cand("desktop", Link::Direct, caps(500.0, 24 << 30)),
                 cand("tiny", Link::Direct, caps(5000.0, 256 << 20)),
+                cand(
+                    "relay",
+                    Link::Direct,
+                    Capabilities {
+                        accepts_jobs: false,
+                        ..caps(9000.0, 64 << 30)
+                    },
+                ),
             ],
             &NEED,
         );
@@ -185,6 +197,7 @@ mod tests {
         };
         assert!(why("tiny").contains("device memory"), "{}", why("tiny"));
         assert!(why("phone").contains("battery"), "{}", why("phone"));
+        assert!(why("relay").contains("accept_remote"), "{}", why("relay"));
     }
 
     #[test]

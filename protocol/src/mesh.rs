@@ -62,6 +62,8 @@ pub struct Capabilities {
     /// Content hashes of the models (and adapters) in this node's store, so a scheduler knows who can skip
     /// a transfer. At most [`MAX_ADVERTISED_MODELS`].
     pub models: Vec<String>,
+    /// Whether this node takes jobs from paired peers at all (`[jobs] accept_remote`).
+    pub accepts_jobs: bool,
     /// Whether this node takes jobs from paired peers while on battery (`[jobs] run_on_battery`).
     pub jobs_on_battery: bool,
     /// For a node that serves as the mesh's relay: the most bytes one relayed connection may carry, so a

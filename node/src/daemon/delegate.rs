@@ -319,6 +319,7 @@ impl Daemon {
         self.caps.queue_len = self.work.queue_len();
         self.caps.models = self.work.models();
         self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
+        self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
         self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
         self.push_caps_if_changed();
     }
