@@ -47,6 +47,18 @@ pub struct JobsSection {
     pub max_attempts: u32,
 }
 
+impl JobsSection {
+    /// Largest job envelope: a dataset and a resume checkpoint at their limits, plus 1 MiB of framing.
+    pub fn max_job_message(&self) -> usize {
+        (self.max_dataset_bytes.saturating_add(self.max_checkpoint_bytes) as usize).saturating_add(1 << 20)
+    }
+
+    /// Largest update envelope: a checkpoint or adapter at its limit, plus 1 MiB of framing.
+    pub fn max_update_message(&self) -> usize {
+        (self.max_checkpoint_bytes as usize).saturating_add(1 << 20)
+    }
+}
+
 impl Default for JobsSection {
     fn default() -> Self {
         JobsSection {

@@ -101,9 +101,10 @@ pub enum ClientError {
     Daemon(String),
 }
 
-/// Like [`call`], for requests the daemon answers with a stream: every `{"event": ...}` line goes to
-/// `on_event`, and the final response line ends the call. There is no overall timeout (a fine-tune takes as
-/// long as it takes); the daemon sends heartbeat events, so a dead daemon is noticed by `idle`.
+/// Sends one request and reads its answer: every `{"event": ...}` line before it (requests the daemon
+/// answers with a stream, as `bitnode submit`) goes to `on_event`, and the final response line ends the
+/// call. `idle` bounds each read and write, not the whole exchange (a fine-tune takes as long as it takes;
+/// the daemon sends heartbeat events, so a dead daemon is still noticed).
 pub fn call_stream(
     home: &Path,
     req: &Request,
@@ -125,6 +126,7 @@ pub fn call_stream(
     };
     let io = |e| ClientError::Io(path.clone(), e);
     s.set_read_timeout(Some(idle)).map_err(io)?;
+    s.set_write_timeout(Some(idle)).map_err(io)?;
     let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Reply(e.to_string()))?;
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
@@ -158,42 +160,9 @@ pub fn is_running(home: &Path) -> bool {
     UnixStream::connect(socket_path(home)).is_ok()
 }
 
-/// Sends one request and waits for its answer. `timeout` bounds the whole exchange (pairing waits on the
-/// network, so it gets longer than a status query).
+/// Sends one request and waits for its answer. `timeout` bounds each read and write (pairing waits on
+/// the network, so it gets longer than a status query).
 pub fn call(home: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, ClientError> {
-    let path = socket_path(home);
-    let mut s = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(ClientError::NotRunning(home.to_path_buf()))
-        }
-        Err(e) => return Err(ClientError::Io(path, e)),
-    };
-    let io = |e| ClientError::Io(path.clone(), e);
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Reply(e.to_string()))?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(io)?;
-    let mut r = BufReader::new(s);
-    let mut out = String::new();
-    r.read_line(&mut out).map_err(io)?;
-    if out.is_empty() {
-        return Err(ClientError::Reply(
-            "the daemon closed the connection without answering".into(),
-        ));
-    }
-    let resp: Response = serde_json::from_str(&out).map_err(|e| ClientError::Reply(e.to_string()))?;
-    if resp.ok {
-        Ok(resp.result)
-    } else {
-        Err(ClientError::Daemon(
-            resp.error.unwrap_or_else(|| "unknown error".into()),
-        ))
-    }
+    // A one-answer request is a stream without events.
+    call_stream(home, req, timeout, &mut |_| {})
 }

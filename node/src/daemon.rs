@@ -262,8 +262,8 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         }),
         psk,
         agent: format!("bitnode/{}", env!("CARGO_PKG_VERSION")),
-        max_job_message: (cfg.jobs.max_dataset_bytes + cfg.jobs.max_checkpoint_bytes) as usize + (1 << 20),
-        max_update_message: cfg.jobs.max_checkpoint_bytes as usize + (1 << 20),
+        max_job_message: cfg.jobs.max_job_message(),
+        max_update_message: cfg.jobs.max_update_message(),
     };
     let (itx, irx) = mpsc::unbounded_channel();
     let work = delegate::Work::new(home, &key, itx)?;

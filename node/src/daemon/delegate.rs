@@ -17,7 +17,7 @@
 use super::*;
 use crate::exec::{ExecFile, ExecLine, JobPaths};
 use crate::jobs::{Job, State};
-use crate::models::Store;
+use crate::models::{hex, Store};
 use crate::schedule::{self, Candidate, Link, Need, Verdict};
 use crate::transfer::Download;
 use bitnode_protocol::job::{
@@ -210,10 +210,6 @@ impl Work {
         m.truncate(MAX_ADVERTISED_MODELS);
         m
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn parse_job_id(s: &str) -> Option<[u8; 16]> {
@@ -697,12 +693,11 @@ impl Daemon {
     }
 
     pub(super) fn job_message_max(&self) -> usize {
-        let j = &self.cfg.jobs;
-        (j.max_dataset_bytes + j.max_checkpoint_bytes) as usize + (1 << 20)
+        self.cfg.jobs.max_job_message()
     }
 
     pub(super) fn update_message_max(&self) -> usize {
-        self.cfg.jobs.max_checkpoint_bytes as usize + (1 << 20)
+        self.cfg.jobs.max_update_message()
     }
 
     /// The device running job `id` refused it, failed to take it, or went away.
