@@ -233,6 +233,19 @@ impl Node {
         v.as_array().unwrap().clone()
     }
 
+    /// The daemon's first TCP listen address (to dial it from a hand-made client).
+    pub fn tcp_addr(&self) -> libp2p::Multiaddr {
+        self.status()["listen_addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .find(|s| s.contains("/tcp/"))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub fn peer(&self, id: &str) -> Option<Value> {
         self.peers().into_iter().find(|p| p["id"] == id)
     }

@@ -138,15 +138,7 @@ fn oversized_and_malformed_messages_are_refused_and_the_daemon_keeps_serving() {
     let hostile = key.public().to_peer_id();
     cli_ok(&a.home, &["pair", "add", &hostile.to_base58(), "--name", "hostile"]);
     let target: PeerId = a.id.parse().unwrap();
-    let addr: Multiaddr = a.status()["listen_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .find(|s| s.contains("/tcp/"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = a.tcp_addr();
     let caps = send_raw(
         key.clone(),
         target,

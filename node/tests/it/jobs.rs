@@ -4,7 +4,7 @@
 use crate::harness::*;
 use bitnode_protocol::job::{Envelope, JobAck, JobPayload, JobSpec, Kind};
 use bitnode_protocol::wire;
-use libp2p::{identity, Multiaddr, PeerId};
+use libp2p::{identity, PeerId};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -21,6 +21,18 @@ fn node(name: &str, score: f64, extra: &str) -> Node {
              [engine]\nadapter = \"cpu\"\n{extra}"
         ),
     )
+}
+
+/// A phone, a laptop and a desktop (scores 0.1, 60, 600; names ending in `tag`), started and all paired.
+fn three(tag: &str, phone: &str, laptop: &str) -> (Node, Node, Node) {
+    let mut p = node(&format!("phone{tag}"), 0.1, phone);
+    let mut l = node(&format!("laptop{tag}"), 60.0, laptop);
+    let mut d = node(&format!("desktop{tag}"), 600.0, "");
+    for n in [&mut p, &mut l, &mut d] {
+        n.start();
+    }
+    pair_all(&[&p, &l, &d]);
+    (p, l, d)
 }
 
 fn pair_all(nodes: &[&Node]) {
@@ -113,13 +125,11 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn jobs_go_to_the_strongest_or_the_pinned_peer_stream_cancel_and_survive_a_restart() {
-    let mut phone = node("phone", 0.1, "[jobs]\nheartbeat_timeout_secs = 3");
-    let mut laptop = node("laptop", 60.0, "[jobs]\nmax_dataset_bytes = 3000");
-    let mut desktop = node("desktop", 600.0, "");
-    for n in [&mut phone, &mut laptop, &mut desktop] {
-        n.start();
-    }
-    pair_all(&[&phone, &laptop, &desktop]);
+    let (mut phone, laptop, desktop) = three(
+        "",
+        "[jobs]\nheartbeat_timeout_secs = 3",
+        "[jobs]\nmax_dataset_bytes = 3000",
+    );
     let m = synth(&phone.home);
 
     // Delegation: the strongest of three takes it, and the result is what the local command prints.
@@ -338,13 +348,7 @@ fn jobs_go_to_the_strongest_or_the_pinned_peer_stream_cancel_and_survive_a_resta
 
 #[test]
 fn a_fine_tune_finishes_on_another_peer_when_its_worker_is_killed() {
-    let mut phone = node("phone-f", 0.1, "[jobs]\nheartbeat_timeout_secs = 4");
-    let mut laptop = node("laptop-f", 60.0, "");
-    let mut desktop = node("desktop-f", 600.0, "");
-    for n in [&mut phone, &mut laptop, &mut desktop] {
-        n.start();
-    }
-    pair_all(&[&phone, &laptop, &desktop]);
+    let (phone, laptop, mut desktop) = three("-f", "[jobs]\nheartbeat_timeout_secs = 4", "");
     let m = synth(&phone.home);
     let data = dataset(&phone.home.join("d.jsonl"), 40);
     let common = [
@@ -477,15 +481,7 @@ fn replayed_tampered_foreign_and_unpaired_envelopes_are_refused_with_their_reaso
     w.start();
     let target: PeerId = w.id.parse().unwrap();
     let me = key_of(&target);
-    let addr: Multiaddr = w.status()["listen_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v.as_str())
-        .find(|s| s.contains("/tcp/"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = w.tcp_addr();
     // A paired client (the worker trusts its key) that speaks the job protocol by hand.
     let client = identity::Keypair::generate_ed25519();
     cli_ok(
