@@ -36,6 +36,8 @@ pub struct StartOptions {
     pub listen: Vec<String>,
     /// Forces `[relay] enabled`.
     pub relay_server: bool,
+    /// Forces `[jobs] accept_remote = false` (a relay that should only relay).
+    pub no_remote_jobs: bool,
 }
 
 /// How long a join may take end to end (dial, two round trips).
@@ -225,7 +227,10 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         crate::init(home, None)?;
     }
     let key = crate::identity::load(home)?;
-    let cfg = Config::load(home)?;
+    let mut cfg = Config::load(home)?;
+    if opts.no_remote_jobs {
+        cfg.jobs.accept_remote = false;
+    }
     let trust = TrustList::load(home)?;
     let sock = control::socket_path(home);
     if control::is_running(home) {

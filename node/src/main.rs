@@ -84,6 +84,10 @@ enum Cmd {
         /// Serve as the relay of the owner's mesh (paired peers only); same as `[relay] enabled = true`.
         #[arg(long)]
         relay_server: bool,
+        /// Take no jobs from other devices; same as `[jobs] accept_remote = false` (for a relay that
+        /// should only relay: it advertises this, and schedulers pass it over).
+        #[arg(long)]
+        no_remote_jobs: bool,
     },
     /// Stop the running daemon (as SIGTERM does: connections closed, socket removed).
     Stop,
@@ -435,7 +439,9 @@ fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wgpu_core=error,wgpu_hal=error,naga=error"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: logs kept by Docker, systemd or a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         b.json().init();
     } else {
@@ -557,14 +563,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let id = bitnode::identity::load(&home)?.public().to_peer_id();
             println!("{id}");
         }
-        Cmd::Start { listen, relay_server } => {
+        Cmd::Start {
+            listen,
+            relay_server,
+            no_remote_jobs,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             rt.block_on(bitnode::daemon::run(
                 &home,
-                bitnode::daemon::StartOptions { listen, relay_server },
+                bitnode::daemon::StartOptions {
+                    listen,
+                    relay_server,
+                    no_remote_jobs,
+                },
             ))?;
         }
         Cmd::Stop => {

@@ -349,6 +349,12 @@ fn behaviour(
             autonat::Config {
                 // Home meshes live on private ranges; let paired peers confirm those too.
                 only_global_ips: false,
+                // A relay often starts before the devices it serves: with the defaults (first probe after
+                // 15 s, a retry 90 s after a probe that found no server) its hop protocol, which waits for
+                // a confirmed external address, stays off for up to two minutes after its peers arrive.
+                boot_delay: Duration::from_secs(5),
+                retry_interval: Duration::from_secs(10),
+                throttle_server_period: Duration::from_secs(15),
                 ..Default::default()
             },
         ),
