@@ -79,7 +79,10 @@ fn pair(m: &Mesh) -> Paired {
 /// Waits until both the phone and the desktop hold a direct connection to each other (DCUtR's work);
 /// returns (the phone's entry for the desktop, the desktop's entry for the phone).
 fn wait_direct(m: &Mesh) -> (Value, Value) {
-    let limit = Duration::from_secs(90);
+    wait_direct_within(m, Duration::from_secs(90))
+}
+
+fn wait_direct_within(m: &Mesh, limit: Duration) -> (Value, Value) {
     let pd = wait_for(limit, "the phone to hold a direct connection to the desktop", || {
         let p = m.peer("phone", "desktop")?;
         (p["connection"] == "direct").then_some(p)
@@ -689,7 +692,7 @@ fn s6_restarted_containers_keep_identity_trust_list_and_job_history() {
     scenario(
         6,
         "restarts keep identity, trust list and jobs",
-        Duration::from_secs(420),
+        Duration::from_secs(540),
         |m| {
             pair(m);
             wait_direct(m);
@@ -752,7 +755,11 @@ fn s6_restarted_containers_keep_identity_trust_list_and_job_history() {
             // The mesh forms again by itself: the LAN, the relay, and a direct connection across the NATs.
             m.wait_connected("phone", "laptop", Duration::from_secs(90));
             m.wait_connected("phone", "desktop", Duration::from_secs(120));
-            let (pd, _) = wait_direct(m);
+            // The routers did not restart: their conntrack still holds the old direct flow (same addresses and
+            // ports) in TIME_WAIT for 120 s, and a TCP hole punch that meets it can fail. The devices stay
+            // connected through the relay meanwhile, and DCUtR retries on a fresh relayed connection until
+            // the punch gets through, as it does behind a home router that outlives a device's reboot.
+            let (pd, _) = wait_direct_within(m, Duration::from_secs(240));
             assert_eq!(pd["connection"], "direct");
             // And it works: the desktop still holds the model by its hash, and a new job runs there.
             let again = score_from_phone(m, "auto");
