@@ -22,6 +22,8 @@
 //! scenarios skip with a message. BITNODE_DOCKER_BIN picks the binary baked into the image (default: this
 //! test build's; a release build gives the numbers in BENCHMARKS.md).
 #![allow(clippy::unwrap_used)]
+#[path = "../common/adapter.rs"]
+mod adapter;
 mod topo;
 
 use serde_json::Value;
@@ -112,9 +114,15 @@ fn dataset(n: usize) -> String {
         .collect()
 }
 
+/// The tiny BitNet at /data/tiny on `dev`: synthetic and deterministic, so every device that makes it holds
+/// the same model (by content hash).
+fn synth_tiny(m: &Mesh, dev: &str) {
+    m.ok(dev, &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"]);
+}
+
 /// The tiny BitNet and a dataset, on the phone (the submitter holds the model and the data).
 fn phone_model_and_data(m: &Mesh, docs: usize) {
-    m.ok("phone", &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"]);
+    synth_tiny(m, "phone");
     m.put("phone", "/data/d.jsonl", dataset(docs).as_bytes());
 }
 
@@ -150,32 +158,6 @@ fn reference_adapter(steps: &'static str, docs: usize) -> std::thread::JoinHandl
         let _ = std::fs::remove_dir_all(&dir);
         a
     })
-}
-
-/// Max |a - b| over the adapters' tensors (same names, same shapes).
-fn adapter_diff(a: &[u8], b: &[u8]) -> f32 {
-    let (a, b) = (
-        safetensors::SafeTensors::deserialize(a).unwrap(),
-        safetensors::SafeTensors::deserialize(b).unwrap(),
-    );
-    let mut names: Vec<String> = a.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    let mut other: Vec<String> = b.names().into_iter().map(str::to_string).collect();
-    other.sort();
-    assert_eq!(names, other, "the adapters hold different tensors");
-    let mut worst = 0f32;
-    for n in &names {
-        let (x, y) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
-        assert_eq!(x.shape(), y.shape(), "{n}");
-        for (p, q) in x.data().chunks_exact(4).zip(y.data().chunks_exact(4)) {
-            let (p, q) = (
-                f32::from_le_bytes([p[0], p[1], p[2], p[3]]),
-                f32::from_le_bytes([q[0], q[1], q[2], q[3]]),
-            );
-            worst = worst.max((p - q).abs());
-        }
-    }
-    worst
 }
 
 /// The fine-tune scenarios' start: the reference run begins on the host while the mesh pairs and goes
@@ -215,16 +197,17 @@ fn show(m: &Mesh, dev: &str, id: &str) -> Value {
     m.json(dev, &["jobs", "show", id, "--json"])
 }
 
-/// A short scoring job from the phone, pinned to `to` (a peer name or id); returns its final JSON line.
-fn score_from_phone(m: &Mesh, to: &str) -> Value {
-    m.put("phone", "/data/t.txt", b"a job that crosses two NATs");
+/// A short scoring job submitted on `dev` on its model at `model`, to `to` (`auto`, `local`, a peer name or
+/// id); it must succeed. Returns its final JSON line.
+fn score(m: &Mesh, dev: &str, model: &str, to: &str) -> Value {
+    m.put(dev, "/data/t.txt", b"a job that crosses two NATs");
     let (ok, v, err) = m.last_json(
-        "phone",
+        dev,
         &[
             "submit",
             "score",
             "--model",
-            "/data/tiny",
+            model,
             "--text-file",
             "/data/t.txt",
             "--to",
@@ -238,6 +221,24 @@ fn score_from_phone(m: &Mesh, to: &str) -> Value {
     v
 }
 
+/// The peers `dev` trusts, as (peer id, name), sorted.
+fn trusted(m: &Mesh, dev: &str) -> Vec<(String, String)> {
+    let mut t: Vec<(String, String)> = m
+        .json(dev, &["pair", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or("").into(),
+                p["name"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    t.sort();
+    t
+}
+
 #[test]
 fn s1_phone_pairs_with_the_laptop_on_its_lan_and_with_the_desktop_across_both_nats() {
     scenario(
@@ -248,20 +249,16 @@ fn s1_phone_pairs_with_the_laptop_on_its_lan_and_with_the_desktop_across_both_na
             pair(m);
             let (phone, laptop, desktop, relay) = (m.id("phone"), m.id("laptop"), m.id("desktop"), m.id("relay"));
             // Every pairing is mutual and on disk.
-            let trusted = |dev: &str| -> Vec<String> {
-                let v = m.json(dev, &["pair", "list", "--json"]);
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p["id"].as_str().unwrap_or("").to_string())
-                    .collect()
-            };
-            let t = trusted("phone");
+            let trusts = |dev: &str, id: &str| trusted(m, dev).iter().any(|(t, _)| t == id);
             for id in [&laptop, &desktop, &relay] {
-                assert!(t.contains(id), "the phone does not trust {id}: {t:?}");
+                assert!(
+                    trusts("phone", id),
+                    "the phone does not trust {id}: {:?}",
+                    trusted(m, "phone")
+                );
             }
             for d in ["laptop", "desktop"] {
-                assert!(trusted(d).contains(&phone), "{d} does not trust the phone");
+                assert!(trusts(d, &phone), "{d} does not trust the phone");
             }
             // Same LAN: the laptop heard the phone's mDNS announcement and holds a direct connection to its
             // LAN address (no NAT in between).
@@ -333,11 +330,8 @@ fn s2_dcutr_upgrades_the_phone_desktop_connection_to_direct() {
             // the phone (over the punched connection) or from the desktop itself. Both go through
             // `docker exec`, whose cost cancels out in the difference. One warm-up run each pulls the model
             // and warms the page cache.
-            m.ok("phone", &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"]);
-            m.ok(
-                "desktop",
-                &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"],
-            );
+            synth_tiny(m, "phone");
+            synth_tiny(m, "desktop");
             let infer = |dev: &str, to: &str| -> (f64, f64) {
                 let c = m.c(dev);
                 let (f, t, ok) = first_byte(&[
@@ -382,24 +376,9 @@ fn s2_dcutr_upgrades_the_phone_desktop_connection_to_direct() {
                 .next()
                 .and_then(|s| s.parse().ok())
                 .unwrap();
-            m.put("phone", "/data/t.txt", b"the model travels once");
             let score = || {
                 let t0 = Instant::now();
-                let (ok, v, err) = m.last_json(
-                    "phone",
-                    &[
-                        "submit",
-                        "score",
-                        "--model",
-                        "/data/m125",
-                        "--text-file",
-                        "/data/t.txt",
-                        "--to",
-                        &desktop_id,
-                        "--json",
-                    ],
-                );
-                assert!(ok && v["state"] == "succeeded", "{v} {err}");
+                score(m, "phone", "/data/m125", &desktop_id);
                 t0.elapsed().as_secs_f64()
             };
             let (cold, warm) = (score(), score());
@@ -455,7 +434,7 @@ fn s3_a_fine_tune_submitted_on_the_phone_runs_on_the_desktop() {
             let got = m.get("phone", "/data/adapter/adapter_model.safetensors");
             let cfg = m.get("phone", "/data/adapter/adapter_config.json");
             assert!(serde_json::from_slice::<Value>(&cfg).is_ok());
-            let worst = adapter_diff(&got, &reference.join().unwrap());
+            let worst = adapter::max_abs_diff(&got, &reference.join().unwrap());
             assert_eq!(
                 worst, 0.0,
                 "the delegated adapter differs from the local run by {worst}"
@@ -495,10 +474,7 @@ fn s3_a_fine_tune_submitted_on_the_phone_runs_on_the_desktop() {
                 assert!(ok, "{v} {err}");
                 v["tokens"].clone()
             };
-            m.ok(
-                "desktop",
-                &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"],
-            );
+            synth_tiny(m, "desktop");
             assert_eq!(tokens("gpu"), tokens("cpu"), "lavapipe and the CPU reference disagree");
         },
     );
@@ -537,7 +513,7 @@ fn s4_the_desktop_is_killed_mid_job_and_the_laptop_finishes_it() {
             assert!(attempts[0].as_str().unwrap().starts_with("desktop"), "{s}");
             // The laptop resumed from the desktop's checkpoint: the adapter is the uninterrupted run's.
             let got = m.get("phone", "/data/adapter/adapter_model.safetensors");
-            let worst = adapter_diff(&got, &reference.join().unwrap());
+            let worst = adapter::max_abs_diff(&got, &reference.join().unwrap());
             assert_eq!(
                 worst, 0.0,
                 "the failed-over adapter differs from the uninterrupted run by {worst}"
@@ -565,7 +541,7 @@ fn s5_the_intruder_can_neither_connect_nor_submit() {
         |m| {
             let p = pair(m);
             wait_direct(m);
-            m.ok("phone", &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"]);
+            synth_tiny(m, "phone");
             let ids: Vec<(&str, String)> = ["relay", "phone", "laptop", "desktop"]
                 .iter()
                 .map(|d| (*d, m.id(d)))
@@ -630,10 +606,7 @@ fn s5_the_intruder_can_neither_connect_nor_submit() {
                 "the routers saw nothing of the intruder"
             );
             // It cannot submit: a pinned job has nowhere to go, and `auto` finds only the intruder itself.
-            m.ok(
-                "intruder",
-                &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"],
-            );
+            synth_tiny(m, "intruder");
             m.put("intruder", "/data/t.txt", b"let me in");
             for (d, id) in &ids {
                 let (ok, out, err) = m.bitnode(
@@ -659,19 +632,7 @@ fn s5_the_intruder_can_neither_connect_nor_submit() {
                     "no clear error: {err}"
                 );
             }
-            let (ok, v, _) = m.last_json(
-                "intruder",
-                &[
-                    "submit",
-                    "score",
-                    "--model",
-                    "/data/tiny",
-                    "--text-file",
-                    "/data/t.txt",
-                    "--json",
-                ],
-            );
-            assert!(ok, "{v}");
+            let v = score(m, "intruder", "/data/tiny", "auto");
             assert_eq!(v["executed_by"], intruder.as_str(), "{v}");
             // Nothing of it reached the mesh: no device trusts it, lists it, or ran a job for it; and the mesh
             // still works.
@@ -682,7 +643,7 @@ fn s5_the_intruder_can_neither_connect_nor_submit() {
                 let jobs = m.ok(d, &["jobs", "--json"]);
                 assert!(!jobs.contains(&intruder), "{d} holds a job of the intruder: {jobs}");
             }
-            score_from_phone(m, &m.id("desktop"));
+            score(m, "phone", "/data/tiny", &m.id("desktop"));
         },
     );
 }
@@ -696,26 +657,14 @@ fn s6_restarted_containers_keep_identity_trust_list_and_job_history() {
         |m| {
             pair(m);
             wait_direct(m);
-            m.ok("phone", &["model", "synth", "--preset", "tiny", "--out", "/data/tiny"]);
-            let job = score_from_phone(m, &m.id("desktop"));
+            synth_tiny(m, "phone");
+            let job = score(m, "phone", "/data/tiny", &m.id("desktop"));
             let job_id = job["job_id"].as_str().unwrap().to_string();
             let devices = ["relay", "phone", "laptop", "desktop"];
             // What must survive: the peer id, the trusted ids and names, and every job's id, state and worker.
             let snapshot = |d: &str| -> (String, Vec<(String, String)>, Vec<(String, String, String)>) {
                 let id = m.ok(d, &["id"]).trim().to_string();
-                let mut trust: Vec<(String, String)> = m
-                    .json(d, &["pair", "list", "--json"])
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| {
-                        (
-                            p["id"].as_str().unwrap_or("").into(),
-                            p["name"].as_str().unwrap_or("").into(),
-                        )
-                    })
-                    .collect();
-                trust.sort();
+                let trust = trusted(m, d);
                 let jobs = m
                     .json(d, &["jobs", "--json"])
                     .as_array()
@@ -762,7 +711,7 @@ fn s6_restarted_containers_keep_identity_trust_list_and_job_history() {
             let (pd, _) = wait_direct_within(m, Duration::from_secs(240));
             assert_eq!(pd["connection"], "direct");
             // And it works: the desktop still holds the model by its hash, and a new job runs there.
-            let again = score_from_phone(m, "auto");
+            let again = score(m, "phone", "/data/tiny", "auto");
             assert_eq!(again["executed_by"], m.id("desktop").as_str(), "{again}");
         },
     );

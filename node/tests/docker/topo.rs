@@ -25,18 +25,26 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
 
-/// Runs a command under coreutils `timeout` (so a wedged `docker exec` cannot hang the harness); returns
-/// (success, stdout, stderr).
-pub fn run(cmd: &[&str], limit: Duration) -> (bool, String, String) {
-    let o = Command::new("timeout")
-        .args(["-k", "5", &limit.as_secs().max(1).to_string()])
+/// `cmd` under coreutils `timeout` (so a wedged `docker exec` cannot hang the harness), with no stdin.
+fn limited(cmd: &[&str], limit: Duration) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["-k", "5", &limit.as_secs().max(1).to_string()])
         .args(cmd)
-        .stdin(Stdio::null())
-        .output();
-    match o {
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs a prepared command: (success, stdout, stderr).
+fn output(mut c: Command) -> (bool, String, String) {
+    match c.output() {
         Ok(o) => (o.status.success(), lossy(&o.stdout), lossy(&o.stderr)),
-        Err(e) => (false, String::new(), format!("{cmd:?}: {e}")),
+        Err(e) => (false, String::new(), format!("{c:?}: {e}")),
     }
+}
+
+/// Runs a command with a time limit; returns (success, stdout, stderr).
+pub fn run(cmd: &[&str], limit: Duration) -> (bool, String, String) {
+    output(limited(cmd, limit))
 }
 
 fn available() -> Result<(), String> {
@@ -79,19 +87,11 @@ fn image() -> Result<(), String> {
     IMAGE_BUILT
         .get_or_init(|| {
             let t0 = Instant::now();
-            let o = Command::new("timeout")
-                .args(["900", "bash", "docker/image.sh", IMAGE])
-                .env("BITNODE_BIN", binary())
-                .current_dir(repo())
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("docker/image.sh: {e}"))?;
-            if !o.status.success() {
-                return Err(format!(
-                    "docker/image.sh failed: {}{}",
-                    lossy(&o.stdout),
-                    lossy(&o.stderr)
-                ));
+            let mut c = limited(&["bash", "docker/image.sh", IMAGE], Duration::from_secs(900));
+            c.env("BITNODE_BIN", binary()).current_dir(repo());
+            let (ok, out, err) = output(c);
+            if !ok {
+                return Err(format!("docker/image.sh failed: {out}{err}"));
             }
             // The runtime image carries lavapipe: a container without a GPU has a Vulkan device.
             let (ok, out, err) = run(&["docker", "run", "--rm", IMAGE, "devices"], Duration::from_secs(60));
@@ -143,19 +143,14 @@ impl Mesh {
     }
 
     fn topology(&self, args: &[&str], limit: Duration) -> (bool, String, String) {
-        let o = Command::new("timeout")
-            .args(["-k", "5", &limit.as_secs().to_string(), "bash", "docker/topology.sh"])
-            .args(args)
-            .env("BN_PREFIX", &self.prefix)
+        let mut a = vec!["bash", "docker/topology.sh"];
+        a.extend(args);
+        let mut c = limited(&a, limit);
+        c.env("BN_PREFIX", &self.prefix)
             .env("BITNODE_IMAGE", IMAGE)
             .env("BITNODE_LOG", "info")
-            .current_dir(repo())
-            .stdin(Stdio::null())
-            .output();
-        match o {
-            Ok(o) => (o.status.success(), lossy(&o.stdout), lossy(&o.stderr)),
-            Err(e) => (false, String::new(), e.to_string()),
-        }
+            .current_dir(repo());
+        output(c)
     }
 
     fn up(&self) {

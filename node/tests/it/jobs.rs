@@ -104,25 +104,6 @@ fn kill_job_processes(home: &Path) -> usize {
     n
 }
 
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let t = st.tensor(&n).unwrap();
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n, v)
-        })
-        .collect()
-}
-
 #[test]
 fn jobs_go_to_the_strongest_or_the_pinned_peer_stream_cancel_and_survive_a_restart() {
     let (mut phone, laptop, desktop) = three(
@@ -409,18 +390,8 @@ fn a_fine_tune_finishes_on_another_peer_when_its_worker_is_killed() {
     assert!(attempts[0].as_str().unwrap().starts_with("desktop"), "{s}");
     assert!(at < 60, "the desktop had finished before it was killed");
     // The laptop resumed from the checkpoint: the adapter is the uninterrupted run's.
-    let (a, b) = (
-        tensors(&got.join("adapter_model.safetensors")),
-        tensors(&reference.join("adapter_model.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    let worst = crate::adapter::max_abs_diff(&read(&got), &read(&reference));
     assert!(
         worst <= 1e-6,
         "final adapter differs from the uninterrupted run by {worst}"
