@@ -128,6 +128,10 @@ struct Join {
     addrs: Vec<Multiaddr>,
     deadline: Instant,
     reply: Option<oneshot::Sender<Response>>,
+    /// The last failed dial to the inviter, for the error if the pairing request itself cannot be sent.
+    /// A failed dial alone fails nothing: it may be DCUtR's hole-punch dial while the relayed connection
+    /// carries the handshake (a router that answers with RST or ICMP fails that dial at once).
+    last_dial_error: Option<String>,
 }
 
 struct Ctl {
@@ -722,8 +726,8 @@ impl Daemon {
                 ..
             } => {
                 tracing::debug!(peer = %p, "dial failed: {error}");
-                if self.joins.contains_key(&p) && !self.peers.get(&p).is_some_and(|s| s.connected()) {
-                    self.fail_join(&p, &format!("could not reach the inviter: {error}"));
+                if let Some(j) = self.joins.get_mut(&p) {
+                    j.last_dial_error = Some(error.to_string());
                 }
             }
             SwarmEvent::IncomingConnectionError {
@@ -997,6 +1001,21 @@ impl Daemon {
                 Ok(r) => self.pair_response(peer, r),
                 Err(why) => self.fail_join(&peer, &format!("the inviter sent a malformed answer: {why}")),
             },
+            // The request-response behaviour reports a dial failure only when no connection could carry
+            // the request (every address of every dial failed), so this is the one place a join fails for
+            // want of a route.
+            rr::Event::OutboundFailure {
+                peer,
+                error: rr::OutboundFailure::DialFailure,
+                ..
+            } if self.joins.contains_key(&peer) => {
+                let why = self
+                    .joins
+                    .get(&peer)
+                    .and_then(|j| j.last_dial_error.clone())
+                    .unwrap_or_else(|| "no address of the inviter answered".into());
+                self.fail_join(&peer, &format!("could not reach the inviter: {why}"));
+            }
             rr::Event::OutboundFailure { peer, error, .. } if self.joins.contains_key(&peer) => {
                 self.fail_join(&peer, &format!("pairing request failed: {error}"));
             }
@@ -1387,6 +1406,7 @@ impl Daemon {
                 addrs,
                 deadline: Instant::now() + JOIN_TIMEOUT,
                 reply: None,
+                last_dial_error: None,
             },
         );
         Ok(peer)
