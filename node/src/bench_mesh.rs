@@ -5,6 +5,7 @@
 //! - submit-to-first-token and submit-to-result latency of an inference job, `--to local` against
 //!   `--to peer` (median of `runs`). Both include what every job pays here: a child process that loads the
 //!   model; the difference is what the mesh adds (signing, the round trips, streaming back).
+use crate::api::{Event, JobView};
 use crate::control::{self, Request};
 use crate::demo::{start_mesh, Spec};
 use crate::exec::JobPaths;
@@ -38,16 +39,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Submits `req` and times it: (seconds to the first streamed token, seconds to the result, the result).
-fn timed(home: &std::path::Path, req: &Request) -> anyhow::Result<(Option<f64>, f64, serde_json::Value)> {
+fn timed(home: &std::path::Path, req: &Request) -> anyhow::Result<(Option<f64>, f64, JobView)> {
     let t0 = Instant::now();
     let mut first = None;
-    let v = control::call_stream(home, req, Duration::from_secs(120), &mut |e| {
-        if first.is_none() && e["event"] == "tokens" {
+    let v: JobView = control::call_stream(home, req, Duration::from_secs(120), &mut |e| {
+        if first.is_none() && matches!(e, Event::Tokens { .. }) {
             first = Some(t0.elapsed().as_secs_f64());
         }
     })?;
-    if v["state"] != "succeeded" {
-        anyhow::bail!("benchmark job {}: {}", v["state"], v["reason"]);
+    if v.state != crate::jobs::State::Succeeded {
+        anyhow::bail!(
+            "benchmark job {}: {}",
+            v.state.as_str(),
+            v.reason.as_deref().unwrap_or("no reason given")
+        );
     }
     Ok((first, t0.elapsed().as_secs_f64(), v))
 }
@@ -152,7 +157,13 @@ fn bench(base: &std::path::Path, model: Option<PathBuf>, runs: usize) -> anyhow:
         let (f, t, v) = timed(here, &remote)?;
         rf.push(f.unwrap_or(t) * 1e3);
         rt.push(t * 1e3);
-        remote_device = v["result"]["device"].as_str().unwrap_or("?").to_string();
+        remote_device = v
+            .result
+            .as_ref()
+            .and_then(|r| r.get("device"))
+            .and_then(|d| d.as_str())
+            .unwrap_or("?")
+            .to_string();
     }
     let (lf, rf) = (median(lf), median(rf));
     Ok(MeshBench {

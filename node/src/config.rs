@@ -45,6 +45,14 @@ pub struct JobsSection {
     pub checkpoint_every: usize,
     /// Devices tried for one job before it fails.
     pub max_attempts: u32,
+    /// How long a worker holds a finished job's result for a submitter that went away (crashed,
+    /// restarted, a phone that killed the app), resending it until the submitter is back.
+    pub retention_secs: u64,
+    /// Results a worker holds at once for absent submitters, bytes; beyond it the oldest are dropped.
+    pub max_retained_bytes: u64,
+    /// After a restart, how long a submitter waits for the worker of each of its jobs to reconnect before
+    /// it places the job again from its last checkpoint.
+    pub reattach_secs: u64,
 }
 
 impl JobsSection {
@@ -72,6 +80,9 @@ impl Default for JobsSection {
             heartbeat_timeout_secs: 8,
             checkpoint_every: 10,
             max_attempts: 3,
+            retention_secs: 3600,
+            max_retained_bytes: 1 << 30,
+            reattach_secs: 60,
         }
     }
 }

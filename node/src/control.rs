@@ -1,92 +1,25 @@
 //! The local control channel: the CLI talks to the running daemon over `<home>/bitnode.sock`, a Unix
-//! socket only its owner can open (0600). One JSON request per line, one JSON response per line.
-use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+//! socket only its owner can open (0600). One JSON request per line; for streamed requests, one line per
+//! event; one JSON response line at the end. The types are in [`crate::api`].
+pub use crate::api::{Event, Request, Response};
+use serde::de::DeserializeOwned;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longest request line the daemon reads (an invite code is a few KB).
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Events the daemon holds for one client that is not reading them. A client that falls this far behind
+/// is dropped (its job goes on), so a stalled terminal cannot make the daemon buffer without bound.
+pub const MAX_EVENT_BACKLOG: usize = 256;
+/// How long one write to a client may block before the client is dropped.
+pub const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest line the CLI reads from the daemon (a job's result, an adapter summary).
+const MAX_REPLY_LINE: u64 = 16 * 1024 * 1024;
 
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join("bitnode.sock")
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    Peers,
-    PairInvite {
-        ttl_secs: u64,
-    },
-    PairJoin {
-        code: String,
-    },
-    PairAdd {
-        peer: String,
-        name: Option<String>,
-        #[serde(default)]
-        addrs: Vec<String>,
-    },
-    PairList,
-    PairRemove {
-        peer: String,
-    },
-    /// `bitnode submit`: the job (model and adapters already imported into the store, named by hash), where
-    /// the dataset is (the daemon reads it: it can be far larger than a control line), what the job needs
-    /// (for the scheduler), where to run it and where its adapter lands. Unless `detach`, the daemon
-    /// streams events (`{"event": ...}` lines) until the final response.
-    Submit {
-        spec: bitnode_protocol::job::JobSpec,
-        #[serde(default)]
-        data_path: Option<PathBuf>,
-        need: crate::schedule::Need,
-        /// "auto", "local", or a paired peer (id or name).
-        to: String,
-        #[serde(default)]
-        out: Option<PathBuf>,
-        /// A fine-tune checkpoint directory to start from (`--resume`): it travels with the job.
-        #[serde(default)]
-        resume: Option<PathBuf>,
-        #[serde(default)]
-        detach: bool,
-    },
-    Jobs,
-    JobShow {
-        id: String,
-    },
-    JobCancel {
-        id: String,
-    },
-    Shutdown,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default)]
-    pub result: serde_json::Value,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok(v: serde_json::Value) -> Response {
-        Response {
-            ok: true,
-            result: v,
-            error: None,
-        }
-    }
-    pub fn err(e: impl std::fmt::Display) -> Response {
-        Response {
-            ok: false,
-            result: serde_json::Value::Null,
-            error: Some(e.to_string()),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,13 +37,14 @@ pub enum ClientError {
 /// Sends one request and reads its answer: every `{"event": ...}` line before it (requests the daemon
 /// answers with a stream, as `bitnode submit`) goes to `on_event`, and the final response line ends the
 /// call. `idle` bounds each read and write, not the whole exchange (a fine-tune takes as long as it takes;
-/// the daemon sends heartbeat events, so a dead daemon is still noticed).
-pub fn call_stream(
+/// the daemon sends heartbeat events, so a dead daemon is still noticed). An event of a kind this build
+/// does not know (a newer daemon) is skipped.
+pub fn call_stream<T: DeserializeOwned>(
     home: &Path,
     req: &Request,
     idle: Duration,
-    on_event: &mut dyn FnMut(&serde_json::Value),
-) -> Result<serde_json::Value, ClientError> {
+    on_event: &mut dyn FnMut(Event),
+) -> Result<T, ClientError> {
     let path = socket_path(home);
     let mut s = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -133,7 +67,7 @@ pub fn call_stream(
     let mut r = BufReader::new(s);
     loop {
         let mut out = String::new();
-        r.read_line(&mut out).map_err(io)?;
+        (&mut r).take(MAX_REPLY_LINE).read_line(&mut out).map_err(io)?;
         if out.is_empty() {
             return Err(ClientError::Reply(
                 "the daemon closed the connection without answering".into(),
@@ -141,17 +75,16 @@ pub fn call_stream(
         }
         let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| ClientError::Reply(e.to_string()))?;
         if v.get("event").is_some() {
-            on_event(&v);
+            if let Ok(e) = serde_json::from_value::<Event>(v) {
+                on_event(e);
+            }
             continue;
         }
         let resp: Response = serde_json::from_value(v).map_err(|e| ClientError::Reply(e.to_string()))?;
-        return if resp.ok {
-            Ok(resp.result)
-        } else {
-            Err(ClientError::Daemon(
-                resp.error.unwrap_or_else(|| "unknown error".into()),
-            ))
-        };
+        return resp.into_result().map_err(|e| match e {
+            crate::api::ReplyError::Daemon(m) => ClientError::Daemon(m),
+            crate::api::ReplyError::Malformed(m) => ClientError::Reply(m),
+        });
     }
 }
 
@@ -162,7 +95,7 @@ pub fn is_running(home: &Path) -> bool {
 
 /// Sends one request and waits for its answer. `timeout` bounds each read and write (pairing waits on
 /// the network, so it gets longer than a status query).
-pub fn call(home: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value, ClientError> {
+pub fn call<T: DeserializeOwned>(home: &Path, req: &Request, timeout: Duration) -> Result<T, ClientError> {
     // A one-answer request is a stream without events.
     call_stream(home, req, timeout, &mut |_| {})
 }

@@ -2,9 +2,10 @@
 //! of rust-libp2p's file-sharing example); the control socket's connections send it commands over a bounded
 //! channel and get their answers back on oneshot channels. Nothing else touches the swarm, so there are no
 //! locks around it; the only shared state is the admission set the connection gate reads.
+use crate::api::{self, ConnectionKind, Event, PeerInfo, Request, Response};
 use crate::caps;
 use crate::config::Config;
-use crate::control::{self, Request, Response};
+use crate::control;
 use crate::net::{
     self, is_relayed, lock, Admission, BehaviourEvent, Inbound, NetOptions, RelayLimits, SharedAdmission,
 };
@@ -21,7 +22,6 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, ping, relay, request_response as rr, Multiaddr, PeerId, Swarm};
 use rand::RngCore;
-use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -137,8 +137,9 @@ struct Join {
 struct Ctl {
     req: Request,
     reply: oneshot::Sender<Response>,
-    /// Events streamed to the client before the reply (`bitnode submit` without --detach).
-    events: mpsc::UnboundedSender<serde_json::Value>,
+    /// Events streamed to the client before the reply (`bitnode submit` without --detach). Bounded: a
+    /// client that stops reading is dropped once it is [`control::MAX_EVENT_BACKLOG`] events behind.
+    events: mpsc::Sender<Event>,
 }
 
 pub struct Daemon {
@@ -162,6 +163,8 @@ pub struct Daemon {
     started: Instant,
     stop: bool,
     work: delegate::Work,
+    /// Writes the job table and the trust list off the event loop.
+    store: crate::store::StateWriter,
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -319,13 +322,18 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         started: Instant::now(),
         stop: false,
         work,
+        store: crate::store::StateWriter::start().context("starting the store thread")?,
     };
     d.refresh_job_caps();
     d.advertised = Some(d.caps.clone());
+    d.resume_submissions();
     d.dial_bootstrap();
     let (tx, rx) = mpsc::channel::<Ctl>(64);
     let acceptor = tokio::spawn(accept_loop(listener, tx));
     let res = d.event_loop(rx, irx).await;
+    // Everything handed to the store actor reaches the disk before the daemon says it stopped.
+    let store = d.store.clone();
+    let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     // Let in-flight control replies (the answer to `bitnode stop` among them) reach their clients.
     tokio::time::sleep(Duration::from_millis(100)).await;
     acceptor.abort();
@@ -364,7 +372,7 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let (reply, mut rx) = oneshot::channel();
-                let (etx, mut erx) = mpsc::unbounded_channel::<serde_json::Value>();
+                let (etx, mut erx) = mpsc::channel::<Event>(control::MAX_EVENT_BACKLOG);
                 if tx
                     .send(Ctl {
                         req,
@@ -376,19 +384,22 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
                 {
                     Response::err("the daemon is shutting down")
                 } else {
-                    // Events go out as they come; the reply ends the exchange. A client that went away
-                    // only stops the stream: the job goes on.
-                    let mut alive = true;
+                    // Events go out as they come; the reply ends the exchange. A client that went away, or
+                    // stopped reading for CLIENT_WRITE_TIMEOUT, is dropped: its job goes on, and the daemon,
+                    // whose sends into the closed channel then fail, forgets this watcher.
                     loop {
                         tokio::select! {
                             r = &mut rx => break r.unwrap_or_else(|_| Response::err("the daemon dropped the request")),
-                            Some(ev) = erx.recv(), if alive => {
+                            Some(ev) = erx.recv() => {
                                 let mut out = serde_json::to_vec(&ev).unwrap_or_default();
                                 out.push(b'\n');
-                                if w.write_all(&out).await.is_err() {
-                                    // Closed, so the daemon's sends fail and it drops this watcher.
-                                    alive = false;
-                                    erx.close();
+                                match tokio::time::timeout(control::CLIENT_WRITE_TIMEOUT, w.write_all(&out)).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(_)) => return,
+                                    Err(_) => {
+                                        tracing::warn!("dropping a control client that stopped reading its events");
+                                        return;
+                                    }
                                 }
                             }
                         }
@@ -401,7 +412,7 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
-    let _ = w.write_all(&out).await;
+    let _ = tokio::time::timeout(control::CLIENT_WRITE_TIMEOUT, w.write_all(&out)).await;
 }
 
 enum Wake {
@@ -458,9 +469,11 @@ impl Daemon {
         Ok(())
     }
 
+    /// Hands the trust list to the store actor (written off the event loop).
     fn save_trust(&self) {
-        if let Err(e) = self.trust.save(&self.home) {
-            tracing::error!("saving the trust list: {e:#}");
+        match self.trust.to_bytes() {
+            Ok(b) => self.store.save(crate::trust::path(&self.home), b),
+            Err(e) => tracing::error!("encoding the trust list: {e:#}"),
         }
     }
 
@@ -1179,7 +1192,10 @@ impl Daemon {
                 tracing::info!(%peer, %name, "paired (joined)");
                 self.send_caps(peer);
                 if let Some(r) = j.reply.take() {
-                    let _ = r.send(Response::ok(json!({"peer_id": peer.to_base58(), "name": name})));
+                    let _ = r.send(Response::ok(&api::Paired {
+                        peer_id: peer.to_base58(),
+                        name,
+                    }));
                 }
             }
             PairResponse::Refused { reason } => {
@@ -1218,18 +1234,18 @@ impl Daemon {
                 self.submit(spec, data_path, need, &to, out, resume, detach, reply, Some(events));
                 return;
             }
-            Request::Jobs => Response::ok(self.jobs_list()),
+            Request::Jobs => Response::ok(&self.jobs_list()),
             Request::JobShow { id } => match self.work.table.find(&id) {
                 Ok(j) => {
                     let id = j.id.clone();
-                    Response::ok(self.job_json(&id))
+                    Response::ok(&self.job_view(&id))
                 }
                 Err(e) => Response::err(format!("{e:#}")),
             },
             Request::JobCancel { id } => self.cancel_job(&id),
-            Request::Status => Response::ok(self.status()),
-            Request::Peers => Response::ok(self.peers_json()),
-            Request::PairList => Response::ok(self.pair_list()),
+            Request::Status => Response::ok(&self.status()),
+            Request::Peers => Response::ok(&self.peers()),
+            Request::PairList => Response::ok(&self.trust.entries()),
             Request::PairInvite { ttl_secs } => self.invite(ttl_secs),
             Request::PairJoin { code } => match self.join(&code) {
                 Ok(rx) => {
@@ -1245,13 +1261,13 @@ impl Daemon {
             Request::PairRemove { peer } => self.pair_remove(&peer),
             Request::Shutdown => {
                 self.stop = true;
-                Response::ok(json!("stopping"))
+                Response::ok(&"stopping")
             }
         };
         let _ = reply.send(resp);
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> api::Status {
         let connected = self
             .peers
             .iter()
@@ -1263,33 +1279,37 @@ impl Daemon {
             .filter(|a| is_relayed(a))
             .map(|a| with_peer(a, &self.me).to_string())
             .collect();
-        json!({
-            "id": self.me.to_base58(),
-            "name": self.name,
-            "listen_addresses": self.listen_addrs.iter().map(|a| with_peer(a, &self.me).to_string()).collect::<Vec<_>>(),
-            "relayed_addresses": relayed,
-            "external_addresses": self.swarm.external_addresses().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "relay_server": self.relay_server,
-            "psk": self.pnet,
-            "paired_peers": self.trust.peers.len(),
-            "connected_peers": connected,
-            "open_invites": self.invites.len(),
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "capabilities": self.caps,
-            "version": env!("CARGO_PKG_VERSION"),
-        })
+        api::Status {
+            id: self.me.to_base58(),
+            name: self.name.clone(),
+            listen_addresses: self
+                .listen_addrs
+                .iter()
+                .map(|a| with_peer(a, &self.me).to_string())
+                .collect(),
+            relayed_addresses: relayed,
+            external_addresses: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            relay_server: self.relay_server,
+            psk: self.pnet,
+            paired_peers: self.trust.peers.len(),
+            connected_peers: connected,
+            open_invites: self.invites.len(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            capabilities: self.caps.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
     }
 
-    fn peers_json(&self) -> serde_json::Value {
+    fn peers(&self) -> Vec<PeerInfo> {
         let mut out = vec![];
         for (id, t) in &self.trust.peers {
             let pid: Option<PeerId> = id.parse().ok();
             let st = pid.and_then(|p| self.peers.get(&p));
             let connected = st.is_some_and(|s| s.connected());
             let connection = match st {
-                Some(s) if s.direct() => json!("direct"),
-                Some(s) if s.connected() => json!("relayed"),
-                _ => serde_json::Value::Null,
+                Some(s) if s.direct() => Some(ConnectionKind::Direct),
+                Some(s) if s.connected() => Some(ConnectionKind::Relayed),
+                _ => None,
             };
             let mut addresses: Vec<String> = st
                 .map(|s| s.conns.values().map(|c| c.addr.to_string()).collect())
@@ -1299,21 +1319,17 @@ impl Daemon {
                     addresses.push(a.clone());
                 }
             }
-            out.push(json!({
-                "id": id,
-                "name": t.name,
-                "connected": connected,
-                "connection": connection,
-                "addresses": addresses,
-                "rtt_ms": st.and_then(|s| s.rtt()).map(|d| d.as_secs_f64() * 1000.0),
-                "capabilities": st.and_then(|s| s.caps.as_ref()),
-            }));
+            out.push(PeerInfo {
+                id: id.clone(),
+                name: t.name.clone(),
+                connected,
+                connection,
+                addresses,
+                rtt_ms: st.and_then(|s| s.rtt()).map(|d| d.as_secs_f64() * 1000.0),
+                capabilities: st.and_then(|s| s.caps.clone()),
+            });
         }
-        serde_json::Value::Array(out)
-    }
-
-    fn pair_list(&self) -> serde_json::Value {
-        self.trust.to_json()
+        out
     }
 
     fn invite(&mut self, ttl_secs: u64) -> Response {
@@ -1361,11 +1377,11 @@ impl Daemon {
         );
         self.refresh_open_invites();
         tracing::info!(expires_unix, "invite created");
-        Response::ok(json!({
-            "code": inv.to_code(),
-            "expires_unix": expires_unix,
-            "addresses": inv.addrs,
-        }))
+        Response::ok(&api::InviteReply {
+            code: inv.to_code(),
+            expires_unix,
+            addresses: inv.addrs.clone(),
+        })
     }
 
     /// Starts joining an invite; returns the inviter, whose `Join` will carry the reply.
@@ -1439,7 +1455,10 @@ impl Daemon {
             st.next_dial = None;
         }
         tracing::info!(peer = %id, %name, "paired (manual)");
-        Response::ok(json!({"peer_id": id.to_base58(), "name": name}))
+        Response::ok(&api::Paired {
+            peer_id: id.to_base58(),
+            name,
+        })
     }
 
     fn pair_remove(&mut self, who: &str) -> Response {
@@ -1458,7 +1477,10 @@ impl Daemon {
         }
         self.peers.remove(&id);
         tracing::info!(peer = %id, name = %t.name, "unpaired");
-        Response::ok(json!({"peer_id": id.to_base58(), "name": t.name}))
+        Response::ok(&api::Paired {
+            peer_id: id.to_base58(),
+            name: t.name,
+        })
     }
 }
 

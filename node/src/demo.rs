@@ -5,9 +5,9 @@
 //!
 //! On one machine the three devices would measure the same GPU, so their capabilities are pinned in their
 //! configs (`[capabilities]`): the phone weak and on battery, the laptop middling, the desktop strong.
+use crate::api::{ConnectionKind, InviteReply, JobView, Paired, PeerInfo};
 use crate::control::{self, Request};
 use anyhow::{bail, Context};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.get_mut().take() {
-            let _ = control::call(&self.home, &Request::Shutdown, Duration::from_secs(5));
+            let _ = control::call::<String>(&self.home, &Request::Shutdown, Duration::from_secs(5));
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(5) {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -119,9 +119,10 @@ pub(crate) fn start_mesh(base: &Path, specs: &[Spec], narrate: bool) -> anyhow::
     }
     for (i, a) in devs.iter().enumerate() {
         for b in &devs[i + 1..] {
-            let inv = control::call(&a.home, &Request::PairInvite { ttl_secs: 120 }, Duration::from_secs(10))?;
-            let code = inv["code"].as_str().context("no invite code")?.to_string();
-            let v = control::call(
+            let inv: InviteReply =
+                control::call(&a.home, &Request::PairInvite { ttl_secs: 120 }, Duration::from_secs(10))?;
+            let code = inv.code;
+            let v: Paired = control::call(
                 &b.home,
                 &Request::PairJoin { code: code.clone() },
                 Duration::from_secs(60),
@@ -131,23 +132,27 @@ pub(crate) fn start_mesh(base: &Path, specs: &[Spec], narrate: bool) -> anyhow::
                     "   {}$ bitnode pair join {}...  -> paired with {}",
                     b.name,
                     &code[..code.len().min(28)],
-                    v["name"].as_str().unwrap_or("?")
+                    v.name
                 ));
             }
         }
     }
     for d in &devs {
         wait_for(Duration::from_secs(60), "every device to see the others", || {
-            let v = control::call(&d.home, &Request::Peers, Duration::from_secs(5)).ok()?;
-            let ready = v
-                .as_array()?
-                .iter()
-                .filter(|p| p["connected"] == true && !p["capabilities"].is_null())
-                .count();
+            let v: Vec<PeerInfo> = control::call(&d.home, &Request::Peers, Duration::from_secs(5)).ok()?;
+            let ready = v.iter().filter(|p| p.connected && p.capabilities.is_some()).count();
             (ready == devs.len() - 1).then_some(())
         })?;
     }
     Ok(devs)
+}
+
+/// The fields of a fine-tune's summary the demo narrates.
+#[derive(serde::Deserialize)]
+struct FinetuneResult {
+    steps: usize,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
 }
 
 fn say(s: &str) {
@@ -161,9 +166,10 @@ fn bitnode(home: &Path) -> Command {
     c
 }
 
-/// Runs a `bitnode` command as the user would type it (printed first); returns its last stdout line parsed
-/// as JSON. Its stderr (progress bars, streamed notes) goes straight to the terminal.
-fn run_json(dev: &Device, args: &[&str]) -> anyhow::Result<Value> {
+/// Runs a `bitnode submit ... --json` or `jobs show --json` as the user would type it (printed first);
+/// returns its last stdout line, the job. Its stderr (progress bars, streamed notes) goes straight to the
+/// terminal.
+fn run_json(dev: &Device, args: &[&str]) -> anyhow::Result<JobView> {
     println!("\n  {}$ bitnode {}", dev.name, args.join(" "));
     let out = bitnode(&dev.home)
         .args(args)
@@ -177,13 +183,13 @@ fn run_json(dev: &Device, args: &[&str]) -> anyhow::Result<Value> {
     for l in lines {
         println!("  | {l}");
     }
-    let v: Value =
+    let v: JobView =
         serde_json::from_str(last).with_context(|| format!("bitnode {} printed {stdout:?}", args.join(" ")))?;
     if !out.status.success() {
         bail!(
             "bitnode {} failed: {}",
             args.join(" "),
-            v["reason"].as_str().unwrap_or(last)
+            v.reason.as_deref().unwrap_or(last)
         );
     }
     Ok(v)
@@ -253,14 +259,18 @@ fn demo(base: &Path) -> anyhow::Result<()> {
     let devs = start_mesh(base, &specs, true)?;
     let (phone, laptop, desktop) = (&devs[0], &devs[1], &devs[2]);
     say("\n   What the phone sees (`bitnode peers`):");
-    let v = control::call(&phone.home, &Request::Peers, Duration::from_secs(5))?;
-    for p in v.as_array().into_iter().flatten() {
+    let v: Vec<PeerInfo> = control::call(&phone.home, &Request::Peers, Duration::from_secs(5))?;
+    for p in v {
         say(&format!(
             "     {:<8} {} score {:>5}  {:.2} ms",
-            p["name"].as_str().unwrap_or("?"),
-            p["connection"].as_str().unwrap_or("offline"),
-            p["capabilities"]["score"],
-            p["rtt_ms"].as_f64().unwrap_or(0.0)
+            p.name,
+            match p.connection {
+                Some(ConnectionKind::Direct) => "direct",
+                Some(ConnectionKind::Relayed) => "relayed",
+                None => "offline",
+            },
+            p.capabilities.map_or(0.0, |c| c.score),
+            p.rtt_ms.unwrap_or(0.0)
         ));
     }
 
@@ -302,21 +312,23 @@ fn demo(base: &Path) -> anyhow::Result<()> {
             "--json",
         ],
     )?;
-    let by = ft["executed_by_name"].as_str().unwrap_or("?").to_string();
+    let by = ft.executed_by_name.clone().unwrap_or_else(|| "?".into());
+    let sum: FinetuneResult = serde_json::from_value(ft.result.clone().unwrap_or_default())
+        .context("the fine-tune's result is not a fine-tune summary")?;
     say(&format!(
         "   -> ran on the {by}; loss {:.3} -> {:.3} in {} steps; the adapter landed on the phone in {}",
-        ft["result"]["first_loss"].as_f64().unwrap_or(f64::NAN),
-        ft["result"]["last_loss"].as_f64().unwrap_or(f64::NAN),
-        ft["result"]["steps"],
+        sum.first_loss.unwrap_or(f64::NAN),
+        sum.last_loss.unwrap_or(f64::NAN),
+        sum.steps,
         adapter.display()
     ));
     if by != "desktop" {
         bail!("the fine-tune ran on the {by}, not on the desktop (the strongest device)");
     }
-    let show = run_json(phone, &["jobs", "show", ft["job_id"].as_str().unwrap_or(""), "--json"])?;
+    let show = run_json(phone, &["jobs", "show", &ft.job_id, "--json"])?;
     say("   Why the desktop (`bitnode jobs show`):");
-    for l in show["placement"].as_array().into_iter().flatten() {
-        say(&format!("     {}", l.as_str().unwrap_or("")));
+    for l in &show.placement {
+        say(&format!("     {l}"));
     }
 
     say("\n3. The phone runs inference with its new adapter. The desktop cached the adapter it made, so only the");
@@ -337,10 +349,12 @@ fn demo(base: &Path) -> anyhow::Result<()> {
             "--json",
         ],
     )?;
+    let generated: bitnode_protocol::InferResult = serde_json::from_value(inf.result.clone().unwrap_or_default())
+        .context("the inference's result is not an inference result")?;
     say(&format!(
         "   -> generated {} tokens on the {}",
-        inf["result"]["tokens"].as_array().map_or(0, |t| t.len()),
-        inf["executed_by_name"].as_str().unwrap_or("?")
+        generated.tokens.len(),
+        inf.executed_by_name.as_deref().unwrap_or("?")
     ));
 
     say("\n4. A second inference request, without the adapter: again the strongest device, the desktop, takes it.");
@@ -360,7 +374,7 @@ fn demo(base: &Path) -> anyhow::Result<()> {
     )?;
     say(&format!(
         "   -> ran on the {}",
-        inf2["executed_by_name"].as_str().unwrap_or("?")
+        inf2.executed_by_name.as_deref().unwrap_or("?")
     ));
 
     say("\n5. The desktop goes away in the middle of a job. The phone starts a longer fine-tune (detached, so the");
@@ -392,12 +406,13 @@ fn demo(base: &Path) -> anyhow::Result<()> {
             "--json",
         ],
     )?;
-    let id = v["job_id"].as_str().context("no job id")?.to_string();
-    let show = |id: &str| control::call(&phone.home, &Request::JobShow { id: id.into() }, Duration::from_secs(5));
+    let id = v.job_id;
+    let show =
+        |id: &str| control::call::<JobView>(&phone.home, &Request::JobShow { id: id.into() }, Duration::from_secs(5));
     let at = wait_for(Duration::from_secs(120), "a checkpoint from the desktop", || {
         let s = show(&id).ok()?;
-        let step = s["checkpoint_step"].as_u64()?;
-        (s["executed_by_name"] == "desktop" && step >= 10).then_some(step)
+        let step = s.checkpoint_step?;
+        (s.executed_by_name.as_deref() == Some("desktop") && step >= 10).then_some(step)
     })?;
     say(&format!(
         "   the phone holds the desktop's checkpoint of step {at}; killing the desktop's daemon (SIGKILL) now"
@@ -405,19 +420,22 @@ fn demo(base: &Path) -> anyhow::Result<()> {
     desktop.kill();
     let end = wait_for(Duration::from_secs(300), "the job to end", || {
         let s = show(&id).ok()?;
-        matches!(s["state"].as_str(), Some("succeeded" | "failed" | "cancelled")).then_some(s)
+        s.state.is_final().then_some(s)
     })?;
-    for a in end["attempts"].as_array().into_iter().flatten() {
-        say(&format!("   lost: {}", a.as_str().unwrap_or("")));
+    for a in &end.attempts {
+        say(&format!("   lost: {a}"));
     }
     say(&format!(
         "   -> the job {} on the {}, resumed from step {at}; its adapter is in {}",
-        end["state"].as_str().unwrap_or("?"),
-        end["executed_by_name"].as_str().unwrap_or("?"),
+        end.state.as_str(),
+        end.executed_by_name.as_deref().unwrap_or("?"),
         adapter2.display()
     ));
-    if end["state"] != "succeeded" {
-        bail!("the job did not survive the desktop: {}", end["reason"]);
+    if end.state != crate::jobs::State::Succeeded {
+        bail!(
+            "the job did not survive the desktop: {}",
+            end.reason.as_deref().unwrap_or("no reason given")
+        );
     }
     let _ = laptop;
 

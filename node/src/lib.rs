@@ -1,7 +1,9 @@
 //! The bitnode node: configuration, identity, trust list, capability probe, the libp2p mesh and the daemon
 //! with its control socket. The `bitnode` binary (main.rs) is a thin CLI over this library.
+pub mod api;
 pub mod bench_mesh;
 pub mod caps;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -13,6 +15,7 @@ pub mod jobs;
 pub mod models;
 pub mod net;
 pub mod schedule;
+pub mod store;
 pub mod submit;
 pub mod transfer;
 pub mod trust;

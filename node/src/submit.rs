@@ -2,12 +2,12 @@
 //! local command builds; submitting imports its model and adapter into this node's content-addressed store
 //! (so the spec names them by hash), asks the engine's planner what the job needs, and hands it to the
 //! daemon, which places it, and streams back what happens.
+use crate::api::{Event, JobView};
 use crate::control::{self, Request};
 use crate::exec::JobPaths;
 use crate::models::Store;
 use anyhow::Context;
 use bitnode_protocol::job::JobSpec;
-use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -87,70 +87,116 @@ pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions
         // The same per-step lines the local command writes, from the progress the worker streams back.
         view.log = Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?);
     }
-    let v = if opts.detach {
+    let v: JobView = if opts.detach {
         control::call(home, &req, Duration::from_secs(60))?
     } else {
         control::call_stream(home, &req, DAEMON_SILENCE, &mut |e| view.event(e))?
     };
     view.done();
-    let line = serde_json::json!({
-        "job_id": v["job_id"],
-        "executed_by": v["executed_by"],
-        "executed_by_name": v["executed_by_name"],
-        "state": v["state"],
-        "result": v["result"],
-        "reason": v["reason"],
-        "attempts": v["attempts"],
-    });
-    let state = v["state"].as_str().unwrap_or("?");
+    let state = v.state.as_str();
     if opts.json {
-        println!("{line}");
+        println!("{}", serde_json::to_string(&SubmitLine::of(&v))?);
     } else if opts.detach {
         println!(
             "job {} submitted: {} on {}; follow it with `bitnode jobs show {}`",
-            v["job_id"].as_str().unwrap_or("?"),
+            v.job_id,
             state,
-            v["executed_by_name"].as_str().unwrap_or("?"),
-            v["job_id"].as_str().unwrap_or("?"),
+            v.executed_by_name.as_deref().unwrap_or("?"),
+            v.job_id,
         );
     } else {
         print_result(kind, &v);
     }
-    if !opts.detach && state != "succeeded" {
+    if !opts.detach && v.state != crate::jobs::State::Succeeded {
         anyhow::bail!(
             "job {} {state}: {}",
-            v["job_id"].as_str().unwrap_or("?"),
-            v["reason"].as_str().unwrap_or("no reason given")
+            v.job_id,
+            v.reason.as_deref().unwrap_or("no reason given")
         );
     }
     Ok(())
 }
 
-fn print_result(kind: &str, v: &Value) {
-    let who = v["executed_by_name"].as_str().unwrap_or("?");
-    let r = &v["result"];
-    match kind {
-        "infer" => eprintln!(
-            "[ran on {who}: {} prompt tokens, {} generated, {:.1} tok/s decode, stop: {}]",
-            r["prompt_tokens"],
-            r["tokens"].as_array().map_or(0, |t| t.len()),
-            r["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
-            r["stop_reason"].as_str().unwrap_or("?")
-        ),
-        "score" => println!(
-            "tokens: {}\nnll: {:.6} nats/token\nperplexity: {:.4}\n(ran on {who})",
-            r["tokens"],
-            r["nll"].as_f64().unwrap_or(f64::NAN),
-            r["ppl"].as_f64().unwrap_or(f64::NAN)
-        ),
-        _ => println!(
-            "wrote adapter to {} ({} steps on {who}; loss {} -> {})",
-            r["adapter"].as_str().unwrap_or("?"),
-            r["steps"],
-            r["first_loss"].as_f64().map_or("-".into(), |l| format!("{l:.4}")),
-            r["last_loss"].as_f64().map_or("-".into(), |l| format!("{l:.4}")),
-        ),
+/// The last line of `bitnode submit --json`: the job's outcome without its placement history.
+#[derive(serde::Serialize)]
+struct SubmitLine<'a> {
+    job_id: &'a str,
+    executed_by: &'a Option<String>,
+    executed_by_name: &'a Option<String>,
+    state: crate::jobs::State,
+    result: &'a Option<serde_json::Value>,
+    reason: &'a Option<String>,
+    attempts: &'a [String],
+}
+
+impl<'a> SubmitLine<'a> {
+    fn of(v: &'a JobView) -> SubmitLine<'a> {
+        SubmitLine {
+            job_id: &v.job_id,
+            executed_by: &v.executed_by,
+            executed_by_name: &v.executed_by_name,
+            state: v.state,
+            result: &v.result,
+            reason: &v.reason,
+            attempts: &v.attempts,
+        }
     }
+}
+
+/// The fields of a fine-tune's summary (engine `finetune::Summary`) the terminal shows.
+#[derive(serde::Deserialize)]
+struct FinetuneLine {
+    adapter: String,
+    steps: usize,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+}
+
+/// The result in the local command's words. It is the local command's own JSON object, passed through
+/// the mesh as the worker produced it; one this build cannot read is printed as it is.
+fn print_result(kind: &str, v: &JobView) {
+    let who = v.executed_by_name.as_deref().unwrap_or("?");
+    let Some(r) = v.result.clone() else { return };
+    let loss = |l: Option<f64>| l.map_or("-".into(), |l| format!("{l:.4}"));
+    let shown = match kind {
+        "infer" => serde_json::from_value::<bitnode_protocol::InferResult>(r.clone()).map(|r| {
+            eprintln!(
+                "[ran on {who}: {} prompt tokens, {} generated, {:.1} tok/s decode, stop: {}]",
+                r.prompt_tokens,
+                r.tokens.len(),
+                r.decode_tokens_per_second,
+                r.stop_reason
+            )
+        }),
+        "score" => serde_json::from_value::<bitnode_protocol::ScoreResult>(r.clone()).map(|r| {
+            println!(
+                "tokens: {}\nnll: {:.6} nats/token\nperplexity: {:.4}\n(ran on {who})",
+                r.tokens, r.nll, r.ppl
+            )
+        }),
+        _ => serde_json::from_value::<FinetuneLine>(r.clone()).map(|r| {
+            println!(
+                "wrote adapter to {} ({} steps on {who}; loss {} -> {})",
+                r.adapter,
+                r.steps,
+                loss(r.first_loss),
+                loss(r.last_loss)
+            )
+        }),
+    };
+    if shown.is_err() {
+        println!("result (from {who}): {r}");
+    }
+}
+
+/// One line of `--json-log`, as the local `finetune --json-log` writes it (plus the worker).
+#[derive(serde::Serialize)]
+struct LogLine<'a> {
+    step: u64,
+    loss: f64,
+    lr: f64,
+    tokens_per_second: f64,
+    worker: &'a str,
 }
 
 /// What the submitting terminal shows while the job runs: where it went and why, the text as it streams,
@@ -181,38 +227,32 @@ impl View {
         }
     }
 
-    fn event(&mut self, e: &Value) {
-        match e["event"].as_str().unwrap_or("") {
-            "placed" => {
-                let after = e["after"]
-                    .as_str()
-                    .map(|a| format!(" (moved: {a})"))
-                    .unwrap_or_default();
-                self.say(&format!(
-                    "-> {} job goes to {}{after}: {}",
-                    self.kind,
-                    e["name"].as_str().unwrap_or("?"),
-                    e["why"].as_str().unwrap_or("")
-                ));
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Placed { name, why, after, .. } => {
+                let after = after.map(|a| format!(" (moved: {a})")).unwrap_or_default();
+                self.say(&format!("-> {} job goes to {name}{after}: {why}", self.kind));
             }
-            "attempt_failed" => self.say(&format!(
-                "!! {} lost the job: {}",
-                e["name"].as_str().unwrap_or("?"),
-                e["reason"].as_str().unwrap_or("?")
-            )),
-            "tokens" => {
+            Event::AttemptFailed { name, reason, .. } => self.say(&format!("!! {name} lost the job: {reason}")),
+            Event::Tokens { text, .. } => {
                 let mut out = std::io::stdout();
-                let _ = out.write_all(e["text"].as_str().unwrap_or("").as_bytes());
+                let _ = out.write_all(text.as_bytes());
                 let _ = out.flush();
                 self.printed_text = true;
             }
-            "progress" => {
+            Event::Progress(p) => {
                 if let Some(f) = self.log.as_mut() {
-                    let line = serde_json::json!({"step": e["step"], "loss": e["loss"], "lr": e["lr"],
-                        "tokens_per_second": e["tokens_per_second"], "worker": e["worker"]});
-                    let _ = writeln!(f, "{line}");
+                    if let Ok(line) = serde_json::to_string(&LogLine {
+                        step: p.step,
+                        loss: p.loss,
+                        lr: p.lr,
+                        tokens_per_second: p.tokens_per_second,
+                        worker: &p.worker,
+                    }) {
+                        let _ = writeln!(f, "{line}");
+                    }
                 }
-                let total = e["total"].as_u64().unwrap_or(0);
+                let total = p.total;
                 let bar = self.bar.get_or_insert_with(|| {
                     let b = indicatif::ProgressBar::new(total);
                     if let Ok(style) =
@@ -223,16 +263,12 @@ impl View {
                     b
                 });
                 bar.set_length(total);
-                bar.set_position(e["step"].as_u64().unwrap_or(0));
-                bar.set_message(format!(
-                    "loss {:.4}  {:.0} tok/s",
-                    e["loss"].as_f64().unwrap_or(f64::NAN),
-                    e["tokens_per_second"].as_f64().unwrap_or(0.0)
-                ));
+                bar.set_position(p.step);
+                bar.set_message(format!("loss {:.4}  {:.0} tok/s", p.loss, p.tokens_per_second));
             }
-            "checkpoint" if !self.json => {
+            Event::Checkpoint { step, .. } if !self.json => {
                 if let Some(b) = &self.bar {
-                    b.set_message(format!("checkpoint at step {} received", e["step"]));
+                    b.set_message(format!("checkpoint at step {step} received"));
                 }
             }
             _ => {}
@@ -251,127 +287,96 @@ impl View {
 
 /// `bitnode jobs [--json]`: through the daemon, or from the job table when none runs.
 pub fn list(home: &Path, json: bool) -> anyhow::Result<()> {
-    let v = match control::call(home, &Request::Jobs, Duration::from_secs(10)) {
+    let list: Vec<JobView> = match control::call(home, &Request::Jobs, Duration::from_secs(10)) {
         Ok(v) => v,
         Err(control::ClientError::NotRunning(_)) => offline_table(home)?,
         Err(e) => return Err(e.into()),
     };
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&list)?);
         return Ok(());
     }
-    let list = v.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
         println!("no jobs yet (submit one with `bitnode submit infer|score|finetune ...`)");
     }
     for j in list {
         println!(
             "{}  {:<8} {:<10} on {:<16} {}",
-            j["job_id"].as_str().unwrap_or("?"),
-            j["kind"].as_str().unwrap_or("?"),
-            j["state"].as_str().unwrap_or("?"),
-            j["executed_by_name"].as_str().unwrap_or("-"),
-            j["reason"].as_str().unwrap_or("")
+            j.job_id,
+            j.kind,
+            j.state.as_str(),
+            j.executed_by_name.as_deref().unwrap_or("-"),
+            j.reason.as_deref().unwrap_or("")
         );
     }
     Ok(())
 }
 
-fn offline_table(home: &Path) -> anyhow::Result<Value> {
+/// The job table read straight from disk (no daemon runs), newest first.
+fn offline_table(home: &Path) -> anyhow::Result<Vec<JobView>> {
     let p = crate::jobs::path(home);
     let t: crate::jobs::JobTable = match std::fs::read(&p) {
         Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", p.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     };
-    Ok(Value::Array(
-        t.jobs
-            .iter()
-            .rev()
-            .map(|j| {
-                serde_json::json!({
-                    "job_id": j.id, "kind": j.kind, "state": j.state, "submitter": j.submitter,
-                    "executed_by": j.executed_by, "executed_by_name": j.executed_by_name,
-                    "created_unix": j.created_unix, "updated_unix": j.updated_unix, "placement": j.placement,
-                    "attempts": j.attempts, "reason": j.reason, "result": j.result, "out": j.out,
-                })
-            })
-            .collect(),
-    ))
+    Ok(t.jobs.iter().rev().map(JobView::of).collect())
 }
 
 /// `bitnode jobs show ID [--json]`: state, where it ran and why, failovers, the result.
 pub fn show(home: &Path, id: &str, json: bool) -> anyhow::Result<()> {
-    let v = match control::call(home, &Request::JobShow { id: id.into() }, Duration::from_secs(10)) {
+    let v: JobView = match control::call(home, &Request::JobShow { id: id.into() }, Duration::from_secs(10)) {
         Ok(v) => v,
         Err(control::ClientError::NotRunning(_)) => {
-            let all = offline_table(home)?;
-            let hits: Vec<Value> = all
-                .as_array()
+            let mut hits: Vec<JobView> = offline_table(home)?
                 .into_iter()
-                .flatten()
-                .filter(|j| id.len() >= 4 && j["job_id"].as_str().is_some_and(|s| s.starts_with(id)))
-                .cloned()
+                .filter(|j| id.len() >= 4 && j.job_id.starts_with(id))
                 .collect();
-            match hits.as_slice() {
-                [j] => j.clone(),
-                [] => anyhow::bail!("no job {id}"),
-                _ => anyhow::bail!("{id} matches {} jobs; give more digits", hits.len()),
+            match hits.len() {
+                1 => hits.remove(0),
+                0 => anyhow::bail!("no job {id}"),
+                n => anyhow::bail!("{id} matches {n} jobs; give more digits"),
             }
         }
         Err(e) => return Err(e.into()),
     };
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    println!(
-        "job {}  ({})",
-        v["job_id"].as_str().unwrap_or("?"),
-        v["kind"].as_str().unwrap_or("?")
-    );
-    println!("state:       {}", v["state"].as_str().unwrap_or("?"));
-    if let Some(r) = v["reason"].as_str() {
+    println!("job {}  ({})", v.job_id, v.kind);
+    println!("state:       {}", v.state.as_str());
+    if let Some(r) = &v.reason {
         println!("reason:      {r}");
     }
     println!(
         "executed by: {} ({})",
-        v["executed_by_name"].as_str().unwrap_or("-"),
-        v["executed_by"].as_str().unwrap_or("-")
+        v.executed_by_name.as_deref().unwrap_or("-"),
+        v.executed_by.as_deref().unwrap_or("-")
     );
-    println!("submitter:   {}", v["submitter"].as_str().unwrap_or("?"));
-    if let Some(p) = v["progress"].as_object() {
-        println!(
-            "progress:    step {}/{}  loss {:.4}",
-            p.get("step").unwrap_or(&Value::Null),
-            p.get("total").unwrap_or(&Value::Null),
-            p.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN)
-        );
+    println!("submitter:   {}", v.submitter);
+    if let Some(p) = &v.progress {
+        println!("progress:    step {}/{}  loss {:.4}", p.step, p.total, p.loss);
     }
     println!("why there:");
-    for l in v["placement"].as_array().into_iter().flatten() {
-        println!("  {}", l.as_str().unwrap_or(""));
+    for l in &v.placement {
+        println!("  {l}");
     }
-    let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
-    if !attempts.is_empty() {
+    if !v.attempts.is_empty() {
         println!("earlier attempts:");
-        for a in attempts {
-            println!("  {}", a.as_str().unwrap_or(""));
+        for a in &v.attempts {
+            println!("  {a}");
         }
     }
-    if !v["result"].is_null() {
-        println!("result:      {}", v["result"]);
+    if let Some(r) = &v.result {
+        println!("result:      {r}");
     }
     Ok(())
 }
 
 /// `bitnode jobs cancel ID`.
 pub fn cancel(home: &Path, id: &str) -> anyhow::Result<()> {
-    let v = control::call(home, &Request::JobCancel { id: id.into() }, Duration::from_secs(10))?;
-    println!(
-        "job {} {}",
-        v["job_id"].as_str().unwrap_or(id),
-        v["state"].as_str().unwrap_or("cancelled")
-    );
+    let v: JobView = control::call(home, &Request::JobCancel { id: id.into() }, Duration::from_secs(10))?;
+    println!("job {} {}", v.job_id, v.state.as_str());
     Ok(())
 }

@@ -68,20 +68,26 @@ impl TrustList {
     }
 
     pub fn save(&self, home: &Path) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec_pretty(self)?;
-        crate::fsutil::write_private(&path(home), &bytes)
+        crate::fsutil::write_private(&path(home), &self.to_bytes()?)
     }
 
-    /// What `bitnode pair list --json` prints, with or without a daemon.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::Value::Array(
-            self.peers
-                .iter()
-                .map(|(id, p)| {
-                    serde_json::json!({"id": id, "name": p.name, "added": p.added, "via": p.via, "addresses": p.addresses})
-                })
-                .collect(),
-        )
+    /// The file's contents (for the daemon's store actor, which writes it off the event loop).
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(serde_json::to_vec_pretty(self)?)
+    }
+
+    /// The list as `bitnode pair list --json` prints it.
+    pub fn entries(&self) -> Vec<crate::api::TrustEntry> {
+        self.peers
+            .iter()
+            .map(|(id, p)| crate::api::TrustEntry {
+                id: id.clone(),
+                name: p.name.clone(),
+                added: p.added,
+                via: p.via.clone(),
+                addresses: p.addresses.clone(),
+            })
+            .collect()
     }
 
     pub fn ids(&self) -> Vec<PeerId> {

@@ -16,6 +16,7 @@
 //! straight to the submitter half. Every change of a job's state is written to the job table at once.
 use super::*;
 use crate::exec::{ExecFile, ExecLine, JobPaths};
+use crate::fsutil::write_private;
 use crate::jobs::{Job, State};
 use crate::models::{hex, Store};
 use crate::schedule::{self, Candidate, Link, Need, Verdict};
@@ -69,6 +70,25 @@ pub(super) enum Internal {
         ok: bool,
         stderr_tail: String,
     },
+    /// A finished fine-tune's adapter, read from its job directory and cached in the store.
+    AdapterRead {
+        task: String,
+        result: serde_json::Value,
+        res: Result<Bundle, String>,
+    },
+    /// A job's process started (or could not be).
+    Started {
+        task: String,
+        res: Result<ChildKill, String>,
+    },
+    /// A submission's inputs were read (or could not be).
+    SubmitLoaded(Box<PendingSubmit>),
+    /// A submitted fine-tune's adapter, written to its `--out`.
+    OutWritten {
+        job: String,
+        result: serde_json::Value,
+        res: Result<(), String>,
+    },
     /// A model download was begun (existing partial chunks verified) or finished (hash checked).
     Began {
         task: String,
@@ -88,6 +108,96 @@ pub(super) enum Target {
     Peer(PeerId),
 }
 
+/// "auto", "local" or the peer id: how a submission record stores it.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Auto => f.write_str("auto"),
+            Target::Local => f.write_str("local"),
+            Target::Peer(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        match s {
+            "auto" => Ok(Target::Auto),
+            "local" => Ok(Target::Local),
+            p => p
+                .parse()
+                .map(Target::Peer)
+                .map_err(|_| format!("{p:?} is not a target")),
+        }
+    }
+}
+
+/// A submission whose dataset and resume checkpoint were being read off the event loop.
+pub(super) struct PendingSubmit {
+    job_id: [u8; 16],
+    spec: JobSpec,
+    need: Need,
+    target: Target,
+    out: Option<PathBuf>,
+    detach: bool,
+    reply: oneshot::Sender<Response>,
+    events: Option<mpsc::Sender<Event>>,
+    /// The checkpoint to start from (`--resume`), or why the inputs could not be read.
+    res: Result<Option<(u64, Bundle)>, String>,
+}
+
+/// Reads a submission's dataset into its spec and the checkpoint it resumes from, within the limits.
+fn load_inputs(
+    spec: &mut JobSpec,
+    data_path: Option<&Path>,
+    resume: Option<&Path>,
+    max_data: u64,
+    max_ckpt: u64,
+) -> Result<Option<(u64, Bundle)>, String> {
+    if let (JobSpec::Finetune(f), Some(p)) = (spec, data_path) {
+        let len = std::fs::metadata(p)
+            .map_err(|e| format!("reading {}: {e}", p.display()))?
+            .len();
+        if len > max_data {
+            return Err(format!(
+                "the dataset {} is {len} bytes, over the limit of {max_data} bytes ([jobs] max_dataset_bytes)",
+                p.display()
+            ));
+        }
+        f.data = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+        if f.data_name.is_empty() {
+            f.data_name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data.txt".into());
+        }
+    }
+    // A checkpoint to start from travels with the job, as a failover's does.
+    let Some(dir) = resume else { return Ok(None) };
+    read_checkpoint(dir, max_ckpt).map(Some)
+}
+
+/// A checkpoint directory (adapter, optimizer moments, `trainer_state.json`) with its step.
+fn read_checkpoint(dir: &Path, max: u64) -> Result<(u64, Bundle), String> {
+    #[derive(serde::Deserialize)]
+    struct TrainerState {
+        step: u64,
+    }
+    let step = std::fs::read(dir.join("trainer_state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<TrainerState>(&b).ok())
+        .map(|t| t.step)
+        .ok_or_else(|| {
+            format!(
+                "{} is not a checkpoint (no trainer_state.json with a step)",
+                dir.display()
+            )
+        })?;
+    let b = read_bundle(dir, true, max).map_err(|e| format!("{e:#}"))?;
+    Ok((step, b))
+}
+
 /// A job this node submitted.
 pub(super) struct Sub {
     job_id: [u8; 16],
@@ -103,8 +213,14 @@ pub(super) struct Sub {
     last_heard: Instant,
     disconnected_since: Option<Instant>,
     checkpoint: Option<(u64, Bundle)>,
-    progress: Option<serde_json::Value>,
-    watchers: Vec<mpsc::UnboundedSender<serde_json::Value>>,
+    /// The result arrived and is being written to `out`; the worker owes nothing more.
+    finishing: bool,
+    /// Taken up again after this daemon restarted: until then, the worker is given time to reconnect
+    /// (silence and absence are not held against it). Cleared by its first update.
+    reattach_until: Option<Instant>,
+    progress: Option<api::Progress>,
+    /// Clients following the job (bounded channels; one that falls behind is dropped).
+    watchers: Vec<mpsc::Sender<Event>>,
     finals: Vec<oneshot::Sender<Response>>,
 }
 
@@ -118,9 +234,13 @@ enum TaskState {
         failures: u32,
     },
     Queued,
+    /// Its directory is being laid out and its process started (off the event loop).
+    Starting,
     Running {
-        pid: u32,
+        kill: ChildKill,
     },
+    /// The process exited well; its adapter is being read off the event loop.
+    Finishing,
     /// The result is waiting to be acknowledged by the submitter; `due` is when to resend it after a
     /// failed delivery (None while a delivery is in flight).
     Done {
@@ -128,6 +248,34 @@ enum TaskState {
         tries: u32,
         due: Option<Instant>,
     },
+}
+
+/// Asks the task that owns a job's child process to kill it (SIGKILL). The owner has not reaped the
+/// child while this is deliverable, so the signal cannot reach a recycled pid.
+pub(super) struct ChildKill(mpsc::Sender<()>);
+
+impl ChildKill {
+    fn kill(&self) {
+        // Full: a kill is already pending; closed: the child has exited. Either way nothing to add.
+        let _ = self.0.try_send(());
+    }
+}
+
+/// Linux: the kernel kills the job process when the daemon dies (`PR_SET_PDEATHSIG`), so a killed
+/// daemon leaves no orphan job running. Elsewhere (macOS has no such call; not built or tested here)
+/// the orphan ends at its next write to the closed stdout pipe (SIGPIPE), which a running job makes at
+/// least once per step or token.
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// A job this node runs.
@@ -177,10 +325,14 @@ impl Work {
         let mut secret = [0u8; 32];
         secret.copy_from_slice(&bytes[..32]);
         let signing = SigningKey::from_bytes(&secret);
-        // No job survives a restart (the table marks them failed): their directories are debris.
+        // Jobs run here do not survive a restart (their process died with the daemon; their submitters
+        // place them again): their directories are debris. Jobs submitted here do, where their record is
+        // on disk: [`Daemon::resume_submissions`] takes them up again.
         let _ = std::fs::remove_dir_all(home.join("work"));
+        let me = key.public().to_peer_id().to_base58();
+        let resumable = |j: &Job| j.submitter == me && crate::jobs::Submission::path(home, &j.id).is_file();
         Ok(Work {
-            table: crate::jobs::JobTable::load(home, now_unix())?,
+            table: crate::jobs::JobTable::load(home, now_unix(), resumable)?,
             store: Store::new(home),
             my_key: signing.verifying_key().to_bytes(),
             signing,
@@ -293,11 +445,21 @@ fn write_bundle(dir: &Path, b: &Bundle) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn event(kind: &str, mut v: serde_json::Value) -> serde_json::Value {
-    if let Some(o) = v.as_object_mut() {
-        o.insert("event".into(), json!(kind));
-    }
-    v
+/// Hands `ev` to every client following a job. A client whose backlog is full has stopped reading: it
+/// is dropped here (its connection task then times out its write and closes), so a stalled terminal costs
+/// the daemon at most [`control::MAX_EVENT_BACKLOG`] events. A closed one simply went away.
+fn send_to_watchers(watchers: &mut Vec<mpsc::Sender<Event>>, ev: &Event) {
+    watchers.retain(|w| match w.try_send(ev.clone()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(
+                "a control client fell {} events behind; no longer streaming to it",
+                control::MAX_EVENT_BACKLOG
+            );
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    });
 }
 
 impl Daemon {
@@ -321,8 +483,17 @@ impl Daemon {
     }
 
     fn update_job(&mut self, id: &str, f: impl FnOnce(&mut Job)) {
-        if let Err(e) = self.work.table.update(&self.home, id, now_unix(), f) {
+        if let Err(e) = self.work.table.update(id, now_unix(), f) {
             tracing::error!(job = %id, "updating the job table: {e:#}");
+        }
+        self.persist_jobs();
+    }
+
+    /// Hands the job table to the store actor (written off the event loop, coalesced).
+    pub(super) fn persist_jobs(&self) {
+        match self.work.table.to_bytes() {
+            Ok(b) => self.store.save(crate::jobs::path(&self.home), b),
+            Err(e) => tracing::error!("encoding the job table: {e:#}"),
         }
     }
 
@@ -377,7 +548,7 @@ impl Daemon {
         resume: Option<PathBuf>,
         detach: bool,
         reply: oneshot::Sender<Response>,
-        events: Option<mpsc::UnboundedSender<serde_json::Value>>,
+        events: Option<mpsc::Sender<Event>>,
     ) {
         let fail = |reply: oneshot::Sender<Response>, e: String| {
             let _ = reply.send(Response::err(e));
@@ -399,66 +570,74 @@ impl Daemon {
             },
         };
         if let JobSpec::Finetune(f) = &mut spec {
-            let Some(p) = &data_path else {
+            if data_path.is_none() {
                 return fail(reply, "a fine-tune needs its dataset".into());
-            };
-            let max = self.cfg.jobs.max_dataset_bytes;
-            match std::fs::metadata(p) {
-                Ok(m) if m.len() > max => {
-                    return fail(
-                        reply,
-                        format!(
-                            "the dataset {} is {} bytes, over the limit of {max} bytes ([jobs] max_dataset_bytes)",
-                            p.display(),
-                            m.len()
-                        ),
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => return fail(reply, format!("reading {}: {e}", p.display())),
             }
-            match std::fs::read(p) {
-                Ok(b) => f.data = b,
-                Err(e) => return fail(reply, format!("reading {}: {e}", p.display())),
-            }
-            if f.data_name.is_empty() {
-                f.data_name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "data.txt".into());
+            if out.is_none() {
+                return fail(reply, "a fine-tune needs --out".into());
             }
             // Checkpoints are what a failover resumes from; a delegated fine-tune always makes them.
             if f.save_every.is_none() && self.cfg.jobs.checkpoint_every > 0 {
                 f.save_every = Some(self.cfg.jobs.checkpoint_every);
             }
-            if out.is_none() {
-                return fail(reply, "a fine-tune needs --out".into());
-            }
         }
-        // A checkpoint to start from travels with the job, as a failover's does.
-        let checkpoint = match &resume {
-            Some(dir) => {
-                let step = std::fs::read(dir.join("trainer_state.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["step"].as_u64());
-                let Some(step) = step else {
-                    return fail(
-                        reply,
-                        format!(
-                            "{} is not a checkpoint (no trainer_state.json with a step)",
-                            dir.display()
-                        ),
-                    );
-                };
-                match read_bundle(dir, true, self.cfg.jobs.max_checkpoint_bytes) {
-                    Ok(b) => Some((step, b)),
-                    Err(e) => return fail(reply, format!("{e:#}")),
-                }
-            }
-            None => None,
-        };
+        // The dataset (up to 16 MiB) and a checkpoint to resume from (up to 256 MiB) are read off the
+        // event loop; the job is recorded and placed when they are in memory.
+        let max_data = self.cfg.jobs.max_dataset_bytes;
+        let max_ckpt = self.cfg.jobs.max_checkpoint_bytes;
+        let tx = self.work.internal.clone();
         let job_id = random::<16>();
+        let home = self.home.clone();
+        tokio::task::spawn_blocking(move || {
+            let res =
+                load_inputs(&mut spec, data_path.as_deref(), resume.as_deref(), max_data, max_ckpt).and_then(|c| {
+                    // The record a restarted daemon takes the job up from, on disk before the job is placed.
+                    let rec = crate::jobs::Submission {
+                        job_id,
+                        spec: spec.clone(),
+                        need,
+                        target: target.to_string(),
+                        out: out.clone(),
+                    };
+                    rec.encode()
+                        .and_then(|b| write_private(&crate::jobs::Submission::path(&home, &hex(&job_id)), &b))
+                        .map_err(|e| format!("recording the job: {e:#}"))?;
+                    Ok(c)
+                });
+            let _ = tx.send(Internal::SubmitLoaded(Box::new(PendingSubmit {
+                job_id,
+                spec,
+                need,
+                target,
+                out,
+                detach,
+                reply,
+                events,
+                res,
+            })));
+        });
+    }
+
+    /// The second half of [`Daemon::submit`], once the job's inputs are read.
+    fn submit_loaded(&mut self, p: PendingSubmit) {
+        let PendingSubmit {
+            job_id,
+            spec,
+            need,
+            target,
+            out,
+            detach,
+            reply,
+            events,
+            res,
+        } = p;
+        let checkpoint = match res {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Response::err(e));
+                return;
+            }
+        };
         let id = hex(&job_id);
         let job = Job {
             id: id.clone(),
@@ -475,9 +654,8 @@ impl Daemon {
             executed_by_name: None,
             out: out.as_ref().map(|o| o.display().to_string()),
         };
-        if let Err(e) = self.work.table.insert(&self.home, job) {
-            return fail(reply, format!("recording the job: {e:#}"));
-        }
+        self.work.table.insert(job);
+        self.persist_jobs();
         let mut sub = Sub {
             job_id,
             spec,
@@ -491,6 +669,8 @@ impl Daemon {
             last_heard: Instant::now(),
             disconnected_since: None,
             checkpoint,
+            finishing: false,
+            reattach_until: None,
             progress: None,
             watchers: vec![],
             finals: vec![],
@@ -507,8 +687,106 @@ impl Daemon {
         self.work.subs.insert(id.clone(), sub);
         self.place(&id, None);
         if let Some(reply) = detached {
-            let _ = reply.send(Response::ok(self.job_json(&id)));
+            let _ = reply.send(Response::ok(&self.job_view(&id)));
         }
+    }
+
+    /// At start: takes up the jobs this node submitted that had not ended when its daemon last stopped
+    /// (a crash, a kill, a phone that closed the app). A job some peer was running is left to that peer,
+    /// which kept running it: the worker gets `[jobs] reattach_secs` to reconnect and report before it is
+    /// held to the usual heartbeat rules (and replaced from the last checkpoint kept here). A job that ran
+    /// here, or was still being placed, is placed again at once, a fine-tune from its last checkpoint.
+    /// Runs before the event loop, so its reads from disk block nothing.
+    pub(super) fn resume_submissions(&mut self) {
+        let me = self.me.to_base58();
+        let live: Vec<Job> = self
+            .work
+            .table
+            .jobs
+            .iter()
+            .filter(|j| !j.state.is_final() && j.submitter == me)
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        let grace = Duration::from_secs(self.cfg.jobs.reattach_secs);
+        for j in live {
+            let rec = match crate::jobs::Submission::load(&self.home, &j.id) {
+                Ok(Some(r)) if hex(&r.job_id) == j.id => r,
+                Ok(_) => {
+                    self.end_unresumable(&j.id, "the daemon stopped while the job was running".into());
+                    continue;
+                }
+                Err(e) => {
+                    self.end_unresumable(
+                        &j.id,
+                        format!("the daemon stopped, and the job's record is unreadable: {e:#}"),
+                    );
+                    continue;
+                }
+            };
+            let target = match rec.target.parse::<Target>() {
+                Ok(t) => t,
+                Err(e) => {
+                    self.end_unresumable(&j.id, format!("the job's record is unreadable: {e}"));
+                    continue;
+                }
+            };
+            let ckpt_dir = self.home.join("jobs").join(&j.id).join("checkpoint");
+            let checkpoint = if ckpt_dir.is_dir() {
+                match read_checkpoint(&ckpt_dir, self.cfg.jobs.max_checkpoint_bytes) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(job = %j.id, "the last checkpoint is unusable, starting over: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let worker = j
+                .executed_by
+                .as_deref()
+                .and_then(|w| w.parse::<PeerId>().ok())
+                .filter(|w| *w != self.me);
+            tracing::info!(
+                job = %j.id,
+                worker = worker.map(|w| w.to_base58()).unwrap_or_else(|| "this device".into()),
+                checkpoint_step = checkpoint.as_ref().map(|(s, _)| *s),
+                "taking up a job submitted before the restart"
+            );
+            let sub = Sub {
+                job_id: rec.job_id,
+                spec: rec.spec,
+                need: rec.need,
+                target,
+                out: rec.out,
+                worker,
+                accepted: worker.is_some(),
+                tried: worker.into_iter().collect(),
+                attempt: j.attempts.len() as u32,
+                last_heard: now,
+                disconnected_since: None,
+                checkpoint,
+                finishing: false,
+                reattach_until: worker.map(|_| now + grace),
+                progress: None,
+                watchers: vec![],
+                finals: vec![],
+            };
+            self.work.subs.insert(j.id.clone(), sub);
+            if worker.is_none() {
+                self.update_job(&j.id, |x| x.state = State::Queued);
+                self.place(&j.id, Some("this device restarted".into()));
+            }
+        }
+    }
+
+    /// A job left live by the last daemon that cannot be taken up: it ends failed, with the reason.
+    fn end_unresumable(&mut self, id: &str, reason: String) {
+        self.update_job(id, |j| {
+            j.state = State::Failed;
+            j.reason = Some(reason);
+        });
     }
 
     fn candidates(&self, sub: &Sub) -> Vec<Candidate> {
@@ -630,11 +908,14 @@ impl Daemon {
             .unwrap_or_default();
         self.emit(
             id,
-            event(
-                "placed",
-                json!({"executed_by": best.to_base58(), "name": name, "attempt": attempt, "why": reason,
-                    "after": why, "placement": lines}),
-            ),
+            Event::Placed {
+                executed_by: best.to_base58(),
+                name: name.clone(),
+                attempt,
+                why: reason,
+                after: why,
+                placement: lines,
+            },
         );
         let Some(sub) = self.work.subs.get_mut(id) else { return };
         sub.worker = Some(best);
@@ -715,10 +996,11 @@ impl Daemon {
         let pinned = !matches!(sub.target, Target::Auto);
         self.emit(
             id,
-            event(
-                "attempt_failed",
-                json!({"worker": worker.to_base58(), "name": name, "reason": reason}),
-            ),
+            Event::AttemptFailed {
+                worker: worker.to_base58(),
+                name: name.clone(),
+                reason: reason.clone(),
+            },
         );
         if pinned {
             return self.finish_sub(id, State::Failed, Some(format!("{name}: {reason}")), None);
@@ -726,35 +1008,36 @@ impl Daemon {
         self.place(id, Some(format!("{name} {reason}")));
     }
 
-    fn emit(&mut self, id: &str, v: serde_json::Value) {
+    fn emit(&mut self, id: &str, ev: Event) {
         if let Some(s) = self.work.subs.get_mut(id) {
-            s.watchers.retain(|w| w.send(v.clone()).is_ok());
+            send_to_watchers(&mut s.watchers, &ev);
         }
     }
 
     /// The job as `bitnode jobs show --json` and the final line of `bitnode submit --json` print it.
-    pub(super) fn job_json(&self, id: &str) -> serde_json::Value {
+    pub(super) fn job_view(&self, id: &str) -> api::JobView {
         let Some(j) = self.work.table.jobs.iter().find(|j| j.id == id) else {
-            return json!({"job_id": id});
+            // Every caller asks for a job it has just found or inserted; a placeholder rather than a panic.
+            return api::JobView::of(&Job {
+                id: id.to_string(),
+                kind: String::new(),
+                submitter: String::new(),
+                executed_by: None,
+                state: State::Failed,
+                created_unix: 0,
+                updated_unix: 0,
+                placement: vec![],
+                reason: Some("the job is not in the job table".into()),
+                result: None,
+                attempts: vec![],
+                executed_by_name: None,
+                out: None,
+            });
         };
-        let mut v = json!({
-            "job_id": j.id,
-            "kind": j.kind,
-            "state": j.state,
-            "submitter": j.submitter,
-            "executed_by": j.executed_by,
-            "executed_by_name": j.executed_by_name,
-            "created_unix": j.created_unix,
-            "updated_unix": j.updated_unix,
-            "placement": j.placement,
-            "attempts": j.attempts,
-            "reason": j.reason,
-            "result": j.result,
-            "out": j.out,
-        });
+        let mut v = api::JobView::of(j);
         if let Some(s) = self.work.subs.get(id) {
-            v["progress"] = s.progress.clone().unwrap_or(serde_json::Value::Null);
-            v["checkpoint_step"] = json!(s.checkpoint.as_ref().map(|(k, _)| *k));
+            v.progress = s.progress.clone();
+            v.checkpoint_step = s.checkpoint.as_ref().map(|(k, _)| *k);
         }
         v
     }
@@ -772,18 +1055,16 @@ impl Daemon {
                 j.executed_by_name = name;
             }
         });
-        let v = self.job_json(id);
+        let v = self.job_view(id);
         tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job ended");
         // The checkpoint kept for a failover is no longer needed once the job ended well.
         if state == State::Succeeded {
             let _ = std::fs::remove_dir_all(self.home.join("jobs").join(id));
         }
-        if let Some(sub) = self.work.subs.remove(id) {
-            for w in &sub.watchers {
-                let _ = w.send(event("finished", v.clone()));
-            }
+        if let Some(mut sub) = self.work.subs.remove(id) {
+            send_to_watchers(&mut sub.watchers, &Event::Finished(Box::new(v.clone())));
             for f in sub.finals {
-                let _ = f.send(Response::ok(v.clone()));
+                let _ = f.send(Response::ok(&v));
             }
         }
     }
@@ -808,10 +1089,15 @@ impl Daemon {
         }
         sub.last_heard = Instant::now();
         sub.accepted = true;
+        sub.reattach_until = None;
+        if sub.finishing {
+            // A resent result (our acknowledgement was lost): it is already being written.
+            return UpdateAck::Ok;
+        }
         match update {
             Update::Heartbeat { .. } => {}
             Update::Tokens { ids, text } => {
-                self.emit(&id, event("tokens", json!({"ids": ids, "text": text})));
+                self.emit(&id, Event::Tokens { ids, text });
             }
             Update::Progress {
                 step,
@@ -820,10 +1106,16 @@ impl Daemon {
                 lr,
                 tokens_per_second,
             } => {
-                let v = json!({"step": step, "total": total, "loss": loss, "lr": lr,
-                    "tokens_per_second": tokens_per_second, "worker": worker.to_base58()});
-                sub.progress = Some(v.clone());
-                self.emit(&id, event("progress", v));
+                let p = api::Progress {
+                    step,
+                    total,
+                    loss,
+                    lr,
+                    tokens_per_second,
+                    worker: worker.to_base58(),
+                };
+                sub.progress = Some(p.clone());
+                self.emit(&id, Event::Progress(p));
             }
             Update::Checkpoint { step, bundle } => {
                 if let Err(e) = bundle.check() {
@@ -849,7 +1141,10 @@ impl Daemon {
                 sub.checkpoint = Some((step, bundle));
                 self.emit(
                     &id,
-                    event("checkpoint", json!({"step": step, "worker": worker.to_base58()})),
+                    Event::Checkpoint {
+                        step,
+                        worker: worker.to_base58(),
+                    },
                 );
             }
             Update::Done(outcome) => self.sub_done(&id, worker, outcome),
@@ -872,22 +1167,24 @@ impl Daemon {
                         )
                     }
                 };
-                let out = self.work.subs.get(id).and_then(|s| s.out.clone());
-                if let Some(out) = out {
-                    if let Err(e) = write_bundle(&out, &files) {
-                        return self.finish_sub(
-                            id,
-                            State::Failed,
-                            Some(format!("writing the adapter to {}: {e:#}", out.display())),
-                            None,
-                        );
-                    }
-                    // The summary names the directory on the worker; here it is --out.
-                    if result.get("adapter").is_some() {
-                        result["adapter"] = json!(out.display().to_string());
-                    }
+                let Some(sub) = self.work.subs.get_mut(id) else { return };
+                let Some(out) = sub.out.clone() else {
+                    return self.finish_sub(id, State::Succeeded, None, Some(result));
+                };
+                // The summary names the directory on the worker; here it is --out.
+                if result.get("adapter").is_some() {
+                    result["adapter"] = serde_json::Value::String(out.display().to_string());
                 }
-                self.finish_sub(id, State::Succeeded, None, Some(result));
+                // Written off the event loop (an adapter can be hundreds of MiB); the job ends when it is
+                // on disk. Meanwhile the worker is done with it: no heartbeats are expected.
+                sub.finishing = true;
+                let tx = self.work.internal.clone();
+                let job = id.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let res = write_bundle(&out, &files)
+                        .map_err(|e| format!("writing the adapter to {}: {e:#}", out.display()));
+                    let _ = tx.send(Internal::OutWritten { job, result, res });
+                });
             }
             Outcome::Failed {
                 reason,
@@ -915,11 +1212,11 @@ impl Daemon {
                 None => {}
             }
             self.finish_sub(&id, State::Cancelled, Some("cancelled by the owner".into()), None);
-            return Response::ok(self.job_json(&id));
+            return Response::ok(&self.job_view(&id));
         }
         if self.work.tasks.contains_key(&id) {
             self.cancel_task(&id, "cancelled on the device running it");
-            return Response::ok(self.job_json(&id));
+            return Response::ok(&self.job_view(&id));
         }
         Response::err(format!(
             "job {id} already ended ({:?})",
@@ -942,17 +1239,18 @@ impl Daemon {
         self.swarm.behaviour_mut().job.send_request(&worker, Ok(env));
     }
 
-    pub(super) fn jobs_list(&self) -> serde_json::Value {
-        let mut v: Vec<serde_json::Value> = self
+    pub(super) fn jobs_list(&self) -> Vec<api::JobView> {
+        let mut v: Vec<api::JobView> = self
             .work
             .table
             .jobs
             .iter()
             .rev()
-            .map(|j| self.job_json(&j.id))
+            .take(200)
+            .map(|j| self.job_view(&j.id))
             .collect();
         v.truncate(200);
-        serde_json::Value::Array(v)
+        v
     }
 
     /// Heartbeat checks (submitter) and heartbeats, retries and resends (worker); every tick.
@@ -962,7 +1260,7 @@ impl Daemon {
         let mut lost = vec![];
         for (id, sub) in self.work.subs.iter_mut() {
             let Some(w) = sub.worker else { continue };
-            if w == self.me {
+            if w == self.me || sub.finishing || sub.reattach_until.is_some_and(|t| now < t) {
                 continue;
             }
             let connected = self.peers.get(&w).is_some_and(|s| s.connected());
@@ -1002,7 +1300,10 @@ impl Daemon {
             // Heartbeats go out in every state, the result's delivery included (a large adapter may take a
             // while to arrive, and silence would make the submitter move the job).
             if beat && t.submitter.is_some() {
-                let running = matches!(t.state, TaskState::Running { .. });
+                let running = matches!(
+                    t.state,
+                    TaskState::Starting | TaskState::Running { .. } | TaskState::Finishing
+                );
                 self.send_update(&id, Update::Heartbeat { running });
             }
             let Some(t) = self.work.tasks.get_mut(&id) else {
@@ -1038,7 +1339,7 @@ impl Daemon {
         if beat {
             let ids: Vec<String> = self.work.subs.keys().cloned().collect();
             for id in ids {
-                self.emit(&id, event("heartbeat", json!({})));
+                self.emit(&id, Event::Heartbeat {});
             }
         }
     }
@@ -1083,10 +1384,10 @@ impl Daemon {
                         self.update_job(&id, |j| j.state = State::Running);
                         self.emit(
                             &id,
-                            event(
-                                "accepted",
-                                json!({"worker": peer.to_base58(), "queue_position": queue_position}),
-                            ),
+                            Event::Accepted {
+                                worker: peer.to_base58(),
+                                queue_position,
+                            },
                         );
                     }
                     Ok(JobAck::Rejected { reason }) => {
@@ -1200,9 +1501,8 @@ impl Daemon {
         };
         // A job id seen before (a resubmission after a failover back to us) replaces the old record.
         self.work.table.jobs.retain(|j| j.id != id);
-        if let Err(e) = self.work.table.insert(&self.home, job) {
-            return rej(format!("this device cannot record the job: {e:#}"));
-        }
+        self.work.table.insert(job);
+        self.persist_jobs();
         tracing::info!(job = %id, submitter = %peer, kind = payload.spec.kind(), "job accepted");
         let pos = self.work.queue_len();
         self.accept_task(id, env.header.job_id, Some(peer), payload);
@@ -1582,6 +1882,30 @@ impl Daemon {
             },
             Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
             Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
+            Internal::AdapterRead { task, result, res } => {
+                if !matches!(self.work.tasks.get(&task).map(|t| &t.state), Some(TaskState::Finishing)) {
+                    return;
+                }
+                let outcome = match res {
+                    Ok(files) => Outcome::Succeeded {
+                        result_json: result.to_string(),
+                        files,
+                    },
+                    Err(e) => Outcome::Failed {
+                        reason: format!("reading the adapter: {e}"),
+                        device_fault: true,
+                    },
+                };
+                self.end_task(&task, outcome);
+            }
+            Internal::SubmitLoaded(p) => self.submit_loaded(*p),
+            Internal::Started { task, res } => self.on_started(&task, res),
+            // Unless the owner cancelled it meanwhile.
+            Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.finishing) => {}
+            Internal::OutWritten { job, result, res } => match res {
+                Ok(()) => self.finish_sub(&job, State::Succeeded, None, Some(result)),
+                Err(e) => self.finish_sub(&job, State::Failed, Some(e), None),
+            },
         }
     }
 
@@ -1591,9 +1915,9 @@ impl Daemon {
         while self.work.running.is_none() {
             let Some(id) = self.work.order.pop_front() else { break };
             match self.spawn_task(&id) {
-                Ok(pid) => {
+                Ok(()) => {
                     if let Some(t) = self.work.tasks.get_mut(&id) {
-                        t.state = TaskState::Running { pid };
+                        t.state = TaskState::Starting;
                     }
                     self.work.running = Some(id.clone());
                     if self.work.tasks.get(&id).is_some_and(|t| t.submitter.is_some()) {
@@ -1607,10 +1931,11 @@ impl Daemon {
     }
 
     /// Lays out the job directory (dataset, resume checkpoint, output) and starts `bitnode job-exec` on it.
-    fn spawn_task(&mut self, id: &str) -> anyhow::Result<u32> {
+    /// Lays out the job directory (dataset, resume checkpoint, the exec file) off the event loop and
+    /// starts `bitnode job-exec` on it; [`Internal::Started`] reports the outcome.
+    fn spawn_task(&mut self, id: &str) -> anyhow::Result<()> {
         let t = self.work.tasks.get(id).context("the job vanished")?;
         let dir = t.dir.clone();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let resolve = |h: &str| -> anyhow::Result<PathBuf> {
             self.work
                 .store
@@ -1627,119 +1952,187 @@ impl Daemon {
             resume: None,
             json_log: None,
         };
+        let mut data = None;
         match &mut spec {
             JobSpec::Infer(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
             JobSpec::Score(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
             JobSpec::Finetune(f) => {
                 paths.adapter = f.init_adapter.as_deref().map(resolve).transpose()?;
-                let data = dir.join(&f.data_name);
-                std::fs::write(&data, &f.data).with_context(|| format!("writing {}", data.display()))?;
-                // The child reads the dataset from the file; the bytes need not be copied again.
-                f.data = vec![];
-                paths.data = Some(data);
+                // The child reads the dataset from a file; the exec file need not carry the bytes.
+                data = Some((dir.join(&f.data_name), std::mem::take(&mut f.data)));
+                paths.data = data.as_ref().map(|(p, _)| p.clone());
                 paths.out = Some(dir.join("out"));
-                if let Some(b) = &t.payload.resume {
-                    let r = dir.join("resume");
-                    write_bundle(&r, b)?;
-                    paths.resume = Some(r);
+                if t.payload.resume.is_some() {
+                    paths.resume = Some(dir.join("resume"));
                 }
             }
         }
-        crate::exec::write_exec_file(&dir, &ExecFile { spec, paths })?;
-        let exe = std::env::current_exe().context("locating the bitnode binary")?;
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg("--home")
-            .arg(&self.home)
-            .arg("job-exec")
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when this daemon
-        // dies (a killed daemon must not leave an orphan job running).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().context("starting the job process")?;
-        let pid = child.id().context("the job process has no pid")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let stderr = child.stderr.take().context("no stderr")?;
+        let resume = t.payload.resume.clone();
+        let home = self.home.clone();
         let tx = self.work.internal.clone();
         let task = id.to_string();
-        tracing::info!(job = %id, pid, "job started");
         tokio::spawn(async move {
-            let tail = tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                let mut tail: VecDeque<String> = VecDeque::new();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    tail.push_back(l);
-                    if tail.len() > 20 {
-                        tail.pop_front();
-                    }
+            let d = dir.clone();
+            let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                if let Some((p, bytes)) = &data {
+                    std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?;
                 }
-                tail.into_iter().collect::<Vec<_>>().join("\n")
+                if let (Some(b), Some(r)) = (&resume, &paths.resume) {
+                    write_bundle(r, b)?;
+                }
+                crate::exec::write_exec_file(&d, &ExecFile { spec, paths })
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            let started = match prepared {
+                Ok(()) => start_child(&home, &dir, &task, tx.clone()),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(Internal::Started {
+                task,
+                res: started.map_err(|e| format!("{e:#}")),
             });
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            let mut pending: Option<(Vec<u32>, String)> = None;
-            loop {
-                // Tokens are batched for up to 30 ms, so fast decoding does not become one envelope per token.
-                let next = if pending.is_some() {
-                    match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
-                        Ok(l) => l,
-                        Err(_) => {
-                            if let Some((ids, text)) = pending.take() {
-                                let _ = tx.send(Internal::Tokens {
-                                    task: task.clone(),
-                                    ids,
-                                    text,
-                                });
-                            }
-                            continue;
-                        }
-                    }
-                } else {
-                    lines.next_line().await
-                };
-                let Ok(Some(l)) = next else { break };
-                let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
-                    tracing::debug!("job output: {l}");
-                    continue;
-                };
-                if let ExecLine::Token { id, text } = &line {
-                    let p = pending.get_or_insert_with(|| (vec![], String::new()));
-                    p.0.push(*id);
-                    p.1.push_str(text);
-                    continue;
-                }
-                if let Some((ids, text)) = pending.take() {
-                    let _ = tx.send(Internal::Tokens {
-                        task: task.clone(),
-                        ids,
-                        text,
-                    });
-                }
-                let _ = tx.send(Internal::Child {
-                    task: task.clone(),
-                    line,
-                });
-            }
-            if let Some((ids, text)) = pending.take() {
-                let _ = tx.send(Internal::Tokens {
-                    task: task.clone(),
-                    ids,
-                    text,
-                });
-            }
-            let ok = child.wait().await.map(|s| s.success()).unwrap_or(false);
-            let stderr_tail = tail.await.unwrap_or_default();
-            let _ = tx.send(Internal::ChildExit { task, ok, stderr_tail });
         });
-        Ok(pid)
+        Ok(())
+    }
+}
+
+/// Starts `bitnode job-exec --dir DIR` and the task that owns it: it forwards the child's lines (tokens
+/// batched for up to 30 ms) and then its exit to the daemon, and is the only one that ever kills it.
+fn start_child(home: &Path, dir: &Path, id: &str, tx: mpsc::UnboundedSender<Internal>) -> anyhow::Result<ChildKill> {
+    let exe = std::env::current_exe().context("locating the bitnode binary")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--home")
+        .arg(home)
+        .arg("job-exec")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("starting the job process")?;
+    let pid = child.id().context("the job process has no pid")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let task = id.to_string();
+    tracing::info!(job = %id, pid, "job started");
+    let tail = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut tail: VecDeque<String> = VecDeque::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            tail.push_back(l);
+            if tail.len() > 20 {
+                tail.pop_front();
+            }
+        }
+        tail.into_iter().collect::<Vec<_>>().join("\n")
+    });
+    let reader = tokio::spawn(forward_lines(stdout, task.clone(), tx.clone()));
+    // Only the task that owns the `Child` ever signals it, and only before it has reaped it: a kill is a
+    // message to that task, never a signal to a pid number that may since belong to another process.
+    let (kill_tx, mut kill_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                Some(()) = kill_rx.recv() => {
+                    // tokio refuses to signal a child it has already reaped.
+                    if let Err(e) = child.start_kill() {
+                        tracing::debug!("killing the job process: {e}");
+                    }
+                }
+            }
+        };
+        let ok = status.map(|s| s.success()).unwrap_or(false);
+        // Every line the child wrote is handed on before its exit is.
+        let _ = reader.await;
+        let stderr_tail = tail.await.unwrap_or_default();
+        let _ = tx.send(Internal::ChildExit { task, ok, stderr_tail });
+    });
+    Ok(ChildKill(kill_tx))
+}
+
+/// Hands a job process's stdout lines to the daemon; tokens are batched for up to 30 ms, so fast decoding
+/// does not become one envelope per token.
+async fn forward_lines(stdout: tokio::process::ChildStdout, task: String, tx: mpsc::UnboundedSender<Internal>) {
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut pending: Option<(Vec<u32>, String)> = None;
+    let flush = |pending: &mut Option<(Vec<u32>, String)>| {
+        if let Some((ids, text)) = pending.take() {
+            let _ = tx.send(Internal::Tokens {
+                task: task.clone(),
+                ids,
+                text,
+            });
+        }
+    };
+    loop {
+        let next = if pending.is_some() {
+            match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
+                Ok(l) => l,
+                Err(_) => {
+                    flush(&mut pending);
+                    continue;
+                }
+            }
+        } else {
+            lines.next_line().await
+        };
+        let Ok(Some(l)) = next else { break };
+        let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
+            tracing::debug!("job output: {l}");
+            continue;
+        };
+        if let ExecLine::Token { id, text } = &line {
+            let p = pending.get_or_insert_with(|| (vec![], String::new()));
+            p.0.push(*id);
+            p.1.push_str(text);
+            continue;
+        }
+        flush(&mut pending);
+        let _ = tx.send(Internal::Child {
+            task: task.clone(),
+            line,
+        });
+    }
+    flush(&mut pending);
+}
+
+impl Daemon {
+    fn on_started(&mut self, id: &str, res: Result<ChildKill, String>) {
+        let Some(t) = self.work.tasks.get_mut(id) else {
+            // Ended meanwhile: a process that did start is killed at once.
+            if let Ok(k) = res {
+                k.kill();
+            }
+            return;
+        };
+        if !matches!(t.state, TaskState::Starting) {
+            if let Ok(k) = res {
+                k.kill();
+            }
+            return;
+        }
+        match res {
+            Ok(kill) => {
+                // Cancelled while it started: the exit then ends it as cancelled.
+                if t.cancelled.is_some() {
+                    kill.kill();
+                }
+                t.state = TaskState::Running { kill };
+            }
+            Err(e) => {
+                if self.work.running.as_deref() == Some(id) {
+                    self.work.running = None;
+                }
+                self.fail_task(id, format!("starting the job: {e}"));
+                self.start_next();
+            }
+        }
     }
 
     fn on_child_line(&mut self, id: &str, line: ExecLine) {
@@ -1811,36 +2204,33 @@ impl Daemon {
             Outcome::Cancelled { reason: why }
         } else if ok && t.result.is_some() {
             let result = t.result.take().unwrap_or_default();
-            let out = t.dir.join("out");
-            let files = if matches!(t.payload.spec, JobSpec::Finetune(_)) {
-                match read_bundle(&out, false, self.cfg.jobs.max_checkpoint_bytes) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let reason = format!("reading the adapter: {e:#}");
-                        self.end_task(
-                            id,
-                            Outcome::Failed {
-                                reason,
-                                device_fault: true,
-                            },
-                        );
-                        return;
-                    }
+            if !matches!(t.payload.spec, JobSpec::Finetune(_)) {
+                Outcome::Succeeded {
+                    result_json: result.to_string(),
+                    files: Bundle::default(),
                 }
             } else {
-                Bundle::default()
-            };
-            if !files.files.is_empty() {
-                // Cached here by content, so an inference with this adapter needs no transfer back.
-                let list: Vec<(String, Vec<u8>)> =
-                    files.files.iter().map(|f| (f.path.clone(), f.bytes.clone())).collect();
-                if let Err(e) = self.work.store.import_files(&list) {
-                    tracing::warn!(job = %id, "caching the adapter: {e:#}");
-                }
-            }
-            Outcome::Succeeded {
-                result_json: result.to_string(),
-                files,
+                // The adapter can be hundreds of MiB: read and cached off the event loop.
+                t.state = TaskState::Finishing;
+                let out = t.dir.join("out");
+                let max = self.cfg.jobs.max_checkpoint_bytes;
+                let store = self.work.store.clone();
+                let tx = self.work.internal.clone();
+                let task = id.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let res = read_bundle(&out, false, max).map_err(|e| format!("{e:#}"));
+                    if let Ok(files) = &res {
+                        // Cached here by content, so an inference with this adapter needs no transfer back.
+                        let list: Vec<(String, Vec<u8>)> =
+                            files.files.iter().map(|f| (f.path.clone(), f.bytes.clone())).collect();
+                        if let Err(e) = store.import_files(&list) {
+                            tracing::warn!(job = %task, "caching the adapter: {e:#}");
+                        }
+                    }
+                    let _ = tx.send(Internal::AdapterRead { task, result, res });
+                });
+                self.start_next();
+                return;
             }
         } else {
             // An error the job reported is the job's; a process that died without one (killed, out of
@@ -1884,7 +2274,7 @@ impl Daemon {
             });
         }
         tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job run here ended");
-        let _ = std::fs::remove_dir_all(&dir);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir));
         if self.work.running.as_deref() == Some(id) {
             self.work.running = None;
         }
@@ -1911,9 +2301,8 @@ impl Daemon {
     /// which sends the job on to the next device.
     fn fail_task(&mut self, id: &str, reason: String) {
         tracing::warn!(job = %id, "job failed here: {reason}");
-        if let Some(TaskState::Running { pid }) = self.work.tasks.get(id).map(|t| &t.state) {
-            // SAFETY: plain syscall on a pid we started; a stale pid at worst gets a signal it ignores.
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        if let Some(TaskState::Running { kill }) = self.work.tasks.get(id).map(|t| &t.state) {
+            kill.kill();
         }
         self.end_task(
             id,
@@ -1927,11 +2316,10 @@ impl Daemon {
     fn cancel_task(&mut self, id: &str, why: &str) {
         let Some(t) = self.work.tasks.get_mut(id) else { return };
         t.cancelled = Some(why.to_string());
-        match t.state {
-            TaskState::Running { pid } => {
-                // The exit is reported by the child's reader and ends the task as cancelled.
-                // SAFETY: see fail_task.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        match &t.state {
+            TaskState::Running { kill } => {
+                // The exit is reported by the child's owner and ends the task as cancelled.
+                kill.kill();
             }
             TaskState::Done { .. } => {}
             _ => self.end_task(id, Outcome::Cancelled { reason: why.into() }),

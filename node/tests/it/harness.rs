@@ -71,6 +71,7 @@ pub struct Node {
     prefix: Vec<String>,
     listen: Vec<String>,
     extra: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Node {
@@ -99,6 +100,7 @@ impl Node {
             prefix: vec![],
             listen: vec!["/ip4/127.0.0.1/tcp/0".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
             extra: vec![],
+            envs: vec![],
         }
     }
 
@@ -113,6 +115,7 @@ impl Node {
             prefix: vec![],
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             extra: vec![],
+            envs: vec![],
         }
     }
 
@@ -143,6 +146,17 @@ impl Node {
         self
     }
 
+    /// An environment variable for the daemon (test switches such as BITNODE_TEST_STORE_DELAY_MS).
+    pub fn env(mut self, k: &str, v: &str) -> Node {
+        self.envs.push((k.into(), v.into()));
+        self
+    }
+
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn args(mut self, a: &[&str]) -> Node {
         self.extra = a.iter().map(|s| s.to_string()).collect();
         self
@@ -167,6 +181,7 @@ impl Node {
         }
         c.args(&self.extra);
         c.env("BITNODE_LOG", "info,libp2p_swarm=debug,libp2p_dcutr=debug");
+        c.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c.stdout(Stdio::null()).stderr(log);
         self.child = Some(c.spawn().unwrap());
         let home = self.home.clone();

@@ -4,6 +4,7 @@
 #[path = "../common/adapter.rs"]
 mod adapter;
 mod cli;
+mod daemon;
 mod harness;
 mod hostile;
 mod jobs;

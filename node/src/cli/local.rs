@@ -1,0 +1,508 @@
+//! The commands that run on this device alone: `infer`, `score`, `finetune`, `model synth`, `bench`,
+//! `devices`, and `job-exec` (how the daemon runs a job in a child process).
+use super::args::{BenchCmd, DeviceArgs, FinetuneArgs, InferArgs, ModelCmd, ScoreArgs};
+use crate::config;
+use crate::exec::{self, JobEvent, JobOutput, JobPaths};
+use anyhow::{bail, Context};
+use bitnode_engine::cpu::SampleParams;
+use bitnode_engine::session::{EmbedDtype, Engine, EngineOptions};
+use bitnode_engine::synth::{self, SynthFormat};
+use bitnode_protocol::job::{FinetuneRequest, JobSpec};
+use bitnode_protocol::{InferRequest, ScoreRequest};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `bitnode job-exec --dir DIR`: runs the job the daemon wrote there; events go to stdout as JSON lines.
+pub fn job_exec(home: &Path, dir: &Path, dev: &DeviceArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match engine_options(home, dev) {
+        Ok(opts) => exec::exec_dir(dir, &opts, trainer_device(&opts), &mut out),
+        Err(e) => {
+            // The daemon reads the reason from stdout, as for any other failed job.
+            let reason = format!("{e:#}");
+            let _ = exec::write_line(&mut out, &exec::ExecLine::Error { reason });
+            return Err(e);
+        }
+    }
+}
+
+/// `bitnode infer`: streams the text as it is generated.
+pub fn infer(home: &Path, a: InferArgs) -> anyhow::Result<()> {
+    let json = a.json;
+    let (spec, paths, opts) = infer_job(a, home)?;
+    // Stream the text as it is generated.
+    let mut out = std::io::stdout();
+    let mut printed = 0usize;
+    let res = exec::execute(&spec, &paths, &opts, trainer_device(&opts), &mut |e| {
+        if let JobEvent::Token { text, .. } = e {
+            if !text.is_empty() {
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+                printed += text.len();
+            }
+        }
+    })?;
+    let JobOutput::Infer(res) = res else {
+        bail!("an infer job returned another kind of result");
+    };
+    // The streamed pieces add up to the text; should any tail be left unreported, print it now.
+    if res.text.len() > printed && res.text.is_char_boundary(printed) {
+        let _ = out.write_all(&res.text.as_bytes()[printed..]);
+    }
+    if json {
+        println!();
+        println!("{}", serde_json::to_string(&res)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tok/s decode, stop: {}, device: {}]",
+            res.prompt_tokens,
+            res.tokens.len(),
+            res.decode_tokens_per_second,
+            res.stop_reason,
+            res.device
+        );
+    }
+    Ok(())
+}
+
+pub fn score(home: &Path, a: ScoreArgs) -> anyhow::Result<()> {
+    let json = a.json;
+    let text_file = a.text_file.clone();
+    let (spec, paths, opts) = score_job(a, home)?;
+    let out = match exec::execute(&spec, &paths, &opts, trainer_device(&opts), &mut |_| {}) {
+        Ok(o) => o,
+        // The runner never sees the file, so the message gets its name here.
+        Err(e) if e.is::<exec::NothingToScore>() => bail!("{}: {e}", text_file.display()),
+        Err(e) => return Err(e),
+    };
+    let JobOutput::Score(res) = &out else {
+        bail!("a score job returned another kind of result");
+    };
+    if json {
+        println!("{}", out.to_json_line()?);
+    } else {
+        println!(
+            "tokens: {}\nnll: {:.6} nats/token\nperplexity: {:.4}",
+            res.tokens, res.nll, res.ppl
+        );
+    }
+    Ok(())
+}
+
+pub fn model(cmd: ModelCmd) -> anyhow::Result<()> {
+    match cmd {
+        ModelCmd::Synth {
+            preset,
+            out,
+            seed,
+            format,
+        } => {
+            let p = synth::preset(&preset)?;
+            let fmt = if format == "online" {
+                SynthFormat::Online
+            } else {
+                SynthFormat::Packed
+            };
+            synth::synth(p, &out, seed, fmt)?;
+            println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn devices(json: bool) -> anyhow::Result<()> {
+    let list: Vec<_> = bitnode_engine::gpu::adapters()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| bitnode_engine::gpu::summarize(i, a))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if list.is_empty() {
+        println!("no wgpu adapters found; bitnode will use the CPU reference backend (slow)");
+    } else {
+        for a in &list {
+            println!("[{}] {} ({}, {})", a.index, a.name, a.backend, a.device_type);
+            println!("    driver: {} {}", a.driver, a.driver_info);
+            println!(
+                "    max_buffer_size: {}  max_storage_buffer_binding_size: {}  max_workgroups/dim: {}  workgroup storage: {}",
+                a.max_buffer_size, a.max_storage_buffer_binding_size, a.max_compute_workgroups_per_dimension, a.max_compute_workgroup_storage_size
+            );
+            println!("    shader-f16: {}  features: {}", a.shader_f16, a.features.join(", "));
+        }
+        println!("auto prefers discrete > integrated > virtual > other, then the CPU reference (software Vulkan is slower than it);");
+        println!("choose with --device auto|gpu|cpu|INDEX|NAME, BITNODE_ADAPTER or [engine] adapter");
+    }
+    Ok(())
+}
+
+pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Mesh { model, runs, json } => crate::bench_mesh::run(model, runs, json),
+        BenchCmd::Probe { ms, json, dev } => {
+            let opts = engine_options(home, &dev)?;
+            let want = opts.adapter.unwrap_or_else(|| "auto".into());
+            let p = bitnode_engine::probe::probe(&want, std::time::Duration::from_millis(ms))?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                println!(
+                    "{} ({}, {}): ternary matmul {:.1} GOPS, {}",
+                    p.device,
+                    p.backend,
+                    p.device_type,
+                    p.ternary_gops,
+                    if p.verified {
+                        "matches the CPU twin"
+                    } else {
+                        "DISAGREES with the CPU twin"
+                    }
+                );
+            }
+            Ok(())
+        }
+        BenchCmd::Finetune {
+            model,
+            batch,
+            seq_len,
+            rank,
+            steps,
+            max_memory,
+            json,
+            device,
+        } => {
+            let model = model_or_builtin(model, home)?;
+            let r = bitnode_engine::finetune::bench(&model, batch, seq_len, rank, steps, &device, max_memory)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: batch {} x {} tokens, LoRA r{} on all projections: {:.0} tokens/s ({:.3} s/step), peak device memory {}",
+                    r.model.display(),
+                    r.device,
+                    r.batch,
+                    r.seq_len,
+                    r.rank,
+                    r.tokens_per_second,
+                    r.seconds_per_step,
+                    r.peak_device_memory_bytes
+                        .map_or("n/a (CPU reference)".into(), bitnode_engine::util::human_bytes)
+                );
+                if let Some(p) = &r.plan {
+                    println!(
+                        "plan: gradient checkpointing {}, head chunk {} tokens, embedding {}; predicted {}",
+                        if p.checkpoint { "on" } else { "off" },
+                        p.head_chunk,
+                        if p.embed_f16 { "f16" } else { "f32" },
+                        bitnode_engine::util::human_bytes(p.total)
+                    );
+                }
+            }
+            Ok(())
+        }
+        BenchCmd::Infer {
+            model,
+            prompt_len,
+            gen,
+            profile,
+            json,
+            dev,
+        } => {
+            let model = model_or_builtin(model, home)?;
+            let opts = engine_options(home, &dev)?;
+            bench_infer(&model, prompt_len, gen, profile, json, &opts)
+        }
+    }
+}
+
+pub fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Result<EngineOptions> {
+    let cfg = config::Config::load(home)?;
+    let embed_dtype = match (&dev.embed_dtype, &cfg.engine.embed_dtype) {
+        (Some(d), _) => *d,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("config.toml [engine] embed_dtype: {e}"))?,
+        (None, None) => EmbedDtype::Auto,
+    };
+    Ok(EngineOptions {
+        adapter: dev.device.clone().or(cfg.engine.adapter),
+        max_binding: dev.max_binding.or(cfg.engine.max_binding),
+        embed_dtype,
+        lora: None,
+    })
+}
+
+/// `bitnode infer`'s arguments as a job: the spec, where its files are, and the engine options.
+pub fn infer_job(a: InferArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
+    let model = model_or_builtin(a.model, home)?;
+    let opts = engine_options(home, &a.dev)?;
+    let spec = JobSpec::Infer(InferRequest {
+        model: model.display().to_string(),
+        adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+        prompt: a.prompt,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    });
+    let paths = JobPaths {
+        adapter: a.adapter,
+        ..JobPaths::model(model)
+    };
+    Ok((spec, paths, opts))
+}
+
+/// `bitnode score`'s arguments as a job (the text is read here: it travels in the spec).
+pub fn score_job(a: ScoreArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
+    let model = model_or_builtin(a.model, home)?;
+    let opts = engine_options(home, &a.dev)?;
+    let text = std::fs::read_to_string(&a.text_file).with_context(|| format!("reading {}", a.text_file.display()))?;
+    let spec = JobSpec::Score(ScoreRequest {
+        model: model.display().to_string(),
+        adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
+        text,
+    });
+    let paths = JobPaths {
+        adapter: a.adapter,
+        ..JobPaths::model(model)
+    };
+    Ok((spec, paths, opts))
+}
+
+pub fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
+    let (device, json) = (a.device.clone(), a.json);
+    let (spec, paths) = finetune_job(a)?;
+    finetune_run(&spec, &paths, &device, json)
+}
+
+/// `bitnode finetune`'s arguments as a job (the dataset is read from its path locally; `submit` sends it).
+pub fn finetune_job(a: FinetuneArgs) -> anyhow::Result<(JobSpec, JobPaths)> {
+    let ctx = bitnode_engine::config::ModelConfig::load(&a.model.join("config.json"))
+        .with_context(|| format!("loading model {}", a.model.display()))?
+        .max_position_embeddings;
+    let spec = JobSpec::Finetune(Box::new(FinetuneRequest {
+        model: a.model.display().to_string(),
+        // A local run reads the dataset from its path; the name is what a remote run would store it as.
+        data_name: a
+            .data
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        data: vec![],
+        init_adapter: a.init_adapter.as_ref().map(|p| p.display().to_string()),
+        rank: a.rank,
+        alpha: a.alpha,
+        lora_dropout: a.lora_dropout,
+        targets: a.targets,
+        lr: a.lr,
+        steps: a.steps,
+        epochs: a.epochs,
+        batch: a.batch,
+        seq_len: a.seq_len.unwrap_or(512.min(ctx)),
+        grad_accum: a.grad_accum,
+        weight_decay: a.weight_decay,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        shuffle: !a.no_shuffle,
+        seed: a.seed,
+        val_split: a.val_split,
+        save_every: a.save_every,
+        max_memory: a.max_memory,
+    }));
+    let paths = JobPaths {
+        model: a.model,
+        adapter: a.init_adapter,
+        data: Some(a.data),
+        out: Some(a.out),
+        resume: a.resume,
+        json_log: a.json_log,
+    };
+    Ok((spec, paths))
+}
+
+fn finetune_run(spec: &JobSpec, paths: &JobPaths, device: &str, json: bool) -> anyhow::Result<()> {
+    let mut on_event = |e: JobEvent<'_>| {
+        if let JobEvent::Step {
+            step,
+            total,
+            loss,
+            lr,
+            tokens_per_second,
+            elapsed_s,
+        } = e
+        {
+            let eta = elapsed_s / step as f64 * (total.saturating_sub(step)) as f64;
+            eprint!(
+                "\rstep {step}/{total}  loss {loss:.4}  lr {lr:.2e}  {tokens_per_second:.0} tok/s  ETA {eta:.0}s   "
+            );
+        }
+    };
+    // The engine options only matter to infer and score; the trainer takes --device.
+    let out = exec::execute(spec, paths, &EngineOptions::default(), device, &mut on_event)?;
+    eprintln!();
+    let JobOutput::Finetune(sum) = &out else {
+        bail!("a finetune job returned another kind of result");
+    };
+    if json {
+        println!("{}", out.to_json_line()?);
+        return Ok(());
+    }
+    println!(
+        "wrote adapter to {} ({} steps on {}; loss {} -> {}{})",
+        sum.adapter.display(),
+        sum.steps,
+        sum.device,
+        sum.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        sum.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        match (sum.val_loss_before, sum.val_loss_after) {
+            (Some(b), Some(a)) => format!("; eval loss {b:.4} -> {a:.4}"),
+            (None, Some(a)) => format!("; eval loss {a:.4}"),
+            _ => String::new(),
+        }
+    );
+    Ok(())
+}
+
+/// The trainer device a job runs on when the command has no `--device` of its own (infer, score,
+/// job-exec): the engine's choice (`--device`, `BITNODE_ADAPTER`, `[engine] adapter`), else auto.
+fn trainer_device(opts: &EngineOptions) -> &str {
+    opts.adapter.as_deref().unwrap_or("auto")
+}
+
+/// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
+/// `<home>/models/builtin-tiny`, so a first run needs no download.
+fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if let Some(m) = model {
+        return Ok(m);
+    }
+    let dir = home.join("models").join("builtin-tiny");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!(
+            "note: no --model given; writing the built-in random tiny BitNet to {}",
+            dir.display()
+        );
+        let p = synth::preset("tiny")?;
+        synth::synth(p, &dir, 0, SynthFormat::Packed).with_context(|| format!("writing {}", dir.display()))?;
+    }
+    Ok(dir)
+}
+
+fn bench_infer(
+    model: &std::path::Path,
+    prompt_len: usize,
+    gen: usize,
+    profile: bool,
+    json: bool,
+    opts: &EngineOptions,
+) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut engine = Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let cfg = engine.model.config.clone();
+    if prompt_len == 0 || prompt_len + gen > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {prompt_len} + --gen {gen} must be between 1 and the context {}",
+            cfg.max_position_embeddings
+        );
+    }
+    // A deterministic prompt of ordinary (non-special) ids, BOS first.
+    let bos = cfg.bos_token_id.unwrap_or(0);
+    let span = (cfg.vocab_size.min(128000) - 1) as u64;
+    let mut prompt = vec![bos];
+    let mut r = bitnode_engine::rng::Rng::new(7);
+    while prompt.len() < prompt_len {
+        prompt.push((r.next_u64() % span) as u32);
+    }
+    let greedy = SampleParams::default();
+    // Warm-up: compiles pipelines and touches every buffer once.
+    engine.generate_ids(&prompt, gen.min(8), &greedy, 0, false, &mut |_| {})?;
+    let g = engine.generate_ids(&prompt, gen, &greedy, 0, false, &mut |_| {})?;
+    let n = g.tokens.len();
+    let decode = if n > 1 { (n - 1) as f64 / g.decode_seconds } else { 0.0 };
+    let prefill = prompt_len as f64 / g.prefill_seconds;
+    let mem = engine.backend.memory();
+    let device = engine.backend.device_name();
+    let prof = if profile {
+        engine.backend.profile_step(prompt_len + n / 2)?
+    } else {
+        None
+    };
+    // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
+    let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
+    let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
+    let bytes_per_token = mem.ternary_weights + head_bytes + mem.other_weights + kv_read;
+    let bw = bandwidth_for(&device);
+    let bound = bw.map(|b| b / bytes_per_token as f64);
+    let v = serde_json::json!({
+        "model": model.display().to_string(),
+        "device": device,
+        "prompt_len": prompt_len,
+        "gen": n,
+        "load_seconds": load_s,
+        "prefill_tokens_per_second": prefill,
+        "decode_tokens_per_second": decode,
+        "peak_device_memory_bytes": mem.peak,
+        "memory": mem,
+        "bytes_read_per_token": bytes_per_token,
+        "memory_bandwidth_bytes_per_second": bw,
+        "bandwidth_bound_tokens_per_second": bound,
+        "fraction_of_bandwidth_bound": bound.map(|b| decode / b),
+        "profile": prof,
+    });
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("device:            {device}");
+        println!("prefill:           {prefill:.1} tok/s ({prompt_len} tokens)");
+        println!("decode:            {decode:.1} tok/s ({n} tokens)");
+        println!(
+            "peak device mem:   {:.1} MiB (ternary {:.1}, embedding {:.1}, lm_head {:.1}, kv {:.1}, activations {:.1})",
+            mib(mem.peak),
+            mib(mem.ternary_weights),
+            mib(mem.embedding),
+            mib(mem.lm_head),
+            mib(mem.kv_cache),
+            mib(mem.activations)
+        );
+        if let Some(b) = bound {
+            println!(
+                "bandwidth bound:   {b:.0} tok/s; decode reaches {:.1}% of it",
+                100.0 * decode / b
+            );
+        }
+        if let Some(p) = &prof {
+            println!(
+                "one decode step:   {} dispatches, {:.0} us of kernel time, {:.0} us to record and submit",
+                p.dispatches, p.gpu_us, p.record_us
+            );
+            for (k, c, us) in &p.kernels {
+                println!("    {k:<16} {c:>5} dispatches {us:>9.1} us");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Peak memory bandwidth of GPUs we know, in bytes/s, for the "fraction of the bound" figure.
+fn bandwidth_for(device: &str) -> Option<f64> {
+    let d = device.to_lowercase();
+    let table: &[(&str, f64)] = &[
+        ("h200", 4.8e12),
+        ("h100 nvl", 3.9e12),
+        ("h100 pcie", 2.0e12),
+        ("h100", 3.35e12),
+        ("a100", 2.0e12),
+        ("rtx 4090", 1.008e12),
+        ("rtx 4070 ti", 0.504e12),
+        ("l40s", 0.864e12),
+    ];
+    table.iter().find(|(n, _)| d.contains(n)).map(|(_, b)| *b)
+}
