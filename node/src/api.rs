@@ -60,6 +60,9 @@ pub enum Request {
     JobShow { id: String },
     /// -> [`JobView`]
     JobCancel { id: String },
+    /// `bitnode jobs follow`: streams the job's [`Event`]s from now on (a terminal re-attaching after a
+    /// restart or a `--detach`) until it ends. -> [`JobView`] (at once, for a job that already ended)
+    JobFollow { id: String },
     /// -> `String` ("stopping")
     Shutdown,
 }

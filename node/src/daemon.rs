@@ -707,6 +707,7 @@ impl Daemon {
                     }
                     if num_established.get() == 1 {
                         self.send_caps(peer_id);
+                        self.resend_results_to(peer_id);
                     }
                 }
             }
@@ -1243,6 +1244,11 @@ impl Daemon {
                 Err(e) => Response::err(format!("{e:#}")),
             },
             Request::JobCancel { id } => self.cancel_job(&id),
+            Request::JobFollow { id } => {
+                // Answered now for a job that ended, else when it ends.
+                self.follow_job(&id, events, reply);
+                return;
+            }
             Request::Status => Response::ok(&self.status()),
             Request::Peers => Response::ok(&self.peers()),
             Request::PairList => Response::ok(&self.trust.entries()),

@@ -93,10 +93,15 @@ pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions
         control::call_stream(home, &req, DAEMON_SILENCE, &mut |e| view.event(e))?
     };
     view.done();
+    finish(kind, &v, opts.json, opts.detach)
+}
+
+/// Prints a job's outcome as `submit` does; an error unless it succeeded (or was only detached).
+fn finish(kind: &str, v: &JobView, json: bool, detach: bool) -> anyhow::Result<()> {
     let state = v.state.as_str();
-    if opts.json {
-        println!("{}", serde_json::to_string(&SubmitLine::of(&v))?);
-    } else if opts.detach {
+    if json {
+        println!("{}", serde_json::to_string(&SubmitLine::of(v))?);
+    } else if detach {
         println!(
             "job {} submitted: {} on {}; follow it with `bitnode jobs show {}`",
             v.job_id,
@@ -105,9 +110,9 @@ pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions
             v.job_id,
         );
     } else {
-        print_result(kind, &v);
+        print_result(kind, v);
     }
-    if !opts.detach && v.state != crate::jobs::State::Succeeded {
+    if !detach && v.state != crate::jobs::State::Succeeded {
         anyhow::bail!(
             "job {} {state}: {}",
             v.job_id,
@@ -372,6 +377,24 @@ pub fn show(home: &Path, id: &str, json: bool) -> anyhow::Result<()> {
         println!("result:      {r}");
     }
     Ok(())
+}
+
+/// `bitnode jobs follow ID [--json]`: the job's stream from now on, shown as `submit` shows it, and its
+/// outcome (the exit code is 1 unless it succeeded).
+pub fn follow(home: &Path, id: &str, json: bool) -> anyhow::Result<()> {
+    // The kind decides how the result reads; ask for the job first.
+    let first: JobView = control::call(home, &Request::JobShow { id: id.into() }, Duration::from_secs(10))?;
+    let kind: &'static str = match first.kind.as_str() {
+        "infer" => "infer",
+        "score" => "score",
+        _ => "finetune",
+    };
+    let mut view = View::new(json, kind);
+    let v: JobView = control::call_stream(home, &Request::JobFollow { id: id.into() }, DAEMON_SILENCE, &mut |e| {
+        view.event(e)
+    })?;
+    view.done();
+    finish(kind, &v, json, false)
 }
 
 /// `bitnode jobs cancel ID`.

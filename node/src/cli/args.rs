@@ -220,6 +220,12 @@ pub enum JobsCmd {
     },
     /// Cancel a queued or running job (on whichever device runs it).
     Cancel { id: String },
+    /// Re-attach this terminal to a job's stream (after a restart or a `--detach`) until it ends.
+    Follow {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]

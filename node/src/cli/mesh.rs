@@ -131,6 +131,7 @@ pub fn jobs(home: &Path, json: bool, cmd: Option<JobsCmd>) -> anyhow::Result<()>
         None => crate::submit::list(home, json),
         Some(JobsCmd::Show { id, json: j }) => crate::submit::show(home, &id, json || j),
         Some(JobsCmd::Cancel { id }) => crate::submit::cancel(home, &id),
+        Some(JobsCmd::Follow { id, json: j }) => crate::submit::follow(home, &id, json || j),
     }
 }
 

@@ -38,8 +38,6 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// Failed chunk requests tolerated in one transfer (they are retried every second: a broken connection
 /// has about this many seconds to come back before the job fails).
 const MAX_CHUNK_FAILURES: u32 = 60;
-/// Tries to deliver a worker's final result to its submitter.
-const MAX_RESULT_TRIES: u32 = 30;
 /// Fine-tune progress goes back at most this often (the last step always).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// Marks a failed manifest request in a task's retry list.
@@ -247,7 +245,19 @@ enum TaskState {
         update: Update,
         tries: u32,
         due: Option<Instant>,
+        /// Held for the submitter until then (`[jobs] retention_secs`), however long it is away.
+        until: Instant,
+        /// Bytes of the result (the adapter), counted against `[jobs] max_retained_bytes`.
+        bytes: u64,
     },
+}
+
+/// What an update in flight to a submitter was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sent {
+    Result,
+    Checkpoint,
+    Other,
 }
 
 /// Asks the task that owns a job's child process to kill it (SIGKILL). The owner has not reaped the
@@ -291,6 +301,10 @@ pub(super) struct Task {
     error: Option<String>,
     /// When the last progress update went out (they are sent at most every 200 ms).
     last_progress: Option<Instant>,
+    /// The newest checkpoint the job wrote (step, directory), and whether its delivery failed: it is
+    /// read and sent again once the submitter answers (it was away: restarting, or a phone asleep).
+    last_checkpoint: Option<(usize, String)>,
+    checkpoint_unsent: bool,
 }
 
 pub(super) struct Work {
@@ -307,7 +321,7 @@ pub(super) struct Work {
     job_requests: HashMap<OutboundRequestId, (String, PeerId)>,
     model_requests: HashMap<OutboundRequestId, (String, ModelRequest)>,
     /// Updates in flight: (task, whether it is the result).
-    done_requests: HashMap<OutboundRequestId, (String, bool)>,
+    done_requests: HashMap<OutboundRequestId, (String, Sent)>,
     last_heartbeat: Instant,
 }
 
@@ -1089,7 +1103,9 @@ impl Daemon {
         }
         sub.last_heard = Instant::now();
         sub.accepted = true;
-        sub.reattach_until = None;
+        if sub.reattach_until.take().is_some() {
+            tracing::info!(job = %id, %worker, "the worker kept the job through this device's restart and reported back");
+        }
         if sub.finishing {
             // A resent result (our acknowledgement was lost): it is already being written.
             return UpdateAck::Ok;
@@ -1195,6 +1211,39 @@ impl Daemon {
                 self.finish_sub(id, State::Failed, Some(format!("on {name}: {reason}")), None)
             }
             Outcome::Cancelled { reason } => self.finish_sub(id, State::Cancelled, Some(reason), None),
+        }
+    }
+
+    /// Attaches a client to a job's stream: a job still live here gets one more watcher, answered when
+    /// it ends; one that already ended is answered at once.
+    pub(super) fn follow_job(
+        &mut self,
+        id_prefix: &str,
+        events: mpsc::Sender<Event>,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let id = match self.work.table.find(id_prefix) {
+            Ok(j) => j.id.clone(),
+            Err(e) => {
+                let _ = reply.send(Response::err(format!("{e:#}")));
+                return;
+            }
+        };
+        match self.work.subs.get_mut(&id) {
+            Some(sub) => {
+                sub.watchers.push(events);
+                sub.finals.push(reply);
+            }
+            None => {
+                let v = self.job_view(&id);
+                let _ = reply.send(if v.state.is_final() {
+                    Response::ok(&v)
+                } else {
+                    Response::err(format!(
+                        "job {id} runs here for another device; follow it on the device that submitted it"
+                    ))
+                });
+            }
         }
     }
 
@@ -1311,11 +1360,17 @@ impl Daemon {
             };
             match &mut t.state {
                 // Resent only after a failed delivery (`due` is set then), never while one is in flight.
-                TaskState::Done { update, tries, due } if due.is_some_and(|d| now >= d) => {
+                TaskState::Done {
+                    update,
+                    tries,
+                    due,
+                    until,
+                    ..
+                } if due.is_some_and(|d| now >= d) => {
                     *tries += 1;
                     *due = None;
-                    if *tries > MAX_RESULT_TRIES {
-                        tracing::warn!(job = %id, "giving up delivering the result to the submitter");
+                    if now >= *until {
+                        tracing::warn!(job = %id, "giving up delivering the result to the submitter ([jobs] retention_secs)");
                         self.work.tasks.remove(&id);
                         continue;
                     }
@@ -1569,6 +1624,8 @@ impl Daemon {
             result: None,
             error: None,
             last_progress: None,
+            last_checkpoint: None,
+            checkpoint_unsent: false,
         };
         self.work.tasks.insert(id.clone(), t);
         if missing.is_empty() || submitter.is_none() {
@@ -2165,14 +2222,11 @@ impl Daemon {
                 );
             }
             ExecLine::Checkpoint { step, dir } => {
-                // Read off the event loop; the child has finished writing it (trainer_state.json last).
-                let max = self.cfg.jobs.max_checkpoint_bytes;
-                let tx = self.work.internal.clone();
-                let task = id.to_string();
-                tokio::task::spawn_blocking(move || {
-                    let res = read_bundle(Path::new(&dir), true, max).map_err(|e| format!("{e:#}"));
-                    let _ = tx.send(Internal::CheckpointRead { task, step, res });
-                });
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.last_checkpoint = Some((step, dir.clone()));
+                    t.checkpoint_unsent = false;
+                }
+                self.read_checkpoint_for(id, step, dir);
             }
             ExecLine::Result { result } => {
                 if let Some(t) = self.work.tasks.get_mut(id) {
@@ -2184,6 +2238,54 @@ impl Daemon {
                     t.error = Some(reason);
                 }
             }
+        }
+    }
+
+    /// Reads a checkpoint the job wrote, off the event loop (the child has finished writing it:
+    /// trainer_state.json comes last), to stream it back.
+    fn read_checkpoint_for(&self, id: &str, step: usize, dir: String) {
+        let max = self.cfg.jobs.max_checkpoint_bytes;
+        let tx = self.work.internal.clone();
+        let task = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let res = read_bundle(Path::new(&dir), true, max).map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Internal::CheckpointRead { task, step, res });
+        });
+    }
+
+    /// A submitter is back: the results held for it go now rather than at the next backed-off retry.
+    pub(super) fn resend_results_to(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        for t in self.work.tasks.values_mut() {
+            if t.submitter == Some(peer) {
+                if let TaskState::Done { due: Some(d), .. } = &mut t.state {
+                    *d = now;
+                }
+            }
+        }
+    }
+
+    /// Results held for absent submitters stay within `[jobs] max_retained_bytes`: the oldest go first.
+    fn cap_retained(&mut self) {
+        let cap = self.cfg.jobs.max_retained_bytes;
+        loop {
+            let mut held: Vec<(Instant, u64, String)> = self
+                .work
+                .tasks
+                .iter()
+                .filter_map(|(id, t)| match &t.state {
+                    TaskState::Done { until, bytes, .. } => Some((*until, *bytes, id.clone())),
+                    _ => None,
+                })
+                .collect();
+            let total: u64 = held.iter().map(|h| h.1).sum();
+            if total <= cap || held.len() <= 1 {
+                return;
+            }
+            held.sort();
+            let (_, bytes, id) = held.remove(0);
+            tracing::warn!(job = %id, bytes, "dropping a result held for an absent submitter ([jobs] max_retained_bytes)");
+            self.work.tasks.remove(&id);
         }
     }
 
@@ -2282,13 +2384,22 @@ impl Daemon {
         let update = Update::Done(outcome);
         if remote {
             if let Some(t) = self.work.tasks.get_mut(id) {
+                let bytes = match &update {
+                    Update::Done(Outcome::Succeeded { files, .. }) => {
+                        files.files.iter().map(|f| f.bytes.len() as u64).sum()
+                    }
+                    _ => 0,
+                };
                 t.state = TaskState::Done {
                     update: update.clone(),
                     tries: 1,
                     due: None,
+                    until: Instant::now() + Duration::from_secs(self.cfg.jobs.retention_secs),
+                    bytes,
                 };
             }
             self.send_update(id, update);
+            self.cap_retained();
         } else {
             self.work.tasks.remove(id);
             self.deliver_local(id, update);
@@ -2353,6 +2464,11 @@ impl Daemon {
         } else {
             Kind::Update
         };
+        let sent = match &update {
+            Update::Done(_) => Sent::Result,
+            Update::Checkpoint { .. } => Sent::Checkpoint,
+            _ => Sent::Other,
+        };
         let bytes = match wire::encode(&update, self.update_message_max()) {
             Ok(b) => b,
             Err(e) => {
@@ -2374,9 +2490,7 @@ impl Daemon {
                             b,
                         );
                         let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
-                        self.work
-                            .done_requests
-                            .insert(rid, (id.to_string(), kind == Kind::Result));
+                        self.work.done_requests.insert(rid, (id.to_string(), Sent::Result));
                     }
                 }
                 return;
@@ -2393,9 +2507,21 @@ impl Daemon {
             bytes,
         );
         let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
-        self.work
-            .done_requests
-            .insert(rid, (id.to_string(), kind == Kind::Result));
+        self.work.done_requests.insert(rid, (id.to_string(), sent));
+    }
+
+    /// A checkpoint whose delivery failed while the submitter was away: read again and resent (only the
+    /// newest; the job may have written newer ones since, which supersede it).
+    fn resend_unsent_checkpoint(&mut self, id: &str) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        if !t.checkpoint_unsent || !matches!(t.state, TaskState::Running { .. }) {
+            return;
+        }
+        t.checkpoint_unsent = false;
+        if let Some((step, dir)) = t.last_checkpoint.clone() {
+            tracing::info!(job = %id, step, "sending the submitter the checkpoint it missed");
+            self.read_checkpoint_for(id, step, dir);
+        }
     }
 
     pub(super) fn on_update_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<UpdateAck>>) {
@@ -2440,9 +2566,14 @@ impl Daemon {
                 message: rr::Message::Response { request_id, response },
                 ..
             } => {
-                let Some((id, is_result)) = self.work.done_requests.remove(&request_id) else {
+                let Some((id, sent)) = self.work.done_requests.remove(&request_id) else {
                     return;
                 };
+                let is_result = sent == Sent::Result;
+                // The submitter answers again: a checkpoint it missed while away goes to it now.
+                if matches!(response, Ok(UpdateAck::Ok)) {
+                    self.resend_unsent_checkpoint(&id);
+                }
                 let done = self
                     .work
                     .tasks
@@ -2472,12 +2603,17 @@ impl Daemon {
                 }
             }
             rr::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some((id, is_result)) = self.work.done_requests.remove(&request_id) {
+                if let Some((id, sent)) = self.work.done_requests.remove(&request_id) {
                     tracing::debug!(job = %id, "update not delivered: {error}");
-                    if is_result {
-                        if let Some(TaskState::Done { due, .. }) = self.work.tasks.get_mut(&id).map(|t| &mut t.state) {
-                            *due = Some(Instant::now() + Duration::from_secs(2));
+                    match (sent, self.work.tasks.get_mut(&id)) {
+                        (Sent::Result, Some(t)) => {
+                            if let TaskState::Done { due, tries, .. } = &mut t.state {
+                                // Every 2 s at first, backing off to every 30 s while the submitter is away.
+                                *due = Some(Instant::now() + Duration::from_secs(2 * u64::from((*tries).min(15))));
+                            }
                         }
+                        (Sent::Checkpoint, Some(t)) => t.checkpoint_unsent = true,
+                        _ => {}
                     }
                 }
             }

@@ -231,3 +231,128 @@ fn a_slow_disk_delays_no_heartbeat() {
         (jobs.len() == 3 && jobs.iter().all(|j| j["state"] == "succeeded")).then_some(())
     });
 }
+
+/// A free loopback TCP port (a restarted daemon must listen where its peers remember it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every state file in `home` parses: identity, trust list, job table, submission records.
+fn state_parses(home: &Path, what: &str) {
+    cli_ok(home, &["id"]);
+    bitnode::trust::TrustList::load(home).unwrap_or_else(|e| panic!("{what}: trust list: {e:#}"));
+    if let Ok(b) = std::fs::read(home.join("jobs.json")) {
+        let t: bitnode::jobs::JobTable =
+            serde_json::from_slice(&b).unwrap_or_else(|e| panic!("{what}: jobs.json does not parse: {e}"));
+        for j in &t.jobs {
+            bitnode::jobs::Submission::load(home, &j.id).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        }
+    }
+}
+
+#[test]
+fn fine_tunes_survive_sigkills_of_submitter_and_worker_at_random_moments() {
+    // 20 SIGKILLs at seeded random moments, alternately of the submitter (a phone whose app is killed)
+    // and of the worker; each daemon starts again at once. Seven fine-tunes are submitted along the way.
+    let seed = std::env::var("BITNODE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_u64);
+    eprintln!("kill schedule seed {seed} (BITNODE_TEST_SEED)");
+    let mut rng = seed;
+    let mut next = |lo: u64, hi: u64| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        lo + (rng >> 33) % (hi - lo)
+    };
+    let cfg = "[jobs]\nheartbeat_secs = 1\nheartbeat_timeout_secs = 3\nreattach_secs = 8\nmax_attempts = 100";
+    let pp = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let dp = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let mut phone = Node::init(
+        "crashp",
+        &format!(
+            "[capabilities]\nbenchmark = false\nscore = 1\nternary_gops = 1\ndevice_memory_bytes = 8589934592\n\
+             [engine]\nadapter = \"cpu\"\n{cfg}"
+        ),
+    )
+    .listen(&[&pp]);
+    let mut desk = Node::init(
+        "crashd",
+        &format!(
+            "[capabilities]\nbenchmark = false\nscore = 600\nternary_gops = 600\ndevice_memory_bytes = 8589934592\n\
+             [engine]\nadapter = \"cpu\"\n{cfg}"
+        ),
+    )
+    .listen(&[&dp]);
+    phone.start();
+    desk.start();
+    desk.join(&phone.invite());
+    phone.wait_connected(&desk, T);
+    let m = synth(&phone.home);
+    let mut outs = vec![];
+    for k in 0..20 {
+        if k % 3 == 0 {
+            let out = phone.home.join(format!("adapter{}", outs.len()));
+            let req = match finetune_request(&phone.home, &m, &out, 40, "auto") {
+                Request::Submit {
+                    spec,
+                    data_path,
+                    need,
+                    to,
+                    out,
+                    resume,
+                    ..
+                } => Request::Submit {
+                    spec,
+                    data_path,
+                    need,
+                    to,
+                    out,
+                    resume,
+                    detach: true,
+                },
+                other => other,
+            };
+            let v: JobView = bitnode::control::call(&phone.home, &req, T).unwrap();
+            outs.push((v.job_id, out));
+        }
+        std::thread::sleep(Duration::from_millis(next(300, 3000)));
+        let victim = if k % 2 == 0 { &mut phone } else { &mut desk };
+        victim.kill();
+        state_parses(&victim.home, &format!("after kill {k} of {}", victim.name));
+        victim.start();
+    }
+    // Every fine-tune finishes, its adapter in its --out, wherever it ended up running.
+    for (id, out) in &outs {
+        let v = wait_for(Duration::from_secs(300), &format!("job {id} to end"), || {
+            let v: Value = serde_json::from_str(&cli_ok(&phone.home, &["jobs", "show", id, "--json"])).ok()?;
+            matches!(v["state"].as_str(), Some("succeeded" | "failed" | "cancelled")).then_some(v)
+        });
+        assert_eq!(v["state"], "succeeded", "{v}");
+        eprintln!(
+            "job {id}: succeeded on {}; lost: {}",
+            v["executed_by_name"], v["attempts"]
+        );
+        assert!(
+            out.join("adapter_model.safetensors").is_file(),
+            "job {id}: no adapter in {}",
+            out.display()
+        );
+    }
+    state_parses(&phone.home, "at the end");
+    state_parses(&desk.home, "at the end");
+    // The kills did land on live jobs: the restarted phone took jobs up again.
+    let took_up = phone
+        .log()
+        .matches("taking up a job submitted before the restart")
+        .count();
+    let reattached = phone
+        .log()
+        .matches("the worker kept the job through this device's restart")
+        .count();
+    eprintln!("the phone took up {took_up} job(s) after its restarts; {reattached} time(s) its worker had kept it");
+    assert!(took_up > 0, "no kill of the phone met a live job");
+}
