@@ -862,7 +862,7 @@ impl Daemon {
 
     fn send_caps(&mut self, peer: PeerId) {
         let a = self.advert();
-        self.swarm.behaviour_mut().caps.send_request(&peer, Ok(a));
+        self.swarm.behaviour_mut().caps.inner.send_request(&peer, Ok(a));
         self.peers.entry(peer).or_default().caps_in_flight = true;
     }
 
@@ -950,7 +950,12 @@ impl Daemon {
                 // Optimistic, so two peers that both missed each other's advert do not bounce resends;
                 // a failed delivery clears it again.
                 st.caps_delivered = true;
-                let _ = self.swarm.behaviour_mut().caps.send_response(channel, Ok(CapsAck::Ok));
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .caps
+                    .inner
+                    .send_response(channel, Ok(CapsAck::Ok));
                 if resend {
                     self.send_caps(peer);
                 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod jobs;
 pub mod models;
 pub mod net;
+pub mod paired_only;
 pub mod schedule;
 pub mod store;
 pub mod submit;

@@ -1,5 +1,6 @@
 //! The libp2p side of the daemon: the composed behaviour, the connection gate that keeps the mesh private,
 //! the size-bounded bincode codec of the `/bitnode/*` protocols, and the transport stack.
+use crate::paired_only::PairedOnly;
 use bitnode_protocol::job::{Envelope, JobAck, ModelRequest, ModelResponse, UpdateAck};
 use bitnode_protocol::mesh::{CapsAck, CapsAdvert, PairRequest, PairResponse};
 use bitnode_protocol::wire::{
@@ -226,10 +227,12 @@ pub struct Behaviour {
     pub dcutr: dcutr::Behaviour,
     pub autonat: autonat::Behaviour,
     pub pair: PairBehaviour,
-    pub caps: CapsBehaviour,
-    pub job: JobBehaviour,
-    pub update: UpdateBehaviour,
-    pub model: ModelBehaviour,
+    // Only paired peers may open these (crate::paired_only): a stranger let in by an open invite can
+    // speak the pairing protocol and nothing else.
+    pub caps: PairedOnly<CapsBehaviour>,
+    pub job: PairedOnly<JobBehaviour>,
+    pub update: PairedOnly<UpdateBehaviour>,
+    pub model: PairedOnly<ModelBehaviour>,
 }
 
 /// Limits of the relay this node runs for the owner's mesh (`[relay]`). libp2p's defaults (2 minutes and
@@ -334,8 +337,11 @@ fn behaviour(
         relay::Behaviour::new(me, cfg)
     });
     let rr = request_response::Config::default().with_request_timeout(Duration::from_secs(30));
+    let gate = Gate {
+        state: admission.clone(),
+    };
     Ok(Behaviour {
-        gate: Gate { state: admission },
+        gate,
         identify: identify::Behaviour::new(
             identify::Config::new("/bitnode/id/1".into(), key.public()).with_agent_version(opts.agent.clone()),
         ),
@@ -358,51 +364,64 @@ fn behaviour(
                 ..Default::default()
             },
         ),
+        // The handshake is two requests in turn: one stream at a time is all it needs.
         pair: request_response::Behaviour::with_codec(
             WireCodec::new(MAX_PAIR_MESSAGE),
             [(
                 StreamProtocol::new(PAIR_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            rr.clone(),
+            rr.clone().with_max_concurrent_streams(1),
         ),
-        caps: request_response::Behaviour::with_codec(
-            WireCodec::new(MAX_CAPS_MESSAGE),
-            [(
-                StreamProtocol::new(CAPS_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            rr.clone(),
+        caps: PairedOnly::new(
+            request_response::Behaviour::with_codec(
+                WireCodec::new(MAX_CAPS_MESSAGE),
+                [(
+                    StreamProtocol::new(CAPS_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                rr.clone(),
+            ),
+            admission.clone(),
         ),
         // Jobs and updates may carry datasets and checkpoints of many MiB: give them time on slow links.
-        job: request_response::Behaviour::with_codec(
-            WireCodec::new(opts.max_job_message),
-            [(
-                StreamProtocol::new(JOB_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            // Few at once: each may buffer up to the job limit before it is checked.
-            rr.clone()
-                .with_request_timeout(Duration::from_secs(300))
-                .with_max_concurrent_streams(4),
+        job: PairedOnly::new(
+            request_response::Behaviour::with_codec(
+                WireCodec::new(opts.max_job_message),
+                [(
+                    StreamProtocol::new(JOB_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                // Few at once: each may buffer up to the job limit before it is checked.
+                rr.clone()
+                    .with_request_timeout(Duration::from_secs(300))
+                    .with_max_concurrent_streams(4),
+            ),
+            admission.clone(),
         ),
-        update: request_response::Behaviour::with_codec(
-            WireCodec::new(opts.max_update_message),
-            [(
-                StreamProtocol::new(UPDATE_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            rr.clone()
-                .with_request_timeout(Duration::from_secs(300))
-                .with_max_concurrent_streams(16),
+        update: PairedOnly::new(
+            request_response::Behaviour::with_codec(
+                WireCodec::new(opts.max_update_message),
+                [(
+                    StreamProtocol::new(UPDATE_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                rr.clone()
+                    .with_request_timeout(Duration::from_secs(300))
+                    .with_max_concurrent_streams(16),
+            ),
+            admission.clone(),
         ),
-        model: request_response::Behaviour::with_codec(
-            WireCodec::new(MAX_MODEL_MESSAGE),
-            [(
-                StreamProtocol::new(MODEL_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            rr.with_request_timeout(Duration::from_secs(60)),
+        model: PairedOnly::new(
+            request_response::Behaviour::with_codec(
+                WireCodec::new(MAX_MODEL_MESSAGE),
+                [(
+                    StreamProtocol::new(MODEL_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                rr.with_request_timeout(Duration::from_secs(60)),
+            ),
+            admission,
         ),
     })
 }

@@ -983,7 +983,7 @@ impl Daemon {
             random::<16>(),
             bytes,
         );
-        let rid = self.swarm.behaviour_mut().job.send_request(&best, Ok(env));
+        let rid = self.swarm.behaviour_mut().job.inner.send_request(&best, Ok(env));
         self.work.job_requests.insert(rid, (id.to_string(), best));
     }
 
@@ -1285,7 +1285,7 @@ impl Daemon {
             random::<16>(),
             vec![],
         );
-        self.swarm.behaviour_mut().job.send_request(&worker, Ok(env));
+        self.swarm.behaviour_mut().job.inner.send_request(&worker, Ok(env));
     }
 
     pub(super) fn jobs_list(&self) -> Vec<api::JobView> {
@@ -1418,7 +1418,7 @@ impl Daemon {
                 if let JobAck::Rejected { reason } = &ack {
                     tracing::warn!(%peer, "job refused: {reason}");
                 }
-                let _ = self.swarm.behaviour_mut().job.send_response(channel, Ok(ack));
+                let _ = self.swarm.behaviour_mut().job.inner.send_response(channel, Ok(ack));
             }
             rr::Event::Message {
                 peer,
@@ -1666,7 +1666,12 @@ impl Daemon {
             Some(h) => {
                 tracing::info!(job = %id, model = %h, "fetching a model from the submitter");
                 let req = ModelRequest::Manifest { hash: h };
-                let rid = self.swarm.behaviour_mut().model.send_request(&sub, Ok(req.clone()));
+                let rid = self
+                    .swarm
+                    .behaviour_mut()
+                    .model
+                    .inner
+                    .send_request(&sub, Ok(req.clone()));
                 self.work.model_requests.insert(rid, (id.to_string(), req));
             }
             None => {
@@ -1689,7 +1694,12 @@ impl Daemon {
         let Some(hash) = missing.first().cloned() else { return };
         in_flight.insert((file, index));
         let req = ModelRequest::Chunk { hash, file, index };
-        let rid = self.swarm.behaviour_mut().model.send_request(&sub, Ok(req.clone()));
+        let rid = self
+            .swarm
+            .behaviour_mut()
+            .model
+            .inner
+            .send_request(&sub, Ok(req.clone()));
         self.work.model_requests.insert(rid, (id.to_string(), req));
     }
 
@@ -1739,7 +1749,7 @@ impl Daemon {
                     Ok(req) => self.serve_model(peer, &req),
                     Err(why) => ModelResponse::Refused { reason: why },
                 };
-                let _ = self.swarm.behaviour_mut().model.send_response(channel, Ok(resp));
+                let _ = self.swarm.behaviour_mut().model.inner.send_response(channel, Ok(resp));
             }
             rr::Event::Message {
                 message: rr::Message::Response { request_id, response },
@@ -2489,7 +2499,7 @@ impl Daemon {
                             random::<16>(),
                             b,
                         );
-                        let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
+                        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
                         self.work.done_requests.insert(rid, (id.to_string(), Sent::Result));
                     }
                 }
@@ -2506,7 +2516,7 @@ impl Daemon {
             random::<16>(),
             bytes,
         );
-        let rid = self.swarm.behaviour_mut().update.send_request(&sub, Ok(env));
+        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
         self.work.done_requests.insert(rid, (id.to_string(), sent));
     }
 
@@ -2560,7 +2570,7 @@ impl Daemon {
                 if let UpdateAck::Rejected { reason } = &ack {
                     tracing::warn!(%peer, "update refused: {reason}");
                 }
-                let _ = self.swarm.behaviour_mut().update.send_response(channel, Ok(ack));
+                let _ = self.swarm.behaviour_mut().update.inner.send_response(channel, Ok(ack));
             }
             rr::Event::Message {
                 message: rr::Message::Response { request_id, response },
