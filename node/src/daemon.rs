@@ -9,9 +9,9 @@ use crate::control;
 use crate::net::{
     self, is_relayed, lock, Admission, BehaviourEvent, Inbound, NetOptions, RelayLimits, SharedAdmission,
 };
+use crate::pairing::{Effect as PairEffect, Pairing};
 use crate::trust::{now_unix, TrustList};
 use anyhow::{bail, Context};
-use bitnode_protocol::invite::{pair_mac, verify_pair_mac, Invite, Role};
 use bitnode_protocol::mesh::{Capabilities, CapsAck, CapsAdvert, PairRequest, PairResponse};
 use bitnode_protocol::wire::check_name;
 use futures::StreamExt;
@@ -40,11 +40,6 @@ pub struct StartOptions {
     pub no_remote_jobs: bool,
 }
 
-/// How long a join may take end to end (dial, two round trips).
-const JOIN_TIMEOUT: Duration = Duration::from_secs(45);
-/// Failed proofs after which an invite is burned (a 256-bit secret cannot be guessed; this stops noise).
-const MAX_INVITE_FAILURES: u32 = 3;
-const MAX_OPEN_INVITES: usize = 16;
 /// Capability re-check period (battery, AC, queue); a change is pushed to connected peers.
 const CAPS_REFRESH: Duration = Duration::from_secs(10);
 /// Extra hole-punch rounds after a failed one, and the wait before each (times the round number).
@@ -107,33 +102,6 @@ impl PeerState {
     }
 }
 
-struct OpenInvite {
-    secret: [u8; 32],
-    expires: Instant,
-    used: bool,
-    failures: u32,
-}
-
-/// Inviter side, between `Hello` and `Prove`.
-struct InviterSession {
-    invite_id: [u8; 16],
-    joiner_nonce: [u8; 32],
-    inviter_nonce: [u8; 32],
-}
-
-/// Joiner side, from `bitnode pair join` until `Welcome` or failure.
-struct Join {
-    invite: Invite,
-    nonce: [u8; 32],
-    addrs: Vec<Multiaddr>,
-    deadline: Instant,
-    reply: Option<oneshot::Sender<Response>>,
-    /// The last failed dial to the inviter, for the error if the pairing request itself cannot be sent.
-    /// A failed dial alone fails nothing: it may be DCUtR's hole-punch dial while the relayed connection
-    /// carries the handshake (a router that answers with RST or ICMP fails that dial at once).
-    last_dial_error: Option<String>,
-}
-
 struct Ctl {
     req: Request,
     reply: oneshot::Sender<Response>,
@@ -151,9 +119,10 @@ pub struct Daemon {
     admission: SharedAdmission,
     trust: TrustList,
     peers: HashMap<PeerId, PeerState>,
-    invites: HashMap<[u8; 16], OpenInvite>,
-    sessions: HashMap<PeerId, InviterSession>,
-    joins: HashMap<PeerId, Join>,
+    /// Invites, handshakes and joins (a state machine without I/O: crate::pairing).
+    pairing: Pairing,
+    /// `bitnode pair join`s waiting for their handshake to end.
+    join_replies: HashMap<PeerId, oneshot::Sender<Response>>,
     caps: Capabilities,
     advertised: Option<Capabilities>,
     relay_listeners: HashMap<PeerId, ListenerId>,
@@ -186,7 +155,7 @@ fn parse_psk(s: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 /// Appends `/p2p/<peer>` unless the address already ends with a peer id.
-fn with_peer(a: &Multiaddr, peer: &PeerId) -> Multiaddr {
+pub(crate) fn with_peer(a: &Multiaddr, peer: &PeerId) -> Multiaddr {
     match a.iter().last() {
         Some(Protocol::P2p(_)) => a.clone(),
         _ => a.clone().with(Protocol::P2p(*peer)),
@@ -301,6 +270,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     let caps = tokio::task::spawn_blocking(move || caps::probe(&adapter, &caps_cfg)).await?;
     tracing::info!(peer_id = %me, %name, score = caps.score, device = %caps.device, "bitnode daemon starting");
 
+    let cfg_name = name.clone();
     let mut d = Daemon {
         swarm,
         home: home.to_path_buf(),
@@ -310,9 +280,8 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         admission,
         trust,
         peers: HashMap::new(),
-        invites: HashMap::new(),
-        sessions: HashMap::new(),
-        joins: HashMap::new(),
+        pairing: Pairing::new(me, cfg_name.clone()),
+        join_replies: HashMap::new(),
         advertised: Some(caps.clone()),
         caps,
         relay_listeners: HashMap::new(),
@@ -491,8 +460,50 @@ impl Daemon {
     /// The gate admits strangers only while an unused invite is open: recomputed whenever an invite is
     /// created, used, burned or expires.
     fn refresh_open_invites(&mut self) {
-        let open = self.invites.values().filter(|i| !i.used).map(|i| i.expires).max();
-        lock(&self.admission).open_invite_until = open;
+        lock(&self.admission).open_invite_until = self.pairing.open_until();
+    }
+
+    /// Carries out what the pairing state machine asks for.
+    fn apply(&mut self, effects: Vec<PairEffect>) {
+        for e in effects {
+            match e {
+                PairEffect::Trust { peer, name, via, addrs } => {
+                    self.trust.add(&peer, &name, via, &addrs);
+                    self.save_trust();
+                    self.set_trusted(peer, true);
+                    self.send_caps(peer);
+                }
+                PairEffect::Send { peer, req, addrs } => {
+                    let pair = &mut self.swarm.behaviour_mut().pair;
+                    if addrs.is_empty() {
+                        pair.send_request(&peer, Ok(req));
+                    } else {
+                        pair.send_request_with_addresses(&peer, Ok(req), addrs);
+                    }
+                }
+                PairEffect::JoinDone { peer, result } => {
+                    let resp = match result {
+                        Ok(name) => Response::ok(&api::Paired {
+                            peer_id: peer.to_base58(),
+                            name,
+                        }),
+                        Err(why) => {
+                            lock(&self.admission).joining.remove(&peer);
+                            Response::err(why)
+                        }
+                    };
+                    if let Some(r) = self.join_replies.remove(&peer) {
+                        let _ = r.send(resp);
+                    }
+                }
+                PairEffect::Drop(peer) => {
+                    if !self.is_trusted(&peer) {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                }
+            }
+        }
+        self.refresh_open_invites();
     }
 
     fn is_trusted(&self, peer: &PeerId) -> bool {
@@ -547,10 +558,9 @@ impl Daemon {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        // Invites: drop expired ones; the gate admits strangers only while one is open.
-        // Used invites stay until they expire, so a replay is told "already used" rather than "unknown".
-        self.invites.retain(|_, i| now < i.expires);
-        self.refresh_open_invites();
+        // Invites expire and late joins fail; the gate admits strangers only while an invite is open.
+        let fx = self.pairing.tick(now);
+        self.apply(fx);
         let expired_pairing: Vec<PeerId> = {
             let mut a = lock(&self.admission);
             let gone: Vec<PeerId> = a.pairing.iter().filter(|(_, t)| now >= **t).map(|(p, _)| *p).collect();
@@ -563,21 +573,9 @@ impl Daemon {
         };
         for p in expired_pairing {
             tracing::info!(peer = %p, "dropping an unpaired peer whose pairing window closed");
-            self.sessions.remove(&p);
+            self.pairing.forget(&p);
             let _ = self.swarm.disconnect_peer_id(p);
             self.peers.remove(&p);
-        }
-        let late: Vec<PeerId> = self
-            .joins
-            .iter()
-            .filter(|(_, j)| now >= j.deadline)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in late {
-            self.fail_join(
-                &p,
-                "timed out waiting for the inviter (is its daemon running and reachable?)",
-            );
         }
         self.redial(now);
         self.retry_caps();
@@ -740,9 +738,7 @@ impl Daemon {
                 ..
             } => {
                 tracing::debug!(peer = %p, "dial failed: {error}");
-                if let Some(j) = self.joins.get_mut(&p) {
-                    j.last_dial_error = Some(error.to_string());
-                }
+                self.pairing.dial_failed(&p, error.to_string());
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr, error, ..
@@ -1000,6 +996,7 @@ impl Daemon {
     // ---- pairing ----
 
     fn on_pair(&mut self, e: rr::Event<Inbound<PairRequest>, Inbound<PairResponse>>) {
+        let listen = |d: &Daemon, p: &PeerId| d.peers.get(p).map(|s| s.listen_addrs.clone()).unwrap_or_default();
         match e {
             rr::Event::Message {
                 peer,
@@ -1007,8 +1004,10 @@ impl Daemon {
                 ..
             } => match request {
                 Ok(request) => {
-                    let resp = self.pair_request(peer, request);
+                    let addrs = listen(self, &peer);
+                    let (resp, fx) = self.pairing.on_request(peer, request, &addrs, Instant::now(), random());
                     let _ = self.swarm.behaviour_mut().pair.send_response(channel, Ok(resp));
+                    self.apply(fx);
                 }
                 Err(why) => tracing::warn!(%peer, "bad pairing message refused: {why}"),
             },
@@ -1016,10 +1015,18 @@ impl Daemon {
                 peer,
                 message: rr::Message::Response { response, .. },
                 ..
-            } => match response {
-                Ok(r) => self.pair_response(peer, r),
-                Err(why) => self.fail_join(&peer, &format!("the inviter sent a malformed answer: {why}")),
-            },
+            } => {
+                let fx = match response {
+                    Ok(r) => {
+                        let addrs = listen(self, &peer);
+                        self.pairing.on_response(peer, r, &addrs)
+                    }
+                    Err(why) => self
+                        .pairing
+                        .fail(&peer, format!("the inviter sent a malformed answer: {why}")),
+                };
+                self.apply(fx);
+            }
             // The request-response behaviour reports a dial failure only when no connection could carry
             // the request (every address of every dial failed), so this is the one place a join fails for
             // want of a route.
@@ -1027,199 +1034,18 @@ impl Daemon {
                 peer,
                 error: rr::OutboundFailure::DialFailure,
                 ..
-            } if self.joins.contains_key(&peer) => {
-                let why = self
-                    .joins
-                    .get(&peer)
-                    .and_then(|j| j.last_dial_error.clone())
-                    .unwrap_or_else(|| "no address of the inviter answered".into());
-                self.fail_join(&peer, &format!("could not reach the inviter: {why}"));
+            } => {
+                let fx = self.pairing.unreachable(&peer);
+                self.apply(fx);
             }
-            rr::Event::OutboundFailure { peer, error, .. } if self.joins.contains_key(&peer) => {
-                self.fail_join(&peer, &format!("pairing request failed: {error}"));
+            rr::Event::OutboundFailure { peer, error, .. } => {
+                let fx = self.pairing.fail(&peer, format!("pairing request failed: {error}"));
+                self.apply(fx);
             }
             rr::Event::InboundFailure { peer, error, .. } => {
                 tracing::warn!(%peer, "bad pairing message: {error}");
             }
             _ => {}
-        }
-    }
-
-    /// Inviter side.
-    fn pair_request(&mut self, peer: PeerId, req: PairRequest) -> PairResponse {
-        let refuse = |reason: &str| {
-            tracing::warn!(%peer, "pairing refused: {reason}");
-            PairResponse::Refused { reason: reason.into() }
-        };
-        match req {
-            PairRequest::Hello { invite_id, nonce } => {
-                let Some(inv) = self.invites.get(&invite_id) else {
-                    return refuse("unknown invite (it may have expired, been used, or been made by another node)");
-                };
-                if inv.used {
-                    return refuse("this invite was already used");
-                }
-                if Instant::now() >= inv.expires {
-                    return refuse("this invite has expired");
-                }
-                let inviter_nonce = random::<32>();
-                let mac = pair_mac(
-                    &inv.secret,
-                    Role::Inviter,
-                    &invite_id,
-                    &self.me.to_bytes(),
-                    &peer.to_bytes(),
-                    &nonce,
-                    &inviter_nonce,
-                );
-                self.sessions.insert(
-                    peer,
-                    InviterSession {
-                        invite_id,
-                        joiner_nonce: nonce,
-                        inviter_nonce,
-                    },
-                );
-                PairResponse::Challenge {
-                    nonce: inviter_nonce,
-                    mac,
-                }
-            }
-            PairRequest::Prove { invite_id, mac, name } => {
-                let Some(s) = self.sessions.remove(&peer) else {
-                    return refuse("no pairing in progress with this peer (send Hello first)");
-                };
-                if s.invite_id != invite_id {
-                    return refuse("the proof names a different invite");
-                }
-                let Some(inv) = self.invites.get_mut(&invite_id) else {
-                    return refuse("unknown invite (it may have expired meanwhile)");
-                };
-                if inv.used {
-                    return refuse("this invite was already used");
-                }
-                let ok = verify_pair_mac(
-                    &mac,
-                    &inv.secret,
-                    Role::Joiner,
-                    &invite_id,
-                    &self.me.to_bytes(),
-                    &peer.to_bytes(),
-                    &s.joiner_nonce,
-                    &s.inviter_nonce,
-                );
-                if !ok {
-                    inv.failures += 1;
-                    if inv.failures >= MAX_INVITE_FAILURES {
-                        inv.used = true;
-                        self.refresh_open_invites();
-                    }
-                    return refuse("the proof did not verify: wrong or tampered invite code");
-                }
-                let name = match check_name(&name) {
-                    Ok(()) => name,
-                    Err(_) => crate::trust::default_name(&peer),
-                };
-                inv.used = true;
-                self.refresh_open_invites();
-                // Inbound connections come from ephemeral ports; the listen addresses identify reported
-                // are what we can dial later.
-                let addrs = self
-                    .peers
-                    .get(&peer)
-                    .map(|s| s.listen_addrs.clone())
-                    .unwrap_or_default();
-                self.trust.add(&peer, &name, "invite", &addrs);
-                self.save_trust();
-                self.set_trusted(peer, true);
-                tracing::info!(%peer, %name, "paired (invite)");
-                self.send_caps(peer);
-                PairResponse::Welcome {
-                    name: self.name.clone(),
-                }
-            }
-        }
-    }
-
-    /// Joiner side.
-    fn pair_response(&mut self, peer: PeerId, resp: PairResponse) {
-        let Some(j) = self.joins.get(&peer) else {
-            tracing::warn!(%peer, "unexpected pairing response ignored");
-            return;
-        };
-        match resp {
-            PairResponse::Challenge { nonce, mac } => {
-                let inv = &j.invite;
-                let ok = verify_pair_mac(
-                    &mac,
-                    &inv.secret,
-                    Role::Inviter,
-                    &inv.id,
-                    &peer.to_bytes(),
-                    &self.me.to_bytes(),
-                    &j.nonce,
-                    &nonce,
-                );
-                if !ok {
-                    return self.fail_join(
-                        &peer,
-                        "proof mismatch: the inviter's proof does not match this code's secret (wrong or tampered code?)",
-                    );
-                }
-                let mac = pair_mac(
-                    &inv.secret,
-                    Role::Joiner,
-                    &inv.id,
-                    &peer.to_bytes(),
-                    &self.me.to_bytes(),
-                    &j.nonce,
-                    &nonce,
-                );
-                let req = PairRequest::Prove {
-                    invite_id: inv.id,
-                    mac,
-                    name: self.name.clone(),
-                };
-                self.swarm.behaviour_mut().pair.send_request(&peer, Ok(req));
-            }
-            PairResponse::Welcome { name } => {
-                let Some(mut j) = self.joins.remove(&peer) else { return };
-                let name = match check_name(&name) {
-                    Ok(()) => name,
-                    Err(_) => crate::trust::default_name(&peer),
-                };
-                let mut addrs: Vec<Multiaddr> = j.addrs.iter().map(strip_peer).collect();
-                if let Some(st) = self.peers.get(&peer) {
-                    addrs.extend(st.listen_addrs.iter().cloned());
-                }
-                self.trust.add(&peer, &name, "join", &addrs);
-                self.save_trust();
-                self.set_trusted(peer, true);
-                tracing::info!(%peer, %name, "paired (joined)");
-                self.send_caps(peer);
-                if let Some(r) = j.reply.take() {
-                    let _ = r.send(Response::ok(&api::Paired {
-                        peer_id: peer.to_base58(),
-                        name,
-                    }));
-                }
-            }
-            PairResponse::Refused { reason } => {
-                self.fail_join(&peer, &format!("the inviter refused: {reason}"));
-            }
-        }
-    }
-
-    fn fail_join(&mut self, peer: &PeerId, why: &str) {
-        if let Some(mut j) = self.joins.remove(peer) {
-            tracing::warn!(%peer, "join failed: {why}");
-            if let Some(r) = j.reply.take() {
-                let _ = r.send(Response::err(why));
-            }
-            lock(&self.admission).joining.remove(peer);
-            if !self.is_trusted(peer) {
-                let _ = self.swarm.disconnect_peer_id(*peer);
-            }
         }
     }
 
@@ -1258,16 +1084,22 @@ impl Daemon {
             Request::Peers => Response::ok(&self.peers()),
             Request::PairList => Response::ok(&self.trust.entries()),
             Request::PairInvite { ttl_secs } => self.invite(ttl_secs),
-            Request::PairJoin { code } => match self.join(&code) {
-                Ok(rx) => {
-                    // Answered when the handshake ends; the join holds the reply channel.
-                    if let Some(j) = self.joins.get_mut(&rx) {
-                        j.reply = Some(reply);
+            Request::PairJoin { code } => {
+                let peers = &self.peers;
+                let started = self.pairing.join(&code, Instant::now(), now_unix(), random(), |p| {
+                    peers.get(p).is_some_and(|s| s.connected())
+                });
+                match started {
+                    Ok((peer, hello)) => {
+                        lock(&self.admission).joining.insert(peer);
+                        // Answered when the handshake ends.
+                        self.join_replies.insert(peer, reply);
+                        self.apply(vec![hello]);
+                        return;
                     }
-                    return;
+                    Err(e) => Response::err(e),
                 }
-                Err(e) => Response::err(format!("{e:#}")),
-            },
+            }
             Request::PairAdd { peer, name, addrs } => self.pair_add(&peer, name, &addrs),
             Request::PairRemove { peer } => self.pair_remove(&peer),
             Request::Shutdown => {
@@ -1304,7 +1136,7 @@ impl Daemon {
             psk: self.pnet,
             paired_peers: self.trust.peers.len(),
             connected_peers: connected,
-            open_invites: self.invites.len(),
+            open_invites: self.pairing.open_invites(),
             uptime_secs: self.started.elapsed().as_secs(),
             capabilities: self.caps.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -1344,18 +1176,6 @@ impl Daemon {
     }
 
     fn invite(&mut self, ttl_secs: u64) -> Response {
-        if !(10..=7 * 24 * 3600).contains(&ttl_secs) {
-            return Response::err("--ttl must be between 10s and 7d");
-        }
-        if self.invites.values().filter(|i| !i.used).count() >= MAX_OPEN_INVITES {
-            return Response::err(format!(
-                "{MAX_OPEN_INVITES} invites are already open; wait for them to expire"
-            ));
-        }
-        let id = random::<16>();
-        let secret = random::<32>();
-        let expires_unix = now_unix() + ttl_secs;
-        let expires = Instant::now() + Duration::from_secs(ttl_secs);
         // Relayed addresses first: they work from behind any NAT; direct ones are tried alongside.
         let mut addrs: Vec<Multiaddr> = self.listen_addrs.iter().filter(|a| is_relayed(a)).cloned().collect();
         addrs.extend(self.swarm.external_addresses().cloned());
@@ -1370,73 +1190,21 @@ impl Daemon {
         let only_loopback = addrs.iter().all(is_loopback);
         let mut addrs = drop_loopback_unless(addrs, only_loopback);
         addrs.truncate(12);
-        let inv = Invite::new(
-            self.me.to_bytes(),
-            addrs.iter().map(|a| a.to_string()).collect(),
-            id,
-            secret,
-            expires_unix,
-        );
-        self.invites.insert(
-            id,
-            OpenInvite {
-                secret,
-                expires,
-                used: false,
-                failures: 0,
-            },
-        );
+        let addrs = addrs.iter().map(|a| a.to_string()).collect();
+        let inv = match self
+            .pairing
+            .invite(ttl_secs, addrs, Instant::now(), now_unix(), || (random(), random()))
+        {
+            Ok(i) => i,
+            Err(e) => return Response::err(e),
+        };
         self.refresh_open_invites();
-        tracing::info!(expires_unix, "invite created");
+        tracing::info!(expires_unix = inv.expires, "invite created");
         Response::ok(&api::InviteReply {
             code: inv.to_code(),
-            expires_unix,
+            expires_unix: inv.expires,
             addresses: inv.addrs.clone(),
         })
-    }
-
-    /// Starts joining an invite; returns the inviter, whose `Join` will carry the reply.
-    fn join(&mut self, code: &str) -> anyhow::Result<PeerId> {
-        let inv = Invite::parse(code, now_unix())?;
-        let peer = PeerId::from_bytes(&inv.inviter).context("the invite code holds an invalid peer id")?;
-        if peer == self.me {
-            bail!("this invite was made by this node; run `bitnode pair join` on the other device");
-        }
-        if self.joins.contains_key(&peer) {
-            bail!("already joining {peer}");
-        }
-        let mut addrs = vec![];
-        for s in &inv.addrs {
-            match s.parse::<Multiaddr>() {
-                Ok(a) => addrs.push(with_peer(&a, &peer)),
-                Err(_) => bail!("the invite code holds a malformed address {s:?}"),
-            }
-        }
-        if addrs.is_empty() && !self.peers.get(&peer).is_some_and(|s| s.connected()) {
-            bail!("the invite code holds no address to reach the inviter at");
-        }
-        lock(&self.admission).joining.insert(peer);
-        let nonce = random::<32>();
-        self.swarm.behaviour_mut().pair.send_request_with_addresses(
-            &peer,
-            Ok(PairRequest::Hello {
-                invite_id: inv.id,
-                nonce,
-            }),
-            addrs.clone(),
-        );
-        self.joins.insert(
-            peer,
-            Join {
-                invite: inv,
-                nonce,
-                addrs,
-                deadline: Instant::now() + JOIN_TIMEOUT,
-                reply: None,
-                last_dial_error: None,
-            },
-        );
-        Ok(peer)
     }
 
     fn pair_add(&mut self, peer: &str, name: Option<String>, addrs: &[String]) -> Response {
@@ -1496,7 +1264,7 @@ impl Daemon {
 }
 
 /// The address without a trailing `/p2p/<id>` (the trust list keys addresses by peer already).
-fn strip_peer(a: &Multiaddr) -> Multiaddr {
+pub(crate) fn strip_peer(a: &Multiaddr) -> Multiaddr {
     let mut a = a.clone();
     if let Some(Protocol::P2p(_)) = a.iter().last() {
         a.pop();

@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod models;
 pub mod net;
 pub mod paired_only;
+pub mod pairing;
 pub mod schedule;
 pub mod store;
 pub mod submit;
