@@ -1,9 +1,35 @@
 //! What this device can do: the engine's probe (device, backend, measured ternary matmul speed) plus what
 //! the OS tells us (memory, battery, AC), overridden by `[capabilities]` pins.
+//!
+//! The speed is measured at start ([`probe`]) and again every `remeasure_secs` ([`measure`], pushed into a
+//! [`ScoreWindow`] whose median is advertised), each time as the median of `benchmark_samples` samples timed
+//! by CPU time where the work runs on the CPU (see `bitnode_engine::probe`).
 use crate::config::CapabilitiesSection;
 use bitnode_protocol::mesh::Capabilities;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
+
+/// Measurements a [`ScoreWindow`] keeps by default: the start probe and the next re-measurements; with 5,
+/// three unlucky measurements in a row are needed to move the advertised rate.
+pub const SCORE_WINDOW: usize = 5;
+
+fn run_probe(adapter: &str, cfg: &CapabilitiesSection) -> bitnode_engine::error::Result<bitnode_engine::probe::Probe> {
+    let p = bitnode_engine::probe::probe_with(
+        adapter,
+        Duration::from_millis(cfg.benchmark_ms.max(1)),
+        cfg.benchmark_samples.max(1),
+    )?;
+    tracing::debug!(
+        device = %p.device,
+        gops = p.ternary_gops,
+        clock = %p.clock,
+        cpus = ?p.cpus,
+        samples = ?p.samples_gops,
+        "measured the ternary matmul"
+    );
+    Ok(p)
+}
 
 /// The slow part, done once at start: which device, and how fast its ternary matmul is.
 pub fn probe(adapter: &str, cfg: &CapabilitiesSection) -> Capabilities {
@@ -13,7 +39,7 @@ pub fn probe(adapter: &str, cfg: &CapabilitiesSection) -> Capabilities {
         ..Default::default()
     };
     if cfg.benchmark {
-        match bitnode_engine::probe::probe(adapter, Duration::from_millis(cfg.benchmark_ms.max(1))) {
+        match run_probe(adapter, cfg) {
             Ok(p) => {
                 c.device = p.device;
                 c.backend = p.backend;
@@ -31,6 +57,78 @@ pub fn probe(adapter: &str, cfg: &CapabilitiesSection) -> Capabilities {
     }
     refresh(&mut c, cfg, 0);
     c
+}
+
+/// A fresh ternary matmul rate (GOPS) for the device `adapter` resolves to, measured like the start probe
+/// (median of `benchmark_samples` samples over `benchmark_ms`), for the daemon's `remeasure_secs` schedule.
+/// Blocking (it runs the kernel for `benchmark_ms`): call it from `spawn_blocking`. Memory, power and pins
+/// are left alone. `None` when benchmarking is off, the probe failed, or the device's result no longer
+/// matches the CPU twin (logged; the advertised rate then stays as it was).
+pub fn measure(adapter: &str, cfg: &CapabilitiesSection) -> Option<f64> {
+    if !cfg.benchmark {
+        return None;
+    }
+    match run_probe(adapter, cfg) {
+        Ok(p) if p.verified => Some(p.ternary_gops),
+        Ok(p) => {
+            tracing::error!(device = %p.device, "the ternary matmul on this device disagrees with the CPU reference; not using this measurement");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("capability re-measurement failed: {e}");
+            None
+        }
+    }
+}
+
+/// The last few rate measurements of this device; the advertised rate is their median, so one measurement
+/// taken while something else hogged the device cannot move the rank on its own.
+#[derive(Debug, Clone)]
+pub struct ScoreWindow {
+    cap: usize,
+    last: VecDeque<f64>,
+}
+
+impl ScoreWindow {
+    /// A window over the last `cap` measurements (at least 1).
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        ScoreWindow {
+            cap,
+            last: VecDeque::with_capacity(cap),
+        }
+    }
+
+    /// Adds a measurement, forgetting the oldest beyond the window. Values that are not finite are ignored.
+    pub fn push(&mut self, gops: f64) {
+        if !gops.is_finite() {
+            return;
+        }
+        if self.last.len() == self.cap {
+            self.last.pop_front();
+        }
+        self.last.push_back(gops);
+    }
+
+    /// The median of the measurements in the window; `None` before the first.
+    pub fn value(&self) -> Option<f64> {
+        let v: Vec<f64> = self.last.iter().copied().collect();
+        bitnode_engine::probe::median(&v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+}
+
+impl Default for ScoreWindow {
+    fn default() -> Self {
+        ScoreWindow::new(SCORE_WINDOW)
+    }
 }
 
 /// The cheap part, redone periodically: power state, queue, pins and the score.
@@ -142,4 +240,54 @@ pub fn power(dir: &Path) -> (Option<f32>, Option<bool>) {
         }
     }
     (battery, ac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_window_is_the_median_of_the_last_measurements() {
+        let mut w = ScoreWindow::new(3);
+        assert_eq!(w.value(), None);
+        assert!(w.is_empty());
+        w.push(1.0);
+        assert_eq!(w.value(), Some(1.0));
+        // One unlucky measurement cannot move the rate...
+        w.push(0.26);
+        w.push(1.1);
+        assert_eq!(w.value(), Some(1.0));
+        // ...but a lasting change does, once it is most of the window; the oldest value leaves first.
+        w.push(0.3);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.value(), Some(0.3));
+        w.push(f64::NAN);
+        w.push(f64::INFINITY);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.value(), Some(0.3));
+    }
+
+    #[test]
+    fn score_window_keeps_at_least_one() {
+        let mut w = ScoreWindow::new(0);
+        w.push(2.0);
+        w.push(3.0);
+        assert_eq!((w.len(), w.value()), (1, Some(3.0)));
+        assert_eq!(ScoreWindow::default().cap, SCORE_WINDOW);
+    }
+
+    #[test]
+    fn measure_is_off_with_the_benchmark() {
+        let cfg = CapabilitiesSection {
+            benchmark: false,
+            ..Default::default()
+        };
+        assert_eq!(measure("cpu", &cfg), None);
+        let cfg = CapabilitiesSection {
+            benchmark_ms: 1,
+            benchmark_samples: 2,
+            ..Default::default()
+        };
+        assert!(measure("cpu", &cfg).is_some_and(|g| g > 0.0 && g.is_finite()));
+    }
 }

@@ -159,8 +159,13 @@ impl Default for RelaySection {
 pub struct CapabilitiesSection {
     /// Run the ternary matmul micro-benchmark at start (off: score from pins only, else 0).
     pub benchmark: bool,
-    /// Milliseconds the benchmark may spend timing.
+    /// Milliseconds the benchmark may spend timing (all samples together).
     pub benchmark_ms: u64,
+    /// Samples the benchmark splits `benchmark_ms` into; the advertised rate is their median.
+    pub benchmark_samples: usize,
+    /// Seconds between re-measurements while the daemon runs (each one `benchmark_ms` long; the score is the
+    /// median of the last few); 0 = measure only at start.
+    pub remeasure_secs: u64,
     /// Pins: any value set here replaces the measured one and marks the advert `pinned`.
     pub score: Option<f64>,
     pub ternary_gops: Option<f64>,
@@ -177,6 +182,8 @@ impl Default for CapabilitiesSection {
         CapabilitiesSection {
             benchmark: true,
             benchmark_ms: 300,
+            benchmark_samples: 5,
+            remeasure_secs: 600,
             score: None,
             ternary_gops: None,
             device_memory_bytes: None,

@@ -377,6 +377,9 @@ pub enum BenchCmd {
         /// Milliseconds of timing.
         #[arg(long, default_value_t = 1000)]
         ms: u64,
+        /// Samples the timing is split into (the median is reported).
+        #[arg(long, default_value_t = bitnode_engine::probe::DEFAULT_SAMPLES)]
+        samples: usize,
         #[arg(long)]
         json: bool,
         #[command(flatten)]

@@ -140,19 +140,22 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
 pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Mesh { model, runs, json } => crate::bench_mesh::run(model, runs, json),
-        BenchCmd::Probe { ms, json, dev } => {
+        BenchCmd::Probe { ms, samples, json, dev } => {
             let opts = engine_options(home, &dev)?;
             let want = opts.adapter.unwrap_or_else(|| "auto".into());
-            let p = bitnode_engine::probe::probe(&want, std::time::Duration::from_millis(ms))?;
+            let p = bitnode_engine::probe::probe_with(&want, std::time::Duration::from_millis(ms), samples)?;
             if json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
                 println!(
-                    "{} ({}, {}): ternary matmul {:.1} GOPS, {}",
+                    "{} ({}, {}): ternary matmul {:.2} GOPS (median of {} samples, {} clock{}), {}",
                     p.device,
                     p.backend,
                     p.device_type,
                     p.ternary_gops,
+                    p.samples_gops.len(),
+                    p.clock,
+                    p.cpus.map(|n| format!(", x {n} CPUs")).unwrap_or_default(),
                     if p.verified {
                         "matches the CPU twin"
                     } else {
