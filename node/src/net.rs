@@ -224,6 +224,8 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub relay_client: relay::client::Behaviour,
     pub relay: Toggle<relay::Behaviour>,
+    /// Before `dcutr`: it adds the hole-punch address candidates of the transport identify did not see.
+    pub candidates: TransportCandidates,
     pub dcutr: dcutr::Behaviour,
     pub autonat: autonat::Behaviour,
     pub pair: PairBehaviour,
@@ -233,6 +235,154 @@ pub struct Behaviour {
     pub job: PairedOnly<JobBehaviour>,
     pub update: PairedOnly<UpdateBehaviour>,
     pub model: PairedOnly<ModelBehaviour>,
+}
+
+/// Hole-punch candidates for both transports. DCUtR offers the peer only the external address candidates
+/// that identify observed, and a node behind a NAT usually holds one connection to its relay, over TCP or
+/// over QUIC, whichever its dial reached first: the other transport then has no candidate and is never
+/// punched, so routers that pass only UDP (or only TCP) between two homes end relayed. An address observed
+/// on one transport whose port is our listen port shows a NAT that keeps ports; this behaviour adds the same
+/// public IP with our listen port on the other transport (what identify's own address translation does for
+/// ephemeral ports), which the NAT maps the same way when the punch sends from that port. A NAT that does
+/// not keep ports (symmetric) yields no such observation, and nothing is added.
+#[derive(Default)]
+pub struct TransportCandidates {
+    listen: Vec<Multiaddr>,
+    /// Addresses already handled (observed or added): each is added once, and our own additions, which come
+    /// back as candidates, are not translated again.
+    seen: HashSet<Multiaddr>,
+    pending: std::collections::VecDeque<Multiaddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    Tcp,
+    Quic,
+}
+
+/// `/ip*/IP/tcp/PORT` or `/ip*/IP/udp/PORT/quic-v1`, with an optional trailing `/p2p/ID`; not a circuit.
+fn ip_port(a: &Multiaddr) -> Option<(std::net::IpAddr, u16, Carrier)> {
+    let mut ps: Vec<Protocol> = a.iter().collect();
+    if matches!(ps.last(), Some(Protocol::P2p(_))) {
+        ps.pop();
+    }
+    let ip = match ps.first()? {
+        Protocol::Ip4(ip) => std::net::IpAddr::V4(*ip),
+        Protocol::Ip6(ip) => std::net::IpAddr::V6(*ip),
+        _ => return None,
+    };
+    match &ps[1..] {
+        [Protocol::Tcp(port)] => Some((ip, *port, Carrier::Tcp)),
+        [Protocol::Udp(port), Protocol::QuicV1] => Some((ip, *port, Carrier::Quic)),
+        _ => None,
+    }
+}
+
+impl TransportCandidates {
+    /// The candidates on the other transport that an observed address `a` stands for (see the type).
+    fn translate(&self, a: &Multiaddr) -> Vec<Multiaddr> {
+        let Some((ip, port, carrier)) = ip_port(a) else {
+            return vec![];
+        };
+        if ip.is_loopback() || ip.is_unspecified() {
+            return vec![];
+        }
+        let ours: Vec<(std::net::IpAddr, u16, Carrier)> = self
+            .listen
+            .iter()
+            .filter_map(ip_port)
+            .filter(|(l, _, _)| l.is_ipv4() == ip.is_ipv4())
+            .collect();
+        if !ours.iter().any(|(_, p, c)| *p == port && *c == carrier) {
+            return vec![];
+        }
+        let mut out: Vec<Multiaddr> = vec![];
+        for (_, p, c) in ours {
+            if c == carrier {
+                continue;
+            }
+            let t = Multiaddr::empty().with(match ip {
+                std::net::IpAddr::V4(v) => Protocol::Ip4(v),
+                std::net::IpAddr::V6(v) => Protocol::Ip6(v),
+            });
+            let t = match c {
+                Carrier::Tcp => t.with(Protocol::Tcp(p)),
+                Carrier::Quic => t.with(Protocol::Udp(p)).with(Protocol::QuicV1),
+            };
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
+}
+
+impl NetworkBehaviour for TransportCandidates {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::NewListenAddr(e) => {
+                if !self.listen.contains(e.addr) {
+                    self.listen.push(e.addr.clone());
+                }
+            }
+            FromSwarm::ExpiredListenAddr(e) => self.listen.retain(|a| a != e.addr),
+            FromSwarm::NewExternalAddrCandidate(e) => {
+                let mut a = e.addr.clone();
+                if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+                    a.pop();
+                }
+                // Identify reports the same observation again and again; a bounded memory suffices.
+                if self.seen.len() > 256 {
+                    self.seen.clear();
+                }
+                if !self.seen.insert(a.clone()) {
+                    return;
+                }
+                for t in self.translate(&a) {
+                    if self.seen.insert(t.clone()) {
+                        tracing::debug!(observed = %a, candidate = %t, "hole-punch candidate on the other transport");
+                        self.pending.push_back(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        libp2p::core::util::unreachable(event)
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        match self.pending.pop_front() {
+            Some(a) => Poll::Ready(ToSwarm::NewExternalAddrCandidate(a)),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// Limits of the relay this node runs for the owner's mesh (`[relay]`). libp2p's defaults (2 minutes and
@@ -349,6 +499,7 @@ fn behaviour(
         mdns: mdns.into(),
         relay_client,
         relay: relay.into(),
+        candidates: TransportCandidates::default(),
         dcutr: dcutr::Behaviour::new(me),
         autonat: autonat::Behaviour::new(
             me,
@@ -424,4 +575,52 @@ fn behaviour(
             admission,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ma(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    fn listening() -> TransportCandidates {
+        TransportCandidates {
+            listen: [
+                "/ip4/10.0.0.2/tcp/4001",
+                "/ip4/10.0.0.2/udp/4002/quic-v1",
+                "/ip4/127.0.0.1/tcp/4001",
+            ]
+            .map(ma)
+            .to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_observation_with_our_port_stands_for_the_other_transport_too() {
+        let t = listening();
+        assert_eq!(
+            t.translate(&ma("/ip4/1.2.3.4/tcp/4001")),
+            vec![ma("/ip4/1.2.3.4/udp/4002/quic-v1")]
+        );
+        assert_eq!(
+            t.translate(&ma("/ip4/1.2.3.4/udp/4002/quic-v1")),
+            vec![ma("/ip4/1.2.3.4/tcp/4001")]
+        );
+    }
+
+    #[test]
+    fn no_candidate_from_a_changed_port_a_circuit_or_loopback() {
+        let t = listening();
+        // A NAT that changed the port (symmetric) says nothing about the other transport's mapping.
+        assert!(t.translate(&ma("/ip4/1.2.3.4/tcp/51234")).is_empty());
+        let circuit = ma("/ip4/1.2.3.4/tcp/4001")
+            .with(Protocol::P2p(PeerId::random()))
+            .with(Protocol::P2pCircuit);
+        assert!(t.translate(&circuit).is_empty());
+        assert!(t.translate(&ma("/ip4/127.0.0.1/tcp/4001")).is_empty());
+        assert!(t.translate(&ma("/ip6/2001:db8::1/tcp/4001")).is_empty());
+    }
 }

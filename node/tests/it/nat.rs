@@ -11,16 +11,24 @@
 //!   node A 10.78.1.2             node B 10.78.2.2
 //! ```
 //!
-//! NAT behaviour covered: Linux MASQUERADE with conntrack, i.e. endpoint-independent mapping that keeps
-//! the source port when it is free, and address-and-port-dependent filtering (only replies to flows the
-//! inside started get in; unsolicited inbound packets are dropped by the router's FORWARD chain); the
-//! nodes must end `direct`. And symmetric NAT on both sides (`MASQUERADE --random-fully`: a new random
-//! port per flow), where hole punching cannot work: the nodes must stay connected `relayed` through the
-//! owner's relay. The private networks have no route from the internet. Not covered: hairpinning.
+//! The routers do Linux MASQUERADE with conntrack: endpoint-independent mapping that keeps the source port
+//! when it is free, and address-and-port-dependent filtering (only replies to flows the inside started get
+//! through the FORWARD chain). The private networks have no route from the internet. What varies is the
+//! router kind (`Router`) and whether TCP passes between the two homes; each test builds one topology and
+//! asserts, on it, that B's join through the relay succeeds, the final connection kind, and a scoring job
+//! that crosses it:
+//! - silent routers (unsolicited packets to the router itself are dropped): `direct`, to each other's NAT
+//!   address;
+//! - silent routers that drop TCP between the homes: `direct` over `/quic-v1` (QUIC hole punching);
+//! - answering routers (no input rule: RST and ICMP port unreachable come back): the punch is refused, the
+//!   join still succeeds, the nodes stay `relayed` and work (why: at the answering test);
+//! - symmetric NAT on both sides (`MASQUERADE --random-fully`): punching cannot work, `relayed`.
 //!
-//! R pairs with A and B; A reserves a relayed address on R; A invites B; B joins through the relay; the
-//! daemons must end with a direct connection made by DCUtR. Needs root, `ip` and `iptables`: under
-//! `CI=true` it runs and fails if they are missing, elsewhere it skips with a message.
+//! Not covered: hairpinning.
+//!
+//! R pairs with A and B; A reserves a relayed address on R; A invites B; B joins through the relay; DCUtR
+//! then tries the hole punch. Needs root, `ip` and `iptables`: under `CI=true` it runs and fails if they are
+//! missing, elsewhere it skips with a message.
 use crate::harness::*;
 use std::process::Command;
 use std::time::Duration;
@@ -64,9 +72,23 @@ fn available() -> Result<(), String> {
     Ok(())
 }
 
-/// `tag` keeps the namespace names of tests running in parallel apart; `symmetric` makes both routers pick
-/// a random source port per flow (`--random-fully`), the NAT under which hole punching cannot work.
-fn topology(tag: &str, symmetric: bool) -> Netns {
+/// What a router does with packets from the internet that belong to no flow its inside started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Router {
+    /// Drops them (`INPUT -i wan -j DROP`), as most home routers do.
+    Silent,
+    /// Has no input rule, like a plain Linux router: its kernel answers an unsolicited TCP SYN with a RST
+    /// and a UDP datagram with ICMP port unreachable (and tracks the flow it answered).
+    Answering,
+    /// Silent, and a new random source port per flow (`MASQUERADE --random-fully`): hole punching cannot
+    /// work.
+    Symmetric,
+}
+
+/// `tag` keeps the namespace names of tests running in parallel apart. `tcp_between_homes: false` makes
+/// each router drop TCP to and from the other router's wan address: the relay stays reachable over TCP and
+/// QUIC, but A and B can only reach each other over UDP.
+fn topology(tag: &str, router: Router, tcp_between_homes: bool) -> Netns {
     let p = std::process::id() % 100000;
     let [i, ra, a, rb, b] = ["i", "ra", "a", "rb", "b"].map(|s| format!("bn{p}{tag}{s}"));
     let ns = Netns {
@@ -78,7 +100,11 @@ fn topology(tag: &str, symmetric: bool) -> Netns {
     sh(&format!(
         "ip -n {i} link add br0 type bridge && ip -n {i} addr add 10.77.0.1/24 dev br0 && ip -n {i} link set br0 up"
     ));
-    for (r, h, wan, lan) in [(&ra, &a, "10.77.0.2", "10.78.1"), (&rb, &b, "10.77.0.3", "10.78.2")] {
+    let homes = [
+        (&ra, &a, "10.77.0.2", "10.78.1", "10.77.0.3"),
+        (&rb, &b, "10.77.0.3", "10.78.2", "10.77.0.2"),
+    ];
+    for (r, h, wan, lan, other_wan) in homes {
         // Router wan <-> the internet bridge.
         sh(&format!("ip link add wan netns {r} type veth peer name {r}w netns {i}"));
         sh(&format!(
@@ -96,23 +122,33 @@ fn topology(tag: &str, symmetric: bool) -> Netns {
             "ip -n {h} addr add {lan}.2/24 dev eth0 && ip -n {h} link set eth0 up"
         ));
         sh(&format!("ip -n {h} route add default via {lan}.1"));
+        let ipt = format!("ip netns exec {r} iptables");
+        if !tcp_between_homes {
+            sh(&format!(
+                "{ipt} -A FORWARD -p tcp -d {other_wan} -j DROP && {ipt} -A FORWARD -p tcp -s {other_wan} -j DROP"
+            ));
+        }
         // The NAT: masquerade outbound, admit inbound only for flows the inside started.
         sh(&format!("ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"));
         sh(&format!(
-            "ip netns exec {r} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE{}",
-            if symmetric { " --random-fully" } else { "" }
+            "{ipt} -t nat -A POSTROUTING -o wan -j MASQUERADE{}",
+            if router == Router::Symmetric {
+                " --random-fully"
+            } else {
+                ""
+            }
         ));
+        sh(&format!("{ipt} -A FORWARD -i lan -o wan -j ACCEPT"));
         sh(&format!(
-            "ip netns exec {r} iptables -A FORWARD -i lan -o wan -j ACCEPT"
+            "{ipt} -A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
         ));
-        sh(&format!(
-            "ip netns exec {r} iptables -A FORWARD -i wan -o lan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-        ));
-        sh(&format!("ip netns exec {r} iptables -A FORWARD -i wan -o lan -j DROP"));
-        // Nothing addressed to the router itself from outside gets in either.
-        sh(&format!(
-            "ip netns exec {r} iptables -A INPUT -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && ip netns exec {r} iptables -A INPUT -i wan -j DROP"
-        ));
+        sh(&format!("{ipt} -A FORWARD -i wan -o lan -j DROP"));
+        if router != Router::Answering {
+            // Nothing addressed to the router itself from outside gets in either.
+            sh(&format!(
+                "{ipt} -A INPUT -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && {ipt} -A INPUT -i wan -j DROP"
+            ));
+        }
     }
     ns
 }
@@ -131,8 +167,8 @@ fn require_netns() -> bool {
 
 /// The relay and the two NATed nodes, started; A has paired with R, B with R, and A holds a relayed
 /// address. Returns (namespaces, relay, a, b).
-fn relay_and_two_nated_nodes(tag: &str, symmetric: bool) -> (Netns, Node, Node, Node) {
-    let ns = topology(tag, symmetric);
+fn relay_and_two_nated_nodes(tag: &str, router: Router, tcp_between_homes: bool) -> (Netns, Node, Node, Node) {
+    let ns = topology(tag, router, tcp_between_homes);
     let (i, a_ns, b_ns) = (ns.names[0].clone(), ns.names[2].clone(), ns.names[4].clone());
     let mut r = Node::init(&format!("relay{tag}"), "")
         .prefix(&["ip", "netns", "exec", &i])
@@ -168,7 +204,7 @@ fn nated_nodes_pair_through_the_relay_and_hole_punch_to_direct() {
     if !require_netns() {
         return;
     }
-    let (ns, r, a, b) = relay_and_two_nated_nodes("c", false);
+    let (ns, r, a, b) = relay_and_two_nated_nodes("c", Router::Silent, true);
     let t = Duration::from_secs(60);
     // A's code carries the circuit address; B reaches A only through it (A's own address is private).
     let code = a.invite();
@@ -247,7 +283,7 @@ fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
     if !require_netns() {
         return;
     }
-    let (ns, r, a, b) = relay_and_two_nated_nodes("s", true);
+    let (ns, r, a, b) = relay_and_two_nated_nodes("s", Router::Symmetric, true);
     let t = Duration::from_secs(60);
     b.join(&a.invite());
     let pb = b.wait_connected(&a, t);
@@ -266,6 +302,78 @@ fn behind_symmetric_nats_the_mesh_falls_back_to_the_relay() {
         assert!(p["capabilities"]["score"].is_number());
     }
     // The model travels through the owner's relay: its advertised per-connection limit (16 GiB) fits it.
+    delegate_score(&b, &a);
+    drop((r, a, b));
+    drop(ns);
+}
+
+/// Answering routers (no input rule, like a plain Linux router): the issue's case. B's hole-punch dial to
+/// A's router arrives there before A's own punch has left it (the namespaces have no latency to hide the
+/// few hundred microseconds between the two dials), and A's router answers it: a RST for TCP (the
+/// `Connection refused` that used to fail the join), ICMP port unreachable for QUIC. Worse, the router
+/// keeps the flow it answered in conntrack, so A's punch to B, one instant later, clashes with it and
+/// MASQUERADE gives it another source port, which B's router does not expect. Every round fails the same
+/// way, so the nodes must stay `relayed`; what must hold is that the join succeeds regardless and the
+/// relayed connection works.
+#[test]
+fn behind_answering_nats_the_join_survives_the_refused_hole_punch() {
+    if !require_netns() {
+        return;
+    }
+    let (ns, r, a, b) = relay_and_two_nated_nodes("a", Router::Answering, true);
+    let t = Duration::from_secs(60);
+    let t0 = std::time::Instant::now();
+    b.join(&a.invite());
+    eprintln!("nat (answering): paired through the relay in {:?}", t0.elapsed());
+    // The punch was tried and answered (so this test covers the issue), and it failed.
+    wait_for(t, "an answered hole-punch dial", || {
+        b.log().contains("Connection refused").then_some(())
+    });
+    wait_for(t, "the hole punch to fail", || {
+        a.log().contains("hole punch failed").then_some(())
+    });
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let now = x.wait_connected(y, t);
+        assert_eq!(now["connection"], "relayed", "{} -> {}: {now}", x.name, y.name);
+    }
+    delegate_score(&b, &a);
+    drop((r, a, b));
+    drop(ns);
+}
+
+/// Routers that drop TCP between the two homes (the relay stays reachable over TCP and QUIC): only a
+/// QUIC hole punch can connect A and B, and they must end `direct` over `/quic-v1`.
+#[test]
+fn with_only_udp_between_the_nats_the_hole_punch_goes_over_quic() {
+    if !require_netns() {
+        return;
+    }
+    let (ns, r, a, b) = relay_and_two_nated_nodes("q", Router::Silent, false);
+    let t = Duration::from_secs(60);
+    let t0 = std::time::Instant::now();
+    b.join(&a.invite());
+    let paired = t0.elapsed();
+    let quic_to = |p: &serde_json::Value, wan: &str| {
+        p["addresses"].as_array().unwrap().iter().any(|x| {
+            let x = x.as_str().unwrap_or("");
+            x.starts_with(&format!("/ip4/{wan}/udp/")) && x.contains("/quic-v1")
+        })
+    };
+    let pb = wait_for(t, "B to hold a direct QUIC connection to A", || {
+        let p = b.peer(&a.id)?;
+        (p["connection"] == "direct" && quic_to(&p, "10.77.0.2")).then_some(p)
+    });
+    eprintln!(
+        "nat (QUIC only): paired through the relay in {paired:?}; direct over QUIC after {:?}",
+        t0.elapsed()
+    );
+    let pa = wait_for(t, "A to hold a direct QUIC connection to B", || {
+        let p = a.peer(&b.id)?;
+        (p["connection"] == "direct" && quic_to(&p, "10.77.0.3")).then_some(p)
+    });
+    // The routers really kept TCP out: no TCP connection between the homes ever came up.
+    assert!(!pb.to_string().contains("10.77.0.2/tcp"), "{pb}");
+    assert!(!pa.to_string().contains("10.77.0.3/tcp"), "{pa}");
     delegate_score(&b, &a);
     drop((r, a, b));
     drop(ns);
