@@ -134,6 +134,12 @@ pub struct Daemon {
     work: delegate::Work,
     /// Writes the job table and the trust list off the event loop.
     store: crate::store::StateWriter,
+    /// The ternary matmul rates measured so far (at start, then every `remeasure_secs`); the median is
+    /// advertised, so no single unlucky sample decides the rank.
+    scores: caps::ScoreWindow,
+    /// When the rate was last measured, and whether a measurement runs now.
+    measured_at: Instant,
+    measuring: bool,
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -292,7 +298,13 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         stop: false,
         work,
         store: crate::store::StateWriter::start().context("starting the store thread")?,
+        scores: caps::ScoreWindow::default(),
+        measured_at: Instant::now(),
+        measuring: false,
     };
+    if d.caps.ternary_gops > 0.0 && d.cfg.capabilities.ternary_gops.is_none() {
+        d.scores.push(d.caps.ternary_gops);
+    }
     d.refresh_job_caps();
     d.advertised = Some(d.caps.clone());
     d.resume_submissions();
@@ -424,6 +436,7 @@ impl Daemon {
                         caps::refresh(&mut self.caps, &self.cfg.capabilities, self.work.queue_len());
                         self.refresh_job_caps();
                     }
+                    self.remeasure_if_due();
                 }
                 Wake::Stop(sig) => {
                     tracing::info!("{sig}: shutting down");
@@ -439,6 +452,40 @@ impl Daemon {
     }
 
     /// Hands the trust list to the store actor (written off the event loop).
+    /// Every `[capabilities] remeasure_secs`, while no job runs here (it would compete with the
+    /// measurement, and the measurement with it), the rate is measured again off the event loop.
+    fn remeasure_if_due(&mut self) {
+        let every = self.cfg.capabilities.remeasure_secs;
+        if every == 0
+            || self.measuring
+            || self.measured_at.elapsed() < Duration::from_secs(every)
+            || self.work.busy()
+            || self.cfg.capabilities.ternary_gops.is_some()
+        {
+            return;
+        }
+        self.measuring = true;
+        let adapter = self.cfg.engine.adapter.clone().unwrap_or_else(|| "auto".into());
+        let cfg = self.cfg.capabilities.clone();
+        let tx = self.work.internal();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(delegate::Internal::Measured(caps::measure(&adapter, &cfg)));
+        });
+    }
+
+    fn on_measured(&mut self, gops: Option<f64>) {
+        self.measuring = false;
+        self.measured_at = Instant::now();
+        let Some(g) = gops else { return };
+        self.scores.push(g);
+        if let Some(v) = self.scores.value() {
+            tracing::info!(sample = g, advertised = v, "capability re-measured");
+            self.caps.ternary_gops = v;
+            caps::refresh(&mut self.caps, &self.cfg.capabilities, self.work.queue_len());
+            self.refresh_job_caps();
+        }
+    }
+
     fn save_trust(&self) {
         match self.trust.to_bytes() {
             Ok(b) => self.store.save(crate::trust::path(&self.home), b),

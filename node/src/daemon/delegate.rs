@@ -81,6 +81,8 @@ pub(super) enum Internal {
     },
     /// A submission's inputs were read (or could not be).
     SubmitLoaded(Box<PendingSubmit>),
+    /// A capability re-measurement ended (None: it failed, or the device disagreed with the CPU twin).
+    Measured(Option<f64>),
     /// A submitted fine-tune's adapter, written to its `--out`.
     OutWritten {
         job: String,
@@ -361,6 +363,15 @@ impl Work {
             done_requests: HashMap::new(),
             last_heartbeat: Instant::now(),
         })
+    }
+
+    /// A job process runs (or starts) here.
+    pub(super) fn busy(&self) -> bool {
+        self.running.is_some()
+    }
+
+    pub(super) fn internal(&self) -> mpsc::UnboundedSender<Internal> {
+        self.internal.clone()
     }
 
     /// Jobs queued, fetching or running here (what the capability advert calls the queue).
@@ -1966,6 +1977,7 @@ impl Daemon {
                 self.end_task(&task, outcome);
             }
             Internal::SubmitLoaded(p) => self.submit_loaded(*p),
+            Internal::Measured(g) => self.on_measured(g),
             Internal::Started { task, res } => self.on_started(&task, res),
             // Unless the owner cancelled it meanwhile.
             Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.finishing) => {}
