@@ -313,7 +313,7 @@ fn cpu_time(clock: Clock) -> Option<f64> {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: clock_gettime only writes the timespec we own; an unknown clock id returns -1.
     let rc = unsafe { libc::clock_gettime(id, &mut ts) };
-    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
 }
 
 /// Elsewhere (Windows) there is no portable CPU-time clock here: the probe falls back to wall time.

@@ -344,11 +344,7 @@ impl NetworkBehaviour for TransportCandidates {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
-            FromSwarm::NewListenAddr(e) => {
-                if !self.listen.contains(e.addr) {
-                    self.listen.push(e.addr.clone());
-                }
-            }
+            FromSwarm::NewListenAddr(e) if !self.listen.contains(e.addr) => self.listen.push(e.addr.clone()),
             FromSwarm::ExpiredListenAddr(e) => self.listen.retain(|a| a != e.addr),
             FromSwarm::NewExternalAddrCandidate(e) => {
                 let mut a = e.addr.clone();

@@ -21,7 +21,7 @@ pub fn job_exec(home: &Path, dir: &Path, dev: &DeviceArgs) -> anyhow::Result<()>
             // The daemon reads the reason from stdout, as for any other failed job.
             let reason = format!("{e:#}");
             let _ = exec::write_line(&mut out, &exec::ExecLine::Error { reason });
-            return Err(e);
+            Err(e)
         }
     }
 }

@@ -1,0 +1,614 @@
+//! Mesh II: jobs submitted from any node, run on the strongest device that fits, streamed back, and moved
+//! to the next device when a worker goes away. This file holds what both roles share: the messages from
+//! the daemon's helper tasks ([`Internal`]), this node's job state ([`Work`]), the per-tick checks
+//! (heartbeats, timeouts, resends), the job envelopes' entry point, and bundle I/O helpers.
+//!
+//! Two roles live in every daemon:
+//! - **submitter** (`submitter.rs`): a job from `bitnode submit` on this node. The scheduler ranks this node
+//!   and the connected paired peers; the job travels to the winner in an envelope signed with this node's
+//!   key; the worker's heartbeats, tokens, progress, checkpoints and result come back in envelopes signed
+//!   with its key. A worker that disconnects or falls silent for `[jobs] heartbeat_timeout_secs` loses the
+//!   job to the next best device (a fine-tune resumes from the last checkpoint it streamed back; inference
+//!   restarts).
+//! - **worker** (`worker.rs`): a job this node runs, for a peer or for itself. Missing models are pulled
+//!   from the submitter by content hash, chunk by verified chunk (`fetch.rs`); jobs run one at a time, each
+//!   in a child process (`bitnode job-exec`), so a cancel is a kill, and a crash in a GPU driver cannot
+//!   take the daemon (and the mesh) down with it.
+//!
+//! A job that runs here for a local submission takes the same path without envelopes: its updates go
+//! straight to the submitter half. Every change of a job's state is handed to the store thread at once.
+//! These files are still methods of the one `Daemon`: the job manager is not yet an actor of its own.
+use super::*;
+#[allow(unused_imports)]
+use super::{fetch::*, submitter::*, worker::*};
+
+/// Validity of the envelopes this node seals (the receiver allows 60 s of clock skew on top).
+pub(super) const ENVELOPE_TTL: u64 = 600;
+
+pub(super) enum Internal {
+    /// A line from a job's child process.
+    Child {
+        task: String,
+        line: ExecLine,
+    },
+    /// A checkpoint the job wrote, read into a bundle to stream back.
+    CheckpointRead {
+        task: String,
+        step: usize,
+        res: Result<Bundle, String>,
+    },
+    /// Tokens from a job's child process, batched.
+    Tokens {
+        task: String,
+        ids: Vec<u32>,
+        text: String,
+    },
+    ChildExit {
+        task: String,
+        ok: bool,
+        stderr_tail: String,
+    },
+    /// A finished fine-tune's adapter, read from its job directory and cached in the store.
+    AdapterRead {
+        task: String,
+        result: serde_json::Value,
+        res: Result<Bundle, String>,
+    },
+    /// A job's process started (or could not be).
+    Started {
+        task: String,
+        res: Result<ChildKill, String>,
+    },
+    /// A submission's inputs were read (or could not be).
+    SubmitLoaded(Box<PendingSubmit>),
+    /// A capability re-measurement ended (None: it failed, or the device disagreed with the CPU twin).
+    Measured(Option<f64>),
+    /// A submitted fine-tune's adapter, written to its `--out`.
+    OutWritten {
+        job: String,
+        result: serde_json::Value,
+        res: Result<(), String>,
+    },
+    /// A model download was begun (existing partial chunks verified) or finished (hash checked).
+    Began {
+        task: String,
+        res: Result<Download, String>,
+    },
+    Fetched {
+        task: String,
+        res: Result<PathBuf, String>,
+    },
+}
+
+/// Where a submitted job may run.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Target {
+    Auto,
+    Local,
+    Peer(PeerId),
+}
+
+/// "auto", "local" or the peer id: how a submission record stores it.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Auto => f.write_str("auto"),
+            Target::Local => f.write_str("local"),
+            Target::Peer(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        match s {
+            "auto" => Ok(Target::Auto),
+            "local" => Ok(Target::Local),
+            p => p
+                .parse()
+                .map(Target::Peer)
+                .map_err(|_| format!("{p:?} is not a target")),
+        }
+    }
+}
+
+/// A checkpoint directory (adapter, optimizer moments, `trainer_state.json`) with its step.
+pub(super) fn read_checkpoint(dir: &Path, max: u64) -> Result<(u64, Bundle), String> {
+    #[derive(serde::Deserialize)]
+    struct TrainerState {
+        step: u64,
+    }
+    let step = std::fs::read(dir.join("trainer_state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<TrainerState>(&b).ok())
+        .map(|t| t.step)
+        .ok_or_else(|| {
+            format!(
+                "{} is not a checkpoint (no trainer_state.json with a step)",
+                dir.display()
+            )
+        })?;
+    let b = read_bundle(dir, true, max).map_err(|e| format!("{e:#}"))?;
+    Ok((step, b))
+}
+
+pub(super) struct Work {
+    pub(super) table: crate::jobs::JobTable,
+    pub(super) store: Store,
+    pub(super) signing: SigningKey,
+    pub(super) my_key: [u8; 32],
+    pub(super) nonces: NonceCache,
+    pub(super) subs: HashMap<String, Sub>,
+    pub(super) tasks: HashMap<String, Task>,
+    pub(super) order: VecDeque<String>,
+    pub(super) running: Option<String>,
+    pub(super) internal: mpsc::UnboundedSender<Internal>,
+    pub(super) job_requests: HashMap<OutboundRequestId, (String, PeerId)>,
+    pub(super) model_requests: HashMap<OutboundRequestId, (String, ModelRequest)>,
+    /// Updates in flight: (task, whether it is the result).
+    pub(super) done_requests: HashMap<OutboundRequestId, (String, Sent)>,
+    pub(super) last_heartbeat: Instant,
+}
+
+impl Work {
+    pub(super) fn new(
+        home: &Path,
+        key: &libp2p::identity::Keypair,
+        internal: mpsc::UnboundedSender<Internal>,
+    ) -> anyhow::Result<Work> {
+        let kp = key
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| anyhow::anyhow!("the identity is not an ed25519 key; job envelopes need one"))?;
+        let bytes = kp.to_bytes();
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&bytes[..32]);
+        let signing = SigningKey::from_bytes(&secret);
+        // Jobs run here do not survive a restart (their process died with the daemon; their submitters
+        // place them again): their directories are debris. Jobs submitted here do, where their record is
+        // on disk: [`Daemon::resume_submissions`] takes them up again.
+        let _ = std::fs::remove_dir_all(home.join("work"));
+        let me = key.public().to_peer_id().to_base58();
+        let resumable = |j: &Job| j.submitter == me && crate::jobs::Submission::path(home, &j.id).is_file();
+        Ok(Work {
+            table: crate::jobs::JobTable::load(home, now_unix(), resumable)?,
+            store: Store::new(home),
+            my_key: signing.verifying_key().to_bytes(),
+            signing,
+            nonces: NonceCache::new(1 << 20),
+            subs: HashMap::new(),
+            tasks: HashMap::new(),
+            order: VecDeque::new(),
+            running: None,
+            internal,
+            job_requests: HashMap::new(),
+            model_requests: HashMap::new(),
+            done_requests: HashMap::new(),
+            last_heartbeat: Instant::now(),
+        })
+    }
+
+    /// Peers a live job is exchanged with: the workers of jobs submitted here, the submitters of jobs
+    /// running here.
+    pub(super) fn job_peers(&self) -> HashSet<PeerId> {
+        let workers = self.subs.values().filter(|s| !s.finishing).filter_map(|s| s.worker);
+        let submitters = self.tasks.values().filter_map(|t| t.submitter);
+        workers.chain(submitters).collect()
+    }
+
+    /// A job process runs (or starts) here.
+    pub(super) fn busy(&self) -> bool {
+        self.running.is_some()
+    }
+
+    pub(super) fn internal(&self) -> mpsc::UnboundedSender<Internal> {
+        self.internal.clone()
+    }
+
+    /// Jobs queued, fetching or running here (what the capability advert calls the queue).
+    pub(super) fn queue_len(&self) -> u32 {
+        self.tasks
+            .values()
+            .filter(|t| !matches!(t.state, TaskState::Done { .. }))
+            .count() as u32
+    }
+
+    pub(super) fn models(&self) -> Vec<String> {
+        let mut m = self.store.list();
+        m.truncate(MAX_ADVERTISED_MODELS);
+        m
+    }
+}
+
+pub(super) fn parse_job_id(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The ed25519 public key inside an ed25519 peer id (libp2p inlines such keys in the id).
+pub(super) fn peer_key(p: &PeerId) -> Option<[u8; 32]> {
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(p.as_ref().digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+pub(super) fn key_peer(k: &[u8; 32]) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(k).ok()?;
+    Some(PeerId::from_public_key(&libp2p::identity::PublicKey::from(pk)))
+}
+
+/// Reads a directory's regular files, and those one level down, into a bundle (a checkpoint holds the
+/// adapter plus `exp_avg/` and `exp_avg_sq/`).
+pub(super) fn read_bundle(dir: &Path, recurse: bool, max: u64) -> anyhow::Result<Bundle> {
+    let mut files = vec![];
+    let mut total = 0u64;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ft = e.file_type()?;
+        if ft.is_file() && bitnode_protocol::job::plain_name(&name) {
+            // Sized before it is read: an oversized checkpoint is refused without loading it.
+            total = total.saturating_add(e.metadata()?.len());
+            if total > max {
+                bail!(
+                    "{} holds more than {max} bytes ([jobs] max_checkpoint_bytes)",
+                    dir.display()
+                );
+            }
+            let bytes = std::fs::read(e.path())?;
+            files.push(BundleFile { path: name, bytes });
+        } else if ft.is_dir() && recurse && bitnode_protocol::job::plain_name(&name) {
+            for f in read_bundle(&e.path(), false, max.saturating_sub(total))?.files {
+                total = total.saturating_add(f.bytes.len() as u64);
+                files.push(BundleFile {
+                    path: format!("{name}/{}", f.path),
+                    bytes: f.bytes,
+                });
+            }
+        }
+        if total > max {
+            bail!(
+                "{} holds more than {max} bytes ([jobs] max_checkpoint_bytes)",
+                dir.display()
+            );
+        }
+    }
+    Ok(Bundle { files })
+}
+
+/// Writes a checked bundle under `dir` (each file to a temporary name, then renamed).
+pub(super) fn write_bundle(dir: &Path, b: &Bundle) -> anyhow::Result<()> {
+    b.check().map_err(|e| anyhow::anyhow!(e))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for f in &b.files {
+        let p = dir.join(&f.path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = p.with_extension("bitnode-tmp");
+        std::fs::write(&tmp, &f.bytes).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(())
+}
+
+impl Daemon {
+    pub(super) fn peer_name(&self, p: &PeerId) -> String {
+        if *p == self.me {
+            return self.name.clone();
+        }
+        self.trust
+            .get(p)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| crate::trust::default_name(p))
+    }
+
+    pub(super) fn refresh_job_caps(&mut self) {
+        self.caps.queue_len = self.work.queue_len();
+        self.caps.models = self.work.models();
+        self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
+        self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
+        self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
+        self.push_caps_if_changed();
+    }
+
+    pub(super) fn update_job(&mut self, id: &str, f: impl FnOnce(&mut Job)) {
+        if let Err(e) = self.work.table.update(id, now_unix(), f) {
+            tracing::error!(job = %id, "updating the job table: {e:#}");
+        }
+        self.persist_jobs();
+    }
+
+    /// Hands the job table to the store actor (written off the event loop, coalesced).
+    pub(super) fn persist_jobs(&self) {
+        match self.work.table.to_bytes() {
+            Ok(b) => self.store.save(crate::jobs::path(&self.home), b),
+            Err(e) => tracing::error!("encoding the job table: {e:#}"),
+        }
+    }
+
+    pub(super) fn job_message_max(&self) -> usize {
+        self.cfg.jobs.max_job_message()
+    }
+
+    pub(super) fn update_message_max(&self) -> usize {
+        self.cfg.jobs.max_update_message()
+    }
+
+    /// Heartbeat checks (submitter) and heartbeats, retries and resends (worker); every tick.
+    pub(super) fn jobs_tick(&mut self) {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(self.cfg.jobs.heartbeat_timeout_secs.max(1));
+        let mut lost = vec![];
+        for (id, sub) in self.work.subs.iter_mut() {
+            let Some(w) = sub.worker else { continue };
+            if w == self.me {
+                continue;
+            }
+            let seen = failover::Observed {
+                connected: self.peers.get(&w).is_some_and(|s| s.connected()),
+                accepted: sub.accepted,
+                last_heard: sub.last_heard,
+                reattach_until: sub.reattach_until,
+                finishing: sub.finishing,
+            };
+            if let Some(why) = failover::lost(seen, &mut sub.disconnected_since, now, timeout) {
+                lost.push((id.clone(), w, why));
+            }
+        }
+        for (id, w, why) in lost {
+            if let Some(job_id) = self.work.subs.get(&id).map(|s| s.job_id) {
+                // If it is merely slow, make sure it stops working on a job that has moved on.
+                self.send_cancel(w, job_id);
+            }
+            self.attempt_failed(&id, w, why);
+        }
+        // Worker side.
+        let beat =
+            now.duration_since(self.work.last_heartbeat) >= Duration::from_secs(self.cfg.jobs.heartbeat_secs.max(1));
+        if beat {
+            self.work.last_heartbeat = now;
+        }
+        let ids: Vec<String> = self.work.tasks.keys().cloned().collect();
+        for id in ids {
+            let Some(t) = self.work.tasks.get_mut(&id) else {
+                continue;
+            };
+            // Heartbeats go out in every state, the result's delivery included (a large adapter may take a
+            // while to arrive, and silence would make the submitter move the job).
+            if beat && t.submitter.is_some() {
+                let running = matches!(
+                    t.state,
+                    TaskState::Starting | TaskState::Running { .. } | TaskState::Finishing
+                );
+                self.send_update(&id, Update::Heartbeat { running });
+            }
+            let Some(t) = self.work.tasks.get_mut(&id) else {
+                continue;
+            };
+            match &mut t.state {
+                // Resent only after a failed delivery (`due` is set then), never while one is in flight.
+                TaskState::Done {
+                    update,
+                    tries,
+                    due,
+                    until,
+                    ..
+                } if due.is_some_and(|d| now >= d) => {
+                    *tries += 1;
+                    *due = None;
+                    if now >= *until {
+                        tracing::warn!(job = %id, "giving up delivering the result to the submitter ([jobs] retention_secs)");
+                        self.work.tasks.remove(&id);
+                        continue;
+                    }
+                    let u = update.clone();
+                    self.send_update(&id, u);
+                }
+                TaskState::Fetching { failed, .. } if !failed.is_empty() => {
+                    let retry = std::mem::take(failed);
+                    for (f, i) in retry {
+                        if (f, i) == MANIFEST_RETRY {
+                            self.fetch_next(&id);
+                        } else {
+                            self.request_chunk(&id, f, i);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Streams of `submit` clients stay alive (and notice a dead daemon) by these.
+        if beat {
+            let ids: Vec<String> = self.work.subs.keys().cloned().collect();
+            for id in ids {
+                self.emit(&id, Event::Heartbeat {});
+            }
+        }
+    }
+
+    // ---- worker ----
+
+    pub(super) fn on_job_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<JobAck>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let ack = match request {
+                    Ok(env) => self.job_request(peer, env),
+                    Err(why) => {
+                        tracing::warn!(%peer, "malformed job message refused: {why}");
+                        JobAck::Rejected { reason: why }
+                    }
+                };
+                if let JobAck::Rejected { reason } = &ack {
+                    tracing::warn!(%peer, "job refused: {reason}");
+                }
+                let _ = self.swarm.behaviour_mut().job.inner.send_response(channel, Ok(ack));
+            }
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some((id, worker)) = self.work.job_requests.remove(&request_id) else {
+                    return;
+                };
+                match response {
+                    Ok(JobAck::Accepted { queue_position }) => {
+                        // The job may have ended or moved while the answer was on its way.
+                        let Some(s) = self.work.subs.get_mut(&id).filter(|s| s.worker == Some(worker)) else {
+                            return;
+                        };
+                        s.accepted = true;
+                        s.last_heard = Instant::now();
+                        self.update_job(&id, |j| j.state = State::Running);
+                        self.emit(
+                            &id,
+                            Event::Accepted {
+                                worker: peer.to_base58(),
+                                queue_position,
+                            },
+                        );
+                    }
+                    Ok(JobAck::Rejected { reason }) => {
+                        self.attempt_failed(&id, worker, format!("refused the job: {reason}"))
+                    }
+                    Err(why) => self.attempt_failed(&id, worker, format!("sent a malformed answer: {why}")),
+                }
+            }
+            rr::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some((id, worker)) = self.work.job_requests.remove(&request_id) {
+                    self.attempt_failed(&id, worker, format!("could not be given the job: {error}"));
+                }
+            }
+            rr::Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, "job message failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn open_envelope<'a>(
+        &mut self,
+        peer: &PeerId,
+        env: &'a Envelope,
+        kind: Kind,
+        max: usize,
+    ) -> Result<&'a [u8], String> {
+        if peer_key(peer) != Some(env.header.signer) {
+            return Err("the envelope is signed by another device than the one that sent it".into());
+        }
+        let admission = self.admission.clone();
+        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(&admission).trusted.contains(&p));
+        env.open(&self.work.my_key, kind, now_unix(), max, trusted, &mut self.work.nonces)
+            .map_err(|e| e.to_string())
+    }
+
+    pub(super) fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Began { task, res } => match res {
+                Ok(dl) => {
+                    if let Some(t) = self.work.tasks.get_mut(&task) {
+                        if let TaskState::Fetching { download, .. } = &mut t.state {
+                            tracing::info!(job = %task, have = dl.done_bytes(), total = dl.total_bytes(), "model download");
+                            *download = Some(dl);
+                        }
+                    }
+                    self.pump_chunks(&task);
+                }
+                Err(e) => {
+                    let busy = match self.work.tasks.get(&task).map(|t| &t.state) {
+                        Some(TaskState::Fetching { missing, .. }) => missing
+                            .first()
+                            .is_some_and(|h| crate::transfer::in_progress(&self.work.store, h)),
+                        _ => false,
+                    };
+                    if busy {
+                        // Another job of this device is receiving the same model: wait for it.
+                        if let Some(TaskState::Fetching { failed, .. }) =
+                            self.work.tasks.get_mut(&task).map(|t| &mut t.state)
+                        {
+                            failed.push(MANIFEST_RETRY);
+                        }
+                    } else {
+                        self.fail_task(&task, format!("cannot receive the model: {e}"));
+                    }
+                }
+            },
+            Internal::Fetched { task, res } => match res {
+                Ok(dir) => {
+                    tracing::info!(job = %task, "model received into {}", dir.display());
+                    if let Some(t) = self.work.tasks.get_mut(&task) {
+                        if let TaskState::Fetching { missing, failures, .. } = &mut t.state {
+                            if !missing.is_empty() {
+                                missing.remove(0);
+                            }
+                            *failures = 0;
+                        }
+                    }
+                    self.refresh_job_caps();
+                    self.fetch_next(&task);
+                }
+                Err(e) => self.fail_task(&task, format!("the received model is not the one asked for: {e}")),
+            },
+            Internal::Child { task, line } => self.on_child_line(&task, line),
+            Internal::CheckpointRead { task, step, res } => match res {
+                // Only while the job runs: a checkpoint must never overtake its result.
+                Ok(_)
+                    if !self
+                        .work
+                        .tasks
+                        .get(&task)
+                        .is_some_and(|t| matches!(t.state, TaskState::Running { .. })) => {}
+                Ok(bundle) => self.deliver(
+                    &task,
+                    Update::Checkpoint {
+                        step: step as u64,
+                        bundle,
+                    },
+                ),
+                Err(e) => tracing::warn!(job = %task, "checkpoint not streamed back: {e}"),
+            },
+            Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
+            Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
+            Internal::AdapterRead { task, result, res } => {
+                if !matches!(self.work.tasks.get(&task).map(|t| &t.state), Some(TaskState::Finishing)) {
+                    return;
+                }
+                let outcome = match res {
+                    Ok(files) => Outcome::Succeeded {
+                        result_json: result.to_string(),
+                        files,
+                    },
+                    Err(e) => Outcome::Failed {
+                        reason: format!("reading the adapter: {e}"),
+                        device_fault: true,
+                    },
+                };
+                self.end_task(&task, outcome);
+            }
+            Internal::SubmitLoaded(p) => self.submit_loaded(*p),
+            Internal::Measured(g) => self.on_measured(g),
+            Internal::Started { task, res } => self.on_started(&task, res),
+            // Unless the owner cancelled it meanwhile.
+            Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.finishing) => {}
+            Internal::OutWritten { job, result, res } => match res {
+                Ok(()) => self.finish_sub(&job, State::Succeeded, None, Some(result)),
+                Err(e) => self.finish_sub(&job, State::Failed, Some(e), None),
+            },
+        }
+    }
+}

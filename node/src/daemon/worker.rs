@@ -1,0 +1,925 @@
+//! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it in a child process that
+//! only its owning task ever kills, streaming its updates back, and holding its result for a submitter
+//! that went away.
+use super::*;
+#[allow(unused_imports)]
+use super::{fetch::*, jobs::*, submitter::*};
+
+/// Fine-tune progress goes back at most this often (the last step always).
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+pub(super) enum TaskState {
+    /// Pulling missing inputs from the submitter: which hashes are still missing, the download of the first.
+    Fetching {
+        missing: Vec<String>,
+        download: Option<Download>,
+        in_flight: HashSet<(u32, u32)>,
+        failed: Vec<(u32, u32)>,
+        failures: u32,
+    },
+    Queued,
+    /// Its directory is being laid out and its process started (off the event loop).
+    Starting,
+    Running {
+        kill: ChildKill,
+    },
+    /// The process exited well; its adapter is being read off the event loop.
+    Finishing,
+    /// The result is waiting to be acknowledged by the submitter; `due` is when to resend it after a
+    /// failed delivery (None while a delivery is in flight).
+    Done {
+        update: Update,
+        tries: u32,
+        due: Option<Instant>,
+        /// Held for the submitter until then (`[jobs] retention_secs`), however long it is away.
+        until: Instant,
+        /// Bytes of the result (the adapter), counted against `[jobs] max_retained_bytes`.
+        bytes: u64,
+    },
+}
+
+/// What an update in flight to a submitter was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Sent {
+    Result,
+    Checkpoint,
+    Other,
+}
+
+/// Asks the task that owns a job's child process to kill it (SIGKILL). The owner has not reaped the
+/// child while this is deliverable, so the signal cannot reach a recycled pid.
+pub(super) struct ChildKill(mpsc::Sender<()>);
+
+impl ChildKill {
+    fn kill(&self) {
+        // Full: a kill is already pending; closed: the child has exited. Either way nothing to add.
+        let _ = self.0.try_send(());
+    }
+}
+
+/// Linux: the kernel kills the job process when the daemon dies (`PR_SET_PDEATHSIG`), so a killed
+/// daemon leaves no orphan job running. Elsewhere (macOS has no such call; not built or tested here)
+/// the orphan ends at its next write to the closed stdout pipe (SIGPIPE), which a running job makes at
+/// least once per step or token.
+pub(super) fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+/// A job this node runs.
+pub(super) struct Task {
+    pub(super) job_id: [u8; 16],
+    /// None: submitted by this node itself.
+    pub(super) submitter: Option<PeerId>,
+    pub(super) payload: JobPayload,
+    pub(super) dir: PathBuf,
+    pub(super) state: TaskState,
+    pub(super) cancelled: Option<String>,
+    pub(super) result: Option<serde_json::Value>,
+    pub(super) error: Option<String>,
+    /// When the last progress update went out (they are sent at most every 200 ms).
+    pub(super) last_progress: Option<Instant>,
+    /// The newest checkpoint the job wrote (step, directory), and whether its delivery failed: it is
+    /// read and sent again once the submitter answers (it was away: restarting, or a phone asleep).
+    pub(super) last_checkpoint: Option<(usize, String)>,
+    pub(super) checkpoint_unsent: bool,
+}
+
+/// Starts `bitnode job-exec --dir DIR` and the task that owns it: it forwards the child's lines (tokens
+/// batched for up to 30 ms) and then its exit to the daemon, and is the only one that ever kills it.
+pub(super) fn start_child(
+    home: &Path,
+    dir: &Path,
+    id: &str,
+    tx: mpsc::UnboundedSender<Internal>,
+) -> anyhow::Result<ChildKill> {
+    let exe = std::env::current_exe().context("locating the bitnode binary")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--home")
+        .arg(home)
+        .arg("job-exec")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("starting the job process")?;
+    let pid = child.id().context("the job process has no pid")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let task = id.to_string();
+    tracing::info!(job = %id, pid, "job started");
+    let tail = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut tail: VecDeque<String> = VecDeque::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            tail.push_back(l);
+            if tail.len() > 20 {
+                tail.pop_front();
+            }
+        }
+        tail.into_iter().collect::<Vec<_>>().join("\n")
+    });
+    let reader = tokio::spawn(forward_lines(stdout, task.clone(), tx.clone()));
+    // Only the task that owns the `Child` ever signals it, and only before it has reaped it: a kill is a
+    // message to that task, never a signal to a pid number that may since belong to another process.
+    let (kill_tx, mut kill_rx) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s,
+                Some(()) = kill_rx.recv() => {
+                    // tokio refuses to signal a child it has already reaped.
+                    if let Err(e) = child.start_kill() {
+                        tracing::debug!("killing the job process: {e}");
+                    }
+                }
+            }
+        };
+        let ok = status.map(|s| s.success()).unwrap_or(false);
+        // Every line the child wrote is handed on before its exit is.
+        let _ = reader.await;
+        let stderr_tail = tail.await.unwrap_or_default();
+        let _ = tx.send(Internal::ChildExit { task, ok, stderr_tail });
+    });
+    Ok(ChildKill(kill_tx))
+}
+
+/// Hands a job process's stdout lines to the daemon; tokens are batched for up to 30 ms, so fast decoding
+/// does not become one envelope per token.
+pub(super) async fn forward_lines(
+    stdout: tokio::process::ChildStdout,
+    task: String,
+    tx: mpsc::UnboundedSender<Internal>,
+) {
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut pending: Option<(Vec<u32>, String)> = None;
+    let flush = |pending: &mut Option<(Vec<u32>, String)>| {
+        if let Some((ids, text)) = pending.take() {
+            let _ = tx.send(Internal::Tokens {
+                task: task.clone(),
+                ids,
+                text,
+            });
+        }
+    };
+    loop {
+        let next = if pending.is_some() {
+            match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
+                Ok(l) => l,
+                Err(_) => {
+                    flush(&mut pending);
+                    continue;
+                }
+            }
+        } else {
+            lines.next_line().await
+        };
+        let Ok(Some(l)) = next else { break };
+        let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
+            tracing::debug!("job output: {l}");
+            continue;
+        };
+        if let ExecLine::Token { id, text } = &line {
+            let p = pending.get_or_insert_with(|| (vec![], String::new()));
+            p.0.push(*id);
+            p.1.push_str(text);
+            continue;
+        }
+        flush(&mut pending);
+        let _ = tx.send(Internal::Child {
+            task: task.clone(),
+            line,
+        });
+    }
+    flush(&mut pending);
+}
+
+impl Daemon {
+    pub(super) fn job_request(&mut self, peer: PeerId, env: Envelope) -> JobAck {
+        let rej = |r: String| JobAck::Rejected { reason: r };
+        let kind = env.header.kind;
+        if kind != Kind::Job && kind != Kind::Cancel {
+            return rej(format!("a {kind:?} envelope is not a job"));
+        }
+        let max = self.job_message_max();
+        let payload = match self.open_envelope(&peer, &env, kind, max) {
+            Ok(p) => p.to_vec(),
+            Err(e) => return rej(e),
+        };
+        let id = hex(&env.header.job_id);
+        if kind == Kind::Cancel {
+            return match self.work.tasks.get(&id) {
+                Some(t) if t.submitter == Some(peer) => {
+                    self.cancel_task(&id, "cancelled by its submitter");
+                    JobAck::Accepted { queue_position: 0 }
+                }
+                _ => rej("no such job on this device".into()),
+            };
+        }
+        if !self.cfg.jobs.accept_remote {
+            return rej("this device does not take jobs from other devices ([jobs] accept_remote = false)".into());
+        }
+        let payload: JobPayload = match wire::decode(&payload, max) {
+            Ok(p) => p,
+            Err(e) => return rej(format!("malformed job: {e}")),
+        };
+        if let Err(e) = self.check_payload(&payload) {
+            return rej(e);
+        }
+        if self.caps.on_ac == Some(false) && self.caps.battery_percent.is_some() && !self.cfg.jobs.run_on_battery {
+            return rej(
+                "this device is on battery and does not take jobs from others then ([jobs] run_on_battery)".into(),
+            );
+        }
+        if self.work.tasks.contains_key(&id) || self.work.subs.contains_key(&id) {
+            return rej("this job is already here".into());
+        }
+        // A job id may come back from the same submitter (a failover back to this device); never may a
+        // peer reuse the id of a job another device (or this one) submitted.
+        if self
+            .work
+            .table
+            .jobs
+            .iter()
+            .any(|j| j.id == id && j.submitter != peer.to_base58())
+        {
+            return rej("that job id belongs to another submitter".into());
+        }
+        if self.work.queue_len() as usize >= self.cfg.jobs.max_queue {
+            return rej(format!(
+                "the queue is full ({} jobs, [jobs] max_queue)",
+                self.cfg.jobs.max_queue
+            ));
+        }
+        let job = Job {
+            id: id.clone(),
+            kind: payload.spec.kind().into(),
+            submitter: peer.to_base58(),
+            executed_by: Some(self.me.to_base58()),
+            state: State::Queued,
+            created_unix: now_unix(),
+            updated_unix: now_unix(),
+            placement: vec![format!(
+                "sent here by {} (attempt {})",
+                self.peer_name(&peer),
+                payload.attempt
+            )],
+            reason: None,
+            result: None,
+            attempts: vec![],
+            executed_by_name: Some(self.name.clone()),
+            out: None,
+        };
+        // A job id seen before (a resubmission after a failover back to us) replaces the old record.
+        self.work.table.jobs.retain(|j| j.id != id);
+        self.work.table.insert(job);
+        self.persist_jobs();
+        tracing::info!(job = %id, submitter = %peer, kind = payload.spec.kind(), "job accepted");
+        let pos = self.work.queue_len();
+        self.accept_task(id, env.header.job_id, Some(peer), payload);
+        JobAck::Accepted { queue_position: pos }
+    }
+
+    /// What a worker checks in a job before taking it: well-formed content hashes only (never a path), the
+    /// dataset and a resume checkpoint within this device's limits.
+    pub(super) fn check_payload(&self, p: &JobPayload) -> Result<(), String> {
+        crate::exec::validate(&p.spec).map_err(|e| format!("{e:#}"))?;
+        for h in p.spec.inputs() {
+            if !crate::models::valid_hash(h) {
+                return Err(format!(
+                    "{h:?} is not a model hash: remote jobs name models by content hash only"
+                ));
+            }
+        }
+        if let JobSpec::Finetune(f) = &p.spec {
+            let max = self.cfg.jobs.max_dataset_bytes;
+            if f.data.len() as u64 > max {
+                return Err(format!(
+                    "the dataset is {} bytes, over this device's limit of {max} bytes ([jobs] max_dataset_bytes)",
+                    f.data.len()
+                ));
+            }
+            let ext = Path::new(&f.data_name)
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("");
+            if !bitnode_protocol::job::plain_name(&f.data_name) || !matches!(ext, "txt" | "jsonl") {
+                return Err(format!(
+                    "the dataset name {:?} must be a plain .txt or .jsonl file name",
+                    f.data_name
+                ));
+            }
+        }
+        if let Some(b) = &p.resume {
+            b.check()?;
+            if b.total_bytes() as u64 > self.cfg.jobs.max_checkpoint_bytes {
+                return Err("the resume checkpoint is over [jobs] max_checkpoint_bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a job to run here: fetches what is missing, then queues it.
+    pub(super) fn accept_task(&mut self, id: String, job_id: [u8; 16], submitter: Option<PeerId>, payload: JobPayload) {
+        let missing: Vec<String> = payload
+            .spec
+            .inputs()
+            .iter()
+            .filter(|h| !matches!(self.work.store.resolve(h), Ok(Some(_))))
+            .map(|h| h.to_string())
+            .collect();
+        let dir = self.home.join("work").join(&id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Task {
+            job_id,
+            submitter,
+            payload,
+            dir,
+            state: TaskState::Queued,
+            cancelled: None,
+            result: None,
+            error: None,
+            last_progress: None,
+            last_checkpoint: None,
+            checkpoint_unsent: false,
+        };
+        self.work.tasks.insert(id.clone(), t);
+        if missing.is_empty() || submitter.is_none() {
+            self.work.order.push_back(id);
+            self.start_next();
+        } else {
+            if let Some(t) = self.work.tasks.get_mut(&id) {
+                t.state = TaskState::Fetching {
+                    missing,
+                    download: None,
+                    in_flight: HashSet::new(),
+                    failed: vec![],
+                    failures: 0,
+                };
+            }
+            self.fetch_next(&id);
+        }
+        self.refresh_job_caps();
+    }
+
+    /// Starts the next queued job when nothing runs (one job at a time: they share one GPU).
+    pub(super) fn start_next(&mut self) {
+        // A failed start ends that task, which calls back here: re-check before each one.
+        while self.work.running.is_none() {
+            let Some(id) = self.work.order.pop_front() else { break };
+            match self.spawn_task(&id) {
+                Ok(()) => {
+                    if let Some(t) = self.work.tasks.get_mut(&id) {
+                        t.state = TaskState::Starting;
+                    }
+                    self.work.running = Some(id.clone());
+                    if self.work.tasks.get(&id).is_some_and(|t| t.submitter.is_some()) {
+                        self.update_job(&id, |j| j.state = State::Running);
+                    }
+                    return;
+                }
+                Err(e) => self.fail_task(&id, format!("{e:#}")),
+            }
+        }
+    }
+
+    /// Lays out the job directory (dataset, resume checkpoint, output) and starts `bitnode job-exec` on it.
+    /// Lays out the job directory (dataset, resume checkpoint, the exec file) off the event loop and
+    /// starts `bitnode job-exec` on it; [`Internal::Started`] reports the outcome.
+    pub(super) fn spawn_task(&mut self, id: &str) -> anyhow::Result<()> {
+        let t = self.work.tasks.get(id).context("the job vanished")?;
+        let dir = t.dir.clone();
+        let resolve = |h: &str| -> anyhow::Result<PathBuf> {
+            self.work
+                .store
+                .resolve(h)?
+                .with_context(|| format!("model {h} is not in this device's store"))
+        };
+        let mut spec = t.payload.spec.clone();
+        let model = resolve(spec.model())?;
+        let mut paths = JobPaths {
+            model,
+            adapter: None,
+            data: None,
+            out: None,
+            resume: None,
+            json_log: None,
+        };
+        let mut data = None;
+        match &mut spec {
+            JobSpec::Infer(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
+            JobSpec::Score(r) => paths.adapter = r.adapter.as_deref().map(resolve).transpose()?,
+            JobSpec::Finetune(f) => {
+                paths.adapter = f.init_adapter.as_deref().map(resolve).transpose()?;
+                // The child reads the dataset from a file; the exec file need not carry the bytes.
+                data = Some((dir.join(&f.data_name), std::mem::take(&mut f.data)));
+                paths.data = data.as_ref().map(|(p, _)| p.clone());
+                paths.out = Some(dir.join("out"));
+                if t.payload.resume.is_some() {
+                    paths.resume = Some(dir.join("resume"));
+                }
+            }
+        }
+        let resume = t.payload.resume.clone();
+        let home = self.home.clone();
+        let tx = self.work.internal.clone();
+        let task = id.to_string();
+        tokio::spawn(async move {
+            let d = dir.clone();
+            let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                if let Some((p, bytes)) = &data {
+                    std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display()))?;
+                }
+                if let (Some(b), Some(r)) = (&resume, &paths.resume) {
+                    write_bundle(r, b)?;
+                }
+                crate::exec::write_exec_file(&d, &ExecFile { spec, paths })
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            let started = match prepared {
+                Ok(()) => start_child(&home, &dir, &task, tx.clone()),
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(Internal::Started {
+                task,
+                res: started.map_err(|e| format!("{e:#}")),
+            });
+        });
+        Ok(())
+    }
+
+    pub(super) fn on_started(&mut self, id: &str, res: Result<ChildKill, String>) {
+        let Some(t) = self.work.tasks.get_mut(id) else {
+            // Ended meanwhile: a process that did start is killed at once.
+            if let Ok(k) = res {
+                k.kill();
+            }
+            return;
+        };
+        if !matches!(t.state, TaskState::Starting) {
+            if let Ok(k) = res {
+                k.kill();
+            }
+            return;
+        }
+        match res {
+            Ok(kill) => {
+                // Cancelled while it started: the exit then ends it as cancelled.
+                if t.cancelled.is_some() {
+                    kill.kill();
+                }
+                t.state = TaskState::Running { kill };
+            }
+            Err(e) => {
+                if self.work.running.as_deref() == Some(id) {
+                    self.work.running = None;
+                }
+                self.fail_task(id, format!("starting the job: {e}"));
+                self.start_next();
+            }
+        }
+    }
+
+    pub(super) fn on_child_line(&mut self, id: &str, line: ExecLine) {
+        match line {
+            ExecLine::Token { id: tok, text } => self.deliver(id, Update::Tokens { ids: vec![tok], text }),
+            ExecLine::Step {
+                step,
+                total,
+                loss,
+                lr,
+                tokens_per_second,
+                ..
+            } => {
+                // A small model steps hundreds of times a second: a few updates a second are enough to watch.
+                let Some(t) = self.work.tasks.get_mut(id) else { return };
+                let now = Instant::now();
+                if step < total && t.last_progress.is_some_and(|p| now - p < PROGRESS_EVERY) {
+                    return;
+                }
+                t.last_progress = Some(now);
+                self.deliver(
+                    id,
+                    Update::Progress {
+                        step: step as u64,
+                        total: total as u64,
+                        loss,
+                        lr,
+                        tokens_per_second,
+                    },
+                );
+            }
+            ExecLine::Checkpoint { step, dir } => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.last_checkpoint = Some((step, dir.clone()));
+                    t.checkpoint_unsent = false;
+                }
+                self.read_checkpoint_for(id, step, dir);
+            }
+            ExecLine::Result { result } => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.result = Some(result);
+                }
+            }
+            ExecLine::Error { reason } => {
+                if let Some(t) = self.work.tasks.get_mut(id) {
+                    t.error = Some(reason);
+                }
+            }
+        }
+    }
+
+    /// Reads a checkpoint the job wrote, off the event loop (the child has finished writing it:
+    /// trainer_state.json comes last), to stream it back.
+    pub(super) fn read_checkpoint_for(&self, id: &str, step: usize, dir: String) {
+        let max = self.cfg.jobs.max_checkpoint_bytes;
+        let tx = self.work.internal.clone();
+        let task = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let res = read_bundle(Path::new(&dir), true, max).map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Internal::CheckpointRead { task, step, res });
+        });
+    }
+
+    /// A submitter is back: the results held for it go now rather than at the next backed-off retry.
+    pub(super) fn resend_results_to(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        for t in self.work.tasks.values_mut() {
+            if t.submitter == Some(peer) {
+                if let TaskState::Done { due: Some(d), .. } = &mut t.state {
+                    *d = now;
+                }
+            }
+        }
+    }
+
+    /// Results held for absent submitters stay within `[jobs] max_retained_bytes`: the oldest go first.
+    pub(super) fn cap_retained(&mut self) {
+        let cap = self.cfg.jobs.max_retained_bytes;
+        loop {
+            let mut held: Vec<(Instant, u64, String)> = self
+                .work
+                .tasks
+                .iter()
+                .filter_map(|(id, t)| match &t.state {
+                    TaskState::Done { until, bytes, .. } => Some((*until, *bytes, id.clone())),
+                    _ => None,
+                })
+                .collect();
+            let total: u64 = held.iter().map(|h| h.1).sum();
+            if total <= cap || held.len() <= 1 {
+                return;
+            }
+            held.sort();
+            let (_, bytes, id) = held.remove(0);
+            tracing::warn!(job = %id, bytes, "dropping a result held for an absent submitter ([jobs] max_retained_bytes)");
+            self.work.tasks.remove(&id);
+        }
+    }
+
+    pub(super) fn on_child_exit(&mut self, id: &str, ok: bool, stderr_tail: String) {
+        if self.work.running.as_deref() == Some(id) {
+            self.work.running = None;
+        }
+        let Some(t) = self.work.tasks.get_mut(id) else {
+            self.start_next();
+            return;
+        };
+        // Already ended (failed or cancelled before the process was reaped).
+        if !matches!(t.state, TaskState::Running { .. }) {
+            self.start_next();
+            return;
+        }
+        let outcome = if let Some(why) = t.cancelled.clone() {
+            Outcome::Cancelled { reason: why }
+        } else if ok && t.result.is_some() {
+            let result = t.result.take().unwrap_or_default();
+            if !matches!(t.payload.spec, JobSpec::Finetune(_)) {
+                Outcome::Succeeded {
+                    result_json: result.to_string(),
+                    files: Bundle::default(),
+                }
+            } else {
+                // The adapter can be hundreds of MiB: read and cached off the event loop.
+                t.state = TaskState::Finishing;
+                let out = t.dir.join("out");
+                let max = self.cfg.jobs.max_checkpoint_bytes;
+                let store = self.work.store.clone();
+                let tx = self.work.internal.clone();
+                let task = id.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let res = read_bundle(&out, false, max).map_err(|e| format!("{e:#}"));
+                    if let Ok(files) = &res {
+                        // Cached here by content, so an inference with this adapter needs no transfer back.
+                        let list: Vec<(String, Vec<u8>)> =
+                            files.files.iter().map(|f| (f.path.clone(), f.bytes.clone())).collect();
+                        if let Err(e) = store.import_files(&list) {
+                            tracing::warn!(job = %task, "caching the adapter: {e:#}");
+                        }
+                    }
+                    let _ = tx.send(Internal::AdapterRead { task, result, res });
+                });
+                self.start_next();
+                return;
+            }
+        } else {
+            // An error the job reported is the job's; a process that died without one (killed, out of
+            // memory, a driver crash) is the device's.
+            match t.error.clone() {
+                Some(reason) => Outcome::Failed {
+                    reason,
+                    device_fault: false,
+                },
+                None => Outcome::Failed {
+                    reason: format!(
+                        "the job process died: {}",
+                        stderr_tail.lines().last().unwrap_or("no output")
+                    ),
+                    device_fault: true,
+                },
+            }
+        };
+        self.end_task(id, outcome);
+    }
+
+    /// Records how a job run here ended and tells its submitter (retried until acknowledged).
+    pub(super) fn end_task(&mut self, id: &str, outcome: Outcome) {
+        let Some(t) = self.work.tasks.get(id) else { return };
+        let dir = t.dir.clone();
+        let remote = t.submitter.is_some();
+        let (state, reason) = match &outcome {
+            Outcome::Succeeded { .. } => (State::Succeeded, None),
+            Outcome::Failed { reason, .. } => (State::Failed, Some(reason.clone())),
+            Outcome::Cancelled { reason } => (State::Cancelled, Some(reason.clone())),
+        };
+        if remote {
+            let result = match &outcome {
+                Outcome::Succeeded { result_json, .. } => serde_json::from_str(result_json).ok(),
+                _ => None,
+            };
+            self.update_job(id, |j| {
+                j.state = state;
+                j.reason = reason.clone();
+                j.result = result;
+            });
+        }
+        tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job run here ended");
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir));
+        if self.work.running.as_deref() == Some(id) {
+            self.work.running = None;
+        }
+        self.work.order.retain(|o| o != id);
+        let update = Update::Done(outcome);
+        if remote {
+            if let Some(t) = self.work.tasks.get_mut(id) {
+                let bytes = match &update {
+                    Update::Done(Outcome::Succeeded { files, .. }) => {
+                        files.files.iter().map(|f| f.bytes.len() as u64).sum()
+                    }
+                    _ => 0,
+                };
+                t.state = TaskState::Done {
+                    update: update.clone(),
+                    tries: 1,
+                    due: None,
+                    until: Instant::now() + Duration::from_secs(self.cfg.jobs.retention_secs),
+                    bytes,
+                };
+            }
+            self.send_update(id, update);
+            self.cap_retained();
+        } else {
+            self.work.tasks.remove(id);
+            self.deliver_local(id, update);
+        }
+        self.refresh_job_caps();
+        self.start_next();
+    }
+
+    /// The device could not run the job (model transfer, job directory, process start): a device fault,
+    /// which sends the job on to the next device.
+    pub(super) fn fail_task(&mut self, id: &str, reason: String) {
+        tracing::warn!(job = %id, "job failed here: {reason}");
+        if let Some(TaskState::Running { kill }) = self.work.tasks.get(id).map(|t| &t.state) {
+            kill.kill();
+        }
+        self.end_task(
+            id,
+            Outcome::Failed {
+                reason,
+                device_fault: true,
+            },
+        );
+    }
+
+    pub(super) fn cancel_task(&mut self, id: &str, why: &str) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        t.cancelled = Some(why.to_string());
+        match &t.state {
+            TaskState::Running { kill } => {
+                // The exit is reported by the child's owner and ends the task as cancelled.
+                kill.kill();
+            }
+            TaskState::Done { .. } => {}
+            _ => self.end_task(id, Outcome::Cancelled { reason: why.into() }),
+        }
+    }
+
+    /// Routes an update of a job run here: to the submitter half of this node for a local submission,
+    /// else signed to the submitting peer.
+    pub(super) fn deliver(&mut self, id: &str, update: Update) {
+        match self.work.tasks.get(id).map(|t| t.submitter) {
+            Some(Some(_)) => self.send_update(id, update),
+            Some(None) => self.deliver_local(id, update),
+            None => {}
+        }
+    }
+
+    pub(super) fn deliver_local(&mut self, id: &str, update: Update) {
+        let Some(job_id) = parse_job_id(id) else { return };
+        let me = self.me;
+        if let UpdateAck::Stop { .. } = self.on_sub_update(me, job_id, update) {
+            self.cancel_task(id, "the submitter stopped waiting");
+        }
+    }
+
+    pub(super) fn send_update(&mut self, id: &str, update: Update) {
+        let Some(t) = self.work.tasks.get(id) else { return };
+        let Some(sub) = t.submitter else { return };
+        let Some(k) = peer_key(&sub) else { return };
+        let kind = if matches!(update, Update::Done(_)) {
+            Kind::Result
+        } else {
+            Kind::Update
+        };
+        let sent = match &update {
+            Update::Done(_) => Sent::Result,
+            Update::Checkpoint { .. } => Sent::Checkpoint,
+            _ => Sent::Other,
+        };
+        let bytes = match wire::encode(&update, self.update_message_max()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(job = %id, "an update does not fit a message: {e}");
+                if kind == Kind::Result {
+                    let u = Update::Done(Outcome::Failed {
+                        device_fault: false,
+                        reason: format!("the result does not fit a message ({e}); raise [jobs] max_checkpoint_bytes"),
+                    });
+                    if let Ok(b) = wire::encode(&u, self.update_message_max()) {
+                        let env = Envelope::seal(
+                            &self.work.signing,
+                            kind,
+                            t.job_id,
+                            k,
+                            now_unix(),
+                            ENVELOPE_TTL,
+                            random::<16>(),
+                            b,
+                        );
+                        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
+                        self.work.done_requests.insert(rid, (id.to_string(), Sent::Result));
+                    }
+                }
+                return;
+            }
+        };
+        let env = Envelope::seal(
+            &self.work.signing,
+            kind,
+            t.job_id,
+            k,
+            now_unix(),
+            ENVELOPE_TTL,
+            random::<16>(),
+            bytes,
+        );
+        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
+        self.work.done_requests.insert(rid, (id.to_string(), sent));
+    }
+
+    /// A checkpoint whose delivery failed while the submitter was away: read again and resent (only the
+    /// newest; the job may have written newer ones since, which supersede it).
+    pub(super) fn resend_unsent_checkpoint(&mut self, id: &str) {
+        let Some(t) = self.work.tasks.get_mut(id) else { return };
+        if !t.checkpoint_unsent || !matches!(t.state, TaskState::Running { .. }) {
+            return;
+        }
+        t.checkpoint_unsent = false;
+        if let Some((step, dir)) = t.last_checkpoint.clone() {
+            tracing::info!(job = %id, step, "sending the submitter the checkpoint it missed");
+            self.read_checkpoint_for(id, step, dir);
+        }
+    }
+
+    pub(super) fn on_update_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<UpdateAck>>) {
+        match e {
+            rr::Event::Message {
+                peer,
+                message: rr::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let ack = match request {
+                    Ok(env) => {
+                        let kind = env.header.kind;
+                        let max = self.update_message_max();
+                        match kind {
+                            Kind::Update | Kind::Result => match self.open_envelope(&peer, &env, kind, max) {
+                                Ok(p) => match wire::decode::<Update>(p, max) {
+                                    Ok(u) if (kind == Kind::Result) == matches!(u, Update::Done(_)) => {
+                                        self.on_sub_update(peer, env.header.job_id, u)
+                                    }
+                                    Ok(_) => UpdateAck::Rejected {
+                                        reason: "a result must come in a Result envelope, and only a result".into(),
+                                    },
+                                    Err(e) => UpdateAck::Rejected {
+                                        reason: format!("malformed update: {e}"),
+                                    },
+                                },
+                                Err(e) => UpdateAck::Rejected { reason: e },
+                            },
+                            other => UpdateAck::Rejected {
+                                reason: format!("a {other:?} envelope is not an update"),
+                            },
+                        }
+                    }
+                    Err(why) => UpdateAck::Rejected { reason: why },
+                };
+                if let UpdateAck::Rejected { reason } = &ack {
+                    tracing::warn!(%peer, "update refused: {reason}");
+                }
+                let _ = self.swarm.behaviour_mut().update.inner.send_response(channel, Ok(ack));
+            }
+            rr::Event::Message {
+                message: rr::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some((id, sent)) = self.work.done_requests.remove(&request_id) else {
+                    return;
+                };
+                let is_result = sent == Sent::Result;
+                // The submitter answers again: a checkpoint it missed while away goes to it now.
+                if matches!(response, Ok(UpdateAck::Ok)) {
+                    self.resend_unsent_checkpoint(&id);
+                }
+                let done = self
+                    .work
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
+                match response {
+                    // Only the result's own acknowledgement ends the delivery (a heartbeat's does not).
+                    Ok(UpdateAck::Ok) if done && is_result => {
+                        self.work.tasks.remove(&id);
+                    }
+                    Ok(UpdateAck::Stop { reason }) => {
+                        tracing::info!(job = %id, "the submitter no longer wants this job: {reason}");
+                        if done {
+                            self.work.tasks.remove(&id);
+                        } else {
+                            self.cancel_task(&id, &format!("stopped by the submitter: {reason}"));
+                        }
+                    }
+                    Ok(UpdateAck::Rejected { reason }) => {
+                        tracing::warn!(job = %id, "the submitter refused an update: {reason}");
+                        // A refused result would be refused again: stop resending it.
+                        if done && is_result {
+                            self.work.tasks.remove(&id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            rr::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some((id, sent)) = self.work.done_requests.remove(&request_id) {
+                    tracing::debug!(job = %id, "update not delivered: {error}");
+                    match (sent, self.work.tasks.get_mut(&id)) {
+                        (Sent::Result, Some(t)) => {
+                            if let TaskState::Done { due, tries, .. } = &mut t.state {
+                                // Every 2 s at first, backing off to every 30 s while the submitter is away.
+                                *due = Some(Instant::now() + Duration::from_secs(2 * u64::from((*tries).min(15))));
+                            }
+                        }
+                        (Sent::Checkpoint, Some(t)) => t.checkpoint_unsent = true,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
