@@ -6,6 +6,9 @@
 //! The spec says *what* to run; [`JobPaths`] says where its inputs live on this device (the user's paths
 //! for a local run, the model store and the job directory for a worker). The model and adapter fields of
 //! the spec are names (a path for a local run, a content hash on the wire); only the paths are opened.
+//!
+//! Over 800 lines because it is one pipeline per job kind (inference, scoring, fine-tuning with its
+//! checkpoints and resume) plus the child-process protocol and their tests; each part is short.
 use anyhow::{anyhow, bail, Context};
 use bitnode_engine::cpu::SampleParams;
 use bitnode_engine::finetune::{FinetuneConfig, StepLog, Summary};

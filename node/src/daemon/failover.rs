@@ -116,9 +116,20 @@ mod tests {
         };
         assert_eq!(lost(back, &mut gone, t0 + Duration::from_secs(59), T), None);
         assert_eq!(gone, None, "the grace does not start the disconnection clock");
-        assert_eq!(lost(back, &mut gone, t0 + Duration::from_secs(60), T), None);
+        // A worker that did not report within the grace is lost at once: it has been silent all along.
         assert_eq!(
-            lost(back, &mut gone, t0 + Duration::from_secs(62), T).as_deref(),
+            lost(back, &mut gone, t0 + Duration::from_secs(60), T).as_deref(),
+            Some("sent no heartbeat for 8 s")
+        );
+        // One that had not even accepted: the disconnection clock starts when the grace ends.
+        let mut gone = None;
+        let unsure = Observed {
+            accepted: false,
+            ..back
+        };
+        assert_eq!(lost(unsure, &mut gone, t0 + Duration::from_secs(60), T), None);
+        assert_eq!(
+            lost(unsure, &mut gone, t0 + Duration::from_secs(62), T).as_deref(),
             Some("disconnected")
         );
     }

@@ -1,5 +1,9 @@
 //! The submitter's half of a job (see `jobs.rs`): submission, placement by the scheduler, failover, the
 //! worker's updates, the end of the job, and taking jobs up again after a restart.
+//!
+//! Over 800 lines: submission (with its off-loop reading and on-disk record), placement, failover, updates
+//! and restart take-up are one job's life on the submitting side; splitting it further waits for the job
+//! manager to become an actor of its own.
 use super::*;
 #[allow(unused_imports)]
 use super::{fetch::*, jobs::*, worker::*};

@@ -1,6 +1,9 @@
 //! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it in a child process that
 //! only its owning task ever kills, streaming its updates back, and holding its result for a submitter
 //! that went away.
+//!
+//! Over 800 lines: accepting, starting (off the event loop), watching, ending and retaining a job are one
+//! job's life on the running side; splitting it further waits for the job manager to become an actor.
 use super::*;
 #[allow(unused_imports)]
 use super::{fetch::*, jobs::*, submitter::*};
