@@ -356,3 +356,58 @@ fn fine_tunes_survive_sigkills_of_submitter_and_worker_at_random_moments() {
     eprintln!("the phone took up {took_up} job(s) after its restarts; {reattached} time(s) its worker had kept it");
     assert!(took_up > 0, "no kill of the phone met a live job");
 }
+
+#[test]
+fn a_detached_job_is_followed_to_its_end_from_another_terminal() {
+    let mut n = solo("follow", "");
+    n.start();
+    let m = synth(&n.home);
+    let data = n.home.join("d.jsonl");
+    std::fs::write(
+        &data,
+        (0..12)
+            .map(|i| format!("{{\"text\": \"line {i} of a small dataset for a detached fine-tune\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = n.home.join("adapter");
+    let args = [
+        "submit",
+        "finetune",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--rank",
+        "4",
+        "--seq-len",
+        "64",
+        "--detach",
+        "--json",
+    ];
+    let v: Value = serde_json::from_str(cli_ok(&n.home, &args).lines().last().unwrap()).unwrap();
+    let id = v["job_id"].as_str().unwrap().to_string();
+    // A second terminal re-attaches and sees the job to its end, exactly as `submit` would have shown it.
+    let (ok, outp, err) = cli(&n.home, &["jobs", "follow", &id[..8], "--json"]);
+    assert!(ok, "{err}{outp}");
+    let end: Value = serde_json::from_str(outp.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (end["job_id"].as_str(), end["state"].as_str()),
+        (Some(id.as_str()), Some("succeeded"))
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    // Following a job that already ended answers at once with how it ended; an unknown one is an error.
+    let again: Value = serde_json::from_str(
+        cli_ok(&n.home, &["jobs", "follow", &id, "--json"])
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again["state"], "succeeded");
+    cli_err(&n.home, &["jobs", "follow", "ffffffff"], "no job");
+}
