@@ -657,7 +657,8 @@ impl Daemon {
         tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job ended");
         // The checkpoint kept for a failover is no longer needed once the job ended well.
         if state == State::Succeeded {
-            let _ = std::fs::remove_dir_all(self.home.join("jobs").join(id));
+            let dir = self.home.join("jobs").join(id);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir));
         }
         if let Some(mut sub) = self.work.subs.remove(id) {
             send_to_watchers(&mut sub.watchers, &Event::Finished(Box::new(v.clone())));
