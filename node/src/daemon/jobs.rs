@@ -337,6 +337,22 @@ impl Daemon {
         }
     }
 
+    /// An envelope for job `job_id`, signed with this node's key for the peer whose key is `to`, valid
+    /// for [`ENVELOPE_TTL`] from now, with a fresh nonce: the one way every job, cancel, update and
+    /// result is sealed.
+    pub(super) fn seal(&self, kind: Kind, job_id: [u8; 16], to: [u8; 32], payload: Vec<u8>) -> Envelope {
+        Envelope::seal(
+            &self.work.signing,
+            kind,
+            job_id,
+            to,
+            now_unix(),
+            ENVELOPE_TTL,
+            random::<16>(),
+            payload,
+        )
+    }
+
     pub(super) fn job_message_max(&self) -> usize {
         self.cfg.jobs.max_job_message()
     }

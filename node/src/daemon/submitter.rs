@@ -559,16 +559,7 @@ impl Daemon {
                 )
             }
         };
-        let env = Envelope::seal(
-            &self.work.signing,
-            Kind::Job,
-            job_id,
-            target_key,
-            now_unix(),
-            ENVELOPE_TTL,
-            random::<16>(),
-            bytes,
-        );
+        let env = self.seal(Kind::Job, job_id, target_key, bytes);
         let rid = self.swarm.behaviour_mut().job.inner.send_request(&best, Ok(env));
         self.work.job_requests.insert(rid, (id.to_string(), best));
     }
@@ -860,30 +851,18 @@ impl Daemon {
 
     pub(super) fn send_cancel(&mut self, worker: PeerId, job_id: [u8; 16]) {
         let Some(k) = peer_key(&worker) else { return };
-        let env = Envelope::seal(
-            &self.work.signing,
-            Kind::Cancel,
-            job_id,
-            k,
-            now_unix(),
-            ENVELOPE_TTL,
-            random::<16>(),
-            vec![],
-        );
+        let env = self.seal(Kind::Cancel, job_id, k, vec![]);
         self.swarm.behaviour_mut().job.inner.send_request(&worker, Ok(env));
     }
 
     pub(super) fn jobs_list(&self) -> Vec<api::JobView> {
-        let mut v: Vec<api::JobView> = self
-            .work
+        self.work
             .table
             .jobs
             .iter()
             .rev()
             .take(200)
             .map(|j| self.job_view(&j.id))
-            .collect();
-        v.truncate(200);
-        v
+            .collect()
     }
 }

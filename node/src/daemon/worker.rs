@@ -784,16 +784,7 @@ impl Daemon {
                         reason: format!("the result does not fit a message ({e}); raise [jobs] max_checkpoint_bytes"),
                     });
                     if let Ok(b) = wire::encode(&u, self.update_message_max()) {
-                        let env = Envelope::seal(
-                            &self.work.signing,
-                            kind,
-                            t.job_id,
-                            k,
-                            now_unix(),
-                            ENVELOPE_TTL,
-                            random::<16>(),
-                            b,
-                        );
+                        let env = self.seal(kind, t.job_id, k, b);
                         let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
                         self.work.done_requests.insert(rid, (id.to_string(), Sent::Result));
                     }
@@ -801,16 +792,7 @@ impl Daemon {
                 return;
             }
         };
-        let env = Envelope::seal(
-            &self.work.signing,
-            kind,
-            t.job_id,
-            k,
-            now_unix(),
-            ENVELOPE_TTL,
-            random::<16>(),
-            bytes,
-        );
+        let env = self.seal(kind, t.job_id, k, bytes);
         let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
         self.work.done_requests.insert(rid, (id.to_string(), sent));
     }
