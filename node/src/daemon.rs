@@ -1,7 +1,14 @@
-//! `bitnode start`: the daemon. One tokio task owns the libp2p swarm and all mesh state (the network actor
-//! of rust-libp2p's file-sharing example); the control socket's connections send it commands over a bounded
-//! channel and get their answers back on oneshot channels. Nothing else touches the swarm, so there are no
-//! locks around it; the only shared state is the admission set the connection gate reads.
+//! `bitnode start`: the daemon, as a few actors with typed messages (see `daemon/handle.rs`):
+//! - the network actor (this file, `peers.rs`, `requests.rs`): one tokio task that alone owns the libp2p
+//!   swarm, the peers, pairing (a state machine without I/O, `crate::pairing`), the trust list and the
+//!   capability advert (`crate::caps`);
+//! - the job manager (`jobs.rs` and the files it names): one tokio task that alone owns the jobs;
+//! - the store actor (`crate::store`): a thread that does the state files' writes;
+//! - the control server (`control_server.rs`): a task per local client, which routes each request to the
+//!   actor that owns its answer, over bounded channels, and gets the answer back on a oneshot.
+//!
+//! Nothing but the network actor touches the swarm, so there are no locks around it; the only shared state
+//! is the admission set the connection gate reads (and the job manager checks envelope signers against).
 use crate::api::{self, ConnectionKind, Event, PeerInfo, Request, Response};
 use crate::caps;
 use crate::config::Config;
@@ -42,12 +49,16 @@ use bitnode_protocol::job::{
 use bitnode_protocol::mesh::MAX_ADVERTISED_MODELS;
 use bitnode_protocol::wire;
 use ed25519_dalek::SigningKey;
+#[allow(unused_imports)]
+use handle::{Answer, JobLoad, MeshView, NetCommand, NetHandle, PeerView};
 use libp2p::request_response::OutboundRequestId;
 use std::collections::VecDeque;
+use tokio::sync::watch;
 
 mod control_server;
 mod failover;
 mod fetch;
+mod handle;
 mod jobs;
 mod peers;
 mod requests;
@@ -154,7 +165,16 @@ pub struct Daemon {
     pnet: bool,
     started: Instant,
     stop: bool,
-    work: jobs::Work,
+    /// The job manager's mailbox (what peers ask of it, and peers coming back).
+    jobs: mpsc::UnboundedSender<jobs::Internal>,
+    /// The reply channels of the job manager's requests in flight.
+    pending: handle::Pending,
+    /// The job manager's load, as it last reported it.
+    load: JobLoad,
+    /// The mesh as the job manager reads it; published after every event.
+    view: watch::Sender<MeshView>,
+    /// This actor's own mailbox, for the tasks it starts.
+    net: NetHandle,
     /// Writes the job table and the trust list off the event loop.
     store: crate::store::StateWriter,
     /// The ternary matmul rates measured so far (at start, then every `remeasure_secs`); the median is
@@ -276,7 +296,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         max_update_message: cfg.jobs.max_update_message(),
     };
     let (itx, irx) = mpsc::unbounded_channel();
-    let work = jobs::Work::new(home, &key, itx)?;
+    let work = jobs::Work::new(home, &key, itx.clone())?;
     let mut swarm = net::build_swarm(key, admission.clone(), &netopts)?;
     let listen = if opts.listen.is_empty() {
         cfg.network.listen.clone()
@@ -300,6 +320,28 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     tracing::info!(peer_id = %me, %name, score = caps.score, device = %caps.device, "bitnode daemon starting");
 
     let cfg_name = name.clone();
+    let (net, cmds) = NetHandle::new();
+    let (view, mesh) = watch::channel(MeshView::default());
+    let store = crate::store::StateWriter::start().context("starting the store thread")?;
+    // The first advert already lists the store's models and the jobs taken up again.
+    let load = JobLoad {
+        queue_len: work.queue_len(),
+        models: work.models(),
+        ..Default::default()
+    };
+    let manager = jobs::JobManager {
+        work,
+        net: net.clone(),
+        mesh,
+        cfg: cfg.clone(),
+        home: home.to_path_buf(),
+        me,
+        name: name.clone(),
+        store: store.clone(),
+        admission: admission.clone(),
+        reported: Some(load.clone()),
+        models: load.models.clone(),
+    };
     let mut d = Daemon {
         swarm,
         home: home.to_path_buf(),
@@ -319,8 +361,12 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         pnet: psk.is_some(),
         started: Instant::now(),
         stop: false,
-        work,
-        store: crate::store::StateWriter::start().context("starting the store thread")?,
+        jobs: itx,
+        pending: Default::default(),
+        load,
+        view,
+        net,
+        store,
         scores: caps::ScoreWindow::default(),
         measured_at: Instant::now(),
         measuring: false,
@@ -330,11 +376,18 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     }
     d.refresh_job_caps();
     d.advertised = Some(d.caps.clone());
-    d.resume_submissions();
+    d.publish();
     d.dial_bootstrap();
     let (tx, rx) = mpsc::channel::<Ctl>(64);
-    let acceptor = tokio::spawn(control_server::accept_loop(listener, tx));
-    let res = d.event_loop(rx, irx).await;
+    let (jtx, jrx) = mpsc::channel::<Ctl>(64);
+    let (stop_jobs, jobs_stopped) = oneshot::channel();
+    let job_manager = tokio::spawn(manager.run(jrx, irx, jobs_stopped));
+    let acceptor = tokio::spawn(control_server::accept_loop(listener, tx, jtx));
+    let res = d.event_loop(rx, cmds).await;
+    // The job manager stops with the network: its job processes die with the daemon, and the submissions
+    // recorded on disk are taken up again at the next start.
+    let _ = stop_jobs.send(());
+    let _ = job_manager.await;
     // Everything handed to the store actor reaches the disk before the daemon says it stopped.
     let store = d.store.clone();
     let _ = tokio::task::spawn_blocking(move || store.flush()).await;
@@ -349,7 +402,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
 enum Wake {
     Swarm(Box<SwarmEvent<BehaviourEvent>>),
     Ctl(Ctl),
-    Internal(jobs::Internal),
+    Cmd(NetCommand),
     Tick,
     Stop(&'static str),
 }
@@ -357,7 +410,7 @@ impl Daemon {
     async fn event_loop(
         &mut self,
         mut rx: mpsc::Receiver<Ctl>,
-        mut irx: mpsc::UnboundedReceiver<jobs::Internal>,
+        mut cmds: mpsc::UnboundedReceiver<NetCommand>,
     ) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut sigint = signal(SignalKind::interrupt())?;
@@ -368,7 +421,7 @@ impl Daemon {
             let w = tokio::select! {
                 ev = self.swarm.select_next_some() => Wake::Swarm(Box::new(ev)),
                 Some(c) = rx.recv() => Wake::Ctl(c),
-                Some(i) = irx.recv() => Wake::Internal(i),
+                Some(c) = cmds.recv() => Wake::Cmd(c),
                 _ = tick.tick() => Wake::Tick,
                 _ = sigint.recv() => Wake::Stop("SIGINT"),
                 _ = sigterm.recv() => Wake::Stop("SIGTERM"),
@@ -376,13 +429,12 @@ impl Daemon {
             match w {
                 Wake::Swarm(ev) => self.on_swarm(*ev),
                 Wake::Ctl(c) => self.on_control(c),
-                Wake::Internal(i) => self.on_internal(i),
+                Wake::Cmd(c) => self.on_command(c),
                 Wake::Tick => {
                     self.on_tick();
-                    self.jobs_tick();
                     if last_caps.elapsed() >= CAPS_REFRESH {
                         last_caps = Instant::now();
-                        caps::refresh(&mut self.caps, &self.cfg.capabilities, self.work.queue_len());
+                        caps::refresh(&mut self.caps, &self.cfg.capabilities, self.load.queue_len);
                         self.refresh_job_caps();
                     }
                     self.remeasure_if_due();
@@ -392,6 +444,7 @@ impl Daemon {
                     self.stop = true;
                 }
             }
+            self.publish();
         }
         // Close connections so peers see us leave now rather than at their ping timeout.
         for p in self.peers.keys().copied().collect::<Vec<_>>() {
@@ -408,7 +461,7 @@ impl Daemon {
         if every == 0
             || self.measuring
             || self.measured_at.elapsed() < Duration::from_secs(every)
-            || self.work.busy()
+            || self.load.busy
             || self.cfg.capabilities.ternary_gops.is_some()
         {
             return;
@@ -416,9 +469,9 @@ impl Daemon {
         self.measuring = true;
         let adapter = self.cfg.engine.adapter.clone().unwrap_or_else(|| "auto".into());
         let cfg = self.cfg.capabilities.clone();
-        let tx = self.work.internal();
+        let net = self.net.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(jobs::Internal::Measured(caps::measure(&adapter, &cfg)));
+            net.send(NetCommand::Measured(caps::measure(&adapter, &cfg)));
         });
     }
 
@@ -430,9 +483,96 @@ impl Daemon {
         if let Some(v) = self.scores.value() {
             tracing::info!(sample = g, advertised = v, "capability re-measured");
             self.caps.ternary_gops = v;
-            caps::refresh(&mut self.caps, &self.cfg.capabilities, self.work.queue_len());
+            caps::refresh(&mut self.caps, &self.cfg.capabilities, self.load.queue_len);
             self.refresh_job_caps();
         }
+    }
+
+    /// The capability advert's job-related fields, from the config and the job manager's last load.
+    fn refresh_job_caps(&mut self) {
+        self.caps.queue_len = self.load.queue_len;
+        self.caps.models = self.load.models.clone();
+        self.caps.models.truncate(MAX_ADVERTISED_MODELS);
+        self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
+        self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
+        self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
+        self.push_caps_if_changed();
+    }
+
+    /// The job manager's requests: each goes out on its protocol with its reply channel remembered by
+    /// request id (`handle::route` answers it); answers to peers go back on their response channels.
+    fn on_command(&mut self, c: NetCommand) {
+        let b = self.swarm.behaviour_mut();
+        match c {
+            NetCommand::SendJob { peer, env, reply } => {
+                let rid = b.job.inner.send_request(&peer, Ok(env));
+                self.pending.job.insert(rid, reply);
+            }
+            NetCommand::SendUpdate { peer, env, reply } => {
+                let rid = b.update.inner.send_request(&peer, Ok(env));
+                self.pending.update.insert(rid, reply);
+            }
+            NetCommand::RequestModel { peer, req, reply } => {
+                let rid = b.model.inner.send_request(&peer, Ok(req));
+                self.pending.model.insert(rid, reply);
+            }
+            // A response channel whose stream closed meanwhile refuses the answer; the peer saw a failure.
+            NetCommand::AnswerJob(ch, ack) => {
+                let _ = b.job.inner.send_response(ch, Ok(ack));
+            }
+            NetCommand::AnswerUpdate(ch, ack) => {
+                let _ = b.update.inner.send_response(ch, Ok(ack));
+            }
+            NetCommand::AnswerModel(ch, resp) => {
+                let _ = b.model.inner.send_response(ch, Ok(resp));
+            }
+            NetCommand::Load(load) => {
+                self.load = load;
+                self.refresh_job_caps();
+            }
+            NetCommand::Measured(g) => self.on_measured(g),
+        }
+    }
+
+    /// Publishes the mesh for the job manager. Peers are few, so the view is rebuilt after every event
+    /// rather than tracked change by change (which would be one more thing to forget).
+    fn publish(&mut self) {
+        let relay_limit = |r: &PeerId| {
+            self.peers
+                .get(r)
+                .and_then(|s| s.caps.as_ref())
+                .and_then(|c| c.relay_max_circuit_bytes)
+        };
+        let peers = self
+            .peers
+            .iter()
+            .map(|(id, st)| {
+                let relays = st
+                    .conns
+                    .values()
+                    .filter(|c| c.identified && c.relayed)
+                    .map(|c| (c.relay, c.relay.as_ref().and_then(relay_limit)))
+                    .collect();
+                let v = PeerView {
+                    connected: st.connected() && self.trust.contains(id),
+                    direct: st.direct(),
+                    caps: st.caps.clone(),
+                    relays,
+                };
+                (*id, v)
+            })
+            .collect();
+        let names = self
+            .trust
+            .ids()
+            .into_iter()
+            .filter_map(|p| self.trust.get(&p).map(|t| (p, t.name.clone())))
+            .collect();
+        self.view.send_replace(MeshView {
+            caps: self.caps.clone(),
+            peers,
+            names,
+        });
     }
 
     fn save_trust(&self) {

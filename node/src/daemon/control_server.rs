@@ -3,11 +3,39 @@
 //! backlog and a write timeout so a client that stops reading cannot make the daemon buffer.
 use super::*;
 
-pub(super) async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Ctl>) {
+/// The two actors' control mailboxes; each request goes to the one that owns its answer.
+#[derive(Clone)]
+pub(super) struct Routes {
+    net: mpsc::Sender<Ctl>,
+    jobs: mpsc::Sender<Ctl>,
+}
+
+impl Routes {
+    fn for_request(&self, r: &Request) -> &mpsc::Sender<Ctl> {
+        match r {
+            Request::Submit { .. }
+            | Request::Jobs
+            | Request::JobShow { .. }
+            | Request::JobCancel { .. }
+            | Request::JobFollow { .. } => &self.jobs,
+            Request::Status
+            | Request::Peers
+            | Request::PairList
+            | Request::PairInvite { .. }
+            | Request::PairJoin { .. }
+            | Request::PairAdd { .. }
+            | Request::PairRemove { .. }
+            | Request::Shutdown => &self.net,
+        }
+    }
+}
+
+pub(super) async fn accept_loop(listener: tokio::net::UnixListener, net: mpsc::Sender<Ctl>, jobs: mpsc::Sender<Ctl>) {
+    let routes = Routes { net, jobs };
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_client(stream, tx.clone()));
+                tokio::spawn(serve_client(stream, routes.clone()));
             }
             Err(e) => {
                 tracing::warn!("control socket accept: {e}");
@@ -17,7 +45,7 @@ pub(super) async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Se
     }
 }
 
-async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
+async fn serve_client(stream: tokio::net::UnixStream, routes: Routes) {
     let (r, mut w) = stream.into_split();
     let mut r = tokio::io::BufReader::new(r.take(control::MAX_REQUEST as u64 + 1));
     let mut line = String::new();
@@ -34,7 +62,9 @@ async fn serve_client(stream: tokio::net::UnixStream, tx: mpsc::Sender<Ctl>) {
             Ok(req) => {
                 let (reply, mut rx) = oneshot::channel();
                 let (etx, mut erx) = mpsc::channel::<Event>(control::MAX_EVENT_BACKLOG);
-                if tx
+                if routes
+                    .for_request(&req)
+                    .clone()
                     .send(Ctl {
                         req,
                         reply,

@@ -14,7 +14,7 @@ pub(super) const MAX_CHUNK_FAILURES: u32 = 60;
 /// Marks a failed manifest request in a task's retry list.
 pub(super) const MANIFEST_RETRY: (u32, u32) = (u32::MAX, u32::MAX);
 
-impl Daemon {
+impl JobManager {
     pub(super) fn fetch_next(&mut self, id: &str) {
         let store = self.work.store.clone();
         let Some(t) = self.work.tasks.get_mut(id) else { return };
@@ -34,14 +34,7 @@ impl Daemon {
         match missing.first().cloned() {
             Some(h) => {
                 tracing::info!(job = %id, model = %h, "fetching a model from the submitter");
-                let req = ModelRequest::Manifest { hash: h };
-                let rid = self
-                    .swarm
-                    .behaviour_mut()
-                    .model
-                    .inner
-                    .send_request(&sub, Ok(req.clone()));
-                self.work.model_requests.insert(rid, (id.to_string(), req));
+                self.ask_model(id, sub, ModelRequest::Manifest { hash: h });
             }
             None => {
                 if let Some(t) = self.work.tasks.get_mut(id) {
@@ -62,14 +55,21 @@ impl Daemon {
         };
         let Some(hash) = missing.first().cloned() else { return };
         in_flight.insert((file, index));
-        let req = ModelRequest::Chunk { hash, file, index };
-        let rid = self
-            .swarm
-            .behaviour_mut()
-            .model
-            .inner
-            .send_request(&sub, Ok(req.clone()));
-        self.work.model_requests.insert(rid, (id.to_string(), req));
+        self.ask_model(id, sub, ModelRequest::Chunk { hash, file, index });
+    }
+
+    fn ask_model(&self, id: &str, sub: PeerId, req: ModelRequest) {
+        let task = id.to_string();
+        let sent = req.clone();
+        self.net.request(
+            |reply| NetCommand::RequestModel { peer: sub, req, reply },
+            &self.work.internal,
+            move |answer| Internal::ModelAnswered {
+                task,
+                req: sent,
+                answer,
+            },
+        );
     }
 
     /// Keeps up to [`CHUNKS_IN_FLIGHT`] chunk requests going; finishes the download when all are in.
@@ -107,77 +107,69 @@ impl Daemon {
         }
     }
 
-    pub(super) fn on_model_event(&mut self, e: rr::Event<Inbound<ModelRequest>, Inbound<ModelResponse>>) {
-        match e {
-            rr::Event::Message {
-                peer,
-                message: rr::Message::Request { request, channel, .. },
-                ..
-            } => {
-                let resp = match request {
-                    Ok(req) => self.serve_model(peer, &req),
-                    Err(why) => ModelResponse::Refused { reason: why },
-                };
-                let _ = self.swarm.behaviour_mut().model.inner.send_response(channel, Ok(resp));
+    /// The device running one of our jobs asks for a model.
+    pub(super) fn on_model_asked(
+        &mut self,
+        peer: PeerId,
+        req: Inbound<ModelRequest>,
+        ch: rr::ResponseChannel<Inbound<ModelResponse>>,
+    ) {
+        let resp = match req {
+            Ok(req) => self.serve_model(peer, &req),
+            Err(why) => ModelResponse::Refused { reason: why },
+        };
+        self.net.send(NetCommand::AnswerModel(ch, resp));
+    }
+
+    /// The submitter's answer to a model request of task `id`.
+    pub(super) fn on_model_answered(&mut self, id: String, req: ModelRequest, answer: Option<Answer<ModelResponse>>) {
+        let error = match answer {
+            Some(Ok(Ok(r))) => return self.model_response(&id, req, r),
+            Some(Ok(Err(why))) => {
+                return self.fail_task(&id, format!("the submitter sent a malformed model message: {why}"))
             }
-            rr::Event::Message {
-                message: rr::Message::Response { request_id, response },
+            Some(Err(error)) => error,
+            None => return,
+        };
+        if matches!(error, rr::OutboundFailure::UnsupportedProtocols) {
+            return self.fail_task(&id, "the submitter does not serve models (/bitnode/model/1)".into());
+        }
+        tracing::info!(job = %id, "model request failed ({error}); retrying");
+        let mut give_up = false;
+        // A submitter gone for twice its own heartbeat timeout has moved the job elsewhere anyway.
+        let gone = self
+            .work
+            .tasks
+            .get(&id)
+            .and_then(|t| t.submitter)
+            .is_some_and(|p| !self.connected(&p));
+        let patience = if gone {
+            (2 * self.cfg.jobs.heartbeat_timeout_secs).min(MAX_CHUNK_FAILURES as u64) as u32
+        } else {
+            MAX_CHUNK_FAILURES
+        };
+        if let Some(t) = self.work.tasks.get_mut(&id) {
+            if let TaskState::Fetching {
+                in_flight,
+                failed,
+                failures,
                 ..
-            } => {
-                let Some((id, req)) = self.work.model_requests.remove(&request_id) else {
-                    return;
-                };
-                match response {
-                    Ok(r) => self.model_response(&id, req, r),
-                    Err(why) => self.fail_task(&id, format!("the submitter sent a malformed model message: {why}")),
-                }
-            }
-            rr::Event::OutboundFailure { request_id, error, .. } => {
-                let Some((id, req)) = self.work.model_requests.remove(&request_id) else {
-                    return;
-                };
-                if matches!(error, rr::OutboundFailure::UnsupportedProtocols) {
-                    return self.fail_task(&id, "the submitter does not serve models (/bitnode/model/1)".into());
-                }
-                tracing::info!(job = %id, "model request failed ({error}); retrying");
-                let mut give_up = false;
-                // A submitter gone for twice its own heartbeat timeout has moved the job elsewhere anyway.
-                let gone = self
-                    .work
-                    .tasks
-                    .get(&id)
-                    .and_then(|t| t.submitter)
-                    .is_some_and(|p| !self.peers.get(&p).is_some_and(|s| s.connected()));
-                let patience = if gone {
-                    (2 * self.cfg.jobs.heartbeat_timeout_secs).min(MAX_CHUNK_FAILURES as u64) as u32
-                } else {
-                    MAX_CHUNK_FAILURES
-                };
-                if let Some(t) = self.work.tasks.get_mut(&id) {
-                    if let TaskState::Fetching {
-                        in_flight,
-                        failed,
-                        failures,
-                        ..
-                    } = &mut t.state
-                    {
-                        *failures += 1;
-                        give_up = *failures > patience;
-                        match req {
-                            ModelRequest::Chunk { file, index, .. } => {
-                                in_flight.remove(&(file, index));
-                                failed.push((file, index));
-                            }
-                            // The manifest is asked again by the next fetch round.
-                            ModelRequest::Manifest { .. } => failed.push(MANIFEST_RETRY),
-                        }
+            } = &mut t.state
+            {
+                *failures += 1;
+                give_up = *failures > patience;
+                match req {
+                    ModelRequest::Chunk { file, index, .. } => {
+                        in_flight.remove(&(file, index));
+                        failed.push((file, index));
                     }
-                }
-                if give_up {
-                    self.fail_task(&id, format!("the model transfer from the submitter broke off: {error}"));
+                    // The manifest is asked again by the next fetch round.
+                    ModelRequest::Manifest { .. } => failed.push(MANIFEST_RETRY),
                 }
             }
-            _ => {}
+        }
+        if give_up {
+            self.fail_task(&id, format!("the model transfer from the submitter broke off: {error}"));
         }
     }
 

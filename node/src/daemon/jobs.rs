@@ -17,7 +17,10 @@
 //!
 //! A job that runs here for a local submission takes the same path without envelopes: its updates go
 //! straight to the submitter half. Every change of a job's state is handed to the store thread at once.
-//! These files are still methods of the one `Daemon`: the job manager is not yet an actor of its own.
+//!
+//! All of it is the job manager, an actor of its own ([`JobManager`]): it reaches peers only through its
+//! [`NetHandle`], reads the mesh from the network actor's [`MeshView`], and takes everything else (what
+//! peers ask, answers to its requests, its helper tasks' results, control requests) from its mailbox.
 use super::*;
 #[allow(unused_imports)]
 use super::{fetch::*, submitter::*, worker::*};
@@ -25,7 +28,46 @@ use super::{fetch::*, submitter::*, worker::*};
 /// Validity of the envelopes this node seals (the receiver allows 60 s of clock skew on top).
 pub(super) const ENVELOPE_TTL: u64 = 600;
 
+/// The job manager's mailbox: what the network actor hands it, and what its own helper tasks report.
 pub(super) enum Internal {
+    /// A peer asks this node to run a job.
+    JobAsked {
+        peer: PeerId,
+        req: Inbound<Envelope>,
+        ch: rr::ResponseChannel<Inbound<JobAck>>,
+    },
+    /// A worker sends an update or the result of a job submitted here.
+    UpdateAsked {
+        peer: PeerId,
+        req: Inbound<Envelope>,
+        ch: rr::ResponseChannel<Inbound<UpdateAck>>,
+    },
+    /// The device running one of our jobs asks for a model.
+    ModelAsked {
+        peer: PeerId,
+        req: Inbound<ModelRequest>,
+        ch: rr::ResponseChannel<Inbound<ModelResponse>>,
+    },
+    /// The answer to a job sent to `worker` (None: the network actor went away).
+    JobAnswered {
+        job: String,
+        worker: PeerId,
+        answer: Option<Answer<JobAck>>,
+    },
+    /// The answer to an update sent for task `task`.
+    UpdateAnswered {
+        task: String,
+        sent: Sent,
+        answer: Option<Answer<UpdateAck>>,
+    },
+    /// The answer to a model request of task `task`.
+    ModelAnswered {
+        task: String,
+        req: ModelRequest,
+        answer: Option<Answer<ModelResponse>>,
+    },
+    /// A paired peer connected: results held for it go now.
+    PeerUp(PeerId),
     /// A line from a job's child process.
     Child {
         task: String,
@@ -61,8 +103,6 @@ pub(super) enum Internal {
     },
     /// A submission's inputs were read (or could not be).
     SubmitLoaded(Box<PendingSubmit>),
-    /// A capability re-measurement ended (None: it failed, or the device disagreed with the CPU twin).
-    Measured(Option<f64>),
     /// A submitted fine-tune's adapter, written to its `--out`.
     OutWritten {
         job: String,
@@ -144,10 +184,6 @@ pub(super) struct Work {
     pub(super) order: VecDeque<String>,
     pub(super) running: Option<String>,
     pub(super) internal: mpsc::UnboundedSender<Internal>,
-    pub(super) job_requests: HashMap<OutboundRequestId, (String, PeerId)>,
-    pub(super) model_requests: HashMap<OutboundRequestId, (String, ModelRequest)>,
-    /// Updates in flight: (task, whether it is the result).
-    pub(super) done_requests: HashMap<OutboundRequestId, (String, Sent)>,
     pub(super) last_heartbeat: Instant,
 }
 
@@ -182,9 +218,6 @@ impl Work {
             order: VecDeque::new(),
             running: None,
             internal,
-            job_requests: HashMap::new(),
-            model_requests: HashMap::new(),
-            done_requests: HashMap::new(),
             last_heartbeat: Instant::now(),
         })
     }
@@ -200,10 +233,6 @@ impl Work {
     /// A job process runs (or starts) here.
     pub(super) fn busy(&self) -> bool {
         self.running.is_some()
-    }
-
-    pub(super) fn internal(&self) -> mpsc::UnboundedSender<Internal> {
-        self.internal.clone()
     }
 
     /// Jobs queued, fetching or running here (what the capability advert calls the queue).
@@ -302,24 +331,133 @@ pub(super) fn write_bundle(dir: &Path, b: &Bundle) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Daemon {
+/// The job manager actor: the only owner of this node's jobs.
+pub(super) struct JobManager {
+    pub(super) work: Work,
+    pub(super) net: NetHandle,
+    pub(super) mesh: watch::Receiver<MeshView>,
+    pub(super) cfg: Config,
+    pub(super) home: PathBuf,
+    pub(super) me: PeerId,
+    pub(super) name: String,
+    pub(super) store: crate::store::StateWriter,
+    /// The paired peers (the gate's set): envelopes and model requests are checked against it.
+    pub(super) admission: SharedAdmission,
+    /// The load last reported to the network actor.
+    pub(super) reported: Option<JobLoad>,
+    /// The store's models, as last listed (a directory read, so only when one may have arrived).
+    pub(super) models: Vec<String>,
+}
+
+impl JobManager {
+    /// Runs until `stop` fires (the network actor ended) or every sender is gone.
+    pub(super) async fn run(
+        mut self,
+        mut ctl: mpsc::Receiver<Ctl>,
+        mut inbox: mpsc::UnboundedReceiver<Internal>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        self.refresh_job_caps();
+        self.resume_submissions();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                Some(c) = ctl.recv() => self.on_control(c),
+                Some(i) = inbox.recv() => self.on_internal(i),
+                _ = tick.tick() => self.jobs_tick(),
+                _ = &mut stop => break,
+                else => break,
+            }
+            self.report_load();
+        }
+    }
+
+    /// The local API's job requests (the control server routes them here).
+    fn on_control(&mut self, c: Ctl) {
+        let Ctl { req, reply, events } = c;
+        let resp = match req {
+            Request::Submit {
+                spec,
+                data_path,
+                need,
+                to,
+                out,
+                resume,
+                detach,
+            } => {
+                self.submit(spec, data_path, need, &to, out, resume, detach, reply, Some(events));
+                return;
+            }
+            Request::Jobs => Response::ok(&self.jobs_list()),
+            Request::JobShow { id } => match self.work.table.find(&id) {
+                Ok(j) => {
+                    let id = j.id.clone();
+                    Response::ok(&self.job_view(&id))
+                }
+                Err(e) => Response::err(format!("{e:#}")),
+            },
+            Request::JobCancel { id } => self.cancel_job(&id),
+            Request::JobFollow { id } => {
+                // Answered now for a job that ended, else when it ends.
+                self.follow_job(&id, events, reply);
+                return;
+            }
+            _ => Response::err("not a job request"),
+        };
+        let _ = reply.send(resp);
+    }
+
+    pub(super) fn is_trusted(&self, peer: &PeerId) -> bool {
+        lock(&self.admission).trusted.contains(peer)
+    }
+
+    pub(super) fn connected(&self, peer: &PeerId) -> bool {
+        self.mesh.borrow().connected(peer)
+    }
+}
+
+impl JobManager {
     pub(super) fn peer_name(&self, p: &PeerId) -> String {
         if *p == self.me {
             return self.name.clone();
         }
-        self.trust
+        self.mesh
+            .borrow()
+            .names
             .get(p)
-            .map(|t| t.name.clone())
+            .cloned()
             .unwrap_or_else(|| crate::trust::default_name(p))
     }
 
+    /// Lists the store's models again (after a model arrived) and reports the load.
     pub(super) fn refresh_job_caps(&mut self) {
-        self.caps.queue_len = self.work.queue_len();
-        self.caps.models = self.work.models();
-        self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
-        self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
-        self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
-        self.push_caps_if_changed();
+        self.models = self.work.models();
+        self.report_load();
+    }
+
+    /// Reports the load to the network actor (for the capability advert, and its own decisions) when it
+    /// changed; called after every message the job manager handles, so it never lags a job's state.
+    pub(super) fn report_load(&mut self) {
+        let load = JobLoad {
+            queue_len: self.work.queue_len(),
+            models: vec![],
+            busy: self.work.busy(),
+            job_peers: self.work.job_peers(),
+        };
+        let same = self.reported.as_ref().is_some_and(|r| {
+            r.queue_len == load.queue_len
+                && r.busy == load.busy
+                && r.job_peers == load.job_peers
+                && r.models == self.models
+        });
+        if !same {
+            let load = JobLoad {
+                models: self.models.clone(),
+                ..load
+            };
+            self.reported = Some(load.clone());
+            self.net.send(NetCommand::Load(load));
+        }
     }
 
     pub(super) fn update_job(&mut self, id: &str, f: impl FnOnce(&mut Job)) {
@@ -372,7 +510,7 @@ impl Daemon {
                 continue;
             }
             let seen = failover::Observed {
-                connected: self.peers.get(&w).is_some_and(|s| s.connected()),
+                connected: self.mesh.borrow().connected(&w),
                 accepted: sub.accepted,
                 last_heard: sub.last_heard,
                 reattach_until: sub.reattach_until,
@@ -455,65 +593,51 @@ impl Daemon {
 
     // ---- worker ----
 
-    pub(super) fn on_job_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<JobAck>>) {
-        match e {
-            rr::Event::Message {
-                peer,
-                message: rr::Message::Request { request, channel, .. },
-                ..
-            } => {
-                let ack = match request {
-                    Ok(env) => self.job_request(peer, env),
-                    Err(why) => {
-                        tracing::warn!(%peer, "malformed job message refused: {why}");
-                        JobAck::Rejected { reason: why }
-                    }
-                };
-                if let JobAck::Rejected { reason } = &ack {
-                    tracing::warn!(%peer, "job refused: {reason}");
-                }
-                let _ = self.swarm.behaviour_mut().job.inner.send_response(channel, Ok(ack));
+    /// A peer asks this node to run a job.
+    pub(super) fn on_job_asked(
+        &mut self,
+        peer: PeerId,
+        req: Inbound<Envelope>,
+        ch: rr::ResponseChannel<Inbound<JobAck>>,
+    ) {
+        let ack = match req {
+            Ok(env) => self.job_request(peer, env),
+            Err(why) => {
+                tracing::warn!(%peer, "malformed job message refused: {why}");
+                JobAck::Rejected { reason: why }
             }
-            rr::Event::Message {
-                peer,
-                message: rr::Message::Response { request_id, response },
-                ..
-            } => {
-                let Some((id, worker)) = self.work.job_requests.remove(&request_id) else {
+        };
+        if let JobAck::Rejected { reason } = &ack {
+            tracing::warn!(%peer, "job refused: {reason}");
+        }
+        self.net.send(NetCommand::AnswerJob(ch, ack));
+    }
+
+    /// The worker's answer to the job sent to it.
+    pub(super) fn on_job_answered(&mut self, id: String, worker: PeerId, answer: Option<Answer<JobAck>>) {
+        match answer {
+            Some(Ok(Ok(JobAck::Accepted { queue_position }))) => {
+                // The job may have ended or moved while the answer was on its way.
+                let Some(s) = self.work.subs.get_mut(&id).filter(|s| s.worker == Some(worker)) else {
                     return;
                 };
-                match response {
-                    Ok(JobAck::Accepted { queue_position }) => {
-                        // The job may have ended or moved while the answer was on its way.
-                        let Some(s) = self.work.subs.get_mut(&id).filter(|s| s.worker == Some(worker)) else {
-                            return;
-                        };
-                        s.accepted = true;
-                        s.last_heard = Instant::now();
-                        self.update_job(&id, |j| j.state = State::Running);
-                        self.emit(
-                            &id,
-                            Event::Accepted {
-                                worker: peer.to_base58(),
-                                queue_position,
-                            },
-                        );
-                    }
-                    Ok(JobAck::Rejected { reason }) => {
-                        self.attempt_failed(&id, worker, format!("refused the job: {reason}"))
-                    }
-                    Err(why) => self.attempt_failed(&id, worker, format!("sent a malformed answer: {why}")),
-                }
+                s.accepted = true;
+                s.last_heard = Instant::now();
+                self.update_job(&id, |j| j.state = State::Running);
+                self.emit(
+                    &id,
+                    Event::Accepted {
+                        worker: worker.to_base58(),
+                        queue_position,
+                    },
+                );
             }
-            rr::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some((id, worker)) = self.work.job_requests.remove(&request_id) {
-                    self.attempt_failed(&id, worker, format!("could not be given the job: {error}"));
-                }
+            Some(Ok(Ok(JobAck::Rejected { reason }))) => {
+                self.attempt_failed(&id, worker, format!("refused the job: {reason}"))
             }
-            rr::Event::InboundFailure { peer, error, .. } => {
-                tracing::warn!(%peer, "job message failed: {error}");
-            }
-            _ => {}
+            Some(Ok(Err(why))) => self.attempt_failed(&id, worker, format!("sent a malformed answer: {why}")),
+            Some(Err(error)) => self.attempt_failed(&id, worker, format!("could not be given the job: {error}")),
+            None => {}
         }
     }
 
@@ -527,7 +651,7 @@ impl Daemon {
         if peer_key(peer) != Some(env.header.signer) {
             return Err("the envelope is signed by another device than the one that sent it".into());
         }
-        let admission = self.admission.clone();
+        let admission = &self.admission;
         let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(&admission).trusted.contains(&p));
         env.open(&self.work.my_key, kind, now_unix(), max, trusted, &mut self.work.nonces)
             .map_err(|e| e.to_string())
@@ -535,6 +659,13 @@ impl Daemon {
 
     pub(super) fn on_internal(&mut self, ev: Internal) {
         match ev {
+            Internal::JobAsked { peer, req, ch } => self.on_job_asked(peer, req, ch),
+            Internal::UpdateAsked { peer, req, ch } => self.on_update_asked(peer, req, ch),
+            Internal::ModelAsked { peer, req, ch } => self.on_model_asked(peer, req, ch),
+            Internal::JobAnswered { job, worker, answer } => self.on_job_answered(job, worker, answer),
+            Internal::UpdateAnswered { task, sent, answer } => self.on_update_answered(task, sent, answer),
+            Internal::ModelAnswered { task, req, answer } => self.on_model_answered(task, req, answer),
+            Internal::PeerUp(peer) => self.resend_results_to(peer),
             Internal::Began { task, res } => match res {
                 Ok(dl) => {
                     if let Some(t) = self.work.tasks.get_mut(&task) {
@@ -617,7 +748,6 @@ impl Daemon {
                 self.end_task(&task, outcome);
             }
             Internal::SubmitLoaded(p) => self.submit_loaded(*p),
-            Internal::Measured(g) => self.on_measured(g),
             Internal::Started { task, res } => self.on_started(&task, res),
             // Unless the owner cancelled it meanwhile.
             Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.finishing) => {}

@@ -152,7 +152,7 @@ impl Daemon {
                     }
                     if num_established.get() == 1 {
                         self.send_caps(peer_id);
-                        self.resend_results_to(peer_id);
+                        let _ = self.jobs.send(jobs::Internal::PeerUp(peer_id));
                     }
                 }
             }
@@ -287,9 +287,23 @@ impl Daemon {
             },
             BehaviourEvent::Pair(e) => self.on_pair(e),
             BehaviourEvent::Caps(e) => self.on_caps(e),
-            BehaviourEvent::Job(e) => self.on_job_event(e),
-            BehaviourEvent::Update(e) => self.on_update_event(e),
-            BehaviourEvent::Model(e) => self.on_model_event(e),
+            // The job protocols' answers go to the requests' reply channels, and what peers ask goes to the
+            // job manager with the channel to answer on.
+            BehaviourEvent::Job(e) => {
+                if let Some((peer, req, ch)) = handle::route(&mut self.pending.job, e, "job") {
+                    let _ = self.jobs.send(jobs::Internal::JobAsked { peer, req, ch });
+                }
+            }
+            BehaviourEvent::Update(e) => {
+                if let Some((peer, req, ch)) = handle::route(&mut self.pending.update, e, "update") {
+                    let _ = self.jobs.send(jobs::Internal::UpdateAsked { peer, req, ch });
+                }
+            }
+            BehaviourEvent::Model(e) => {
+                if let Some((peer, req, ch)) = handle::route(&mut self.pending.model, e, "model") {
+                    let _ = self.jobs.send(jobs::Internal::ModelAsked { peer, req, ch });
+                }
+            }
             _ => {}
         }
     }
@@ -314,7 +328,7 @@ impl Daemon {
     pub(super) fn retry_hole_punches(&mut self, now: Instant) {
         let mut close = vec![];
         // Closing the relayed connection would cut the jobs it carries: a retry waits until none runs.
-        let busy = self.work.job_peers();
+        let busy = &self.load.job_peers;
         for (id, st) in self.peers.iter_mut() {
             if st.punch_retry_at.is_some_and(|t| now >= t) {
                 if busy.contains(id) {

@@ -104,34 +104,14 @@ impl Daemon {
     // ---- control ----
 
     pub(super) fn on_control(&mut self, c: Ctl) {
-        let Ctl { req, reply, events } = c;
+        let Ctl { req, reply, .. } = c;
         let resp = match req {
-            Request::Submit {
-                spec,
-                data_path,
-                need,
-                to,
-                out,
-                resume,
-                detach,
-            } => {
-                self.submit(spec, data_path, need, &to, out, resume, detach, reply, Some(events));
-                return;
-            }
-            Request::Jobs => Response::ok(&self.jobs_list()),
-            Request::JobShow { id } => match self.work.table.find(&id) {
-                Ok(j) => {
-                    let id = j.id.clone();
-                    Response::ok(&self.job_view(&id))
-                }
-                Err(e) => Response::err(format!("{e:#}")),
-            },
-            Request::JobCancel { id } => self.cancel_job(&id),
-            Request::JobFollow { id } => {
-                // Answered now for a job that ended, else when it ends.
-                self.follow_job(&id, events, reply);
-                return;
-            }
+            // The control server sends the job requests to the job manager.
+            Request::Submit { .. }
+            | Request::Jobs
+            | Request::JobShow { .. }
+            | Request::JobCancel { .. }
+            | Request::JobFollow { .. } => Response::err("a job request reached the network actor"),
             Request::Status => Response::ok(&self.status()),
             Request::Peers => Response::ok(&self.peers()),
             Request::PairList => Response::ok(&self.trust.entries()),

@@ -96,24 +96,20 @@ pub(super) fn send_to_watchers(watchers: &mut Vec<mpsc::Sender<Event>>, ev: &Eve
     });
 }
 
-impl Daemon {
+impl JobManager {
     /// Whether a model of `bytes` can travel between us and `peer`: over a direct connection always; over
     /// a relayed one only when the relay advertises a per-connection limit that holds it.
     pub(super) fn model_route(&self, peer: &PeerId, bytes: u64) -> Result<(), String> {
-        let Some(st) = self.peers.get(peer) else {
+        let mesh = self.mesh.borrow();
+        let Some(st) = mesh.peers.get(peer) else {
             return Err("not connected".into());
         };
-        if st.direct() {
+        if st.direct {
             return Ok(());
         }
         // Any relayed connection whose relay holds the model will do; else say why the first cannot.
         let mut why = None;
-        for c in st.conns.values().filter(|c| c.identified && c.relayed) {
-            let relay = c.relay;
-            let limit = relay
-                .and_then(|r| self.peers.get(&r))
-                .and_then(|s| s.caps.as_ref())
-                .and_then(|c| c.relay_max_circuit_bytes);
+        for (relay, limit) in &st.relays {
             // Headroom for the framing of chunks and the job's other traffic.
             if limit.is_some_and(|l| l >= bytes.saturating_add(bytes / 16).saturating_add(4 << 20)) {
                 return Ok(());
@@ -163,7 +159,7 @@ impl Daemon {
         let target = match to {
             "" | "auto" => Target::Auto,
             "local" => Target::Local,
-            who => match self.trust.resolve(who) {
+            who => match self.mesh.borrow().resolve(who) {
                 Some(p) => Target::Peer(p),
                 None if who == self.me.to_base58() || who == self.name => Target::Local,
                 None => return fail(reply, format!("{who:?} is not a paired peer (see `bitnode peers`)")),
@@ -391,7 +387,8 @@ impl Daemon {
 
     pub(super) fn candidates(&self, sub: &Sub) -> Vec<Candidate> {
         let mut out = vec![];
-        let mut mine = self.caps.clone();
+        let mesh = self.mesh.borrow().clone();
+        let mut mine = mesh.caps.clone();
         mine.queue_len = self.work.queue_len();
         let local = Candidate {
             id: self.me.to_base58(),
@@ -412,8 +409,8 @@ impl Daemon {
             return out;
         }
         let inputs: Vec<String> = sub.spec.inputs().iter().map(|s| s.to_string()).collect();
-        for (p, st) in &self.peers {
-            if !self.trust.contains(p) || !st.connected() || sub.tried.contains(p) {
+        for (p, st) in &mesh.peers {
+            if !st.connected || sub.tried.contains(p) {
                 continue;
             }
             if let Target::Peer(t) = sub.target {
@@ -431,7 +428,7 @@ impl Daemon {
             out.push(Candidate {
                 id: p.to_base58(),
                 name: self.peer_name(p),
-                link: if st.direct() { Link::Direct } else { Link::Relayed },
+                link: if st.direct { Link::Direct } else { Link::Relayed },
                 battery_allowed: caps.jobs_on_battery,
                 caps,
                 has_model,
@@ -560,8 +557,16 @@ impl Daemon {
             }
         };
         let env = self.seal(Kind::Job, job_id, target_key, bytes);
-        let rid = self.swarm.behaviour_mut().job.inner.send_request(&best, Ok(env));
-        self.work.job_requests.insert(rid, (id.to_string(), best));
+        let job = id.to_string();
+        self.net.request(
+            |reply| NetCommand::SendJob { peer: best, env, reply },
+            &self.work.internal,
+            move |answer| Internal::JobAnswered {
+                job,
+                worker: best,
+                answer,
+            },
+        );
     }
 
     /// The device running job `id` refused it, failed to take it, or went away.
@@ -852,7 +857,13 @@ impl Daemon {
     pub(super) fn send_cancel(&mut self, worker: PeerId, job_id: [u8; 16]) {
         let Some(k) = peer_key(&worker) else { return };
         let env = self.seal(Kind::Cancel, job_id, k, vec![]);
-        self.swarm.behaviour_mut().job.inner.send_request(&worker, Ok(env));
+        // Its answer changes nothing: a cancel is best effort, and the job's state has already moved on.
+        let (reply, _) = oneshot::channel();
+        self.net.send(NetCommand::SendJob {
+            peer: worker,
+            env,
+            reply,
+        });
     }
 
     pub(super) fn jobs_list(&self) -> Vec<api::JobView> {

@@ -208,7 +208,7 @@ pub(super) async fn forward_lines(
     flush(&mut pending);
 }
 
-impl Daemon {
+impl JobManager {
     pub(super) fn job_request(&mut self, peer: PeerId, env: Envelope) -> JobAck {
         let rej = |r: String| JobAck::Rejected { reason: r };
         let kind = env.header.kind;
@@ -240,7 +240,11 @@ impl Daemon {
         if let Err(e) = self.check_payload(&payload) {
             return rej(e);
         }
-        if self.caps.on_ac == Some(false) && self.caps.battery_percent.is_some() && !self.cfg.jobs.run_on_battery {
+        let on_battery = {
+            let m = self.mesh.borrow();
+            m.caps.on_ac == Some(false) && m.caps.battery_percent.is_some()
+        };
+        if on_battery && !self.cfg.jobs.run_on_battery {
             return rej(
                 "this device is on battery and does not take jobs from others then ([jobs] run_on_battery)".into(),
             );
@@ -785,16 +789,23 @@ impl Daemon {
                     });
                     if let Ok(b) = wire::encode(&u, self.update_message_max()) {
                         let env = self.seal(kind, t.job_id, k, b);
-                        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
-                        self.work.done_requests.insert(rid, (id.to_string(), Sent::Result));
+                        self.send_update_env(id, sub, env, Sent::Result);
                     }
                 }
                 return;
             }
         };
         let env = self.seal(kind, t.job_id, k, bytes);
-        let rid = self.swarm.behaviour_mut().update.inner.send_request(&sub, Ok(env));
-        self.work.done_requests.insert(rid, (id.to_string(), sent));
+        self.send_update_env(id, sub, env, sent);
+    }
+
+    fn send_update_env(&self, id: &str, sub: PeerId, env: Envelope, sent: Sent) {
+        let task = id.to_string();
+        self.net.request(
+            |reply| NetCommand::SendUpdate { peer: sub, env, reply },
+            &self.work.internal,
+            move |answer| Internal::UpdateAnswered { task, sent, answer },
+        );
     }
 
     /// A checkpoint whose delivery failed while the submitter was away: read again and resent (only the
@@ -811,97 +822,93 @@ impl Daemon {
         }
     }
 
-    pub(super) fn on_update_event(&mut self, e: rr::Event<Inbound<Envelope>, Inbound<UpdateAck>>) {
-        match e {
-            rr::Event::Message {
-                peer,
-                message: rr::Message::Request { request, channel, .. },
-                ..
-            } => {
-                let ack = match request {
-                    Ok(env) => {
-                        let kind = env.header.kind;
-                        let max = self.update_message_max();
-                        match kind {
-                            Kind::Update | Kind::Result => match self.open_envelope(&peer, &env, kind, max) {
-                                Ok(p) => match wire::decode::<Update>(p, max) {
-                                    Ok(u) if (kind == Kind::Result) == matches!(u, Update::Done(_)) => {
-                                        self.on_sub_update(peer, env.header.job_id, u)
-                                    }
-                                    Ok(_) => UpdateAck::Rejected {
-                                        reason: "a result must come in a Result envelope, and only a result".into(),
-                                    },
-                                    Err(e) => UpdateAck::Rejected {
-                                        reason: format!("malformed update: {e}"),
-                                    },
-                                },
-                                Err(e) => UpdateAck::Rejected { reason: e },
+    /// A worker sends an update or the result of a job submitted here.
+    pub(super) fn on_update_asked(
+        &mut self,
+        peer: PeerId,
+        req: Inbound<Envelope>,
+        ch: rr::ResponseChannel<Inbound<UpdateAck>>,
+    ) {
+        let ack = match req {
+            Ok(env) => {
+                let kind = env.header.kind;
+                let max = self.update_message_max();
+                match kind {
+                    Kind::Update | Kind::Result => match self.open_envelope(&peer, &env, kind, max) {
+                        Ok(p) => match wire::decode::<Update>(p, max) {
+                            Ok(u) if (kind == Kind::Result) == matches!(u, Update::Done(_)) => {
+                                self.on_sub_update(peer, env.header.job_id, u)
+                            }
+                            Ok(_) => UpdateAck::Rejected {
+                                reason: "a result must come in a Result envelope, and only a result".into(),
                             },
-                            other => UpdateAck::Rejected {
-                                reason: format!("a {other:?} envelope is not an update"),
+                            Err(e) => UpdateAck::Rejected {
+                                reason: format!("malformed update: {e}"),
                             },
-                        }
-                    }
-                    Err(why) => UpdateAck::Rejected { reason: why },
-                };
-                if let UpdateAck::Rejected { reason } = &ack {
-                    tracing::warn!(%peer, "update refused: {reason}");
+                        },
+                        Err(e) => UpdateAck::Rejected { reason: e },
+                    },
+                    other => UpdateAck::Rejected {
+                        reason: format!("a {other:?} envelope is not an update"),
+                    },
                 }
-                let _ = self.swarm.behaviour_mut().update.inner.send_response(channel, Ok(ack));
             }
-            rr::Event::Message {
-                message: rr::Message::Response { request_id, response },
-                ..
-            } => {
-                let Some((id, sent)) = self.work.done_requests.remove(&request_id) else {
-                    return;
-                };
-                let is_result = sent == Sent::Result;
-                // The submitter answers again: a checkpoint it missed while away goes to it now.
-                if matches!(response, Ok(UpdateAck::Ok)) {
-                    self.resend_unsent_checkpoint(&id);
-                }
-                let done = self
-                    .work
-                    .tasks
-                    .get(&id)
-                    .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
-                match response {
-                    // Only the result's own acknowledgement ends the delivery (a heartbeat's does not).
-                    Ok(UpdateAck::Ok) if done && is_result => {
-                        self.work.tasks.remove(&id);
-                    }
-                    Ok(UpdateAck::Stop { reason }) => {
-                        tracing::info!(job = %id, "the submitter no longer wants this job: {reason}");
-                        if done {
-                            self.work.tasks.remove(&id);
-                        } else {
-                            self.cancel_task(&id, &format!("stopped by the submitter: {reason}"));
+            Err(why) => UpdateAck::Rejected { reason: why },
+        };
+        if let UpdateAck::Rejected { reason } = &ack {
+            tracing::warn!(%peer, "update refused: {reason}");
+        }
+        self.net.send(NetCommand::AnswerUpdate(ch, ack));
+    }
+
+    /// The submitter's answer to an update (or the result) of task `id`.
+    pub(super) fn on_update_answered(&mut self, id: String, sent: Sent, answer: Option<Answer<UpdateAck>>) {
+        let response = match answer {
+            Some(Ok(r)) => r,
+            Some(Err(error)) => {
+                tracing::debug!(job = %id, "update not delivered: {error}");
+                match (sent, self.work.tasks.get_mut(&id)) {
+                    (Sent::Result, Some(t)) => {
+                        if let TaskState::Done { due, tries, .. } = &mut t.state {
+                            // Every 2 s at first, backing off to every 30 s while the submitter is away.
+                            *due = Some(Instant::now() + Duration::from_secs(2 * u64::from((*tries).min(15))));
                         }
                     }
-                    Ok(UpdateAck::Rejected { reason }) => {
-                        tracing::warn!(job = %id, "the submitter refused an update: {reason}");
-                        // A refused result would be refused again: stop resending it.
-                        if done && is_result {
-                            self.work.tasks.remove(&id);
-                        }
-                    }
+                    (Sent::Checkpoint, Some(t)) => t.checkpoint_unsent = true,
                     _ => {}
                 }
+                return;
             }
-            rr::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some((id, sent)) = self.work.done_requests.remove(&request_id) {
-                    tracing::debug!(job = %id, "update not delivered: {error}");
-                    match (sent, self.work.tasks.get_mut(&id)) {
-                        (Sent::Result, Some(t)) => {
-                            if let TaskState::Done { due, tries, .. } = &mut t.state {
-                                // Every 2 s at first, backing off to every 30 s while the submitter is away.
-                                *due = Some(Instant::now() + Duration::from_secs(2 * u64::from((*tries).min(15))));
-                            }
-                        }
-                        (Sent::Checkpoint, Some(t)) => t.checkpoint_unsent = true,
-                        _ => {}
-                    }
+            None => return,
+        };
+        let is_result = sent == Sent::Result;
+        // The submitter answers again: a checkpoint it missed while away goes to it now.
+        if matches!(response, Ok(UpdateAck::Ok)) {
+            self.resend_unsent_checkpoint(&id);
+        }
+        let done = self
+            .work
+            .tasks
+            .get(&id)
+            .is_some_and(|t| matches!(t.state, TaskState::Done { .. }));
+        match response {
+            // Only the result's own acknowledgement ends the delivery (a heartbeat's does not).
+            Ok(UpdateAck::Ok) if done && is_result => {
+                self.work.tasks.remove(&id);
+            }
+            Ok(UpdateAck::Stop { reason }) => {
+                tracing::info!(job = %id, "the submitter no longer wants this job: {reason}");
+                if done {
+                    self.work.tasks.remove(&id);
+                } else {
+                    self.cancel_task(&id, &format!("stopped by the submitter: {reason}"));
+                }
+            }
+            Ok(UpdateAck::Rejected { reason }) => {
+                tracing::warn!(job = %id, "the submitter refused an update: {reason}");
+                // A refused result would be refused again: stop resending it.
+                if done && is_result {
+                    self.work.tasks.remove(&id);
                 }
             }
             _ => {}
