@@ -55,6 +55,7 @@ use libp2p::request_response::OutboundRequestId;
 use std::collections::VecDeque;
 use tokio::sync::watch;
 
+mod child;
 mod control_server;
 mod failover;
 mod fetch;
@@ -62,6 +63,7 @@ mod handle;
 mod jobs;
 mod peers;
 mod requests;
+mod resume;
 mod submitter;
 mod worker;
 

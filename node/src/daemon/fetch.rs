@@ -2,7 +2,7 @@
 //! chunks over `/bitnode/model/1`; a submitter serves them only to the device running its job.
 use super::*;
 #[allow(unused_imports)]
-use super::{jobs::*, submitter::*, worker::*};
+use super::{child::*, jobs::*, submitter::*, worker::*};
 
 /// Model chunks requested at once from a submitter.
 pub(super) const CHUNKS_IN_FLIGHT: usize = 4;
@@ -11,8 +11,14 @@ pub(super) const CHUNKS_IN_FLIGHT: usize = 4;
 /// has about this many seconds to come back before the job fails).
 pub(super) const MAX_CHUNK_FAILURES: u32 = 60;
 
-/// Marks a failed manifest request in a task's retry list.
-pub(super) const MANIFEST_RETRY: (u32, u32) = (u32::MAX, u32::MAX);
+/// A model request that failed, to be sent again at the next tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Retry {
+    /// The manifest (or a wait for another job's download of the same model).
+    Manifest,
+    /// A chunk: file, index.
+    Chunk(u32, u32),
+}
 
 impl JobManager {
     pub(super) fn fetch_next(&mut self, id: &str) {
@@ -27,7 +33,7 @@ impl JobManager {
         if let Some(h) = missing.first() {
             if crate::transfer::in_progress(&store, h) {
                 // One download per model: wait for the other job's, then find it in the store.
-                failed.push(MANIFEST_RETRY);
+                failed.push(Retry::Manifest);
                 return;
             }
         }
@@ -85,7 +91,11 @@ impl JobManager {
             return;
         };
         let Some(dl) = download.as_ref() else { return };
-        let busy: HashSet<(u32, u32)> = in_flight.iter().chain(failed.iter()).copied().collect();
+        let retrying = failed.iter().filter_map(|r| match r {
+            Retry::Chunk(f, i) => Some((*f, *i)),
+            Retry::Manifest => None,
+        });
+        let busy: HashSet<(u32, u32)> = in_flight.iter().copied().chain(retrying).collect();
         let want: Vec<(u32, u32)> = dl
             .needed(CHUNKS_IN_FLIGHT + busy.len())
             .into_iter()
@@ -161,10 +171,10 @@ impl JobManager {
                 match req {
                     ModelRequest::Chunk { file, index, .. } => {
                         in_flight.remove(&(file, index));
-                        failed.push((file, index));
+                        failed.push(Retry::Chunk(file, index));
                     }
                     // The manifest is asked again by the next fetch round.
-                    ModelRequest::Manifest { .. } => failed.push(MANIFEST_RETRY),
+                    ModelRequest::Manifest { .. } => failed.push(Retry::Manifest),
                 }
             }
         }
@@ -184,7 +194,7 @@ impl JobManager {
                 .work
                 .subs
                 .values()
-                .any(|s| s.worker == Some(peer) && s.spec.inputs().contains(&hash.as_str()));
+                .any(|s| s.phase.worker() == Some(peer) && s.spec.inputs().contains(&hash.as_str()));
         if !allowed {
             tracing::warn!(%peer, "model request refused: no job of ours on that device needs {hash}");
             return ModelResponse::Refused {

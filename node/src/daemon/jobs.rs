@@ -9,10 +9,11 @@
 //!   key; the worker's heartbeats, tokens, progress, checkpoints and result come back in envelopes signed
 //!   with its key. A worker that disconnects or falls silent for `[jobs] heartbeat_timeout_secs` loses the
 //!   job to the next best device (a fine-tune resumes from the last checkpoint it streamed back; inference
-//!   restarts).
+//!   restarts). A submitted job's phase is one enum (`failover::Phase`), moved only by the failover rules
+//!   there; jobs submitted before a restart are taken up by `resume.rs`.
 //! - **worker** (`worker.rs`): a job this node runs, for a peer or for itself. Missing models are pulled
 //!   from the submitter by content hash, chunk by verified chunk (`fetch.rs`); jobs run one at a time, each
-//!   in a child process (`bitnode job-exec`), so a cancel is a kill, and a crash in a GPU driver cannot
+//!   in a child process (`bitnode job-exec`, `child.rs`), so a cancel is a kill, and a crash in a GPU driver cannot
 //!   take the daemon (and the mesh) down with it.
 //!
 //! A job that runs here for a local submission takes the same path without envelopes: its updates go
@@ -23,7 +24,7 @@
 //! peers ask, answers to its requests, its helper tasks' results, control requests) from its mailbox.
 use super::*;
 #[allow(unused_imports)]
-use super::{fetch::*, submitter::*, worker::*};
+use super::{child::*, fetch::*, submitter::*, worker::*};
 
 /// Validity of the envelopes this node seals (the receiver allows 60 s of clock skew on top).
 pub(super) const ENVELOPE_TTL: u64 = 600;
@@ -225,7 +226,7 @@ impl Work {
     /// Peers a live job is exchanged with: the workers of jobs submitted here, the submitters of jobs
     /// running here.
     pub(super) fn job_peers(&self) -> HashSet<PeerId> {
-        let workers = self.subs.values().filter(|s| !s.finishing).filter_map(|s| s.worker);
+        let workers = self.subs.values().filter_map(|s| s.phase.live_worker());
         let submitters = self.tasks.values().filter_map(|t| t.submitter);
         workers.chain(submitters).collect()
     }
@@ -505,18 +506,12 @@ impl JobManager {
         let timeout = Duration::from_secs(self.cfg.jobs.heartbeat_timeout_secs.max(1));
         let mut lost = vec![];
         for (id, sub) in self.work.subs.iter_mut() {
-            let Some(w) = sub.worker else { continue };
+            let Some(w) = sub.phase.worker() else { continue };
             if w == self.me {
                 continue;
             }
-            let seen = failover::Observed {
-                connected: self.mesh.borrow().connected(&w),
-                accepted: sub.accepted,
-                last_heard: sub.last_heard,
-                reattach_until: sub.reattach_until,
-                finishing: sub.finishing,
-            };
-            if let Some(why) = failover::lost(seen, &mut sub.disconnected_since, now, timeout) {
+            let connected = self.mesh.borrow().connected(&w);
+            if let Some(why) = failover::lost(&mut sub.phase, connected, now, timeout) {
                 lost.push((id.clone(), w, why));
             }
         }
@@ -571,11 +566,10 @@ impl JobManager {
                 }
                 TaskState::Fetching { failed, .. } if !failed.is_empty() => {
                     let retry = std::mem::take(failed);
-                    for (f, i) in retry {
-                        if (f, i) == MANIFEST_RETRY {
-                            self.fetch_next(&id);
-                        } else {
-                            self.request_chunk(&id, f, i);
+                    for r in retry {
+                        match r {
+                            Retry::Manifest => self.fetch_next(&id),
+                            Retry::Chunk(f, i) => self.request_chunk(&id, f, i),
                         }
                     }
                 }
@@ -618,11 +612,10 @@ impl JobManager {
         match answer {
             Some(Ok(Ok(JobAck::Accepted { queue_position }))) => {
                 // The job may have ended or moved while the answer was on its way.
-                let Some(s) = self.work.subs.get_mut(&id).filter(|s| s.worker == Some(worker)) else {
+                let Some(s) = self.work.subs.get_mut(&id) else { return };
+                if !s.phase.accept(worker, Instant::now()) {
                     return;
-                };
-                s.accepted = true;
-                s.last_heard = Instant::now();
+                }
                 self.update_job(&id, |j| j.state = State::Running);
                 self.emit(
                     &id,
@@ -688,7 +681,7 @@ impl JobManager {
                         if let Some(TaskState::Fetching { failed, .. }) =
                             self.work.tasks.get_mut(&task).map(|t| &mut t.state)
                         {
-                            failed.push(MANIFEST_RETRY);
+                            failed.push(Retry::Manifest);
                         }
                     } else {
                         self.fail_task(&task, format!("cannot receive the model: {e}"));
@@ -750,7 +743,7 @@ impl JobManager {
             Internal::SubmitLoaded(p) => self.submit_loaded(*p),
             Internal::Started { task, res } => self.on_started(&task, res),
             // Unless the owner cancelled it meanwhile.
-            Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.finishing) => {}
+            Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.phase.finishing()) => {}
             Internal::OutWritten { job, result, res } => match res {
                 Ok(()) => self.finish_sub(&job, State::Succeeded, None, Some(result)),
                 Err(e) => self.finish_sub(&job, State::Failed, Some(e), None),

@@ -1,12 +1,10 @@
-//! The submitter's half of a job (see `jobs.rs`): submission, placement by the scheduler, failover, the
-//! worker's updates, the end of the job, and taking jobs up again after a restart.
-//!
-//! Over 800 lines: submission (with its off-loop reading and on-disk record), placement, failover, updates
-//! and restart take-up are one job's life on the submitting side; splitting it further waits for the job
-//! manager to become an actor of its own.
+//! The submitter's half of a job (see `jobs.rs`): submission, placement by the scheduler, failover (its
+//! rules and the job's phase: `failover.rs`), the worker's updates, and the end of the job. Taking jobs up
+//! again after a restart is `resume.rs`.
+use super::failover::{Heard, Phase};
 use super::*;
 #[allow(unused_imports)]
-use super::{fetch::*, jobs::*, worker::*};
+use super::{child::*, fetch::*, jobs::*, worker::*};
 
 /// A submission whose dataset and resume checkpoint were being read off the event loop.
 pub(super) struct PendingSubmit {
@@ -60,19 +58,11 @@ pub(super) struct Sub {
     pub(super) need: Need,
     pub(super) target: Target,
     pub(super) out: Option<PathBuf>,
-    /// The device running it now (this node's own id for a local run) and whether it accepted.
-    pub(super) worker: Option<PeerId>,
-    pub(super) accepted: bool,
+    /// Where it stands, and with which device (this node's own id for a local run): `failover.rs`.
+    pub(super) phase: Phase,
     pub(super) tried: Vec<PeerId>,
     pub(super) attempt: u32,
-    pub(super) last_heard: Instant,
-    pub(super) disconnected_since: Option<Instant>,
     pub(super) checkpoint: Option<(u64, Bundle)>,
-    /// The result arrived and is being written to `out`; the worker owes nothing more.
-    pub(super) finishing: bool,
-    /// Taken up again after this daemon restarted: until then, the worker is given time to reconnect
-    /// (silence and absence are not held against it). Cleared by its first update.
-    pub(super) reattach_until: Option<Instant>,
     pub(super) progress: Option<api::Progress>,
     /// Clients following the job (bounded channels; one that falls behind is dropped).
     pub(super) watchers: Vec<mpsc::Sender<Event>>,
@@ -258,15 +248,10 @@ impl JobManager {
             need,
             target,
             out,
-            worker: None,
-            accepted: false,
+            phase: Phase::Unplaced,
             tried: vec![],
             attempt: 0,
-            last_heard: Instant::now(),
-            disconnected_since: None,
             checkpoint,
-            finishing: false,
-            reattach_until: None,
             progress: None,
             watchers: vec![],
             finals: vec![],
@@ -285,104 +270,6 @@ impl JobManager {
         if let Some(reply) = detached {
             let _ = reply.send(Response::ok(&self.job_view(&id)));
         }
-    }
-
-    /// At start: takes up the jobs this node submitted that had not ended when its daemon last stopped
-    /// (a crash, a kill, a phone that closed the app). A job some peer was running is left to that peer,
-    /// which kept running it: the worker gets `[jobs] reattach_secs` to reconnect and report before it is
-    /// held to the usual heartbeat rules (and replaced from the last checkpoint kept here). A job that ran
-    /// here, or was still being placed, is placed again at once, a fine-tune from its last checkpoint.
-    /// Runs before the event loop, so its reads from disk block nothing.
-    pub(super) fn resume_submissions(&mut self) {
-        let me = self.me.to_base58();
-        let live: Vec<Job> = self
-            .work
-            .table
-            .jobs
-            .iter()
-            .filter(|j| !j.state.is_final() && j.submitter == me)
-            .cloned()
-            .collect();
-        let now = Instant::now();
-        let grace = Duration::from_secs(self.cfg.jobs.reattach_secs);
-        for j in live {
-            let rec = match crate::jobs::Submission::load(&self.home, &j.id) {
-                Ok(Some(r)) if hex(&r.job_id) == j.id => r,
-                Ok(_) => {
-                    self.end_unresumable(&j.id, "the daemon stopped while the job was running".into());
-                    continue;
-                }
-                Err(e) => {
-                    self.end_unresumable(
-                        &j.id,
-                        format!("the daemon stopped, and the job's record is unreadable: {e:#}"),
-                    );
-                    continue;
-                }
-            };
-            let target = match rec.target.parse::<Target>() {
-                Ok(t) => t,
-                Err(e) => {
-                    self.end_unresumable(&j.id, format!("the job's record is unreadable: {e}"));
-                    continue;
-                }
-            };
-            let ckpt_dir = self.home.join("jobs").join(&j.id).join("checkpoint");
-            let checkpoint = if ckpt_dir.is_dir() {
-                match read_checkpoint(&ckpt_dir, self.cfg.jobs.max_checkpoint_bytes) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!(job = %j.id, "the last checkpoint is unusable, starting over: {e}");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let worker = j
-                .executed_by
-                .as_deref()
-                .and_then(|w| w.parse::<PeerId>().ok())
-                .filter(|w| *w != self.me);
-            tracing::info!(
-                job = %j.id,
-                worker = worker.map(|w| w.to_base58()).unwrap_or_else(|| "this device".into()),
-                checkpoint_step = checkpoint.as_ref().map(|(s, _)| *s),
-                "taking up a job submitted before the restart"
-            );
-            let sub = Sub {
-                job_id: rec.job_id,
-                spec: rec.spec,
-                need: rec.need,
-                target,
-                out: rec.out,
-                worker,
-                accepted: worker.is_some(),
-                tried: worker.into_iter().collect(),
-                attempt: j.attempts.len() as u32,
-                last_heard: now,
-                disconnected_since: None,
-                checkpoint,
-                finishing: false,
-                reattach_until: worker.map(|_| now + grace),
-                progress: None,
-                watchers: vec![],
-                finals: vec![],
-            };
-            self.work.subs.insert(j.id.clone(), sub);
-            if worker.is_none() {
-                self.update_job(&j.id, |x| x.state = State::Queued);
-                self.place(&j.id, Some("this device restarted".into()));
-            }
-        }
-    }
-
-    /// A job left live by the last daemon that cannot be taken up: it ends failed, with the reason.
-    pub(super) fn end_unresumable(&mut self, id: &str, reason: String) {
-        self.update_job(id, |j| {
-            j.state = State::Failed;
-            j.reason = Some(reason);
-        });
     }
 
     pub(super) fn candidates(&self, sub: &Sub) -> Vec<Candidate> {
@@ -515,11 +402,11 @@ impl JobManager {
             },
         );
         let Some(sub) = self.work.subs.get_mut(id) else { return };
-        sub.worker = Some(best);
-        sub.accepted = false;
+        sub.phase = Phase::Offered {
+            worker: best,
+            disconnected_since: None,
+        };
         sub.tried.push(best);
-        sub.last_heard = Instant::now();
-        sub.disconnected_since = None;
         let resume = sub.checkpoint.as_ref().map(|(_, b)| b.clone());
         let payload = JobPayload {
             spec: sub.spec.clone(),
@@ -535,7 +422,7 @@ impl JobManager {
         if best == self.me {
             let _ = me;
             if let Some(s) = self.work.subs.get_mut(id) {
-                s.accepted = true;
+                s.phase.accept(best, Instant::now());
             }
             self.update_job(id, |j| j.state = State::Running);
             // May end the job at once (a start that fails): after the state above, never before.
@@ -576,10 +463,10 @@ impl JobManager {
         tracing::warn!(job = %id, "attempt failed on {line}");
         self.update_job(id, |j| j.attempts.push(line.clone()));
         let Some(sub) = self.work.subs.get_mut(id) else { return };
-        if sub.worker != Some(worker) {
+        if sub.phase.worker() != Some(worker) {
             return;
         }
-        sub.worker = None;
+        sub.phase = Phase::Unplaced;
         sub.attempt += 1;
         let pinned = !matches!(sub.target, Target::Auto);
         self.emit(
@@ -638,7 +525,7 @@ impl JobManager {
         reason: Option<String>,
         result: Option<serde_json::Value>,
     ) {
-        let worker = self.work.subs.get(id).and_then(|s| s.worker);
+        let worker = self.work.subs.get(id).and_then(|s| s.phase.worker());
         let name = worker.map(|w| self.peer_name(&w));
         self.update_job(id, |j| {
             j.state = state;
@@ -677,19 +564,18 @@ impl JobManager {
                 reason: "this device is not waiting for that job (it ended, was cancelled or never existed)".into(),
             };
         };
-        if sub.worker != Some(worker) {
-            return UpdateAck::Stop {
-                reason: "the job has moved to another device".into(),
-            };
-        }
-        sub.last_heard = Instant::now();
-        sub.accepted = true;
-        if sub.reattach_until.take().is_some() {
-            tracing::info!(job = %id, %worker, "the worker kept the job through this device's restart and reported back");
-        }
-        if sub.finishing {
+        match sub.phase.heard(worker, Instant::now()) {
+            Heard::Stranger => {
+                return UpdateAck::Stop {
+                    reason: "the job has moved to another device".into(),
+                }
+            }
+            Heard::Reattached => {
+                tracing::info!(job = %id, %worker, "the worker kept the job through this device's restart and reported back")
+            }
             // A resent result (our acknowledgement was lost): it is already being written.
-            return UpdateAck::Ok;
+            Heard::Finishing => return UpdateAck::Ok,
+            Heard::Live => {}
         }
         match update {
             Update::Heartbeat { .. } => {}
@@ -774,7 +660,7 @@ impl JobManager {
                 }
                 // Written off the event loop (an adapter can be hundreds of MiB); the job ends when it is
                 // on disk. Meanwhile the worker is done with it: no heartbeats are expected.
-                sub.finishing = true;
+                sub.phase = Phase::Finishing { worker };
                 let tx = self.work.internal.clone();
                 let job = id.to_string();
                 tokio::task::spawn_blocking(move || {
@@ -834,7 +720,7 @@ impl JobManager {
             Err(e) => return Response::err(format!("{e:#}")),
         };
         if let Some(sub) = self.work.subs.get(&id) {
-            let worker = sub.worker;
+            let worker = sub.phase.worker();
             let job_id = sub.job_id;
             match worker {
                 Some(w) if w == self.me => self.cancel_task(&id, "cancelled by its submitter"),

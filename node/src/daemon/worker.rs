@@ -1,12 +1,8 @@
-//! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it in a child process that
-//! only its owning task ever kills, streaming its updates back, and holding its result for a submitter
-//! that went away.
-//!
-//! Over 800 lines: accepting, starting (off the event loop), watching, ending and retaining a job are one
-//! job's life on the running side; splitting it further waits for the job manager to become an actor.
+//! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it in a child process
+//! (`child.rs`), streaming its updates back, and holding its result for a submitter that went away.
 use super::*;
 #[allow(unused_imports)]
-use super::{fetch::*, jobs::*, submitter::*};
+use super::{child::*, fetch::*, jobs::*, submitter::*};
 
 /// Fine-tune progress goes back at most this often (the last step always).
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -17,7 +13,7 @@ pub(super) enum TaskState {
         missing: Vec<String>,
         download: Option<Download>,
         in_flight: HashSet<(u32, u32)>,
-        failed: Vec<(u32, u32)>,
+        failed: Vec<Retry>,
         failures: u32,
     },
     Queued,
@@ -49,34 +45,6 @@ pub(super) enum Sent {
     Other,
 }
 
-/// Asks the task that owns a job's child process to kill it (SIGKILL). The owner has not reaped the
-/// child while this is deliverable, so the signal cannot reach a recycled pid.
-pub(super) struct ChildKill(mpsc::Sender<()>);
-
-impl ChildKill {
-    fn kill(&self) {
-        // Full: a kill is already pending; closed: the child has exited. Either way nothing to add.
-        let _ = self.0.try_send(());
-    }
-}
-
-/// Linux: the kernel kills the job process when the daemon dies (`PR_SET_PDEATHSIG`), so a killed
-/// daemon leaves no orphan job running. Elsewhere (macOS has no such call; not built or tested here)
-/// the orphan ends at its next write to the closed stdout pipe (SIGPIPE), which a running job makes at
-/// least once per step or token.
-pub(super) fn die_with_parent(cmd: &mut tokio::process::Command) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = cmd;
-}
-
 /// A job this node runs.
 pub(super) struct Task {
     pub(super) job_id: [u8; 16],
@@ -94,118 +62,6 @@ pub(super) struct Task {
     /// read and sent again once the submitter answers (it was away: restarting, or a phone asleep).
     pub(super) last_checkpoint: Option<(usize, String)>,
     pub(super) checkpoint_unsent: bool,
-}
-
-/// Starts `bitnode job-exec --dir DIR` and the task that owns it: it forwards the child's lines (tokens
-/// batched for up to 30 ms) and then its exit to the daemon, and is the only one that ever kills it.
-pub(super) fn start_child(
-    home: &Path,
-    dir: &Path,
-    id: &str,
-    tx: mpsc::UnboundedSender<Internal>,
-) -> anyhow::Result<ChildKill> {
-    let exe = std::env::current_exe().context("locating the bitnode binary")?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("--home")
-        .arg(home)
-        .arg("job-exec")
-        .arg("--dir")
-        .arg(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().context("starting the job process")?;
-    let pid = child.id().context("the job process has no pid")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    let task = id.to_string();
-    tracing::info!(job = %id, pid, "job started");
-    let tail = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let mut tail: VecDeque<String> = VecDeque::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            tail.push_back(l);
-            if tail.len() > 20 {
-                tail.pop_front();
-            }
-        }
-        tail.into_iter().collect::<Vec<_>>().join("\n")
-    });
-    let reader = tokio::spawn(forward_lines(stdout, task.clone(), tx.clone()));
-    // Only the task that owns the `Child` ever signals it, and only before it has reaped it: a kill is a
-    // message to that task, never a signal to a pid number that may since belong to another process.
-    let (kill_tx, mut kill_rx) = mpsc::channel::<()>(1);
-    tokio::spawn(async move {
-        let status = loop {
-            tokio::select! {
-                s = child.wait() => break s,
-                Some(()) = kill_rx.recv() => {
-                    // tokio refuses to signal a child it has already reaped.
-                    if let Err(e) = child.start_kill() {
-                        tracing::debug!("killing the job process: {e}");
-                    }
-                }
-            }
-        };
-        let ok = status.map(|s| s.success()).unwrap_or(false);
-        // Every line the child wrote is handed on before its exit is.
-        let _ = reader.await;
-        let stderr_tail = tail.await.unwrap_or_default();
-        let _ = tx.send(Internal::ChildExit { task, ok, stderr_tail });
-    });
-    Ok(ChildKill(kill_tx))
-}
-
-/// Hands a job process's stdout lines to the daemon; tokens are batched for up to 30 ms, so fast decoding
-/// does not become one envelope per token.
-pub(super) async fn forward_lines(
-    stdout: tokio::process::ChildStdout,
-    task: String,
-    tx: mpsc::UnboundedSender<Internal>,
-) {
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut pending: Option<(Vec<u32>, String)> = None;
-    let flush = |pending: &mut Option<(Vec<u32>, String)>| {
-        if let Some((ids, text)) = pending.take() {
-            let _ = tx.send(Internal::Tokens {
-                task: task.clone(),
-                ids,
-                text,
-            });
-        }
-    };
-    loop {
-        let next = if pending.is_some() {
-            match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
-                Ok(l) => l,
-                Err(_) => {
-                    flush(&mut pending);
-                    continue;
-                }
-            }
-        } else {
-            lines.next_line().await
-        };
-        let Ok(Some(l)) = next else { break };
-        let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
-            tracing::debug!("job output: {l}");
-            continue;
-        };
-        if let ExecLine::Token { id, text } = &line {
-            let p = pending.get_or_insert_with(|| (vec![], String::new()));
-            p.0.push(*id);
-            p.1.push_str(text);
-            continue;
-        }
-        flush(&mut pending);
-        let _ = tx.send(Internal::Child {
-            task: task.clone(),
-            line,
-        });
-    }
-    flush(&mut pending);
 }
 
 impl JobManager {
