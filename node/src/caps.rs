@@ -291,3 +291,149 @@ mod tests {
         assert!(measure("cpu", &cfg).is_some_and(|g| g > 0.0 && g.is_finite()));
     }
 }
+
+/// The capability exchange with one paired peer, as a state machine without I/O (like `crate::pairing`):
+/// the network actor feeds it what happened on the capability protocol and carries out what it answers.
+///
+/// Adverts can be lost: sent before the peer finished pairing (it ignores them), or on a duplicate
+/// connection that libp2p closed. So ours counts as delivered only once acknowledged (or once the peer
+/// evidently trusts us), and one not delivered is sent again at the next tick ([`Exchange::due`]).
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    theirs: Option<Capabilities>,
+    /// The peer treats us as paired: it sent us its capabilities or accepted ours. A node that unpaired
+    /// us may still hold a connection for a moment, but it answers nothing, so it does not count as
+    /// connected.
+    mutual: bool,
+    /// The peer acknowledged our current capabilities on this connection set.
+    delivered: bool,
+    /// An advert is on its way (sent, no answer or failure yet).
+    in_flight: bool,
+}
+
+/// What to do with an advert the peer sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnAdvert {
+    /// Not paired: no answer at all (the stream is dropped).
+    Ignore,
+    /// Acknowledge it; and when `send_ours`, send ours again (ours may have arrived before the peer
+    /// trusted us, the two sides finishing pairing a moment apart, and been ignored).
+    Ack { send_ours: bool },
+}
+
+impl Exchange {
+    /// The capabilities the peer advertised.
+    pub fn theirs(&self) -> Option<&Capabilities> {
+        self.theirs.as_ref()
+    }
+
+    pub fn mutual(&self) -> bool {
+        self.mutual
+    }
+
+    /// Our advert went out.
+    pub fn sent(&mut self) {
+        self.in_flight = true;
+    }
+
+    /// Whether ours should go (again) now: not delivered and none on its way.
+    pub fn due(&self) -> bool {
+        !self.delivered && !self.in_flight
+    }
+
+    /// Ours changed: it has to be delivered again.
+    pub fn ours_changed(&mut self) {
+        self.delivered = false;
+    }
+
+    pub fn on_advert(&mut self, caps: Capabilities, trusted: bool) -> OnAdvert {
+        if !trusted {
+            return OnAdvert::Ignore;
+        }
+        self.theirs = Some(caps);
+        self.mutual = true;
+        let send_ours = !self.delivered;
+        // Optimistic, so two peers that both missed each other's advert do not bounce resends; a failed
+        // delivery clears it again.
+        self.delivered = true;
+        OnAdvert::Ack { send_ours }
+    }
+
+    /// The peer answered our advert: `ok` when it acknowledged it (a refusal leaves it undelivered).
+    pub fn on_answer(&mut self, ok: bool, trusted: bool) {
+        self.in_flight = false;
+        if ok && trusted {
+            self.mutual = true;
+            self.delivered = true;
+        }
+    }
+
+    /// Our advert did not arrive.
+    pub fn on_failure(&mut self) {
+        self.delivered = false;
+        self.in_flight = false;
+    }
+
+    /// The peer's last connection closed: everything is exchanged again on the next one (what it
+    /// advertised stays, for `bitnode peers`, until then).
+    pub fn on_disconnected(&mut self) {
+        self.mutual = false;
+        self.delivered = false;
+        self.in_flight = false;
+    }
+}
+
+#[cfg(test)]
+mod exchange_tests {
+    use super::*;
+
+    fn caps(score: f64) -> Capabilities {
+        Capabilities {
+            score,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_advert_counts_once_acknowledged_and_is_resent_until_then() {
+        let mut e = Exchange::default();
+        assert!(e.due() && !e.mutual());
+        e.sent();
+        assert!(!e.due(), "one advert in flight at a time");
+        // The peer had not finished pairing: it refused (or dropped) ours.
+        e.on_answer(false, true);
+        assert!(e.due() && !e.mutual());
+        e.sent();
+        e.on_failure();
+        assert!(e.due());
+        e.sent();
+        e.on_answer(true, true);
+        assert!(!e.due() && e.mutual());
+        // Ours changed: delivered again.
+        e.ours_changed();
+        assert!(e.due());
+        // Disconnected: the next connection starts over, but what they advertised stays.
+        e.on_advert(caps(2.0), true);
+        e.on_disconnected();
+        assert!(e.due() && !e.mutual());
+        assert_eq!(e.theirs().map(|c| c.score), Some(2.0));
+    }
+
+    #[test]
+    fn their_advert_is_taken_only_from_a_paired_peer_and_asks_for_ours_once() {
+        let mut e = Exchange::default();
+        assert_eq!(e.on_advert(caps(1.0), false), OnAdvert::Ignore);
+        assert!(e.theirs().is_none() && !e.mutual());
+        // Paired, and ours never arrived: acknowledge and send ours again.
+        assert_eq!(e.on_advert(caps(1.0), true), OnAdvert::Ack { send_ours: true });
+        assert!(e.mutual());
+        // Their next advert (a change on their side) does not bounce ours back.
+        assert_eq!(e.on_advert(caps(3.0), true), OnAdvert::Ack { send_ours: false });
+        assert_eq!(e.theirs().map(|c| c.score), Some(3.0));
+        // An acknowledgement from a peer no longer paired does not count.
+        let mut f = Exchange::default();
+        f.sent();
+        f.on_answer(true, false);
+        assert!(f.due() && !f.mutual());
+    }
+}

@@ -99,19 +99,12 @@ struct Conn {
 #[derive(Default)]
 struct PeerState {
     conns: HashMap<ConnectionId, Conn>,
-    caps: Option<Capabilities>,
     /// Listen addresses the peer reported (identify); recorded in the trust list once it is paired.
     listen_addrs: Vec<Multiaddr>,
     /// The peer serves as a relay (identify lists the hop protocol).
     relay_hop: bool,
-    /// The peer treats us as paired: it sent us its capabilities or accepted ours. A node that unpaired us
-    /// may still hold a connection for a moment (or for the pairing window of an open invite), but it
-    /// answers nothing, so it does not count as connected.
-    mutual: bool,
-    /// The peer acknowledged our current capabilities on this connection set.
-    caps_delivered: bool,
-    /// An advert is on its way (sent, no answer or failure yet).
-    caps_in_flight: bool,
+    /// The capability exchange with it (a state machine without I/O: `crate::caps::Exchange`).
+    caps: caps::Exchange,
     /// Redial schedule while disconnected.
     next_dial: Option<Instant>,
     /// A failed hole punch is tried again on a fresh relayed connection (hole punching is timing-sensitive;
@@ -123,7 +116,7 @@ struct PeerState {
 
 impl PeerState {
     fn connected(&self) -> bool {
-        self.mutual && self.conns.values().any(|c| c.identified)
+        self.caps.mutual() && self.conns.values().any(|c| c.identified)
     }
     fn direct(&self) -> bool {
         self.conns.values().any(|c| c.identified && !c.relayed)
@@ -542,7 +535,7 @@ impl Daemon {
         let relay_limit = |r: &PeerId| {
             self.peers
                 .get(r)
-                .and_then(|s| s.caps.as_ref())
+                .and_then(|s| s.caps.theirs())
                 .and_then(|c| c.relay_max_circuit_bytes)
         };
         let peers = self
@@ -558,7 +551,7 @@ impl Daemon {
                 let v = PeerView {
                     connected: st.connected() && self.trust.contains(id),
                     direct: st.direct(),
-                    caps: st.caps.clone(),
+                    caps: st.caps.theirs().cloned(),
                     relays,
                 };
                 (*id, v)

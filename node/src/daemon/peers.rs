@@ -166,9 +166,7 @@ impl Daemon {
                 if let Some(st) = self.peers.get_mut(&peer_id) {
                     st.conns.remove(&connection_id);
                     if st.conns.is_empty() {
-                        st.mutual = false;
-                        st.caps_delivered = false;
-                        st.caps_in_flight = false;
+                        st.caps.on_disconnected();
                     }
                 }
                 if let Some(relay) = self.relay_listeners.keys().find(|r| **r == peer_id).copied() {
@@ -320,7 +318,7 @@ impl Daemon {
     pub(super) fn send_caps(&mut self, peer: PeerId) {
         let a = self.advert();
         self.swarm.behaviour_mut().caps.inner.send_request(&peer, Ok(a));
-        self.peers.entry(peer).or_default().caps_in_flight = true;
+        self.peers.entry(peer).or_default().caps.sent();
     }
 
     /// Closes the relayed connections of peers whose hole punch failed and is due for another round; the
@@ -354,12 +352,7 @@ impl Daemon {
         let due: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(p, s)| {
-                !s.caps_delivered
-                    && !s.caps_in_flight
-                    && s.conns.values().any(|c| c.identified)
-                    && self.trust.contains(p)
-            })
+            .filter(|(p, s)| s.caps.due() && s.conns.values().any(|c| c.identified) && self.trust.contains(p))
             .map(|(p, _)| *p)
             .collect();
         for p in due {
@@ -379,6 +372,7 @@ impl Daemon {
             .map(|(p, _)| *p)
             .collect();
         for p in targets {
+            self.peers.entry(p).or_default().caps.ours_changed();
             self.send_caps(p);
         }
     }
@@ -398,52 +392,41 @@ impl Daemon {
                         return;
                     }
                 };
-                if !self.is_trusted(&peer) {
-                    // Not paired: no answer at all (the stream is dropped).
-                    tracing::warn!(%peer, "capability advert from an unpaired peer ignored");
-                    return;
-                }
-                tracing::debug!(%peer, score = request.caps.score, "capabilities received");
-                let st = self.peers.entry(peer).or_default();
-                st.caps = Some(request.caps);
-                st.mutual = true;
-                // Ours may have arrived before the peer trusted us (the two sides finish pairing a moment
-                // apart) and been ignored: send them again now that it evidently does.
-                let resend = !st.caps_delivered;
-                // Optimistic, so two peers that both missed each other's advert do not bounce resends;
-                // a failed delivery clears it again.
-                st.caps_delivered = true;
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .caps
-                    .inner
-                    .send_response(channel, Ok(CapsAck::Ok));
-                if resend {
-                    self.send_caps(peer);
+                let score = request.caps.score;
+                let trusted = self.is_trusted(&peer);
+                // No entry is made for a stranger (the gate lets it in only for an open invite).
+                let st = if trusted {
+                    Some(self.peers.entry(peer).or_default())
+                } else {
+                    self.peers.get_mut(&peer)
+                };
+                let verdict = st.map_or(caps::OnAdvert::Ignore, |st| st.caps.on_advert(request.caps, trusted));
+                match verdict {
+                    caps::OnAdvert::Ignore => {
+                        tracing::warn!(%peer, "capability advert from an unpaired peer ignored");
+                    }
+                    caps::OnAdvert::Ack { send_ours } => {
+                        tracing::debug!(%peer, score, "capabilities received");
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .caps
+                            .inner
+                            .send_response(channel, Ok(CapsAck::Ok));
+                        if send_ours {
+                            self.send_caps(peer);
+                        }
+                    }
                 }
             }
             rr::Event::Message {
                 peer,
-                message:
-                    rr::Message::Response {
-                        response: Ok(CapsAck::Ok),
-                        ..
-                    },
-                ..
-            } if self.is_trusted(&peer) => {
-                let st = self.peers.entry(peer).or_default();
-                st.mutual = true;
-                st.caps_delivered = true;
-                st.caps_in_flight = false;
-            }
-            rr::Event::Message {
-                peer,
-                message: rr::Message::Response { .. },
+                message: rr::Message::Response { response, .. },
                 ..
             } => {
+                let trusted = self.is_trusted(&peer);
                 if let Some(st) = self.peers.get_mut(&peer) {
-                    st.caps_in_flight = false;
+                    st.caps.on_answer(matches!(response, Ok(CapsAck::Ok)), trusted);
                 }
             }
             rr::Event::InboundFailure { peer, error, .. } => {
@@ -452,8 +435,7 @@ impl Daemon {
             rr::Event::OutboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "capability advert not delivered: {error}");
                 if let Some(st) = self.peers.get_mut(&peer) {
-                    st.caps_delivered = false;
-                    st.caps_in_flight = false;
+                    st.caps.on_failure();
                 }
             }
             _ => {}

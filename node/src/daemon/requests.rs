@@ -201,7 +201,7 @@ impl Daemon {
                 connection,
                 addresses,
                 rtt_ms: st.and_then(|s| s.rtt()).map(|d| d.as_secs_f64() * 1000.0),
-                capabilities: st.and_then(|s| s.caps.clone()),
+                capabilities: st.and_then(|s| s.caps.theirs().cloned()),
             });
         }
         out
