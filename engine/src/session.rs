@@ -105,7 +105,8 @@ impl Engine {
         })
     }
 
-    /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
+    /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists, and
+    /// ends the generation (stop reason "stop") by returning false.
     pub fn generate_ids(
         &mut self,
         prompt: &[u32],
@@ -113,7 +114,7 @@ impl Engine {
         params: &SampleParams,
         seed: u64,
         stop_at_eos: bool,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         generate(
             self.backend.as_mut(),
@@ -178,7 +179,8 @@ fn chunk_ranges(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)
         .map(move |start| (start, (start + chunk).min(len)))
 }
 
-/// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists.
+/// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists, and
+/// ends the generation (stop reason "stop": a stop string, or a client that went away) by returning false.
 #[allow(clippy::too_many_arguments)]
 pub fn generate(
     backend: &mut dyn Backend,
@@ -189,7 +191,7 @@ pub fn generate(
     params: &SampleParams,
     seed: u64,
     stop_at_eos: bool,
-    on_token: &mut dyn FnMut(u32),
+    on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generation> {
     let ctx = config.max_position_embeddings;
     if prompt.is_empty() {
@@ -236,24 +238,30 @@ pub fn generate(
     let mut stop_reason = "max_tokens";
     if let Some(first) = next {
         out.push(first);
-        on_token(first);
-        if stop_at_eos && eos.contains(&first) {
+        if !on_token(first) {
+            stop_reason = "stop";
+        } else if stop_at_eos && eos.contains(&first) {
             stop_reason = "eos";
         } else if out.len() < max_tokens {
             // Positions left in the cache bound the steps; running out of them is a "context" stop.
             let room = positions - prompt.len();
             let steps = (max_tokens - 1).min(room);
-            let mut hit_eos = false;
+            let (mut hit_eos, mut halted) = (false, false);
             backend.decode(first, prompt.len(), steps, params, &mut rng, &mut |t| {
                 out.push(t);
-                on_token(t);
+                if !on_token(t) {
+                    halted = true;
+                    return false;
+                }
                 if stop_at_eos && eos.contains(&t) {
                     hit_eos = true;
                     return false;
                 }
                 true
             })?;
-            if hit_eos {
+            if halted {
+                stop_reason = "stop";
+            } else if hit_eos {
                 stop_reason = "eos";
             } else if out.len() < max_tokens {
                 stop_reason = "context";

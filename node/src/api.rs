@@ -53,6 +53,10 @@ pub enum Request {
         resume: Option<PathBuf>,
         #[serde(default)]
         detach: bool,
+        /// Cancel the job once every client waiting for it has gone (the HTTP API's requests; a
+        /// `bitnode submit` that goes away leaves its job running).
+        #[serde(default)]
+        cancel_on_disconnect: bool,
     },
     /// -> `Vec<`[`JobView`]`>`, newest first.
     Jobs,
@@ -133,6 +137,9 @@ pub struct Status {
     pub uptime_secs: u64,
     pub capabilities: Capabilities,
     pub version: String,
+    /// The OpenAI-compatible API's base URL (`http://host:port/v1`); None when it is off.
+    #[serde(default)]
+    pub api_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

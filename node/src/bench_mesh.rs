@@ -145,6 +145,8 @@ fn bench(base: &std::path::Path, model: Option<PathBuf>, runs: usize) -> anyhow:
         top_p: 1.0,
         repetition_penalty: 1.0,
         seed: 0,
+        messages: None,
+        stop: vec![],
     });
     let local = crate::submit::prepare(here, infer.clone(), &paths, "local", false)?;
     let remote = crate::submit::prepare(here, infer, &paths, "peer", false)?;

@@ -19,6 +19,35 @@ pub struct Config {
     pub engine: EngineSection,
     #[serde(default)]
     pub jobs: JobsSection,
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// `[api]`: the OpenAI-compatible HTTP API every daemon serves (`daemon/http.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// host:port to listen on; port 0 picks a free one (`bitnode status` shows it). "off": no API.
+    pub listen: String,
+    /// When set, every request needs `Authorization: Bearer <token>`. A listen address that is not
+    /// loopback needs one.
+    pub token: Option<String>,
+    /// Web origins (such as "http://localhost:3000") whose pages may call the API (CORS). Requests from
+    /// any other origin are refused.
+    pub cors_origins: Vec<String>,
+    /// Largest request body, bytes.
+    pub max_request_bytes: u64,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: "127.0.0.1:7879".into(),
+            token: None,
+            cors_origins: vec![],
+            max_request_bytes: 4 << 20,
+        }
+    }
 }
 
 /// `[jobs]`: what this node accepts from paired peers and how it watches the jobs it delegates.

@@ -60,6 +60,7 @@ mod control_server;
 mod failover;
 mod fetch;
 mod handle;
+mod http;
 mod jobs;
 mod peers;
 mod requests;
@@ -74,6 +75,8 @@ pub struct StartOptions {
     pub relay_server: bool,
     /// Forces `[jobs] accept_remote = false` (a relay that should only relay).
     pub no_remote_jobs: bool,
+    /// Replaces `[api] listen`.
+    pub api_listen: Option<String>,
 }
 
 /// Capability re-check period (battery, AC, queue); a change is pushed to connected peers.
@@ -172,6 +175,8 @@ pub struct Daemon {
     net: NetHandle,
     /// Writes the job table and the trust list off the event loop.
     store: crate::store::StateWriter,
+    /// Where the HTTP API listens (None: off).
+    api_url: Option<String>,
     /// The ternary matmul rates measured so far (at start, then every `remeasure_secs`); the median is
     /// advertised, so no single unlucky sample decides the rank.
     scores: caps::ScoreWindow,
@@ -308,6 +313,10 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
             .listen_on(a.clone())
             .with_context(|| format!("listening on {a}"))?;
     }
+    // Refused before anything starts when it would expose the mesh (a non-loopback address without a
+    // token); off, with the reason logged, when the address is taken.
+    let api_listener = http::bind(&cfg.api, opts.api_listen.as_deref()).await?;
+    let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
     let adapter = cfg.engine.adapter.clone().unwrap_or_else(|| "auto".into());
     let caps_cfg = cfg.capabilities.clone();
     // The probe blocks on the GPU for a few hundred milliseconds; keep it off the async workers.
@@ -362,6 +371,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         view,
         net,
         store,
+        api_url: api_addr.map(|a| format!("http://{a}/v1")),
         scores: caps::ScoreWindow::default(),
         measured_at: Instant::now(),
         measuring: false,
@@ -377,6 +387,24 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     let (jtx, jrx) = mpsc::channel::<Ctl>(64);
     let (stop_jobs, jobs_stopped) = oneshot::channel();
     let job_manager = tokio::spawn(manager.run(jrx, irx, jobs_stopped));
+    let api_server = match (api_listener, api_addr) {
+        (Some(l), Some(addr)) => {
+            tracing::info!("OpenAI-compatible API on http://{addr}/v1");
+            let api = http::Api {
+                home: home.to_path_buf(),
+                device: d.name.clone(),
+                token: d.cfg.api.token.clone().filter(|t| !t.is_empty()),
+                cors: d.cfg.api.cors_origins.clone(),
+                loopback: addr.ip().is_loopback(),
+                port: addr.port(),
+                max_body: d.cfg.api.max_request_bytes,
+                jobs: jtx.clone(),
+                net: tx.clone(),
+            };
+            Some(tokio::spawn(http::serve(l, Arc::new(api))))
+        }
+        _ => None,
+    };
     let acceptor = tokio::spawn(control_server::accept_loop(listener, tx, jtx));
     let res = d.event_loop(rx, cmds).await;
     // The job manager stops with the network: its job processes die with the daemon, and the submissions
@@ -389,6 +417,9 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     // Let in-flight control replies (the answer to `bitnode stop` among them) reach their clients.
     tokio::time::sleep(Duration::from_millis(100)).await;
     acceptor.abort();
+    if let Some(a) = api_server {
+        a.abort();
+    }
     let _ = std::fs::remove_file(&sock);
     tracing::info!("bitnode daemon stopped");
     res

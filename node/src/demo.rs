@@ -74,7 +74,7 @@ fn config(s: &Spec) -> String {
     };
     format!(
         "[node]\nname = \"{}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\nreconnect_secs = 1\n\n\
-         [capabilities]\n{caps}\n{}\n",
+         [api]\nlisten = \"127.0.0.1:0\"\n\n[capabilities]\n{caps}\n{}\n",
         s.name, s.extra
     )
 }

@@ -294,7 +294,24 @@ fn infer(
 ) -> anyhow::Result<InferResult> {
     let params = sample_params(req)?;
     let mut engine = load_engine(&paths.model, &paths.adapter, opts)?;
-    let ids = engine.tokenizer.encode(&req.prompt)?;
+    let ids = match &req.messages {
+        // A conversation goes through the model's own chat template, which writes its special tokens
+        // (BOS included) itself.
+        Some(msgs) => {
+            let eos = engine.eos.first().copied().unwrap_or(0);
+            let spec = bitnode_engine::data::DataSpec::for_model(&paths.model, &engine.tokenizer, eos, 0);
+            let msgs: Vec<bitnode_engine::data::Message> = msgs
+                .iter()
+                .map(|m| bitnode_engine::data::Message {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            let text = bitnode_engine::data::render(&spec, &msgs, true)?;
+            engine.tokenizer.encode_plain(&text)?
+        }
+        None => engine.tokenizer.encode(&req.prompt)?,
+    };
     // No run makes more tokens than the context holds, so clamping changes nothing for any request (one past
     // the context keeps a context-bounded run's stop reason "context"), but keeps a huge max_tokens from a
     // job from elsewhere from overflowing the engine's position arithmetic.
@@ -314,21 +331,43 @@ fn infer(
     // character, which then shows as U+FFFD until its last byte arrives, so such a tail is held back. The
     // last token reports everything left (a dangling U+FFFD included), so the reported pieces add up to the
     // final text; it is known to be the last when it is an EOS or the most `generate` can return.
-    let mut on_token = |id: u32| {
+    let stop = &req.stop;
+    // Tests slow decoding down with this, so that a stream is still running when its client leaves (a
+    // delay of the real engine, not a stand-in for it).
+    let delay = std::env::var("BITNODE_TEST_TOKEN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
+    // The generation ends at the first stop string; until the text shows whether a tail is the start of
+    // one, that tail is held back.
+    let mut on_token = |id: u32| -> bool {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         generated.push(id);
         let last = generated.len() >= last_possible || eos.contains(&id);
-        if let Ok(text) = tok.decode(&generated) {
-            let ready = last || !text.ends_with('\u{FFFD}');
-            if ready && text.len() > reported && text.is_char_boundary(reported) {
-                on_event(JobEvent::Token {
-                    id,
-                    text: &text[reported..],
-                });
-                reported = text.len();
-                return;
-            }
+        let Ok(text) = tok.decode(&generated) else {
+            on_event(JobEvent::Token { id, text: "" });
+            return true;
+        };
+        let (cut, hit) = crate::openai::cut_at_stop(&text, stop);
+        let ready = if hit || last {
+            cut
+        } else if text.ends_with('\u{FFFD}') {
+            reported
+        } else {
+            crate::openai::safe_len(&text, stop)
+        };
+        if ready > reported && text.is_char_boundary(reported) && text.is_char_boundary(ready) {
+            on_event(JobEvent::Token {
+                id,
+                text: &text[reported..ready],
+            });
+            reported = ready;
+        } else {
+            on_event(JobEvent::Token { id, text: "" });
         }
-        on_event(JobEvent::Token { id, text: "" });
+        !hit
     };
     let g = bitnode_engine::session::generate(
         backend.as_mut(),
@@ -342,6 +381,7 @@ fn infer(
         &mut on_token,
     )?;
     let text = tokenizer.decode(&g.tokens)?;
+    let text = text[..crate::openai::cut_at_stop(&text, &req.stop).0].to_string();
     let n = g.tokens.len();
     Ok(InferResult {
         text,
@@ -733,6 +773,8 @@ mod tests {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 0,
+            messages: None,
+            stop: vec![],
         })
     }
 

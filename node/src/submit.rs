@@ -75,6 +75,8 @@ pub fn prepare(home: &Path, mut spec: JobSpec, paths: &JobPaths, to: &str, detac
         out,
         resume,
         detach,
+        // A terminal that goes away leaves its job running (`bitnode jobs follow` re-attaches).
+        cancel_on_disconnect: false,
     })
 }
 

@@ -29,6 +29,20 @@ pub struct InferRequest {
     /// 1.0 = off.
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// A conversation (the HTTP API's chat completions): rendered by the model's own chat template on the
+    /// device that runs the job, and then used instead of `prompt`.
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Strings that end the generation (the text ends before the first one; stop reason "stop").
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// What `bitnode infer --json` prints as its last line.

@@ -232,11 +232,11 @@ fn scoring_with_the_peft_adapter_matches_peft() {
     let greedy = bitnode_engine::cpu::SampleParams::default();
     let prompt = &ids[..8];
     let c = eng
-        .generate_ids(prompt, 12, &greedy, 0, false, &mut |_| {})
+        .generate_ids(prompt, 12, &greedy, 0, false, &mut |_| true)
         .unwrap()
         .tokens;
     let g = geng
-        .generate_ids(prompt, 12, &greedy, 0, false, &mut |_| {})
+        .generate_ids(prompt, 12, &greedy, 0, false, &mut |_| true)
         .unwrap()
         .tokens;
     assert_eq!(c, g, "greedy tokens with the adapter, CPU vs GPU");

@@ -83,7 +83,7 @@ fn check(case: &str, opts: &EngineOptions, nll_tol: f64, logit_tol: f32) {
 
     // Greedy continuation, 16 tokens, not stopping at EOS.
     let g = e
-        .generate_ids(&prompt, 16, &SampleParams::default(), 0, false, &mut |_| {})
+        .generate_ids(&prompt, 16, &SampleParams::default(), 0, false, &mut |_| true)
         .unwrap();
     assert_eq!(
         g.tokens,

@@ -38,7 +38,7 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
                 },
                 5,
                 false,
-                &mut |_| {},
+                &mut |_| true,
             )
             .unwrap();
         let mem = e.backend.memory();

@@ -79,6 +79,10 @@ pub enum Cmd {
         /// should only relay: it advertises this, and schedulers pass it over).
         #[arg(long)]
         no_remote_jobs: bool,
+        /// Where the OpenAI-compatible HTTP API listens (host:port, port 0 for any, or "off"); replaces
+        /// `[api] listen`.
+        #[arg(long)]
+        api_listen: Option<String>,
     },
     /// Stop the running daemon (as SIGTERM does: connections closed, socket removed).
     Stop,
@@ -355,6 +359,23 @@ pub enum ModelCmd {
         #[arg(long, default_value = "packed", value_parser = ["online", "packed"])]
         format: String,
     },
+    /// Import a model (or LoRA adapter) directory into this device's store under a name: the name the
+    /// HTTP API's `model` (or `adapter`) field takes. Works with or without a running daemon.
+    Add {
+        dir: PathBuf,
+        /// Default: the directory's name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The named models and adapters in this device's store.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a name (the content stays in the store while jobs or other names use it).
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]

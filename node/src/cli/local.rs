@@ -90,7 +90,7 @@ pub fn score(home: &Path, a: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn model(cmd: ModelCmd) -> anyhow::Result<()> {
+pub fn model(home: &Path, cmd: ModelCmd) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Synth {
             preset,
@@ -106,6 +106,30 @@ pub fn model(cmd: ModelCmd) -> anyhow::Result<()> {
             };
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
+        }
+        ModelCmd::Add { dir, name, json } => {
+            let m = crate::names::add(home, &dir, name.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                println!("{} {} added as {:?} ({})", m.kind, m.hash, m.name, dir.display());
+            }
+        }
+        ModelCmd::List { json } => {
+            let list = crate::names::list(home)?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("no named models (add one with `bitnode model add DIR --name NAME`)");
+            } else {
+                for m in &list {
+                    println!("{:<24} {:<8} {}", m.name, m.kind, m.hash);
+                }
+            }
+        }
+        ModelCmd::Remove { name } => {
+            let m = crate::names::remove(home, &name)?;
+            println!("forgot {:?} ({})", m.name, m.hash);
         }
     }
     Ok(())
@@ -250,6 +274,8 @@ pub fn infer_job(a: InferArgs, home: &std::path::Path) -> anyhow::Result<(JobSpe
         top_p: a.top_p,
         repetition_penalty: a.repetition_penalty,
         seed: a.seed,
+        messages: None,
+        stop: vec![],
     });
     let paths = JobPaths {
         adapter: a.adapter,
@@ -422,8 +448,8 @@ fn bench_infer(
     }
     let greedy = SampleParams::default();
     // Warm-up: compiles pipelines and touches every buffer once.
-    engine.generate_ids(&prompt, gen.min(8), &greedy, 0, false, &mut |_| {})?;
-    let g = engine.generate_ids(&prompt, gen, &greedy, 0, false, &mut |_| {})?;
+    engine.generate_ids(&prompt, gen.min(8), &greedy, 0, false, &mut |_| true)?;
+    let g = engine.generate_ids(&prompt, gen, &greedy, 0, false, &mut |_| true)?;
     let n = g.tokens.len();
     let decode = if n > 1 { (n - 1) as f64 / g.decode_seconds } else { 0.0 };
     let prefill = prompt_len as f64 / g.prefill_seconds;

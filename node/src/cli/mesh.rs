@@ -66,6 +66,10 @@ pub fn status(home: &Path, json: bool) -> anyhow::Result<()> {
     for a in &v.listen_addresses {
         println!("listening: {a}");
     }
+    match &v.api_url {
+        Some(u) => println!("API: {u} (OpenAI-compatible)"),
+        None => println!("API: off"),
+    }
     let c = &v.capabilities;
     println!(
         "device: {} ({}, {}), ternary matmul {:.1} GOPS, score {:.1}",

@@ -38,7 +38,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Infer(a) => local::infer(&home, a),
         Cmd::Score(a) => local::score(&home, a),
         Cmd::Finetune(a) => local::finetune(*a),
-        Cmd::Model { cmd } => local::model(cmd),
+        Cmd::Model { cmd } => local::model(&home, cmd),
         Cmd::Bench { cmd } => local::bench(&home, cmd),
         Cmd::Devices { json } => local::devices(json),
         Cmd::JobExec { dir, dev } => local::job_exec(&home, &dir, &dev),
@@ -48,12 +48,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             relay_server,
             no_remote_jobs,
+            api_listen,
         } => mesh::start(
             &home,
             crate::daemon::StartOptions {
                 listen,
                 relay_server,
                 no_remote_jobs,
+                api_listen,
             },
         ),
         Cmd::Stop => mesh::stop(&home),

@@ -103,6 +103,9 @@ pub(super) async fn forward_lines(
 ) {
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let mut pending: Option<(Vec<u32>, String)> = None;
+    // A batch goes out 30 ms after its first token, however fast the next ones come (a timeout per line
+    // would hold every token of a fast generation back until its end).
+    let mut due = tokio::time::Instant::now();
     let flush = |pending: &mut Option<(Vec<u32>, String)>| {
         if let Some((ids, text)) = pending.take() {
             let _ = tx.send(Internal::Tokens {
@@ -114,7 +117,7 @@ pub(super) async fn forward_lines(
     };
     loop {
         let next = if pending.is_some() {
-            match tokio::time::timeout(Duration::from_millis(30), lines.next_line()).await {
+            match tokio::time::timeout_at(due, lines.next_line()).await {
                 Ok(l) => l,
                 Err(_) => {
                     flush(&mut pending);
@@ -130,6 +133,9 @@ pub(super) async fn forward_lines(
             continue;
         };
         if let ExecLine::Token { id, text } = &line {
+            if pending.is_none() {
+                due = tokio::time::Instant::now() + Duration::from_millis(30);
+            }
             let p = pending.get_or_insert_with(|| (vec![], String::new()));
             p.0.push(*id);
             p.1.push_str(text);

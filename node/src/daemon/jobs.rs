@@ -385,8 +385,20 @@ impl JobManager {
                 out,
                 resume,
                 detach,
+                cancel_on_disconnect,
             } => {
-                self.submit(spec, data_path, need, &to, out, resume, detach, reply, Some(events));
+                self.submit(
+                    spec,
+                    data_path,
+                    need,
+                    &to,
+                    out,
+                    resume,
+                    detach,
+                    cancel_on_disconnect,
+                    reply,
+                    Some(events),
+                );
                 return;
             }
             Request::Jobs => Response::ok(&self.jobs_list()),
@@ -575,6 +587,11 @@ impl JobManager {
                 }
                 _ => {}
             }
+        }
+        // An API request whose client went away is cancelled within a tick.
+        let ids: Vec<String> = self.work.subs.keys().cloned().collect();
+        for id in ids {
+            self.cancel_if_abandoned(&id);
         }
         // Streams of `submit` clients stay alive (and notice a dead daemon) by these.
         if beat {

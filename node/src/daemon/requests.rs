@@ -172,6 +172,7 @@ impl Daemon {
             uptime_secs: self.started.elapsed().as_secs(),
             capabilities: self.caps.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            api_url: self.api_url.clone(),
         }
     }
 

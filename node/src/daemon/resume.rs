@@ -90,6 +90,7 @@ impl JobManager {
                 checkpoint,
                 progress: None,
                 watchers: vec![],
+                cancel_on_disconnect: false,
                 finals: vec![],
             };
             self.work.subs.insert(j.id.clone(), sub);

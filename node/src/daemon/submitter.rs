@@ -14,6 +14,7 @@ pub(super) struct PendingSubmit {
     pub(super) target: Target,
     pub(super) out: Option<PathBuf>,
     pub(super) detach: bool,
+    pub(super) cancel_on_disconnect: bool,
     pub(super) reply: oneshot::Sender<Response>,
     pub(super) events: Option<mpsc::Sender<Event>>,
     /// The checkpoint to start from (`--resume`), or why the inputs could not be read.
@@ -66,6 +67,9 @@ pub(super) struct Sub {
     pub(super) progress: Option<api::Progress>,
     /// Clients following the job (bounded channels; one that falls behind is dropped).
     pub(super) watchers: Vec<mpsc::Sender<Event>>,
+    /// An HTTP API request: cancelled once every client waiting for it has gone (a `bitnode submit`
+    /// that goes away leaves its job running, to be followed again).
+    pub(super) cancel_on_disconnect: bool,
     pub(super) finals: Vec<oneshot::Sender<Response>>,
 }
 
@@ -133,6 +137,7 @@ impl JobManager {
         out: Option<PathBuf>,
         resume: Option<PathBuf>,
         detach: bool,
+        cancel_on_disconnect: bool,
         reply: oneshot::Sender<Response>,
         events: Option<mpsc::Sender<Event>>,
     ) {
@@ -177,6 +182,10 @@ impl JobManager {
         tokio::task::spawn_blocking(move || {
             let res =
                 load_inputs(&mut spec, data_path.as_deref(), resume.as_deref(), max_data, max_ckpt).and_then(|c| {
+                    // A request that ends with its client has nobody to resume it for.
+                    if cancel_on_disconnect {
+                        return Ok(c);
+                    }
                     // The record a restarted daemon takes the job up from, on disk before the job is placed.
                     let rec = crate::jobs::Submission {
                         job_id,
@@ -197,6 +206,7 @@ impl JobManager {
                 target,
                 out,
                 detach,
+                cancel_on_disconnect,
                 reply,
                 events,
                 res,
@@ -213,6 +223,7 @@ impl JobManager {
             target,
             out,
             detach,
+            cancel_on_disconnect,
             reply,
             events,
             res,
@@ -254,6 +265,7 @@ impl JobManager {
             checkpoint,
             progress: None,
             watchers: vec![],
+            cancel_on_disconnect,
             finals: vec![],
         };
         if let Some(e) = events.filter(|_| !detach) {
@@ -486,6 +498,22 @@ impl JobManager {
     pub(super) fn emit(&mut self, id: &str, ev: Event) {
         if let Some(s) = self.work.subs.get_mut(id) {
             send_to_watchers(&mut s.watchers, &ev);
+        }
+    }
+
+    /// An API request whose clients have all gone (the HTTP client disconnected) is cancelled on whichever
+    /// device runs it. Checked every tick rather than where an event finds a closed channel: cancelling
+    /// ends the job, which the code that emitted the event may not expect.
+    pub(super) fn cancel_if_abandoned(&mut self, id: &str) {
+        let abandoned = self.work.subs.get(id).is_some_and(|s| {
+            s.cancel_on_disconnect
+                && !s.phase.finishing()
+                && s.watchers.iter().all(|w| w.is_closed())
+                && s.finals.iter().all(|f| f.is_closed())
+        });
+        if abandoned {
+            tracing::info!(job = %id, "the API client went away: cancelling its request");
+            self.cancel_job(id);
         }
     }
 

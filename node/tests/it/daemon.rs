@@ -54,6 +54,8 @@ fn infer_request(home: &Path, model: &Path, prompt: &str, max_tokens: usize) -> 
         top_p: 1.0,
         repetition_penalty: 1.0,
         seed: 0,
+        messages: None,
+        stop: vec![],
     });
     bitnode::submit::prepare(home, spec, &bitnode::exec::JobPaths::model(model), "local", false).unwrap()
 }
@@ -313,6 +315,7 @@ fn fine_tunes_survive_sigkills_of_submitter_and_worker_at_random_moments() {
                     out,
                     resume,
                     detach: true,
+                    cancel_on_disconnect: false,
                 },
                 other => other,
             };

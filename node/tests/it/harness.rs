@@ -86,8 +86,14 @@ impl Node {
         } else {
             "mdns = false\n"
         };
+        // Each daemon's HTTP API on a port of its own (the default, 7879, is one per machine).
+        let api = if extra_config.contains("[api]") {
+            ""
+        } else {
+            "[api]\nlisten = \"127.0.0.1:0\"\n"
+        };
         let cfg = format!(
-            "[node]\nname = {name:?}\n[network]\n{mdns}reconnect_secs = 1\n{extra_config}\n[capabilities]\nbenchmark_ms = 30\n"
+            "[node]\nname = {name:?}\n[network]\n{mdns}reconnect_secs = 1\n{extra_config}\n[capabilities]\nbenchmark_ms = 30\n{api}"
         );
         let cfg = merge_sections(&cfg);
         std::fs::write(home.join("config.toml"), cfg).unwrap();

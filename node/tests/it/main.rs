@@ -10,4 +10,5 @@ mod hostile;
 mod jobs;
 mod mesh;
 mod nat;
+mod serve;
 mod state;
