@@ -21,6 +21,30 @@ pub struct Config {
     pub jobs: JobsSection,
     #[serde(default)]
     pub api: ApiSection,
+    #[serde(default)]
+    pub serve: ServeSection,
+}
+
+/// `[serve]`: the engines a device keeps warm for inference (`crate::host`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    /// Run inference on warm engines in a long-lived engine host; false: a new process per job.
+    pub warm_engines: bool,
+    /// Bytes of models kept loaded at once; 0: half of the device memory this device advertises.
+    pub memory_budget_bytes: u64,
+    /// A warm engine unused this long is dropped (and the host exits with none left).
+    pub idle_secs: u64,
+}
+
+impl Default for ServeSection {
+    fn default() -> Self {
+        ServeSection {
+            warm_engines: true,
+            memory_budget_bytes: 0,
+            idle_secs: 600,
+        }
+    }
 }
 
 /// `[api]`: the OpenAI-compatible HTTP API every daemon serves (`daemon/http.rs`).

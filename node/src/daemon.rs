@@ -50,6 +50,8 @@ use bitnode_protocol::mesh::MAX_ADVERTISED_MODELS;
 use bitnode_protocol::wire;
 use ed25519_dalek::SigningKey;
 #[allow(unused_imports)]
+use engine_host::EngineHost;
+#[allow(unused_imports)]
 use handle::{Answer, JobLoad, MeshView, NetCommand, NetHandle, PeerView};
 use libp2p::request_response::OutboundRequestId;
 use std::collections::VecDeque;
@@ -57,6 +59,7 @@ use tokio::sync::watch;
 
 mod child;
 mod control_server;
+mod engine_host;
 mod failover;
 mod fetch;
 mod handle;
@@ -296,7 +299,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         max_update_message: cfg.jobs.max_update_message(),
     };
     let (itx, irx) = mpsc::unbounded_channel();
-    let work = jobs::Work::new(home, &key, itx.clone())?;
+    let mut work = jobs::Work::new(home, &key, itx.clone())?;
     let mut swarm = net::build_swarm(key, admission.clone(), &netopts)?;
     let listen = if opts.listen.is_empty() {
         cfg.network.listen.clone()
@@ -322,6 +325,13 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
     // The probe blocks on the GPU for a few hundred milliseconds; keep it off the async workers.
     let caps = tokio::task::spawn_blocking(move || caps::probe(&adapter, &caps_cfg)).await?;
     tracing::info!(peer_id = %me, %name, score = caps.score, device = %caps.device, "bitnode daemon starting");
+    if cfg.serve.warm_engines {
+        let budget = match cfg.serve.memory_budget_bytes {
+            0 => (caps.device_memory_bytes.unwrap_or(caps.system_memory_bytes) / 2).max(1 << 30),
+            b => b,
+        };
+        work.host = Some(EngineHost::start(home, budget, cfg.serve.idle_secs, itx.clone()));
+    }
 
     let cfg_name = name.clone();
     let (net, cmds) = NetHandle::new();

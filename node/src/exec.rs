@@ -292,8 +292,37 @@ fn infer(
     opts: &EngineOptions,
     on_event: &mut dyn FnMut(JobEvent<'_>),
 ) -> anyhow::Result<InferResult> {
-    let params = sample_params(req)?;
+    sample_params(req)?;
     let mut engine = load_engine(&paths.model, &paths.adapter, opts)?;
+    infer_on(&mut engine, req, &paths.model, on_event)
+}
+
+/// Loads the engine for a model (with a LoRA adapter applied, or none).
+pub fn load_engine_for(model: &Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
+    load_engine(model, adapter, opts)
+}
+
+/// Set by an engine host (`crate::host`) when the daemon cancels the generation it runs: the next token
+/// ends it (stop reason "stop"), and the engine stays loaded for the next request.
+pub static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One generation on an engine already loaded (`bitnode infer` loads one per run; an engine host keeps
+/// it warm across requests). `model_dir` holds the chat template.
+pub fn infer_on(
+    engine: &mut Engine,
+    req: &InferRequest,
+    model_dir: &Path,
+    on_event: &mut dyn FnMut(JobEvent<'_>),
+) -> anyhow::Result<InferResult> {
+    let params = sample_params(req)?;
+    let paths = JobPaths {
+        model: model_dir.to_path_buf(),
+        adapter: None,
+        data: None,
+        out: None,
+        resume: None,
+        json_log: None,
+    };
     let ids = match &req.messages {
         // A conversation goes through the model's own chat template, which writes its special tokens
         // (BOS included) itself.
@@ -321,7 +350,7 @@ fn infer(
         model,
         eos,
         tokenizer,
-    } = &mut engine;
+    } = engine;
     let tok = &*tokenizer;
     let eos = &*eos;
     let last_possible = most_new_tokens(ids.len(), max_tokens, model.config.max_position_embeddings);
@@ -343,6 +372,9 @@ fn infer(
     let mut on_token = |id: u32| -> bool {
         if let Some(d) = delay {
             std::thread::sleep(d);
+        }
+        if CANCEL.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
         }
         generated.push(id);
         let last = generated.len() >= last_possible || eos.contains(&id);
@@ -665,6 +697,8 @@ pub enum ExecLine {
     Result { result: serde_json::Value },
     /// The job failed: the error with its causes (`{:#}`).
     Error { reason: String },
+    /// An engine host finished the job it was given (after its Result or Error) and takes the next.
+    End,
 }
 
 impl ExecLine {

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod demo;
 pub mod exec;
 pub mod fsutil;
+pub mod host;
 pub mod identity;
 pub mod jobs;
 pub mod models;

@@ -128,6 +128,19 @@ pub enum Cmd {
         #[command(flatten)]
         dev: DeviceArgs,
     },
+    /// Keep inference engines warm and run the daemon's inference jobs on them (`crate::host`): job
+    /// directories in on stdin, their events out on stdout.
+    #[command(hide = true)]
+    EngineHost {
+        /// Bytes of models kept loaded at once (least recently used out first).
+        #[arg(long)]
+        budget: u64,
+        /// An engine unused this long is dropped.
+        #[arg(long)]
+        idle_secs: u64,
+        #[command(flatten)]
+        dev: DeviceArgs,
+    },
 }
 
 #[derive(Args)]

@@ -42,6 +42,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { cmd } => local::bench(&home, cmd),
         Cmd::Devices { json } => local::devices(json),
         Cmd::JobExec { dir, dev } => local::job_exec(&home, &dir, &dev),
+        Cmd::EngineHost { budget, idle_secs, dev } => crate::host::run(
+            local::engine_options(&home, &dev)?,
+            budget,
+            std::time::Duration::from_secs(idle_secs.max(1)),
+        ),
         Cmd::Init { name } => mesh::init(&home, name),
         Cmd::Id => mesh::id(&home),
         Cmd::Start {

@@ -9,6 +9,11 @@ use super::*;
 pub(super) struct ChildKill(mpsc::Sender<()>);
 
 impl ChildKill {
+    /// A handle whose kill goes to `tx`'s owner (a child's owning task, or the engine host's actor).
+    pub(super) fn new(tx: mpsc::Sender<()>) -> ChildKill {
+        ChildKill(tx)
+    }
+
     pub(super) fn kill(&self) {
         // Full: a kill is already pending; closed: the child has exited. Either way nothing to add.
         let _ = self.0.try_send(());

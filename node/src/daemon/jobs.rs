@@ -186,6 +186,8 @@ pub(super) struct Work {
     pub(super) running: Option<String>,
     pub(super) internal: mpsc::UnboundedSender<Internal>,
     pub(super) last_heartbeat: Instant,
+    /// Where inference runs on warm engines (`[serve] warm_engines`); None: a process per job.
+    pub(super) host: Option<EngineHost>,
 }
 
 impl Work {
@@ -220,6 +222,7 @@ impl Work {
             running: None,
             internal,
             last_heartbeat: Instant::now(),
+            host: None,
         })
     }
 

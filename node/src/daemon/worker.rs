@@ -298,6 +298,16 @@ impl JobManager {
         let home = self.home.clone();
         let tx = self.work.internal.clone();
         let task = id.to_string();
+        // Inference runs on a warm engine; a fine-tune (or a score) in a process of its own, and a
+        // fine-tune first takes the memory the warm engines hold.
+        let host = match (&spec, &self.work.host) {
+            (JobSpec::Infer(_), Some(h)) => Some(h.clone()),
+            (JobSpec::Finetune(_), Some(h)) => {
+                h.evict();
+                None
+            }
+            _ => None,
+        };
         tokio::spawn(async move {
             let d = dir.clone();
             let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -313,9 +323,10 @@ impl JobManager {
             .await
             .map_err(anyhow::Error::from)
             .and_then(|r| r);
-            let started = match prepared {
-                Ok(()) => start_child(&home, &dir, &task, tx.clone()),
-                Err(e) => Err(e),
+            let started = match (prepared, host) {
+                (Ok(()), Some(h)) => Ok(h.run(&task, &dir)),
+                (Ok(()), None) => start_child(&home, &dir, &task, tx.clone()),
+                (Err(e), _) => Err(e),
             };
             let _ = tx.send(Internal::Started {
                 task,
@@ -403,6 +414,8 @@ impl JobManager {
                     t.error = Some(reason);
                 }
             }
+            // The engine host's end of a job; its owner reports it as the job's exit.
+            ExecLine::End => {}
         }
     }
 

@@ -318,6 +318,20 @@ fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
     });
     assert_eq!(on_worker["state"], "cancelled", "{on_worker}");
 
+    // A crashed engine host is started again for the next request.
+    let killed = kill_engine_hosts(&desktop.home);
+    assert_eq!(killed, 1, "one engine host runs on the desktop");
+    let (s, b, h) = curl(&[
+        &completions,
+        "-H",
+        &auth,
+        "-d",
+        &format!(r#"{{"model":"tiny","prompt":"{prompt}","max_tokens":{n},"temperature":0}}"#),
+    ]);
+    assert_eq!((s, b["choices"][0]["text"].as_str()), (200, Some(want.as_str())), "{b}");
+    assert!(h.contains("x-bitnode-device: desktop-api"), "{h}");
+    assert_eq!(desktop.log().matches("engine host started").count(), 2);
+
     // A non-loopback address without a token is refused at start, with the reason.
     let lone = home("api-no-token");
     cli_ok(&lone, &["init", "--name", "lone"]);
@@ -336,6 +350,26 @@ fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
     std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!st.success());
     assert!(err.contains("[api] token"), "{err}");
+}
+
+/// SIGKILLs the engine hosts of the daemon at `home` (a GPU driver crash, as far as the daemon can tell).
+fn kill_engine_hosts(home: &Path) -> usize {
+    let needle = home.display().to_string();
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("engine-host") && cmd.contains(&needle) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            n += 1;
+        }
+    }
+    n
 }
 
 fn jobs(n: &Node) -> Vec<Value> {
