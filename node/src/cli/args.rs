@@ -106,6 +106,26 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: SubmitCmd,
     },
+    /// Chat in the terminal with a model, through the mesh: each turn goes to the best device (or --to),
+    /// streamed, and the conversation is kept.
+    Chat {
+        /// A model name or hash (`bitnode model list`), or a model directory. Default: the built-in tiny.
+        #[arg(long)]
+        model: Option<String>,
+        /// "auto", "local", or a paired peer (id or name).
+        #[arg(long, default_value = "auto")]
+        to: String,
+        /// A system message that opens the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// This node's jobs (submitted here or run here), newest first.
     Jobs {
         #[arg(long)]

@@ -404,7 +404,7 @@ fn trainer_device(opts: &EngineOptions) -> &str {
 
 /// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
 /// `<home>/models/builtin-tiny`, so a first run needs no download.
-fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
+pub(super) fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m);
     }

@@ -2,6 +2,7 @@
 //! (`local.rs`) and those that go through the daemon (`mesh.rs`). `main.rs` only calls [`main`]. Errors
 //! reach the user as one clear line and a non-zero exit, never a panic.
 mod args;
+mod chat;
 mod local;
 mod mesh;
 
@@ -69,6 +70,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Pair { cmd } => mesh::pair(&home, cmd),
         Cmd::Submit { cmd } => mesh::submit(&home, cmd),
         Cmd::Jobs { json, cmd } => mesh::jobs(&home, json, cmd),
+        Cmd::Chat {
+            model,
+            to,
+            system,
+            max_tokens,
+            temperature,
+            seed,
+        } => chat::chat(
+            &home,
+            chat::ChatArgs {
+                model,
+                to,
+                system,
+                max_tokens,
+                temperature,
+                seed,
+            },
+        ),
         Cmd::Demo { keep } => crate::demo::run(keep),
     }
 }

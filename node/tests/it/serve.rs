@@ -332,6 +332,51 @@ fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
     assert!(h.contains("x-bitnode-device: desktop-api"), "{h}");
     assert_eq!(desktop.log().matches("engine host started").count(), 2);
 
+    // `bitnode chat`: two turns through the mesh; the second carries the first, as the API's would.
+    let mut c = Command::new(bin_path())
+        .arg("--home")
+        .arg(&phone.home)
+        .args([
+            "chat",
+            "--model",
+            "tiny",
+            "--to",
+            "desktop-api",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), b"hello\nand then?\n\n").unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let replies: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("desktop-api> ")).collect();
+    assert_eq!(replies.len(), 2, "{text}");
+    let body = serde_json::json!({"model": "tiny", "temperature": 0, "max_tokens": 6, "messages": [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": "and then?"},
+    ]});
+    let (s, b, _) = curl(&[
+        &format!("{base}/v1/chat/completions"),
+        "-H",
+        &auth,
+        "-d",
+        &body.to_string(),
+    ]);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["choices"][0]["message"]["content"].as_str(),
+        Some(replies[1]),
+        "{text}"
+    );
+
     // A non-loopback address without a token is refused at start, with the reason.
     let lone = home("api-no-token");
     cli_ok(&lone, &["init", "--name", "lone"]);
