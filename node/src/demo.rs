@@ -147,6 +147,29 @@ pub(crate) fn start_mesh(base: &Path, specs: &[Spec], narrate: bool) -> anyhow::
     Ok(devs)
 }
 
+/// A POST to the API on loopback with std alone (the demo needs nothing more): (status, headers, body).
+fn http_post(base: &str, path: &str, body: &str) -> anyhow::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let rest = base.strip_prefix("http://").context("the API URL is not http://")?;
+    let (hostport, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+    let mut s = std::net::TcpStream::connect(hostport).with_context(|| format!("connecting to {hostport}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "POST /{prefix}{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("a malformed HTTP answer")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status")?;
+    Ok((status, head.to_ascii_lowercase(), body.to_string()))
+}
+
 /// The fields of a fine-tune's summary the demo narrates.
 #[derive(serde::Deserialize)]
 struct FinetuneResult {
@@ -357,25 +380,41 @@ fn demo(base: &Path) -> anyhow::Result<()> {
         inf.executed_by_name.as_deref().unwrap_or("?")
     ));
 
-    say("\n4. A second inference request, without the adapter: again the strongest device, the desktop, takes it.");
-    let inf2 = run_json(
-        phone,
-        &[
-            "submit",
-            "infer",
-            "--model",
-            &model_s,
-            "--prompt",
-            "The mesh of my own devices",
-            "--max-tokens",
-            "16",
-            "--json",
-        ],
-    )?;
+    say("\n4. An app on the phone chats through the phone's OpenAI-compatible API (any OpenAI client works:");
+    say("   base_url = the phone's api_url). The phone names its model (`bitnode model add DIR --name tiny`); the");
+    say("   request becomes a job like any other, and the desktop serves it from a warm engine: the model is");
+    say("   loaded once there, so the second request pays no load.");
+    let named = crate::names::add(&phone.home, &model, Some("tiny"))?;
+    let st: crate::api::Status = control::call(&phone.home, &Request::Status, Duration::from_secs(5))?;
+    let api = st.api_url.context("the phone's API is off")?;
     say(&format!(
-        "   -> ran on the {}",
-        inf2.executed_by_name.as_deref().unwrap_or("?")
+        "   the phone's API: {api}; model \"tiny\" = {}",
+        &named.hash[..16]
     ));
+    for question in ["What is bitnode?", "Where do my models live?"] {
+        let body = serde_json::json!({"model": "tiny", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]});
+        let t0 = std::time::Instant::now();
+        let (status, headers, reply) = http_post(&api, "/chat/completions", &body.to_string())?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if status != 200 {
+            bail!("the API answered {status}: {reply}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&reply).context("the API's answer is not JSON")?;
+        let device = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("x-bitnode-device: "))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        say(&format!(
+            "     POST /v1/chat/completions {question:?} -> served by the {device} in {ms:.0} ms, {} tokens",
+            v["usage"]["completion_tokens"]
+        ));
+        if device != "desktop" {
+            bail!("the chat ran on the {device}, not on the desktop (the strongest device)");
+        }
+    }
 
     say("\n5. The desktop goes away in the middle of a job. The phone starts a longer fine-tune (detached, so the");
     say("   terminal is free); the desktop streams a checkpoint back every 10 steps; then its daemon is killed.");
@@ -445,7 +484,7 @@ fn demo(base: &Path) -> anyhow::Result<()> {
     ));
     say("  - the model moved once, by content hash, verified chunk by chunk; nothing left these three devices;");
     say("  - every job and result was signed by the device that sent it and checked by the device that received it;");
-    say("  - both inference requests went to the strongest device, and its tokens streamed back to the phone;");
+    say("  - the inference and the API's chat requests went to the strongest device, which kept the model warm;");
     say("  - when the desktop vanished mid-job, the phone noticed within seconds and the laptop finished the");
     say("    fine-tune from the desktop's last checkpoint: no work was lost beyond the last 10 steps.");
     say("(The built-in model has random weights, so its text is noise: the demo shows the mesh, not the model.)");
