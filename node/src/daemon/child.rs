@@ -99,38 +99,62 @@ pub(super) fn start_child(
     Ok(ChildKill(kill_tx))
 }
 
-/// Hands a job process's stdout lines to the daemon; tokens are batched for up to 30 ms, so fast decoding
-/// does not become one envelope per token.
+/// Tokens on their way to the job manager, batched so that fast decoding does not become one envelope
+/// per token: a batch goes out 30 ms after its first token, however fast the next ones come (a timeout
+/// per line would hold every token of a fast generation back until its end).
+#[derive(Default)]
+pub(super) struct TokenBatch {
+    pending: Option<(Vec<u32>, String, tokio::time::Instant)>,
+}
+
+impl TokenBatch {
+    pub(super) fn push(&mut self, id: u32, text: &str) {
+        let p = self.pending.get_or_insert_with(|| {
+            (
+                vec![],
+                String::new(),
+                tokio::time::Instant::now() + Duration::from_millis(30),
+            )
+        });
+        p.0.push(id);
+        p.1.push_str(text);
+    }
+
+    /// When the pending batch is due (None: nothing pending).
+    pub(super) fn due(&self) -> Option<tokio::time::Instant> {
+        self.pending.as_ref().map(|p| p.2)
+    }
+
+    /// Sends the pending batch, if any, as task `task`'s tokens.
+    pub(super) fn flush(&mut self, task: &str, tx: &mpsc::UnboundedSender<Internal>) {
+        if let Some((ids, text, _)) = self.pending.take() {
+            let _ = tx.send(Internal::Tokens {
+                task: task.to_string(),
+                ids,
+                text,
+            });
+        }
+    }
+}
+
+/// Hands a job process's stdout lines to the daemon, tokens batched ([`TokenBatch`]).
 pub(super) async fn forward_lines(
     stdout: tokio::process::ChildStdout,
     task: String,
     tx: mpsc::UnboundedSender<Internal>,
 ) {
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let mut pending: Option<(Vec<u32>, String)> = None;
-    // A batch goes out 30 ms after its first token, however fast the next ones come (a timeout per line
-    // would hold every token of a fast generation back until its end).
-    let mut due = tokio::time::Instant::now();
-    let flush = |pending: &mut Option<(Vec<u32>, String)>| {
-        if let Some((ids, text)) = pending.take() {
-            let _ = tx.send(Internal::Tokens {
-                task: task.clone(),
-                ids,
-                text,
-            });
-        }
-    };
+    let mut batch = TokenBatch::default();
     loop {
-        let next = if pending.is_some() {
-            match tokio::time::timeout_at(due, lines.next_line()).await {
+        let next = match batch.due() {
+            Some(due) => match tokio::time::timeout_at(due, lines.next_line()).await {
                 Ok(l) => l,
                 Err(_) => {
-                    flush(&mut pending);
+                    batch.flush(&task, &tx);
                     continue;
                 }
-            }
-        } else {
-            lines.next_line().await
+            },
+            None => lines.next_line().await,
         };
         let Ok(Some(l)) = next else { break };
         let Ok(line) = serde_json::from_str::<ExecLine>(&l) else {
@@ -138,19 +162,14 @@ pub(super) async fn forward_lines(
             continue;
         };
         if let ExecLine::Token { id, text } = &line {
-            if pending.is_none() {
-                due = tokio::time::Instant::now() + Duration::from_millis(30);
-            }
-            let p = pending.get_or_insert_with(|| (vec![], String::new()));
-            p.0.push(*id);
-            p.1.push_str(text);
+            batch.push(*id, text);
             continue;
         }
-        flush(&mut pending);
+        batch.flush(&task, &tx);
         let _ = tx.send(Internal::Child {
             task: task.clone(),
             line,
         });
     }
-    flush(&mut pending);
+    batch.flush(&task, &tx);
 }

@@ -3,7 +3,7 @@
 //! job manager as a child's would be (tokens batched the same way), and reports each job's end as the
 //! job's exit. A cancel asks the host to end the generation (the engine stays loaded); a host that dies
 //! fails the job it ran as the device's fault (the submitter moves it) and is started again for the next.
-use super::child::{die_with_parent, ChildKill};
+use super::child::{die_with_parent, ChildKill, TokenBatch};
 #[allow(unused_imports)]
 use super::jobs::*;
 use super::*;
@@ -165,7 +165,7 @@ async fn actor(
     }
 }
 
-/// One job on the host: its lines go to the job manager (tokens batched for up to 30 ms from the first),
+/// One job on the host: its lines go to the job manager (tokens batched as a child's are),
 /// and its end as the job's exit. False: the host died first.
 async fn run_one(
     p: &mut Proc,
@@ -178,24 +178,14 @@ async fn run_one(
         return false;
     }
     tracing::info!(job = %task, "job started on the warm engine host");
-    let mut pending: Option<(Vec<u32>, String)> = None;
-    let mut due = tokio::time::Instant::now();
+    let mut batch = TokenBatch::default();
     let mut cancelled = false;
-    let flush = |pending: &mut Option<(Vec<u32>, String)>| {
-        if let Some((ids, text)) = pending.take() {
-            let _ = jobs.send(Internal::Tokens {
-                task: task.to_string(),
-                ids,
-                text,
-            });
-        }
-    };
     loop {
+        let due = batch.due();
         let batch_due = async {
-            if pending.is_some() {
-                tokio::time::sleep_until(due).await
-            } else {
-                std::future::pending::<()>().await
+            match due {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending::<()>().await,
             }
         };
         tokio::select! {
@@ -206,26 +196,19 @@ async fn run_one(
                     continue;
                 };
                 match line {
-                    ExecLine::Token { id, text } => {
-                        if pending.is_none() {
-                            due = tokio::time::Instant::now() + Duration::from_millis(30);
-                        }
-                        let b = pending.get_or_insert_with(|| (vec![], String::new()));
-                        b.0.push(id);
-                        b.1.push_str(&text);
-                    }
+                    ExecLine::Token { id, text } => batch.push(id, &text),
                     ExecLine::End => {
-                        flush(&mut pending);
+                        batch.flush(task, jobs);
                         let _ = jobs.send(Internal::ChildExit { task: task.to_string(), ok: true, stderr_tail: String::new() });
                         return true;
                     }
                     line => {
-                        flush(&mut pending);
+                        batch.flush(task, jobs);
                         let _ = jobs.send(Internal::Child { task: task.to_string(), line });
                     }
                 }
             }
-            _ = batch_due => flush(&mut pending),
+            _ = batch_due => batch.flush(task, jobs),
             Some(()) = kill.recv(), if !cancelled => {
                 cancelled = true;
                 if send(p, serde_json::json!({"cancel": true})).await.is_err() {

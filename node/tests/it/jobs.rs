@@ -86,22 +86,7 @@ fn dataset(path: &Path, n: usize) -> String {
 
 /// SIGKILLs the `bitnode job-exec` processes running jobs for the daemon at `home`; returns how many.
 fn kill_job_processes(home: &Path) -> usize {
-    let needle = format!("{}", home.join("work").display());
-    let mut n = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("job-exec") && cmd.contains(&needle) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            n += 1;
-        }
-    }
-    n
+    kill_processes("job-exec", &home.join("work").display().to_string())
 }
 
 #[test]

@@ -399,22 +399,7 @@ fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
 
 /// SIGKILLs the engine hosts of the daemon at `home` (a GPU driver crash, as far as the daemon can tell).
 fn kill_engine_hosts(home: &Path) -> usize {
-    let needle = home.display().to_string();
-    let mut n = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("engine-host") && cmd.contains(&needle) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            n += 1;
-        }
-    }
-    n
+    kill_processes("engine-host", &home.display().to_string())
 }
 
 fn jobs(n: &Node) -> Vec<Value> {
