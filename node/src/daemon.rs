@@ -410,6 +410,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
                 max_body: d.cfg.api.max_request_bytes,
                 jobs: jtx.clone(),
                 net: tx.clone(),
+                sizing: Default::default(),
             };
             Some(tokio::spawn(http::serve(l, Arc::new(api))))
         }

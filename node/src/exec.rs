@@ -554,33 +554,16 @@ pub fn estimate(
     data_path: Option<&Path>,
 ) -> anyhow::Result<crate::schedule::Need> {
     validate(spec)?;
-    let model_bytes = dir_bytes(model_dir)?;
-    let model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
-    let cfg = &model.config;
-    let params = model.num_params() as f64;
-    let ctx = cfg.max_position_embeddings as u64;
-    let text_tokens = |bytes: u64| bytes.div_ceil(BYTES_PER_TOKEN) + 1;
-    let lora_bytes = || -> anyhow::Result<u64> {
-        Ok(match adapter_dir {
-            Some(d) => {
-                let a = Adapter::load(d, cfg).with_context(|| format!("loading adapter {}", d.display()))?;
-                4 * a.num_params() as u64
-            }
-            None => 0,
-        })
-    };
-    let (memory_bytes, ops) = match spec {
-        JobSpec::Infer(r) => {
-            let tokens = text_tokens(r.prompt.len() as u64).saturating_add(r.max_tokens as u64);
-            let memory = forward_bytes(&model, tokens.min(ctx)) + lora_bytes()?;
-            (memory, 2.0 * params * tokens as f64)
-        }
-        JobSpec::Score(r) => {
-            let tokens = text_tokens(r.text.len() as u64);
-            let memory = forward_bytes(&model, tokens.min(ctx)) + lora_bytes()?;
-            (memory, 2.0 * params * tokens as f64)
-        }
+    let sizing = ModelSizing::read(model_dir)?;
+    let lora = sizing.lora_bytes(adapter_dir)?;
+    match spec {
+        JobSpec::Infer(r) => Ok(sizing.need(r.prompt.len() as u64, r.max_tokens as u64, lora)),
+        JobSpec::Score(r) => Ok(sizing.need(r.text.len() as u64, 0, lora)),
         JobSpec::Finetune(r) => {
+            let model_bytes = sizing.model_bytes;
+            let model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
+            let cfg = &model.config;
+            let params = model.num_params() as f64;
             let adapter = match (&r.init_adapter, adapter_dir) {
                 (Some(_), Some(d)) => {
                     Adapter::load(d, cfg).with_context(|| format!("loading adapter {}", d.display()))?
@@ -604,36 +587,83 @@ pub fn estimate(
                     (bytes / BYTES_PER_TOKEN) as f64 * r.epochs.unwrap_or(1.0)
                 }
             };
-            (plan.total, 3.0 * 2.0 * params * tokens)
+            Ok(crate::schedule::Need {
+                memory_bytes: plan.total,
+                ops: 3.0 * 2.0 * params * tokens,
+                model_bytes,
+            })
         }
-    };
-    Ok(crate::schedule::Need {
-        memory_bytes,
-        ops,
-        model_bytes,
-    })
+    }
 }
 
-/// The inference forward's device memory for a cache of `positions` (see [`estimate`]).
-fn forward_bytes(model: &Model, positions: u64) -> u64 {
-    let c = &model.config;
-    let (h, f, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
-    let qd = (c.num_heads * c.head_dim) as u64;
-    let kvd = (c.num_kv_heads * c.head_dim) as u64;
-    let layers = c.num_layers as u64;
-    let scales: u64 = 4 * layers * (qd + 2 * kvd + h + 2 * f + h);
-    let norms = 4 * (layers * (2 * h + qd + f) + h);
-    let weights = model.ternary_bytes() as u64 + scales + norms;
-    let table = 4 * v * h;
-    let tables = if model.tied() { table } else { 2 * table };
-    let cap = (positions.max(1).div_ceil(64) * 64).min((c.max_position_embeddings as u64).max(positions));
-    let kv = 2 * layers * kvd * cap * 4;
-    let t = FORWARD_CHUNK;
-    // x and its copy, the quantized input, q|k|v, attention out, gate and up, and a few per-token scalars.
-    let per_token = 4 * 2 * h + h.max(f).max(qd) + 4 * (qd + 2 * kvd) + 4 * qd + 4 * 2 * f + 4 * 8;
-    // 32 rows of logits on the device and as many in the readback buffer.
-    let logits = 2 * 32 * v * 4;
-    weights + tables + kv + t * per_token + logits
+/// What the scheduler's estimate of an inference or a score needs to know of a model. Reading it loads the
+/// model (which converts every projection: seconds for the 2B-4T shape), so the HTTP API reads it once
+/// per model and keeps it; `estimate` reads it each time.
+#[derive(Debug, Clone)]
+pub struct ModelSizing {
+    pub model_bytes: u64,
+    params: f64,
+    config: bitnode_engine::config::ModelConfig,
+    ternary_bytes: u64,
+    tied: bool,
+}
+
+impl ModelSizing {
+    pub fn read(model_dir: &Path) -> anyhow::Result<ModelSizing> {
+        let model_bytes = dir_bytes(model_dir)?;
+        let model = Model::load(model_dir).with_context(|| format!("loading model {}", model_dir.display()))?;
+        Ok(ModelSizing {
+            model_bytes,
+            params: model.num_params() as f64,
+            ternary_bytes: model.ternary_bytes() as u64,
+            tied: model.tied(),
+            config: model.config.clone(),
+        })
+    }
+
+    /// The f32 bytes of a LoRA adapter's weights (0 without one).
+    pub fn lora_bytes(&self, adapter_dir: Option<&Path>) -> anyhow::Result<u64> {
+        Ok(match adapter_dir {
+            Some(d) => {
+                let a = Adapter::load(d, &self.config).with_context(|| format!("loading adapter {}", d.display()))?;
+                4 * a.num_params() as u64
+            }
+            None => 0,
+        })
+    }
+
+    /// An inference over `text_bytes` of prompt making `new_tokens` (a score: 0 new tokens).
+    pub fn need(&self, text_bytes: u64, new_tokens: u64, lora_bytes: u64) -> crate::schedule::Need {
+        let tokens = (text_bytes.div_ceil(BYTES_PER_TOKEN) + 1).saturating_add(new_tokens);
+        let ctx = self.config.max_position_embeddings as u64;
+        crate::schedule::Need {
+            memory_bytes: self.forward_bytes(tokens.min(ctx)) + lora_bytes,
+            ops: 2.0 * self.params * tokens as f64,
+            model_bytes: self.model_bytes,
+        }
+    }
+
+    /// The inference forward's device memory for a cache of `positions`.
+    fn forward_bytes(&self, positions: u64) -> u64 {
+        let c = &self.config;
+        let (h, f, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
+        let qd = (c.num_heads * c.head_dim) as u64;
+        let kvd = (c.num_kv_heads * c.head_dim) as u64;
+        let layers = c.num_layers as u64;
+        let scales: u64 = 4 * layers * (qd + 2 * kvd + h + 2 * f + h);
+        let norms = 4 * (layers * (2 * h + qd + f) + h);
+        let weights = self.ternary_bytes + scales + norms;
+        let table = 4 * v * h;
+        let tables = if self.tied { table } else { 2 * table };
+        let cap = (positions.max(1).div_ceil(64) * 64).min((c.max_position_embeddings as u64).max(positions));
+        let kv = 2 * layers * kvd * cap * 4;
+        let t = FORWARD_CHUNK;
+        // x and its copy, the quantized input, q|k|v, attention out, gate and up, and a few per-token scalars.
+        let per_token = 4 * 2 * h + h.max(f).max(qd) + 4 * (qd + 2 * kvd) + 4 * qd + 4 * 2 * f + 4 * 8;
+        // 32 rows of logits on the device and as many in the readback buffer.
+        let logits = 2 * 32 * v * 4;
+        weights + tables + kv + t * per_token + logits
+    }
 }
 
 /// Total bytes of a directory's regular files (not hidden ones, as the model store counts them).

@@ -46,6 +46,8 @@ fn resolve_model(home: &Path, m: Option<&str>) -> anyhow::Result<(String, PathBu
 
 pub fn chat(home: &Path, a: ChatArgs) -> anyhow::Result<()> {
     let (hash, dir) = resolve_model(home, a.model.as_deref())?;
+    // Read once: it loads the model.
+    let sizing = crate::exec::ModelSizing::read(&dir)?;
     let mut history: Vec<ChatMessage> = vec![];
     if let Some(s) = &a.system {
         history.push(ChatMessage {
@@ -82,13 +84,8 @@ pub fn chat(home: &Path, a: ChatArgs) -> anyhow::Result<()> {
             messages: Some(history.clone()),
             stop: vec![],
         };
-        let mut sized = infer.clone();
-        sized.prompt = history
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let need = crate::exec::estimate(&JobSpec::Infer(sized), &dir, None, None)?;
+        let text_bytes = history.iter().map(|m| m.content.len() as u64 + 16).sum();
+        let need = sizing.need(text_bytes, a.max_tokens as u64, 0);
         let req = Request::Submit {
             spec: JobSpec::Infer(infer),
             data_path: None,

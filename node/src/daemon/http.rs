@@ -43,6 +43,8 @@ pub(super) struct Api {
     /// The job manager's and the network actor's control mailboxes.
     pub(super) jobs: mpsc::Sender<Ctl>,
     pub(super) net: mpsc::Sender<Ctl>,
+    /// What the scheduler needs to know of each model, by hash: read once (it loads the model).
+    pub(super) sizing: Arc<Mutex<HashMap<String, Arc<crate::exec::ModelSizing>>>>,
 }
 
 /// Binds the API's address (`--api-listen`, else `[api] listen`). None: the API is off ("off"), or its
@@ -324,7 +326,11 @@ async fn read_body(req: hyper::Request<Incoming>, max: u64) -> Result<Bytes, Api
 }
 
 /// The model and adapter a request names, resolved in this device's store, and the job for them.
-fn prepare(home: &Path, ask: &Ask) -> Result<Request, ApiError> {
+fn prepare(
+    home: &Path,
+    ask: &Ask,
+    sizing: &Mutex<HashMap<String, Arc<crate::exec::ModelSizing>>>,
+) -> Result<Request, ApiError> {
     let internal = |e: anyhow::Error| ApiError::new(500, "server_error", "internal", format!("{e:#}"));
     let model = crate::names::resolve(home, &ask.model)
         .map_err(internal)?
@@ -392,13 +398,30 @@ fn prepare(home: &Path, ask: &Ask) -> Result<Request, ApiError> {
         messages: ask.messages.clone(),
         stop: ask.stop.clone(),
     };
+    crate::exec::validate(&JobSpec::Infer(infer.clone())).map_err(|e| ApiError::bad(format!("{e:#}"), None))?;
+    let cached = sizing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&model.hash)
+        .cloned();
+    let sized = match cached {
+        Some(s) => s,
+        None => {
+            let s = Arc::new(crate::exec::ModelSizing::read(&model_dir).map_err(internal)?);
+            sizing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(model.hash.clone(), s.clone());
+            s
+        }
+    };
     // The scheduler's estimate counts the conversation's text as the prompt.
-    let mut sized = infer.clone();
-    if let Some(m) = &ask.messages {
-        sized.prompt = m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n");
-    }
-    let need = crate::exec::estimate(&JobSpec::Infer(sized), &model_dir, adapter_dir.as_deref(), None)
-        .map_err(|e| ApiError::bad(format!("{e:#}"), None))?;
+    let text_bytes = match &ask.messages {
+        Some(m) => m.iter().map(|m| m.content.len() as u64 + 16).sum(),
+        None => ask.prompt.len() as u64,
+    };
+    let lora = sized.lora_bytes(adapter_dir.as_deref()).map_err(internal)?;
+    let need = sized.need(text_bytes, ask.max_tokens as u64, lora);
     Ok(Request::Submit {
         spec: JobSpec::Infer(infer),
         data_path: None,
@@ -550,7 +573,8 @@ async fn complete(api: &Api, req: hyper::Request<Incoming>, chat: bool) -> Resul
     let ask = parsed.check(chat)?;
     let home = api.home.clone();
     let a = ask.clone();
-    let submit = tokio::task::spawn_blocking(move || prepare(&home, &a))
+    let sizing = api.sizing.clone();
+    let submit = tokio::task::spawn_blocking(move || prepare(&home, &a, &sizing))
         .await
         .map_err(|e| ApiError::new(500, "server_error", "internal", e.to_string()))??;
     let (reply, reply_rx) = oneshot::channel();
