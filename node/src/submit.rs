@@ -94,7 +94,7 @@ pub fn submit(home: &Path, spec: JobSpec, paths: &JobPaths, opts: &SubmitOptions
     } else {
         control::call_stream(home, &req, DAEMON_SILENCE, &mut |e| view.event(e))?
     };
-    view.done();
+    view.done(Some(&v));
     finish(kind, &v, opts.json, opts.detach)
 }
 
@@ -214,6 +214,8 @@ struct View {
     kind: &'static str,
     bar: Option<indicatif::ProgressBar>,
     printed_text: bool,
+    /// The generated text printed so far.
+    printed: String,
 }
 
 impl View {
@@ -224,6 +226,7 @@ impl View {
             kind,
             bar: None,
             printed_text: false,
+            printed: String::new(),
         }
     }
 
@@ -246,6 +249,7 @@ impl View {
                 let _ = out.write_all(text.as_bytes());
                 let _ = out.flush();
                 self.printed_text = true;
+                self.printed.push_str(&text);
             }
             Event::Progress(p) => {
                 if let Some(f) = self.log.as_mut() {
@@ -282,9 +286,25 @@ impl View {
         }
     }
 
-    fn done(&mut self) {
+    /// `v`: the job's final view, whose text completes what was streamed (None when following a job from
+    /// the middle, where the streamed part is not the start of the text).
+    fn done(&mut self, v: Option<&JobView>) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
+        }
+        // The result can overtake the last tokens (they travel as separate messages), and the job then
+        // ends before they arrive: the pieces streamed so far add up to the start of the text, and the
+        // rest is printed from the result, as the local command does.
+        let text = v
+            .and_then(|v| v.result.as_ref())
+            .and_then(|r| r.get("text"))
+            .and_then(|t| t.as_str());
+        if let Some(rest) = text.and_then(|t| t.strip_prefix(self.printed.as_str())) {
+            if !rest.is_empty() && self.kind == "infer" {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(rest.as_bytes());
+                self.printed_text = true;
+            }
         }
         if self.printed_text {
             println!();
@@ -395,7 +415,7 @@ pub fn follow(home: &Path, id: &str, json: bool) -> anyhow::Result<()> {
     let v: JobView = control::call_stream(home, &Request::JobFollow { id: id.into() }, DAEMON_SILENCE, &mut |e| {
         view.event(e)
     })?;
-    view.done();
+    view.done(None);
     finish(kind, &v, json, false)
 }
 
