@@ -266,7 +266,8 @@ fn schedule(r: &FinetuneRequest) -> anyhow::Result<Schedule> {
     r.schedule.parse().map_err(|e: String| anyhow!(e))
 }
 
-fn load_engine(model: &Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
+/// Loads the engine for a model (with a LoRA adapter applied, or none).
+pub fn load_engine(model: &Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
     let mut opts = opts.clone();
     opts.lora = adapter.clone();
     Engine::load(model, &opts).with_context(|| match adapter {
@@ -297,11 +298,6 @@ fn infer(
     infer_on(&mut engine, req, &paths.model, on_event)
 }
 
-/// Loads the engine for a model (with a LoRA adapter applied, or none).
-pub fn load_engine_for(model: &Path, adapter: &Option<PathBuf>, opts: &EngineOptions) -> anyhow::Result<Engine> {
-    load_engine(model, adapter, opts)
-}
-
 /// Set by an engine host (`crate::host`) when the daemon cancels the generation it runs: the next token
 /// ends it (stop reason "stop"), and the engine stays loaded for the next request.
 pub static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -315,20 +311,12 @@ pub fn infer_on(
     on_event: &mut dyn FnMut(JobEvent<'_>),
 ) -> anyhow::Result<InferResult> {
     let params = sample_params(req)?;
-    let paths = JobPaths {
-        model: model_dir.to_path_buf(),
-        adapter: None,
-        data: None,
-        out: None,
-        resume: None,
-        json_log: None,
-    };
     let ids = match &req.messages {
         // A conversation goes through the model's own chat template, which writes its special tokens
         // (BOS included) itself.
         Some(msgs) => {
             let eos = engine.eos.first().copied().unwrap_or(0);
-            let spec = bitnode_engine::data::DataSpec::for_model(&paths.model, &engine.tokenizer, eos, 0);
+            let spec = bitnode_engine::data::DataSpec::for_model(model_dir, &engine.tokenizer, eos, 0);
             let msgs: Vec<bitnode_engine::data::Message> = msgs
                 .iter()
                 .map(|m| bitnode_engine::data::Message {

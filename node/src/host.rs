@@ -138,7 +138,7 @@ fn run_one(
                 eprintln!("engine host: evicting {} to make room", gone.key.0.display());
             }
             let t0 = Instant::now();
-            let engine = exec::load_engine_for(&key.0, &key.1, opts)?;
+            let engine = exec::load_engine(&key.0, &key.1, opts)?;
             eprintln!(
                 "engine host: loaded {} in {:.2} s",
                 key.0.display(),

@@ -108,24 +108,7 @@ pub enum Cmd {
     },
     /// Chat in the terminal with a model, through the mesh: each turn goes to the best device (or --to),
     /// streamed, and the conversation is kept.
-    Chat {
-        /// A model name or hash (`bitnode model list`), or a model directory. Default: the built-in tiny.
-        #[arg(long)]
-        model: Option<String>,
-        /// "auto", "local", or a paired peer (id or name).
-        #[arg(long, default_value = "auto")]
-        to: String,
-        /// A system message that opens the conversation.
-        #[arg(long)]
-        system: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.7)]
-        temperature: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Chat(ChatArgs),
     /// This node's jobs (submitted here or run here), newest first.
     Jobs {
         #[arg(long)]
@@ -499,4 +482,25 @@ pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
 
 pub fn parse_byte_count(s: &str) -> Result<u64, String> {
     bitnode_engine::util::parse_bytes(s)
+}
+
+/// `bitnode chat`.
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A model name or hash (`bitnode model list`), or a model directory. Default: the built-in tiny.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// "auto", "local", or a paired peer (id or name).
+    #[arg(long, default_value = "auto")]
+    pub to: String,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

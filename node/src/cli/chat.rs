@@ -1,6 +1,7 @@
 //! `bitnode chat`: an interactive chat in the terminal over the same path as the HTTP API's chat
 //! completions: each turn is an inference job with the whole conversation, placed by the scheduler (or
 //! `--to`), rendered by the model's chat template on the device that runs it, and streamed back.
+use super::args::ChatArgs;
 use crate::api::{Event, JobView, Request};
 use crate::control;
 use anyhow::{bail, Context};
@@ -9,15 +10,6 @@ use bitnode_protocol::{ChatMessage, InferRequest, InferResult};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-pub struct ChatArgs {
-    pub model: Option<String>,
-    pub to: String,
-    pub system: Option<String>,
-    pub max_tokens: usize,
-    pub temperature: f32,
-    pub seed: u64,
-}
 
 /// A name or hash in the store, else a model directory (imported, as `submit` does); by default the
 /// built-in tiny model.

@@ -70,24 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Pair { cmd } => mesh::pair(&home, cmd),
         Cmd::Submit { cmd } => mesh::submit(&home, cmd),
         Cmd::Jobs { json, cmd } => mesh::jobs(&home, json, cmd),
-        Cmd::Chat {
-            model,
-            to,
-            system,
-            max_tokens,
-            temperature,
-            seed,
-        } => chat::chat(
-            &home,
-            chat::ChatArgs {
-                model,
-                to,
-                system,
-                max_tokens,
-                temperature,
-                seed,
-            },
-        ),
+        Cmd::Chat(a) => chat::chat(&home, a),
         Cmd::Demo { keep } => crate::demo::run(keep),
     }
 }

@@ -352,3 +352,15 @@ pub fn kill_processes(word: &str, needle: &str) -> usize {
     }
     n
 }
+
+/// A node with a pinned score (nodes on one machine would measure the same), jobs on the CPU reference
+/// backend (deterministic, and what a 2-core CI machine runs fastest), and `extra` config.
+pub fn pinned_node(name: &str, score: f64, extra: &str) -> Node {
+    Node::init(
+        name,
+        &format!(
+            "[capabilities]\nbenchmark = false\nscore = {score}\nternary_gops = {score}\ndevice_memory_bytes = 8589934592\n\
+             [engine]\nadapter = \"cpu\"\n{extra}"
+        ),
+    )
+}

@@ -11,23 +11,11 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A node with a pinned score (the three run on one machine, so measured scores would tie), jobs on the
-/// CPU reference backend (deterministic, and what a 2-core CI machine runs fastest), and `extra` config.
-fn node(name: &str, score: f64, extra: &str) -> Node {
-    Node::init(
-        name,
-        &format!(
-            "[capabilities]\nbenchmark = false\nscore = {score}\nternary_gops = {score}\ndevice_memory_bytes = 8589934592\n\
-             [engine]\nadapter = \"cpu\"\n{extra}"
-        ),
-    )
-}
-
 /// A phone, a laptop and a desktop (scores 0.1, 60, 600; names ending in `tag`), started and all paired.
 fn three(tag: &str, phone: &str, laptop: &str) -> (Node, Node, Node) {
-    let mut p = node(&format!("phone{tag}"), 0.1, phone);
-    let mut l = node(&format!("laptop{tag}"), 60.0, laptop);
-    let mut d = node(&format!("desktop{tag}"), 600.0, "");
+    let mut p = pinned_node(&format!("phone{tag}"), 0.1, phone);
+    let mut l = pinned_node(&format!("laptop{tag}"), 60.0, laptop);
+    let mut d = pinned_node(&format!("desktop{tag}"), 600.0, "");
     for n in [&mut p, &mut l, &mut d] {
         n.start();
     }
@@ -433,7 +421,7 @@ fn rejected(r: &Result<Vec<u8>, String>, needle: &str) {
 
 #[test]
 fn replayed_tampered_foreign_and_unpaired_envelopes_are_refused_with_their_reasons() {
-    let mut w = node("worker", 50.0, "");
+    let mut w = pinned_node("worker", 50.0, "");
     w.start();
     let target: PeerId = w.id.parse().unwrap();
     let me = key_of(&target);

@@ -10,16 +10,6 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789";
 
-fn node(name: &str, score: f64, extra: &str) -> Node {
-    Node::init(
-        name,
-        &format!(
-            "[capabilities]\nbenchmark = false\nscore = {score}\nternary_gops = {score}\ndevice_memory_bytes = 8589934592\n\
-             [engine]\nadapter = \"cpu\"\n{extra}"
-        ),
-    )
-}
-
 /// The Python with the `openai` package: `$BITNODE_TEST_PYTHON` (run-tests sets it), else one made here.
 fn python() -> PathBuf {
     if let Ok(p) = std::env::var("BITNODE_TEST_PYTHON") {
@@ -100,8 +90,8 @@ fn greedy_infer(home: &Path, model: &Path, prompt: &str, n: usize) -> String {
 
 #[test]
 fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
-    let mut desktop = node("desktop-api", 600.0, "");
-    let mut phone = node(
+    let mut desktop = pinned_node("desktop-api", 600.0, "");
+    let mut phone = pinned_node(
         "phone-api",
         0.1,
         &format!(
