@@ -2,6 +2,9 @@
 // Workgroup (head, t): query t of the chunk at position start+t attends to positions 0..=start+t of kv head
 // head / (NH/NKV). Keys are visited in blocks of 256 with an online softmax (running max and sum, output
 // rescaled per block), so no score buffer grows with the context and any context length works.
+// The cache holds `slot`s of NKV x P positions (continuous batching): `attention` reads the chunk's
+// sequence at step.slot; `attention_rows` takes each query row's own (slot, position) from `rows` (a decode
+// step of a batch, every row a different sequence).
 
 struct Params {
     nh: u32,
@@ -21,20 +24,34 @@ struct Params {
 @group(0) @binding(3) var<storage, read> kc: array<vec4<f32>>;     // [NKV, P, HD/4]
 @group(0) @binding(4) var<storage, read> vc: array<f32>;           // [NKV, P, HD]
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;    // [T, NH*HD]
+@group(0) @binding(11) var<storage, read> rows: array<vec2<u32>>;  // [T] (slot, position): attention_rows only
 
 var<workgroup> qs: array<vec4<f32>, 64>;
 var<workgroup> pr: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let h = wg.x;
     let t = wg.y;
-    let lid = lid3.x;
     if t >= step.t {
         return;
     }
-    let kvh = h / (p.nh / p.nkv);
-    let n = step.start + t + 1u;
+    attend(wg.x, t, step.slot, step.start + t + 1u, lid3.x);
+}
+
+@compute @workgroup_size(256)
+fn attention_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    let t = wg.y;
+    if t >= step.t {
+        return;
+    }
+    attend(wg.x, t, rows[t].x, rows[t].y + 1u, lid3.x);
+}
+
+// Query head `h` of chunk row `t` over the first `n` positions of cache slot `slot`. Called in uniform
+// control flow (t and the slot are the workgroup's).
+fn attend(h: u32, t: u32, slot: u32, n: u32, lid: u32) {
+    // The cache row of this head's KV head in this slot.
+    let kvh = slot * p.nkv + h / (p.nh / p.nkv);
     let hd4 = p.hd / 4u;
     if lid < hd4 {
         let qb = t * p.stride + h * p.hd + 4u * lid;
@@ -170,6 +187,7 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     let hd4 = p.hd / 4u;
     let kbase = p.nh * p.hd + kvh * p.hd;
     let vbase = (p.nh + p.nkv) * p.hd + kvh * p.hd;
+    let ch = step.slot * p.nkv + kvh;   // the KV head's cache row in this sequence's slot
     let owns_last = k0 + cnt == n;
     if lid < p.hd {
         qf[lid] = rotated(h * p.hd, lid, pos);
@@ -190,11 +208,11 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
         if lid < hd4 {
             kcur[lid] = vec4<f32>(qf[4u * lid], qf[4u * lid + 1u], qf[4u * lid + 2u], qf[4u * lid + 3u]);
             if h % group == 0u {
-                kcw[(kvh * p.cap + pos) * hd4 + lid] = kcur[lid];
+                kcw[(ch * p.cap + pos) * hd4 + lid] = kcur[lid];
             }
         }
         if h % group == 0u && lid < p.hd {
-            vcw[(kvh * p.cap + pos) * p.hd + lid] = vcur[lid];
+            vcw[(ch * p.cap + pos) * p.hd + lid] = vcur[lid];
         }
         workgroupBarrier();
     }
@@ -207,7 +225,7 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
                 d4 += qs[i] * kcur[i];
             }
         } else {
-            let kb = (kvh * p.cap + k0 + key) * hd4;
+            let kb = (ch * p.cap + k0 + key) * hd4;
             for (var i = sub; i < hd4; i += 8u) {
                 d4 += qs[i] * kcw[kb + i];
             }
@@ -239,7 +257,7 @@ fn attention_split_rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     let g = lid / p.hd;
     let d = lid % p.hd;
     var acc = 0.0;
-    let vb = (kvh * p.cap + k0) * p.hd + d;
+    let vb = (ch * p.cap + k0) * p.hd + d;
     // The current position's value comes from vcur; every other key's from the cache, two loads at a time.
     var acc1 = 0.0;
     var jj = g;

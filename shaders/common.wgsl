@@ -11,7 +11,7 @@ struct Step {
     penalty: f32,      // repetition penalty, 1: off
     u: f32,            // the seeded uniform draw
     feedback: u32,     // 1: decode step, the token is the one the previous sampler left in `sampled`
-    _p1: u32,
+    slot: u32,         // KV cache slot of this chunk's sequence (continuous batching; 0 otherwise)
     _p2: u32,
 }
 

@@ -20,7 +20,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> tokens: array<u32>;    // [T]
 @group(0) @binding(3) var<storage, read> table: array<u32>;     // [rows, C] as f16 pairs or f32
 @group(0) @binding(4) var<storage, read_write> x: array<f32>;   // [T, C]
-@group(0) @binding(5) var<storage, read> sampled: array<u32>;   // [1], written by sample.wgsl
+@group(0) @binding(5) var<storage, read> sampled: array<u32>;   // [rows], written by sample.wgsl
 
 @compute @workgroup_size(256)
 fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -29,8 +29,9 @@ fn embedding(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         return;
     }
     // Reading the sampled token on the device lets the host queue step n+1 before it has read step n's
-    // token back, so encoding and GPU work overlap during decode.
-    let tok = select(tokens[t], sampled[0], step.feedback == 1u);
+    // token back, so encoding and GPU work overlap during decode. Row t of a batch step reads the token the
+    // sampler picked for row t of the step before (the same sequence: rows keep their order while fed back).
+    let tok = select(tokens[t], sampled[t], step.feedback == 1u);
     if tok < p.row0 || tok >= p.row0 + p.rows {
         return;
     }

@@ -4,6 +4,11 @@
 // Thresholds are found by bisection over an order-preserving u32 key of the f32 values (32 passes, no
 // sort): the top-k threshold is the largest key with count(key >= K) >= k, the top-p threshold the largest
 // key whose kept mass reaches p. A single workgroup; each pass is a strided sweep plus a reduction.
+//
+// `sample` / `sample_partial` take their settings from `step` (one sequence). `sample_rows` /
+// `sample_partial_rows` pick one token per logits row, each row with its own settings and its own
+// sequence's repetition set (`rowp`, continuous batching): workgroup y (partials) or x (picks) is the row.
+// Both set the private `cur` and run the same code.
 
 struct Params {
     v: u32,
@@ -18,7 +23,44 @@ struct Params {
 @group(0) @binding(2) var<storage, read> logits: array<f32>;        // [V]
 @group(0) @binding(3) var<storage, read_write> seen: array<u32>;    // [ceil(V/32)] bitmask; the pick is added
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;     // [1]
-@group(0) @binding(5) var<storage, read_write> partial: array<vec2<u32>>; // [ceil(V/CHUNK)] (value bits, index)
+@group(0) @binding(5) var<storage, read_write> partial: array<vec2<u32>>; // [rows, ceil(V/CHUNK)] (value bits, index)
+
+struct RowParams {
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    penalty: f32,
+    u: f32,
+    slot: u32,    // the sequence's row of `seen`
+    _a: u32,
+    _b: u32,
+}
+@group(0) @binding(6) var<storage, read> rowp: array<RowParams>;    // [rows]: the *_rows entries only
+
+// The settings and offsets of the row being sampled.
+struct Cur {
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    penalty: f32,
+    u: f32,
+    logits: u32,   // first logit of the row
+    seen: u32,     // first word of the row's repetition set
+    partial: u32,  // first partial of the row
+    out: u32,      // index of the pick in `out`
+}
+var<private> cur: Cur;
+
+fn from_step() {
+    cur = Cur(step.temperature, step.top_k, step.top_p, step.penalty, step.u, 0u, 0u, 0u, 0u);
+}
+
+fn from_row(r: u32) {
+    let q = rowp[r];
+    let words = (p.v + 31u) / 32u;
+    let np = (p.v + CHUNK - 1u) / CHUNK;
+    cur = Cur(q.temperature, q.top_k, q.top_p, q.penalty, q.u, r * p.v, q.slot * words, r * np, r);
+}
 
 const CHUNK: u32 = 4096u;
 
@@ -27,9 +69,9 @@ var<workgroup> redu: array<u32, 256>;
 var<workgroup> redi: array<u32, 256>;
 
 fn value(i: u32) -> f32 {
-    var l = logits[i];
-    if step.penalty != 1.0 && ((seen[i / 32u] >> (i % 32u)) & 1u) == 1u {
-        l = select(l * step.penalty, l / step.penalty, l > 0.0);
+    var l = logits[cur.logits + i];
+    if cur.penalty != 1.0 && ((seen[cur.seen + i / 32u] >> (i % 32u)) & 1u) == 1u {
+        l = select(l * cur.penalty, l / cur.penalty, l > 0.0);
     }
     return l;
 }
@@ -74,16 +116,34 @@ fn sum_u(v: u32, lid: u32) -> u32 {
 
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
+    from_step();
+    pick(lid3.x);
+}
+
+@compute @workgroup_size(256)
+fn sample_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    if wg.x >= step.lm_t {
+        return;
+    }
+    from_row(wg.x);
+    pick(lid3.x);
+}
+
+fn mark(i: u32) {
+    out[cur.out] = i;
+    seen[cur.seen + i / 32u] |= 1u << (i % 32u);
+}
+
+fn pick(lid: u32) {
     let v = p.v;
-    if step.temperature <= 0.0 {
+    if cur.temperature <= 0.0 {
         // Greedy: first index of the maximum, as torch.argmax.
         // Greedy: sample_partial left the first maximum of each CHUNK-logit chunk; reduce those.
         var best = -3.4e38;
         var bi = 0xffffffffu;
         let np = (v + CHUNK - 1u) / CHUNK;
         for (var j = lid; j < np; j += 256u) {
-            let e = partial[j];
+            let e = partial[cur.partial + j];
             let x = bitcast<f32>(e.x);
             if x > best || bi == 0xffffffffu {
                 best = x;
@@ -92,12 +152,11 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         }
         argmax_reduce(best, bi, lid);
         if lid == 0u {
-            out[0] = redi[0];
-            seen[redi[0] / 32u] |= 1u << (redi[0] % 32u);
+            mark(redi[0]);
         }
         return;
     }
-    let inv_t = step.temperature;
+    let inv_t = cur.temperature;
     var m = -3.4e38;
     for (var i = lid; i < v; i += 256u) {
         m = max(m, value(i) / inv_t);
@@ -105,21 +164,21 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
     let mx = wg_max(m, lid);
     // top-k threshold
     var kk = 0u;
-    if step.top_k > 0u && step.top_k < v {
+    if cur.top_k > 0u && cur.top_k < v {
         for (var b = 31i; b >= 0i; b--) {
             let cand = kk | (1u << u32(b));
             var cnt = 0u;
             for (var i = lid; i < v; i += 256u) {
                 cnt += select(0u, 1u, key(value(i) / inv_t) >= cand);
             }
-            if sum_u(cnt, lid) >= step.top_k {
+            if sum_u(cnt, lid) >= cur.top_k {
                 kk = cand;
             }
         }
     }
     // top-p threshold
     var thr = kk;
-    if step.top_p < 1.0 {
+    if cur.top_p < 1.0 {
         var z = 0.0;
         for (var i = lid; i < v; i += 256u) {
             let x = value(i) / inv_t;
@@ -127,7 +186,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
                 z += exp(x - mx);
             }
         }
-        let goal = step.top_p * wg_sum(z, lid);
+        let goal = cur.top_p * wg_sum(z, lid);
         var kp = 0u;
         for (var b = 31i; b >= 0i; b--) {
             let cand = kp | (1u << u32(b));
@@ -166,7 +225,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         for (var j = 0u; j < 256u; j++) {
             total += redf[j];
         }
-        let goal = step.u * total;
+        let goal = cur.u * total;
         var acc = 0.0;
         var pick = 0xffffffffu;
         var fallback = 0u;
@@ -197,8 +256,7 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
         if pick == 0xffffffffu {
             pick = fallback;
         }
-        out[0] = pick;
-        seen[pick / 32u] |= 1u << (pick % 32u);
+        mark(pick);
     }
 }
 
@@ -206,12 +264,26 @@ fn sample(@builtin(local_invocation_id) lid3: vec3<u32>) {
 // single workgroup walking 128k logits is bound by the latency of its serial loads).
 @compute @workgroup_size(256)
 fn sample_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
-    let v = p.v;
-    if step.temperature > 0.0 {
+    from_step();
+    partial_max(wg.x, lid3.x);
+}
+
+@compute @workgroup_size(256)
+fn sample_partial_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    if wg.y >= step.lm_t {
         return;
     }
-    let lo = wg.x * CHUNK;
+    from_row(wg.y);
+    partial_max(wg.x, lid3.x);
+}
+
+// The first maximum of chunk `c` of the current row's logits.
+fn partial_max(c: u32, lid: u32) {
+    let v = p.v;
+    if cur.temperature > 0.0 {
+        return;
+    }
+    let lo = c * CHUNK;
     let hi = min(lo + CHUNK, v);
     var best = -3.4e38;
     var bi = 0xffffffffu;
@@ -232,6 +304,6 @@ fn sample_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     }
     argmax_reduce(best, bi, lid);
     if lid == 0u {
-        partial[wg.x] = vec2<u32>(bitcast<u32>(redf[0]), redi[0]);
+        partial[cur.partial + c] = vec2<u32>(bitcast<u32>(redf[0]), redi[0]);
     }
 }

@@ -16,6 +16,21 @@ pub enum Want<'a> {
     Sample { params: SampleParams, u: f32 },
 }
 
+/// One row of a batch decode step (continuous batching, `crate::batch`): the token at `pos` of the sequence
+/// in `slot`, and how to sample the one after it.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRow {
+    pub slot: usize,
+    pub pos: usize,
+    pub token: u32,
+    pub params: SampleParams,
+    pub u: f32,
+}
+
+fn no_slots() -> crate::error::EngineError {
+    crate::error::EngineError::Invalid("this backend does not batch sequences".into())
+}
+
 pub enum Got {
     Nothing,
     Logits(Vec<f32>),
@@ -74,6 +89,39 @@ pub trait Backend {
     }
     /// Most tokens one `forward` call accepts (chunking keeps activations under the adapter's limits).
     fn max_chunk(&self) -> usize;
+
+    // ---- continuous batching (`crate::batch`): independent sequences in KV cache slots ----
+
+    /// Sizes caches for `slots` sequences of up to `positions` each (whatever they held is dropped) and
+    /// returns the slots granted, which may be fewer (the rows one step can sample, binding limits).
+    fn begin_slots(&mut self, _slots: usize, _positions: usize) -> Result<usize> {
+        Err(no_slots())
+    }
+    /// Starts a sequence in `slot`: its repetition-penalty set becomes `seen` (the prompt).
+    fn reset_slot(&mut self, _slot: usize, _seen: &[u32]) -> Result<()> {
+        Err(no_slots())
+    }
+    /// Runs a prompt chunk of the sequence in `slot` at positions `start..` (at most `max_chunk` tokens);
+    /// with `sample`, returns the token following the last (and adds it to the slot's set).
+    fn forward_slot(
+        &mut self,
+        _slot: usize,
+        _tokens: &[u32],
+        _start: usize,
+        _sample: Option<(SampleParams, f32)>,
+    ) -> Result<Option<u32>> {
+        Err(no_slots())
+    }
+    /// Queues one decode step over `rows`, each row a different slot; every pick joins its slot's set.
+    /// `feedback`: each row's token is the one the step before picked for the row at the same index (the
+    /// rows are the same sequences in the same order), so this step may be queued before that one is read.
+    fn decode_rows_submit(&mut self, _rows: &[SlotRow], _feedback: bool) -> Result<()> {
+        Err(no_slots())
+    }
+    /// The picks of the oldest queued step, one per row.
+    fn decode_rows_wait(&mut self) -> Result<Vec<u32>> {
+        Err(no_slots())
+    }
     /// Bytes of device memory the backend allocated (weights, cache, activations), and its high-water mark.
     fn memory(&self) -> MemoryReport;
 }

@@ -1,6 +1,7 @@
 //! bitnode's engine: BitNet b1.58 checkpoints on wgpu with hand-written ternary WGSL kernels, and a plain
 //! CPU reference of every op that serves as test oracle and fallback backend.
 pub mod backend;
+pub mod batch;
 pub mod config;
 pub mod cpu;
 pub mod data;

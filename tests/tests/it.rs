@@ -1,6 +1,7 @@
 //! One integration-test binary (fast to link), one module per concern.
 #![allow(clippy::unwrap_used)]
 mod backward;
+mod batch;
 mod data;
 mod kernels;
 mod lora;

@@ -1025,3 +1025,174 @@ fn attention_backward_matches_cpu() {
         }
     }
 }
+
+/// A batch decode step: rows at their own (slot, position), several slots of one cache.
+#[test]
+fn rope_rows_and_attention_rows_match_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(31);
+    for &(nh, nkv, hd, cap, ref rows) in &[
+        (
+            4usize,
+            2usize,
+            32usize,
+            40usize,
+            vec![(0usize, 0usize), (2, 17), (1, 39)],
+        ),
+        (6, 3, 64, 300, vec![(3, 299), (0, 5), (1, 256), (2, 1)]),
+        (2, 2, 128, 8, vec![(0, 7)]),
+    ] {
+        let slots = rows.iter().map(|r| r.0).max().unwrap() + 1;
+        let t = rows.len();
+        let stride = (nh + 2 * nkv) * hd;
+        let (cos, sin) = cpu::rope_table(10000.0, hd, cap);
+        // Every slot holds random earlier keys and values; the step writes each row's own position.
+        let mut kc = randn(&mut rng, slots * nkv * cap * hd, 1.0);
+        let mut vc = randn(&mut rng, slots * nkv * cap * hd, 1.0);
+        let qkv = randn(&mut rng, t * stride, 1.0);
+        let at: Vec<[u32; 2]> = rows.iter().map(|&(s, p)| [s as u32, p as u32]).collect();
+        let step = step_buf(
+            &g,
+            Step {
+                t: t as u32,
+                ..Default::default()
+            },
+        );
+        let qkvb = g.storage_init("qkv", bytemuck::cast_slice(&qkv)).unwrap();
+        let kb = g.storage_init("k", bytemuck::cast_slice(&kc)).unwrap();
+        let vb = g.storage_init("v", bytemuck::cast_slice(&vc)).unwrap();
+        let cb = g.storage_init("cos", bytemuck::cast_slice(&cos)).unwrap();
+        let sb = g.storage_init("sin", bytemuck::cast_slice(&sin)).unwrap();
+        let rb = g.storage_init("rows", bytemuck::cast_slice(&at)).unwrap();
+        let ob = g.storage("out", (4 * t * nh * hd) as u64).unwrap();
+        let r = k::rope_rows(&g, nh, nkv, hd, cap, &cb, &sb, &qkvb, &kb, &vb, &rb, &step);
+        let a = k::attention_rows(&g, nh, nkv, hd, cap, &qkvb, &kb, &vb, &ob, &rb, &step);
+        k::run(&g, &[&r, &a], t as u32, 0);
+        // CPU twins
+        let (mut q, mut kk, mut vv) = (vec![], vec![], vec![]);
+        for ti in 0..t {
+            let row = &qkv[ti * stride..(ti + 1) * stride];
+            q.extend_from_slice(&row[..nh * hd]);
+            kk.extend_from_slice(&row[nh * hd..(nh + nkv) * hd]);
+            vv.extend_from_slice(&row[(nh + nkv) * hd..]);
+        }
+        cpu::rope_rows(
+            &mut q, &mut kk, &vv, &mut kc, &mut vc, rows, &cos, &sin, nh, nkv, hd, cap,
+        );
+        let mut out = vec![0f32; t * nh * hd];
+        cpu::attention_rows(&mut out, &q, &kc, &vc, rows, nh, nkv, hd, cap);
+        let gq = f32s(&g.download(&qkvb, (4 * t * stride) as u64).unwrap());
+        for ti in 0..t {
+            let (d, at) = max_rel_diff(
+                &gq[ti * stride..ti * stride + nh * hd],
+                &q[ti * nh * hd..(ti + 1) * nh * hd],
+            );
+            assert!(d < 1e-5, "rope_rows q: diff {d} at {at}");
+        }
+        let n = (slots * nkv * cap * hd * 4) as u64;
+        let (d, at) = max_rel_diff(&f32s(&g.download(&kb, n).unwrap()), &kc);
+        assert!(d < 1e-5, "rope_rows k cache: diff {d} at {at}");
+        let (d, at) = max_rel_diff(&f32s(&g.download(&vb, n).unwrap()), &vc);
+        assert!(d == 0.0, "rope_rows v cache: diff {d} at {at}");
+        let (d, at) = max_rel_diff(&f32s(&g.download(&ob, (4 * t * nh * hd) as u64).unwrap()), &out);
+        assert!(d < 1e-5, "attention_rows {rows:?}: diff {d} at {at}");
+    }
+}
+
+/// Several logits rows sampled at once, each with its own settings, draw and repetition set.
+#[test]
+fn sample_rows_matches_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(32);
+    let v = 9001usize;
+    let words = v.div_ceil(32);
+    let settings = [
+        (0.0, 0, 1.0, 1.0),
+        (0.0, 0, 1.0, 1.3),
+        (0.8, 0, 1.0, 1.0),
+        (1.0, 40, 1.0, 1.0),
+        (0.9, 0, 0.9, 1.1),
+        (1.2, 50, 0.8, 1.0),
+    ];
+    let rows = settings.len();
+    let slots = 8;
+    let lb = g.storage("logits", (4 * rows * v) as u64).unwrap();
+    let sb = g.storage("seen", (slots * words * 4) as u64).unwrap();
+    let ob = g.storage("out", (4 * rows) as u64).unwrap();
+    let pb = g.storage("partial", rows as u64 * k::sample_partial_bytes(v)).unwrap();
+    let rp = g
+        .storage("rowp", (rows * std::mem::size_of::<k::RowParams>()) as u64)
+        .unwrap();
+    let step = step_buf(
+        &g,
+        Step {
+            lm_t: rows as u32,
+            ..Default::default()
+        },
+    );
+    let ops = k::sample_rows(&g, v, &lb, &sb, &pb, &ob, &rp, &step);
+    for trial in 0..6 {
+        let logits = randn(&mut rng, rows * v, 3.0);
+        let mut seen: Vec<Vec<bool>> = (0..slots)
+            .map(|_| (0..v).map(|_| rng.uniform() < 0.05).collect())
+            .collect();
+        let mask: Vec<u32> = seen
+            .iter()
+            .flat_map(|s| {
+                let mut m = vec![0u32; words];
+                for (i, b) in s.iter().enumerate() {
+                    if *b {
+                        m[i / 32] |= 1 << (i % 32);
+                    }
+                }
+                m
+            })
+            .collect();
+        // Rows go to slots in a shuffled order, so a row's slot is not its index.
+        let picks: Vec<cpu::SampleRow> = settings
+            .iter()
+            .enumerate()
+            .map(|(r, &(temperature, top_k, top_p, pen))| cpu::SampleRow {
+                params: SampleParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    repetition_penalty: pen,
+                },
+                u: rng.uniform(),
+                slot: (r * 5 + trial) % slots,
+            })
+            .collect();
+        let rowp: Vec<k::RowParams> = picks
+            .iter()
+            .map(|p| k::RowParams {
+                temperature: p.params.temperature,
+                top_k: p.params.top_k,
+                top_p: p.params.top_p,
+                penalty: p.params.repetition_penalty,
+                u: p.u,
+                slot: p.slot as u32,
+                _pad: [0; 2],
+            })
+            .collect();
+        g.queue.write_buffer(&lb, 0, bytemuck::cast_slice(&logits));
+        g.queue.write_buffer(&sb, 0, bytemuck::cast_slice(&mask));
+        g.queue.write_buffer(&rp, 0, bytemuck::cast_slice(&rowp));
+        k::run(&g, &[&ops[0], &ops[1]], rows as u32, rows as u32);
+        let got: Vec<u32> = bytemuck::cast_slice(&g.download(&ob, (4 * rows) as u64).unwrap()).to_vec();
+        let mut want = vec![0u32; rows];
+        cpu::sample_rows(&mut want, &logits, &mut seen, &picks, v);
+        assert_eq!(got, want, "trial {trial}");
+        // Each pick joined its own slot's set, on both.
+        let gs: Vec<u32> = bytemuck::cast_slice(&g.download(&sb, (slots * words * 4) as u64).unwrap()).to_vec();
+        for (si, s) in seen.iter().enumerate() {
+            for (i, b) in s.iter().enumerate() {
+                assert_eq!(
+                    (gs[si * words + i / 32] >> (i % 32)) & 1 == 1,
+                    *b,
+                    "trial {trial} slot {si} token {i}"
+                );
+            }
+        }
+    }
+}

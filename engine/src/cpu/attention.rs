@@ -114,3 +114,36 @@ pub fn attention_backward(
         }
     }
 }
+
+/// `attention` for a batch step: query row t (out, q: [T, NH, HD]) attends to positions 0..=pos of its own
+/// slot of the caches [slots, NKV, P, HD], `rows[t]` = (slot, pos). Each row is exactly `attention` of one
+/// query at `start = pos` over its slot, so a sequence gets the same bits in a batch as alone.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    rows: &[(usize, usize)],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    p: usize,
+) {
+    let (row, per) = (nh * hd, nkv * p * hd);
+    for (t, &(slot, pos)) in rows.iter().enumerate() {
+        let cache = slot * per..(slot + 1) * per;
+        attention(
+            &mut out[t * row..(t + 1) * row],
+            &q[t * row..(t + 1) * row],
+            &k_cache[cache.clone()],
+            &v_cache[cache],
+            pos,
+            1,
+            nh,
+            nkv,
+            hd,
+            p,
+        );
+    }
+}

@@ -20,6 +20,30 @@ pub struct CpuBackend {
     /// A LoRA adapter applied at runtime: each targeted projection adds `scale * B . A . x` on the
     /// unquantized normed input, as PEFT does.
     lora: Option<Arc<crate::lora::Adapter>>,
+    slots: Slots,
+}
+
+/// The caches of continuous batching: per layer [slots, NKV, P, HD], one repetition set per slot, and the
+/// picks of decode steps not yet collected (this backend computes a step when it is queued).
+#[derive(Default)]
+struct Slots {
+    n: usize,
+    cap: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    seen: Vec<Vec<bool>>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    done: std::collections::VecDeque<Vec<u32>>,
+}
+
+/// Where a chunk's rows read and write their keys and values.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    /// The lone sequence of `begin`, at positions start..start+T.
+    Seq(usize),
+    /// Each row at its own (slot, position) of the slot caches.
+    Rows(&'a [(usize, usize)]),
 }
 
 impl CpuBackend {
@@ -36,6 +60,7 @@ impl CpuBackend {
             cos: vec![],
             sin: vec![],
             lora: None,
+            slots: Slots::default(),
         }
     }
 
@@ -62,72 +87,15 @@ impl CpuBackend {
     }
 }
 
-impl Backend for CpuBackend {
-    fn device_name(&self) -> String {
-        "cpu reference".into()
-    }
-
-    fn begin(&mut self, positions: usize) -> Result<()> {
-        let c = &self.model.config;
-        let per = c.num_kv_heads * positions * c.head_dim;
-        self.positions = positions;
-        self.k_cache = vec![vec![0f32; per]; c.num_layers];
-        self.v_cache = vec![vec![0f32; per]; c.num_layers];
-        self.seen.fill(false);
-        let (cos, sin) = rope_table(c.rope_theta, c.head_dim, positions);
-        self.cos = cos;
-        self.sin = sin;
-        Ok(())
-    }
-
-    fn mark_seen(&mut self, tokens: &[u32]) -> Result<()> {
-        for &t in tokens {
-            if let Some(s) = self.seen.get_mut(t as usize) {
-                *s = true;
-            }
-        }
-        Ok(())
-    }
-
-    fn max_chunk(&self) -> usize {
-        usize::MAX
-    }
-
-    fn memory(&self) -> MemoryReport {
-        let kv = (self.k_cache.iter().map(Vec::len).sum::<usize>() * 8) as u64;
-        let m = &self.model;
-        let tern = m.ternary_bytes() as u64;
-        MemoryReport {
-            ternary_weights: tern,
-            kv_cache: kv,
-            total: tern + kv,
-            peak: tern + kv,
-            ..Default::default()
-        }
-    }
-
-    fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got> {
+impl CpuBackend {
+    /// The layers and the final norm over a chunk of `tokens`: returns the normed hidden states [T, C].
+    fn run_layers(&mut self, tokens: &[u32], kv: Kv<'_>) -> Vec<f32> {
         let model = self.model.clone();
         let cfg = &model.config;
         let (t, c, f) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
-        let p = self.positions;
-        if start + t > p {
-            return Err(EngineError::Invalid(format!(
-                "positions {}..{} exceed the cache of {p}",
-                start,
-                start + t
-            )));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= cfg.vocab_size) {
-            return Err(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                cfg.vocab_size
-            )));
-        }
-        let positions: Vec<usize> = (start..start + t).collect();
         let lora = self.lora.clone();
         // y += LoRA(target) of the normed input `n`, for every projection that reads it (q, k and v share
         // one). The fused rmsnorm_quant keeps only the quantized form, so `n` is computed here, once per
@@ -174,18 +142,30 @@ impl Backend for CpuBackend {
                 li,
                 c,
             );
-            rope(&mut q, &positions, &self.cos, &self.sin, nh, hd);
-            rope(&mut k, &positions, &self.cos, &self.sin, nkv, hd);
-            let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
-            for ti in 0..t {
-                for kh in 0..nkv {
-                    let dst = (kh * p + start + ti) * hd;
-                    let src = (ti * nkv + kh) * hd;
-                    kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                    vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            match kv {
+                Kv::Seq(start) => {
+                    let p = self.positions;
+                    let positions: Vec<usize> = (start..start + t).collect();
+                    rope(&mut q, &positions, &self.cos, &self.sin, nh, hd);
+                    rope(&mut k, &positions, &self.cos, &self.sin, nkv, hd);
+                    let (kc, vc) = (&mut self.k_cache[li], &mut self.v_cache[li]);
+                    for ti in 0..t {
+                        for kh in 0..nkv {
+                            let dst = (kh * p + start + ti) * hd;
+                            let src = (ti * nkv + kh) * hd;
+                            kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                            vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                        }
+                    }
+                    attention(&mut att, &q, kc, vc, start, t, nh, nkv, hd, p);
+                }
+                Kv::Rows(rows) => {
+                    let sl = &mut self.slots;
+                    let (p, kc, vc) = (sl.cap, &mut sl.k[li], &mut sl.v[li]);
+                    rope_rows(&mut q, &mut k, &v, kc, vc, rows, &sl.cos, &sl.sin, nh, nkv, hd, p);
+                    attention_rows(&mut att, &q, kc, vc, rows, nh, nkv, hd, p);
                 }
             }
-            attention(&mut att, &q, kc, vc, start, t, nh, nkv, hd, p);
             rmsnorm_quant(&mut qx[..t * qd], &mut s, &att, &layer.attn_sub_norm, eps, t, qd);
             matmul_ternary(&mut o, &qx[..t * qd], &s, &layer.o_proj, t);
             add_lora(&mut [(&mut o, 3)], &att, &layer.attn_sub_norm, li, qd);
@@ -207,9 +187,178 @@ impl Backend for CpuBackend {
             add_lora(&mut [(&mut o, 6)], &h, &layer.ffn_sub_norm, li, f);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
-        let vsz = cfg.vocab_size;
         let mut xf = vec![0f32; t * c];
         rmsnorm(&mut xf, &x, &model.norm, eps, t, c);
+        xf
+    }
+
+    /// Logits of the last row of `xf` [T, C].
+    fn last_logits(&mut self, xf: &[f32]) -> Vec<f32> {
+        let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
+        self.ensure_head();
+        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
+        let t = xf.len() / c;
+        let mut logits = vec![0f32; v];
+        lm_head(&mut logits, &xf[(t - 1) * c..], w, 1, c, v);
+        logits
+    }
+
+    fn check_slot(&self, slot: usize, end: usize) -> Result<()> {
+        if slot >= self.slots.n || end > self.slots.cap {
+            return Err(EngineError::Invalid(format!(
+                "slot {slot} position {end} outside the {} slots of {} positions",
+                self.slots.n, self.slots.cap
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device_name(&self) -> String {
+        "cpu reference".into()
+    }
+
+    fn begin(&mut self, positions: usize) -> Result<()> {
+        let c = &self.model.config;
+        let per = c.num_kv_heads * positions * c.head_dim;
+        self.positions = positions;
+        self.k_cache = vec![vec![0f32; per]; c.num_layers];
+        self.v_cache = vec![vec![0f32; per]; c.num_layers];
+        self.seen.fill(false);
+        let (cos, sin) = rope_table(c.rope_theta, c.head_dim, positions);
+        self.cos = cos;
+        self.sin = sin;
+        Ok(())
+    }
+
+    fn mark_seen(&mut self, tokens: &[u32]) -> Result<()> {
+        for &t in tokens {
+            if let Some(s) = self.seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn max_chunk(&self) -> usize {
+        usize::MAX
+    }
+
+    fn begin_slots(&mut self, slots: usize, positions: usize) -> Result<usize> {
+        let c = &self.model.config;
+        let per = slots * c.num_kv_heads * positions * c.head_dim;
+        let (cos, sin) = rope_table(c.rope_theta, c.head_dim, positions);
+        self.slots = Slots {
+            n: slots,
+            cap: positions,
+            k: vec![vec![0f32; per]; c.num_layers],
+            v: vec![vec![0f32; per]; c.num_layers],
+            seen: vec![vec![false; c.vocab_size]; slots],
+            cos,
+            sin,
+            done: Default::default(),
+        };
+        Ok(slots)
+    }
+
+    fn reset_slot(&mut self, slot: usize, seen: &[u32]) -> Result<()> {
+        self.check_slot(slot, 0)?;
+        let set = &mut self.slots.seen[slot];
+        set.fill(false);
+        for &t in seen {
+            if let Some(s) = set.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_slot(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        start: usize,
+        sample: Option<(SampleParams, f32)>,
+    ) -> Result<Option<u32>> {
+        self.check_slot(slot, start + tokens.len())?;
+        check_tokens(tokens, self.model.config.vocab_size)?;
+        let rows: Vec<(usize, usize)> = (start..start + tokens.len()).map(|p| (slot, p)).collect();
+        let xf = self.run_layers(tokens, Kv::Rows(&rows));
+        let Some((params, u)) = sample else { return Ok(None) };
+        let logits = self.last_logits(&xf);
+        let mut out = [0u32];
+        let row = SampleRow { params, u, slot };
+        sample_rows(&mut out, &logits, &mut self.slots.seen, &[row], logits.len());
+        Ok(Some(out[0]))
+    }
+
+    fn decode_rows_submit(&mut self, rows: &[crate::backend::SlotRow], feedback: bool) -> Result<()> {
+        let tokens: Vec<u32> = match (feedback, self.slots.done.back()) {
+            (true, Some(prev)) if prev.len() == rows.len() => prev.clone(),
+            (true, _) => return Err(EngineError::Invalid("feedback without the step before".into())),
+            (false, _) => rows.iter().map(|r| r.token).collect(),
+        };
+        for r in rows {
+            self.check_slot(r.slot, r.pos + 1)?;
+        }
+        check_tokens(&tokens, self.model.config.vocab_size)?;
+        let at: Vec<(usize, usize)> = rows.iter().map(|r| (r.slot, r.pos)).collect();
+        let xf = self.run_layers(&tokens, Kv::Rows(&at));
+        let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
+        self.ensure_head();
+        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
+        let mut logits = vec![0f32; rows.len() * v];
+        lm_head(&mut logits, &xf, w, rows.len(), c, v);
+        let picks: Vec<SampleRow> = rows
+            .iter()
+            .map(|r| SampleRow {
+                params: r.params,
+                u: r.u,
+                slot: r.slot,
+            })
+            .collect();
+        let mut out = vec![0u32; rows.len()];
+        sample_rows(&mut out, &logits, &mut self.slots.seen, &picks, v);
+        self.slots.done.push_back(out);
+        Ok(())
+    }
+
+    fn decode_rows_wait(&mut self) -> Result<Vec<u32>> {
+        self.slots
+            .done
+            .pop_front()
+            .ok_or_else(|| EngineError::Invalid("no decode step is queued".into()))
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let kv = (self.k_cache.iter().map(Vec::len).sum::<usize>() * 8) as u64;
+        let m = &self.model;
+        let tern = m.ternary_bytes() as u64;
+        MemoryReport {
+            ternary_weights: tern,
+            kv_cache: kv,
+            total: tern + kv,
+            peak: tern + kv,
+            ..Default::default()
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32], start: usize, want: Want<'_>) -> Result<Got> {
+        let model = self.model.clone();
+        let cfg = &model.config;
+        let (t, c) = (tokens.len(), cfg.hidden_size);
+        let p = self.positions;
+        if start + t > p {
+            return Err(EngineError::Invalid(format!(
+                "positions {}..{} exceed the cache of {p}",
+                start,
+                start + t
+            )));
+        }
+        check_tokens(tokens, cfg.vocab_size)?;
+        let xf = self.run_layers(tokens, Kv::Seq(start));
+        let vsz = cfg.vocab_size;
         if !matches!(want, Want::Nothing) {
             self.ensure_head();
         }
@@ -235,5 +384,14 @@ impl Backend for CpuBackend {
                 Ok(Got::Token(sample(&logits, &self.seen, &params, u)))
             }
         }
+    }
+}
+
+fn check_tokens(tokens: &[u32], v: usize) -> Result<()> {
+    match tokens.iter().find(|&&x| x as usize >= v) {
+        Some(bad) => Err(EngineError::Invalid(format!(
+            "token id {bad} is outside the vocabulary of {v}"
+        ))),
+        None => Ok(()),
     }
 }

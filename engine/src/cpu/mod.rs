@@ -18,7 +18,7 @@ pub mod sample;
 
 pub use act_quant::act_quant;
 pub use adamw::{adamw, clip_coef, clip_grad_norm, grad_norm, AdamW};
-pub use attention::{attention, attention_backward};
+pub use attention::{attention, attention_backward, attention_rows};
 pub use embedding::embedding;
 pub use lm_head::{lm_head, lm_head_backward};
 pub use lora::{lora, lora_backward};
@@ -26,5 +26,5 @@ pub use matmul_ternary::{matmul_ternary, matmul_ternary_backward};
 pub use nll::{nll, nll_backward};
 pub use relu2_mul::{relu2_mul, relu2_mul_backward};
 pub use rmsnorm::{rmsnorm, rmsnorm_backward, rmsnorm_quant};
-pub use rope::{rope, rope_backward, rope_table};
-pub use sample::{sample, SampleParams};
+pub use rope::{rope, rope_backward, rope_rows, rope_table};
+pub use sample::{sample, sample_rows, SampleParams, SampleRow};

@@ -49,3 +49,34 @@ fn rotate_half(x: &mut [f32], positions: &[usize], cos: &[f32], sin: &[f32], nh:
         }
     }
 }
+
+/// `rope` for a batch step, and the cache write that follows it (the twin of `rope_rows` in rope.wgsl, which
+/// does both): row t of q [T, NH, HD] and k [T, NKV, HD] is rotated at its own position, then its k and v
+/// [T, NKV, HD] are stored at (slot, position) of the caches [slots, NKV, P, HD]. `rows[t]` = (slot, pos).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_rows(
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    rows: &[(usize, usize)],
+    cos: &[f32],
+    sin: &[f32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    p: usize,
+) {
+    let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    rope(q, &positions, cos, sin, nh, hd);
+    rope(k, &positions, cos, sin, nkv, hd);
+    for (t, &(slot, pos)) in rows.iter().enumerate() {
+        for h in 0..nkv {
+            let dst = ((slot * nkv + h) * p + pos) * hd;
+            let src = (t * nkv + h) * hd;
+            k_cache[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+            v_cache[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+        }
+    }
+}

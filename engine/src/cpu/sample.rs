@@ -111,3 +111,24 @@ pub fn sample(logits: &[f32], seen: &[bool], params: &SampleParams, u: f32) -> u
     }
     last as u32
 }
+
+/// One sampled row of a batch step: its settings, its uniform draw, and its sequence's repetition set.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleRow {
+    pub params: SampleParams,
+    pub u: f32,
+    pub slot: usize,
+}
+
+/// `sample` for each row of logits [R, V] with its own settings (the twin of `sample_rows` in sample.wgsl):
+/// out[r] is row r's pick, which is then added to its slot's seen set (`seen[slot]`), as the kernel does.
+pub fn sample_rows(out: &mut [u32], logits: &[f32], seen: &mut [Vec<bool>], rows: &[SampleRow], v: usize) {
+    for (r, row) in rows.iter().enumerate() {
+        let set = &mut seen[row.slot];
+        let t = sample(&logits[r * v..(r + 1) * v], set, &row.params, row.u);
+        if let Some(s) = set.get_mut(t as usize) {
+            *s = true;
+        }
+        out[r] = t;
+    }
+}

@@ -90,6 +90,42 @@ pub struct GpuBackend {
     kv_bytes: u64,
     /// A LoRA adapter applied at runtime (`--adapter`).
     lora: Option<LoraOnDevice>,
+    /// Continuous batching's caches and ops (`begin_slots`).
+    slots: Option<SlotState>,
+}
+
+/// The KV cache slots of continuous batching (`crate::batch`) and the ops that run on them. The caches are
+/// [slots, NKV, P, HD] per layer. A prompt chunk of one sequence runs the ordinary body with `Step::slot`
+/// naming its slot, and so does a decode step of one sequence (the fused decode layers); a decode step of
+/// several runs `rows_body`, whose rope and attention take each row's own (slot, position) from `rows`.
+/// Every step samples with `sample_rows`, each row with its own settings from `rowp` and its own
+/// repetition set (row `slot` of `seen`).
+struct SlotState {
+    n: usize,
+    cap: usize,
+    rows: wgpu::Buffer,
+    rowp: wgpu::Buffer,
+    seen: wgpu::Buffer,
+    ops: Ops,
+    rows_body: Vec<Op>,
+    sample: [Op; 2],
+    /// Readback slots for two steps in flight, one pick per row each.
+    ring: [wgpu::Buffer; 2],
+    inflight: std::collections::VecDeque<(wgpu::SubmissionIndex, usize, usize)>,
+    next_ring: usize,
+    /// Buffers to give back to the allocation count when the state is replaced.
+    bytes: u64,
+}
+
+/// What `build_ops` needs of a cache besides its buffers.
+#[derive(Clone, Copy)]
+struct CacheBufs<'a> {
+    cos: &'a wgpu::Buffer,
+    sin: &'a wgpu::Buffer,
+    /// The split decode attention's partials (None: over the binding limit; plain attention instead).
+    part: Option<&'a wgpu::Buffer>,
+    cap: usize,
+    rows: Option<&'a wgpu::Buffer>,
 }
 
 /// A [R, I], B [O, R], I, O of one adapted projection.
@@ -200,7 +236,8 @@ impl GpuBackend {
             targets: s("targets", tmax * 4)?,
             nll: s("nll", tmax * 4)?,
             seen: s("seen", v.div_ceil(32) * 4)?,
-            sampled: s("sampled", 4)?,
+            // One pick per logits row: a batch step samples every row (`sample_rows`).
+            sampled: s("sampled", lmax * 4)?,
             sample_partial: gpu.storage("sample_partial", kernels::sample_partial_bytes(v))?,
             staging: gpu.readback_buffer(((lmax * v * 4).max(tmax * 4).max(16)) as u64),
             ring: [gpu.readback_buffer(16), gpu.readback_buffer(16)],
@@ -234,6 +271,7 @@ impl GpuBackend {
             kv_bytes: 0,
             model,
             lora: None,
+            slots: None,
         })
     }
 
@@ -289,6 +327,7 @@ impl GpuBackend {
         self.lora = Some(lora);
         self.ops = None;
         self.cap = 0;
+        self.slots = None;
         Ok(self)
     }
 
@@ -300,7 +339,17 @@ impl GpuBackend {
         &self.gpu
     }
 
-    fn build_ops(&self) -> Result<Ops> {
+    /// Every op of the model over the caches `kv` of `cap` positions per sequence. With `rows`, rope and
+    /// attention take each row's (slot, position) from it (a batch decode step) and there is no fused
+    /// decode body.
+    fn build_ops(&self, kv: &[(wgpu::Buffer, wgpu::Buffer)], cache: CacheBufs<'_>) -> Result<Ops> {
+        let CacheBufs {
+            cos,
+            sin,
+            part,
+            cap,
+            rows,
+        } = cache;
         let g = &self.gpu;
         let a = &self.acts;
         let cfg = &self.model.config;
@@ -308,10 +357,6 @@ impl GpuBackend {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
-        let (cos, sin) = self
-            .rope
-            .as_ref()
-            .ok_or_else(|| EngineError::Invalid("begin() was not called".into()))?;
         let mut body = vec![];
         let mut body_layer = 0usize;
         for t in &self.embed {
@@ -319,7 +364,7 @@ impl GpuBackend {
                 g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
             ));
         }
-        for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
+        for (l, (kc, vc)) in self.layers.iter().zip(kv) {
             body.push(kernels::rmsnorm_quant(
                 g,
                 c,
@@ -359,12 +404,20 @@ impl GpuBackend {
                     }
                 }
             }
-            body.push(kernels::rope(
-                g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step,
-            ));
-            body.push(kernels::attention(
-                g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step,
-            ));
+            match rows {
+                Some(r) => {
+                    body.push(kernels::rope_rows(
+                        g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, r, &a.step,
+                    ));
+                    body.push(kernels::attention_rows(
+                        g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, r, &a.step,
+                    ));
+                }
+                None => {
+                    body.push(kernels::rope(g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, &a.step));
+                    body.push(kernels::attention(g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, &a.step));
+                }
+            }
             body.push(kernels::rmsnorm_quant(
                 g,
                 qd,
@@ -452,14 +505,14 @@ impl GpuBackend {
             }
             body_layer += 1;
         }
-        let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
+        let decode_body = if rows.is_none() && self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let mut d = vec![];
             for t in &self.embed {
                 d.push(kernels::embedding(
                     g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
                 ));
             }
-            for (l, (kc, vc)) in self.layers.iter().zip(&self.kv) {
+            for (l, (kc, vc)) in self.layers.iter().zip(kv) {
                 for t in &l.qkv {
                     d.push(kernels::rmsnorm_matmul_ternary(
                         g,
@@ -472,17 +525,13 @@ impl GpuBackend {
                         &a.step,
                     ));
                 }
-                match &self.attn_part {
+                match part {
                     Some(part) => d.extend(kernels::attention_split_rope(
-                        g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step,
+                        g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step,
                     )),
                     None => {
-                        d.push(kernels::rope(
-                            g, nh, nkv, hd, self.cap, cos, sin, &a.qkv, kc, vc, &a.step,
-                        ));
-                        d.push(kernels::attention(
-                            g, nh, nkv, hd, self.cap, &a.qkv, kc, vc, &a.att, &a.step,
-                        ));
+                        d.push(kernels::rope(g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, &a.step));
+                        d.push(kernels::attention(g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, &a.step));
                     }
                 }
                 for t in &l.o {
@@ -542,6 +591,39 @@ impl GpuBackend {
             nll,
             sample,
         })
+    }
+
+    /// The slot state, checked: `slot` exists and positions up to `end` fit it.
+    fn slot_state(&self, slot: usize, end: usize) -> Result<&SlotState> {
+        let st = self
+            .slots
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("begin_slots() was not called".into()))?;
+        if slot >= st.n || end > st.cap {
+            return Err(EngineError::Invalid(format!(
+                "slot {slot} position {end} outside the {} slots of {} positions",
+                st.n, st.cap
+            )));
+        }
+        Ok(st)
+    }
+
+    /// A chunk's size and token ids are within bounds.
+    fn check_chunk(&self, tokens: &[u32]) -> Result<()> {
+        let v = self.model.config.vocab_size;
+        if tokens.is_empty() || tokens.len() > self.tmax {
+            return Err(EngineError::Invalid(format!(
+                "chunk of {} tokens (allowed 1..={})",
+                tokens.len(),
+                self.tmax
+            )));
+        }
+        match tokens.iter().find(|&&x| x as usize >= v) {
+            Some(bad) => Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {v}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn write_step(&self, s: &Step) {
@@ -625,7 +707,18 @@ impl Backend for GpuBackend {
                 self.gpu.storage_init("rope_sin", f32_bytes(&sin))?,
             ));
             self.cap = cap;
-            self.ops = Some(self.build_ops()?);
+            let (cos, sin) = self
+                .rope
+                .as_ref()
+                .ok_or_else(|| EngineError::Invalid("no rope table".into()))?;
+            let cache = CacheBufs {
+                cos,
+                sin,
+                part: self.attn_part.as_ref(),
+                cap,
+                rows: None,
+            };
+            self.ops = Some(self.build_ops(&self.kv, cache)?);
         }
         self.seen.fill(0);
         self.gpu
@@ -661,6 +754,229 @@ impl Backend for GpuBackend {
 
     fn max_chunk(&self) -> usize {
         self.tmax
+    }
+
+    fn begin_slots(&mut self, slots: usize, positions: usize) -> Result<usize> {
+        if let Some(old) = self.slots.take() {
+            self.gpu.release(old.bytes);
+        }
+        let cfg = &self.model.config;
+        let (nh, nkv, hd, v) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size);
+        let cap = positions.max(1);
+        // One step samples every row in one lm_head pass, and one binding holds every slot of a layer.
+        let per_slot = (nkv * cap * hd * 4) as u64;
+        let fit = (self.gpu.max_binding / per_slot.max(1)) as usize;
+        let n = slots.min(self.lmax).min(self.tmax).min(fit);
+        if n == 0 {
+            return Err(EngineError::Gpu(format!(
+                "a KV cache slot of {cap} positions needs {per_slot} bytes per layer, over this adapter's binding limit of {}",
+                self.gpu.max_binding
+            )));
+        }
+        let before = self.gpu.allocated();
+        let g = self.gpu.clone();
+        let mut kv = vec![];
+        for _ in 0..cfg.num_layers {
+            kv.push((
+                g.storage("k_slots", per_slot * n as u64)?,
+                g.storage("v_slots", per_slot * n as u64)?,
+            ));
+        }
+        let (cos, sin) = crate::cpu::rope_table(cfg.rope_theta, hd, cap);
+        let cos = g.storage_init("rope_cos", f32_bytes(&cos))?;
+        let sin = g.storage_init("rope_sin", f32_bytes(&sin))?;
+        let pb = kernels::attention_part_bytes(nh, hd, cap);
+        let part = if pb <= g.max_binding {
+            Some(g.storage("attention_part", pb)?)
+        } else {
+            None
+        };
+        let rows = g.storage("rows", (self.tmax * 8) as u64)?;
+        let rowp = g.storage(
+            "row_params",
+            (self.lmax * std::mem::size_of::<kernels::RowParams>()) as u64,
+        )?;
+        let seen = g.storage("seen_slots", (n * v.div_ceil(32) * 4) as u64)?;
+        let partial = g.storage(
+            "sample_partial_rows",
+            self.lmax as u64 * kernels::sample_partial_bytes(v),
+        )?;
+        let cache = CacheBufs {
+            cos: &cos,
+            sin: &sin,
+            part: part.as_ref(),
+            cap,
+            rows: None,
+        };
+        let ops = self.build_ops(&kv, cache)?;
+        let rows_body = self
+            .build_ops(
+                &kv,
+                CacheBufs {
+                    rows: Some(&rows),
+                    ..cache
+                },
+            )?
+            .body;
+        let a = &self.acts;
+        let sample = kernels::sample_rows(&g, v, &a.logits, &seen, &partial, &a.sampled, &rowp, &a.step);
+        let ring_bytes = (self.lmax * 4).max(16) as u64;
+        let ring = [g.readback_buffer(ring_bytes), g.readback_buffer(ring_bytes)];
+        g.flush_uploads()?;
+        self.kv_bytes = per_slot * n as u64 * 2 * cfg.num_layers as u64;
+        self.slots = Some(SlotState {
+            n,
+            cap,
+            rows,
+            rowp,
+            seen,
+            ops,
+            rows_body,
+            sample,
+            ring,
+            inflight: Default::default(),
+            next_ring: 0,
+            bytes: g.allocated().saturating_sub(before),
+        });
+        // The caches, rope tables and partials stay alive through the ops' bind groups.
+        drop((kv, cos, sin, part, partial));
+        Ok(n)
+    }
+
+    fn reset_slot(&mut self, slot: usize, seen: &[u32]) -> Result<()> {
+        let v = self.model.config.vocab_size;
+        let st = self.slot_state(slot, 0)?;
+        let mut words = vec![0u32; v.div_ceil(32)];
+        for &t in seen {
+            if let Some(w) = words.get_mut(t as usize / 32) {
+                *w |= 1 << (t % 32);
+            }
+        }
+        self.gpu
+            .queue
+            .write_buffer(&st.seen, (slot * words.len() * 4) as u64, bytemuck::cast_slice(&words));
+        Ok(())
+    }
+
+    fn forward_slot(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        start: usize,
+        sample: Option<(crate::cpu::SampleParams, f32)>,
+    ) -> Result<Option<u32>> {
+        let t = tokens.len();
+        self.check_chunk(tokens)?;
+        let st = self.slot_state(slot, start + t)?;
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.acts.tokens, 0, bytemuck::cast_slice(tokens));
+        let mut step = Step {
+            t: t as u32,
+            start: start as u32,
+            slot: slot as u32,
+            ..Default::default()
+        };
+        let tt = t as u32;
+        let Some((params, u)) = sample else {
+            self.write_step(&step);
+            self.submit(|p| st.ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+            return Ok(None);
+        };
+        step.lm_t0 = tt - 1;
+        step.lm_t = 1;
+        self.write_step(&step);
+        q.write_buffer(&st.rowp, 0, bytemuck::bytes_of(&row_params(&params, u, slot)));
+        self.submit(
+            |p| {
+                st.ops.body.iter().for_each(|o| o.record(p, tt, 1));
+                st.ops.final_norm.record(p, tt, 1);
+                st.ops.lm.iter().for_each(|o| o.record(p, tt, 1));
+                st.sample.iter().for_each(|o| o.record(p, tt, 1));
+            },
+            Some((&self.acts.sampled, &self.acts.staging, 4)),
+        );
+        Ok(Some(self.read_token(&self.acts.staging, None)?))
+    }
+
+    fn decode_rows_submit(&mut self, rows: &[crate::backend::SlotRow], feedback: bool) -> Result<()> {
+        let b = rows.len();
+        if b == 0 || b > self.lmax {
+            return Err(EngineError::Invalid(format!(
+                "a batch step of {b} rows (allowed 1..={})",
+                self.lmax
+            )));
+        }
+        for r in rows {
+            self.slot_state(r.slot, r.pos + 1)?;
+        }
+        if !feedback {
+            let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+            self.check_chunk(&tokens)?;
+            self.gpu
+                .queue
+                .write_buffer(&self.acts.tokens, 0, bytemuck::cast_slice(&tokens));
+        }
+        let Some(st) = self.slots.as_ref() else {
+            return Err(EngineError::Invalid("begin_slots() was not called".into()));
+        };
+        if st.inflight.len() >= 2 {
+            return Err(EngineError::Invalid("two decode steps are already in flight".into()));
+        }
+        let at: Vec<[u32; 2]> = rows.iter().map(|r| [r.slot as u32, r.pos as u32]).collect();
+        let params: Vec<kernels::RowParams> = rows.iter().map(|r| row_params(&r.params, r.u, r.slot)).collect();
+        let q = &self.gpu.queue;
+        q.write_buffer(&st.rows, 0, bytemuck::cast_slice(&at));
+        q.write_buffer(&st.rowp, 0, bytemuck::cast_slice(&params));
+        // One sequence: the fused decode layers at its slot; several: the rows body.
+        let single = b == 1 && st.ops.decode_body.is_some();
+        let step = Step {
+            t: b as u32,
+            start: if single { rows[0].pos as u32 } else { 0 },
+            slot: if single { rows[0].slot as u32 } else { 0 },
+            lm_t0: 0,
+            lm_t: b as u32,
+            feedback: feedback as u32,
+            ..Default::default()
+        };
+        self.write_step(&step);
+        let ring = st.next_ring;
+        let bt = b as u32;
+        let idx = self.submit(
+            |p| {
+                let body = match (&st.ops.decode_body, single) {
+                    (Some(d), true) => d,
+                    _ => &st.rows_body,
+                };
+                body.iter().for_each(|o| o.record(p, bt, bt));
+                st.ops.final_norm.record(p, bt, bt);
+                st.ops.lm.iter().for_each(|o| o.record(p, bt, bt));
+                st.sample.iter().for_each(|o| o.record(p, bt, bt));
+            },
+            Some((&self.acts.sampled, &st.ring[ring], (b * 4) as u64)),
+        );
+        if let Some(st) = self.slots.as_mut() {
+            st.inflight.push_back((idx, ring, b));
+            st.next_ring = 1 - ring;
+        }
+        Ok(())
+    }
+
+    fn decode_rows_wait(&mut self) -> Result<Vec<u32>> {
+        let v = self.model.config.vocab_size;
+        let Some((idx, ring, b)) = self.slots.as_mut().and_then(|s| s.inflight.pop_front()) else {
+            return Err(EngineError::Invalid("no decode step is queued".into()));
+        };
+        let Some(st) = self.slots.as_ref() else {
+            return Err(EngineError::Invalid("begin_slots() was not called".into()));
+        };
+        let bytes = self.gpu.read_after(&st.ring[ring], (b * 4) as u64, Some(idx))?;
+        let toks: Vec<u32> = bytemuck::cast_slice::<u8, u32>(&bytes).to_vec();
+        if let Some(bad) = toks.iter().find(|&&t| t as usize >= v) {
+            return Err(EngineError::Gpu(format!(
+                "sampler returned token {bad} outside the vocabulary"
+            )));
+        }
+        Ok(toks)
     }
 
     fn profile_step(&mut self, pos: usize) -> Result<Option<crate::backend::Profile>> {
@@ -748,7 +1064,8 @@ impl Backend for GpuBackend {
                 penalty: params.repetition_penalty,
                 u: rng.uniform(),
                 feedback: 1,
-                _pad: [0; 2],
+                slot: 0,
+                _pad: 0,
             };
             self.write_step(&step);
             let slot = i % 2;
@@ -917,6 +1234,18 @@ impl Backend for GpuBackend {
                 Ok(Got::Logits(all))
             }
         }
+    }
+}
+
+fn row_params(p: &crate::cpu::SampleParams, u: f32, slot: usize) -> kernels::RowParams {
+    kernels::RowParams {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        penalty: p.repetition_penalty,
+        u,
+        slot: slot as u32,
+        _pad: [0; 2],
     }
 }
 

@@ -25,7 +25,9 @@ pub struct Step {
     pub u: f32,
     /// 1: the embedding reads the token from the sampler's output (pipelined decode).
     pub feedback: u32,
-    pub _pad: [u32; 2],
+    /// The KV cache slot of the chunk's sequence (continuous batching; 0 for a lone sequence).
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// How many workgroups an op needs, given the chunk's token count T and the lm_head row count.
@@ -53,6 +55,8 @@ pub enum Grid {
     One,
     /// (x, y, 1) regardless of T
     Fixed(u32, u32),
+    /// (n, lm_t, 1): per-chunk work on each logits row
+    ByLm(u32),
 }
 
 impl Grid {
@@ -69,6 +73,7 @@ impl Grid {
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
+            Grid::ByLm(n) => (n, lm_t, 1),
         }
     }
 }
@@ -615,6 +620,75 @@ pub fn attention(
     )
 }
 
+/// `rope` for a batch step: row t sits at its own (slot, position) in `rows` ([T] u32 pairs), so every row
+/// may belong to a different sequence. CPU twin: `cpu::rope_rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_rows(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    cos: &wgpu::Buffer,
+    sin: &wgpu::Buffer,
+    qkv: &wgpu::Buffer,
+    kc: &wgpu::Buffer,
+    vc: &wgpu::Buffer,
+    rows: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let stride = (nh + 2 * nkv) * hd;
+    op(
+        gpu,
+        "rope_rows",
+        sh::ROPE,
+        &[],
+        &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
+        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc), (7, rows)],
+        step,
+        Grid::TokensBy((nh + nkv) as u32),
+    )
+}
+
+/// `attention` for a batch step: query row t attends to positions 0..=pos of its own slot, (slot, pos)
+/// from `rows`. CPU twin: `cpu::attention_rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    gpu: &Gpu,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    qkv: &wgpu::Buffer,
+    kc: &wgpu::Buffer,
+    vc: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    rows: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let stride = (nh + 2 * nkv) * hd;
+    let scale = (hd as f32).powf(-0.5);
+    op(
+        gpu,
+        "attention_rows",
+        sh::ATTENTION,
+        &[],
+        &[
+            nh as u32,
+            nkv as u32,
+            hd as u32,
+            stride as u32,
+            cap as u32,
+            scale.to_bits(),
+            0,
+            0,
+        ],
+        &[(2, qkv), (3, kc), (4, vc), (5, out), (11, rows)],
+        step,
+        Grid::ByTokens(nh as u32),
+    )
+}
+
 /// Keys per workgroup of `attention_split_rope` (its `SPLIT`).
 pub const ATTENTION_SPLIT: usize = 32;
 
@@ -797,6 +871,58 @@ pub fn sample(
             &[(2, logits), (3, seen), (4, out), (5, partial)],
             step,
             Grid::One,
+        ),
+    ]
+}
+
+/// Settings of one row of `sample_rows` (mirrors `RowParams` in sample.wgsl): the row's sequence samples
+/// with its own settings and draw, against its own repetition set (row `slot` of `seen`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowParams {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub penalty: f32,
+    pub u: f32,
+    pub slot: u32,
+    pub _pad: [u32; 2],
+}
+
+/// The sampler over `lm_t` logits rows at once (a batch step), each row with its own [`RowParams`]:
+/// `logits` [lm_t, V], `seen` [slots, ceil(V/32)], `partial` [lm_t, ceil(V/CHUNK)], `out` [lm_t].
+/// CPU twin: `cpu::sample_rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_rows(
+    gpu: &Gpu,
+    v: usize,
+    logits: &wgpu::Buffer,
+    seen: &wgpu::Buffer,
+    partial: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    rowp: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> [Op; 2] {
+    [
+        op(
+            gpu,
+            "sample_partial_rows",
+            sh::SAMPLE,
+            &[],
+            &[v as u32, 0, 0, 0],
+            &[(2, logits), (3, seen), (5, partial), (6, rowp)],
+            step,
+            Grid::ByLm(v.div_ceil(SAMPLE_CHUNK) as u32),
+        ),
+        op(
+            gpu,
+            "sample_rows",
+            sh::SAMPLE,
+            &[],
+            &[v as u32, 0, 0, 0],
+            &[(2, logits), (3, seen), (4, out), (5, partial), (6, rowp)],
+            step,
+            Grid::LmTokens,
         ),
     ]
 }
