@@ -455,6 +455,10 @@ pub enum BenchCmd {
         /// Also time every kernel of one decode step (GPU timestamp queries).
         #[arg(long)]
         profile: bool,
+        /// Also run this many sequences at once through continuous batching, e.g. `1,4,16`: aggregate and
+        /// per-stream decode speed, time to first token.
+        #[arg(long, value_delimiter = ',')]
+        concurrency: Vec<usize>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]

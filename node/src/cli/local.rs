@@ -233,12 +233,13 @@ pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
             prompt_len,
             gen,
             profile,
+            concurrency,
             json,
             dev,
         } => {
             let model = model_or_builtin(model, home)?;
             let opts = engine_options(home, &dev)?;
-            bench_infer(&model, prompt_len, gen, profile, json, &opts)
+            bench_infer(&model, prompt_len, gen, profile, &concurrency, json, &opts)
         }
     }
 }
@@ -425,6 +426,7 @@ fn bench_infer(
     prompt_len: usize,
     gen: usize,
     profile: bool,
+    concurrency: &[usize],
     json: bool,
     opts: &EngineOptions,
 ) -> anyhow::Result<()> {
@@ -439,13 +441,17 @@ fn bench_infer(
         );
     }
     // A deterministic prompt of ordinary (non-special) ids, BOS first.
-    let bos = cfg.bos_token_id.unwrap_or(0);
-    let span = (cfg.vocab_size.min(128000) - 1) as u64;
-    let mut prompt = vec![bos];
-    let mut r = bitnode_engine::rng::Rng::new(7);
-    while prompt.len() < prompt_len {
-        prompt.push((r.next_u64() % span) as u32);
-    }
+    let make_prompt = |seed: u64| {
+        let bos = cfg.bos_token_id.unwrap_or(0);
+        let span = (cfg.vocab_size.min(128000) - 1) as u64;
+        let mut prompt = vec![bos];
+        let mut r = bitnode_engine::rng::Rng::new(seed);
+        while prompt.len() < prompt_len {
+            prompt.push((r.next_u64() % span) as u32);
+        }
+        prompt
+    };
+    let prompt = make_prompt(7);
     let greedy = SampleParams::default();
     // Warm-up: compiles pipelines and touches every buffer once.
     engine.generate_ids(&prompt, gen.min(8), &greedy, 0, false, &mut |_| true)?;
@@ -461,6 +467,10 @@ fn bench_infer(
         None
     };
     // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
+    let batched = concurrency
+        .iter()
+        .map(|&c| bench_batch(&mut engine, c, gen, &make_prompt))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
     let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
     let bytes_per_token = mem.ternary_weights + head_bytes + mem.other_weights + kv_read;
@@ -481,6 +491,7 @@ fn bench_infer(
         "bandwidth_bound_tokens_per_second": bound,
         "fraction_of_bandwidth_bound": bound.map(|b| decode / b),
         "profile": prof,
+        "batched": batched,
     });
     if json {
         println!("{}", serde_json::to_string(&v)?);
@@ -503,6 +514,12 @@ fn bench_infer(
                 100.0 * decode / b
             );
         }
+        for b in &batched {
+            println!(
+                "batch of {:>3}:      {:.1} tok/s aggregate decode, {:.1} tok/s per stream, first token after {:.1} ms (median), {:.2} s wall",
+                b.concurrency, b.aggregate_decode_tokens_per_second, b.per_stream_decode_tokens_per_second, b.ttft_ms_median, b.wall_seconds
+            );
+        }
         if let Some(p) = &prof {
             println!(
                 "one decode step:   {} dispatches, {:.0} us of kernel time, {:.0} us to record and submit",
@@ -514,6 +531,80 @@ fn bench_infer(
         }
     }
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct BatchBench {
+    concurrency: usize,
+    tokens: usize,
+    wall_seconds: f64,
+    /// Tokens after each stream's first, over the time from the last first token to the end.
+    aggregate_decode_tokens_per_second: f64,
+    per_stream_decode_tokens_per_second: f64,
+    ttft_ms_median: f64,
+    ttft_ms_max: f64,
+    largest_step: usize,
+}
+
+/// `c` sequences joined at once into a continuous batch, each generating `gen` tokens (no EOS stop).
+fn bench_batch(
+    engine: &mut Engine,
+    c: usize,
+    gen: usize,
+    prompt: &dyn Fn(u64) -> Vec<u32>,
+) -> anyhow::Result<BatchBench> {
+    use bitnode_engine::batch::{Batcher, SeqEvent, SeqRequest};
+    let run = |engine: &mut Engine, gen: usize| -> anyhow::Result<(f64, Vec<f64>, usize, usize)> {
+        let mut b = Batcher::new(c);
+        for i in 0..c {
+            b.join(SeqRequest {
+                prompt: prompt(100 + i as u64),
+                max_tokens: gen,
+                params: SampleParams::default(),
+                seed: i as u64,
+                stop_at_eos: false,
+            });
+        }
+        let t0 = std::time::Instant::now();
+        let mut first: std::collections::HashMap<u64, f64> = Default::default();
+        let mut tokens = 0usize;
+        let mut failed = None;
+        while !b.is_idle() {
+            b.step(engine, &mut |id, ev| {
+                match ev {
+                    SeqEvent::Token(_) => {
+                        tokens += 1;
+                        first.entry(id).or_insert_with(|| t0.elapsed().as_secs_f64());
+                    }
+                    SeqEvent::Failed(e) => failed = Some(e.to_string()),
+                    SeqEvent::Done(_) => {}
+                }
+                true
+            })?;
+        }
+        if let Some(e) = failed {
+            bail!("a batched sequence failed: {e}");
+        }
+        let mut ttft: Vec<f64> = first.values().copied().collect();
+        ttft.sort_by(|a, b| a.total_cmp(b));
+        Ok((t0.elapsed().as_secs_f64(), ttft, tokens, b.peak()))
+    };
+    // Warm-up: the batch kernels' pipelines and the slot caches.
+    run(engine, gen.min(4))?;
+    let (wall, ttft, tokens, peak) = run(engine, gen)?;
+    let last_first = ttft.last().copied().unwrap_or(0.0);
+    let decode_tokens = tokens.saturating_sub(c);
+    let agg = decode_tokens as f64 / (wall - last_first).max(1e-9);
+    Ok(BatchBench {
+        concurrency: c,
+        tokens,
+        wall_seconds: wall,
+        aggregate_decode_tokens_per_second: agg,
+        per_stream_decode_tokens_per_second: agg / c.max(1) as f64,
+        ttft_ms_median: 1e3 * ttft.get(ttft.len() / 2).copied().unwrap_or(0.0),
+        ttft_ms_max: 1e3 * last_first,
+        largest_step: peak,
+    })
 }
 
 fn mib(b: u64) -> f64 {
