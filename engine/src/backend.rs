@@ -122,6 +122,10 @@ pub trait Backend {
     fn decode_rows_wait(&mut self) -> Result<Vec<u32>> {
         Err(no_slots())
     }
+    /// `profile_step` for a batch decode step over `rows` (nothing is queued; the caches get written).
+    fn profile_rows(&mut self, _rows: &[SlotRow]) -> Result<Option<Profile>> {
+        Ok(None)
+    }
     /// Bytes of device memory the backend allocated (weights, cache, activations), and its high-water mark.
     fn memory(&self) -> MemoryReport;
 }

@@ -961,6 +961,37 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
+    fn profile_rows(&mut self, rows: &[crate::backend::SlotRow]) -> Result<Option<crate::backend::Profile>> {
+        if !self.gpu.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok(None);
+        }
+        // Queue and read one real step first, so the buffers hold this batch's rows and settings.
+        self.decode_rows_submit(rows, false)?;
+        self.decode_rows_wait()?;
+        let Some(st) = self.slots.as_ref() else { return Ok(None) };
+        let b = rows.len() as u32;
+        let single = b == 1 && st.ops.decode_body.is_some();
+        let body = match (&st.ops.decode_body, single) {
+            (Some(d), true) => d,
+            _ => &st.rows_body,
+        };
+        let timed: Vec<kernels::Timed<'_>> = body
+            .iter()
+            .chain(std::iter::once(&st.ops.final_norm))
+            .chain(st.ops.lm.iter())
+            .chain(st.sample.iter())
+            .map(|o| kernels::Timed::Op(o, b, b))
+            .collect();
+        let (by, n) = kernels::time_dispatches(&self.gpu, &timed)?;
+        let total = by.iter().map(|e| e.2).sum();
+        Ok(Some(crate::backend::Profile {
+            kernels: by,
+            dispatches: n,
+            gpu_us: total,
+            record_us: 0.0,
+        }))
+    }
+
     fn decode_rows_wait(&mut self) -> Result<Vec<u32>> {
         let v = self.model.config.vocab_size;
         let Some((idx, ring, b)) = self.slots.as_mut().and_then(|s| s.inflight.pop_front()) else {

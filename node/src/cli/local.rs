@@ -469,7 +469,7 @@ fn bench_infer(
     // Bytes one decode step must read: every ternary weight, the lm_head, the norms, and the KV cache so far.
     let batched = concurrency
         .iter()
-        .map(|&c| bench_batch(&mut engine, c, gen, &make_prompt))
+        .map(|&c| bench_batch(&mut engine, c, gen, profile, &make_prompt))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let kv_read = (cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4 * (prompt_len + gen / 2)) as u64;
     let head_bytes = if mem.lm_head > 0 { mem.lm_head } else { mem.embedding };
@@ -544,6 +544,8 @@ struct BatchBench {
     ttft_ms_median: f64,
     ttft_ms_max: f64,
     largest_step: usize,
+    /// Kernel times of one batched decode step (`--profile`).
+    profile: Option<bitnode_engine::backend::Profile>,
 }
 
 /// `c` sequences joined at once into a continuous batch, each generating `gen` tokens (no EOS stop).
@@ -551,6 +553,7 @@ fn bench_batch(
     engine: &mut Engine,
     c: usize,
     gen: usize,
+    profile: bool,
     prompt: &dyn Fn(u64) -> Vec<u32>,
 ) -> anyhow::Result<BatchBench> {
     use bitnode_engine::batch::{Batcher, SeqEvent, SeqRequest};
@@ -593,6 +596,20 @@ fn bench_batch(
     run(engine, gen.min(4))?;
     let (wall, ttft, tokens, peak) = run(engine, gen)?;
     let last_first = ttft.last().copied().unwrap_or(0.0);
+    let prof = if profile {
+        let rows: Vec<bitnode_engine::backend::SlotRow> = (0..peak)
+            .map(|i| bitnode_engine::backend::SlotRow {
+                slot: i,
+                pos: prompt(0).len() + gen / 2,
+                token: 1,
+                params: SampleParams::default(),
+                u: 0.5,
+            })
+            .collect();
+        engine.backend.profile_rows(&rows)?
+    } else {
+        None
+    };
     let decode_tokens = tokens.saturating_sub(c);
     let agg = decode_tokens as f64 / (wall - last_first).max(1e-9);
     Ok(BatchBench {
@@ -604,6 +621,7 @@ fn bench_batch(
         ttft_ms_median: 1e3 * ttft.get(ttft.len() / 2).copied().unwrap_or(0.0),
         ttft_ms_max: 1e3 * last_first,
         largest_step: peak,
+        profile: prof,
     })
 }
 
