@@ -108,14 +108,15 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// rmsnorm_matmul_ternary: the decode-step (T = 1) fusion of rmsnorm_quant.wgsl and matmul_ternary above.
+// rmsnorm_matmul_ternary: the decode-step fusion of rmsnorm_quant.wgsl and matmul_ternary above (one token,
+// or one per sequence of a batch, taken in turn).
 // Every workgroup normalises and quantizes the whole input row itself (a few KiB, served from cache) into
 // workgroup memory, then runs its rows. That duplicates a little arithmetic but removes one dispatch, and
 // the GPU-wide wait that comes with it, from each of the four projections of a layer: at batch 1 the
 // waits, not the arithmetic, bound decode speed. The reductions are the same code, in the same order, as
 // rmsnorm_quant.wgsl, so the fused and unfused paths give identical bits. Inputs up to 8192 wide.
 
-@group(0) @binding(8) var<storage, read> xin: array<f32>;      // [I] the unnormalised input row
+@group(0) @binding(8) var<storage, read> xin: array<f32>;      // [T, I] the unnormalised input rows
 @group(0) @binding(9) var<storage, read> nw: array<f32>;       // [I] RMSNorm weight
 
 var<workgroup> xq_s: array<u32, 2048>;   // [I/4] packed int8 activations
@@ -135,105 +136,110 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     let lane = lid % lanes;
     let row = wg.x * ROWS + lid / lanes;
     let c = p.words * 16u;
-    // RMSNorm statistics, exactly as rmsnorm_quant.wgsl: four neighbouring elements per step so that
-    // each thread has four loads in flight.
-    var acc2 = 0.0;
-    for (var j = lid; j < c / 4u; j += 256u) {
-        let b = 4u * j;
-        let v0 = xin[b];
-        let v1 = xin[b + 1u];
-        let v2 = xin[b + 2u];
-        let v3 = xin[b + 3u];
-        acc2 += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
-    }
-    let ms = wg_sum(acc2, lid) / f32(c);
-    let r = 1.0 / sqrt(ms + p.eps);
-    var m = 0.0;
-    for (var j = lid; j < c / 4u; j += 256u) {
-        let b = 4u * j;
-        let y0 = abs(nw[b] * (xin[b] * r));
-        let y1 = abs(nw[b + 1u] * (xin[b + 1u] * r));
-        let y2 = abs(nw[b + 2u] * (xin[b + 2u] * r));
-        let y3 = abs(nw[b + 3u] * (xin[b + 3u] * r));
-        m = max(m, max(max(y0, y1), max(y2, y3)));
-    }
-    let sx = 127.0 / max(wg_max(m, lid), 1e-5);
-    for (var j = lid; j < c / 4u; j += 256u) {
-        var word = 0u;
-        for (var k = 0u; k < 4u; k++) {
-            let i = 4u * j + k;
-            let v = i32(clamp(round(nw[i] * (xin[i] * r) * sx), -128.0, 127.0));
-            word |= (u32(v) & 0xffu) << (8u * k);
+    // One token after another (a batch decode step has one per sequence): the workgroup's weight rows
+    // stay in cache across the tokens, so the weights are read from memory once per step.
+    for (var t = 0u; t < step.t; t++) {
+        let xb = t * c;
+        // RMSNorm statistics, exactly as rmsnorm_quant.wgsl: four neighbouring elements per step so that
+        // each thread has four loads in flight.
+        var acc2 = 0.0;
+        for (var j = lid; j < c / 4u; j += 256u) {
+            let b = 4u * j;
+            let v0 = xin[xb + b];
+            let v1 = xin[xb + b + 1u];
+            let v2 = xin[xb + b + 2u];
+            let v3 = xin[xb + b + 3u];
+            acc2 += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
         }
-        xq_s[j] = word;
-    }
-    workgroupBarrier();
-    // The projection, as matmul_ternary with one token.
-    var a = 0;
-    var au = 0;
-    // The sum of the row's int8 activations (to undo the +1 code offset) is gathered here too: the
-    // lanes of a row cover every word once, so their partial sums add up to it, and the lane reduction
-    // below carries it at no extra barrier.
-    var qsl = 0;
-    if row < p.rows {
-        // Each lane takes four consecutive words per step: four independent loads in flight, and the
-        // 32 lanes of a row still read one contiguous 512-byte span.
-        let base = row * p.words;
-        let baseu = (p.rows + row) * p.words;
-        for (var i0 = 4u * lane; i0 < p.words; i0 += 4u * lanes) {
-            let n = min(4u, p.words - i0);
-            var wv = vec4<u32>(0u);
-            var wu = vec4<u32>(0u);
-            if n == 4u {
-                wv = vec4<u32>(w[base + i0], w[base + i0 + 1u], w[base + i0 + 2u], w[base + i0 + 3u]);
-                if MODE == 2u {
-                    wu = vec4<u32>(w[baseu + i0], w[baseu + i0 + 1u], w[baseu + i0 + 2u], w[baseu + i0 + 3u]);
-                }
-            } else {
-                for (var k = 0u; k < n; k++) {
-                    wv[k] = w[base + i0 + k];
-                    if MODE == 2u {
-                        wu[k] = w[baseu + i0 + k];
-                    }
-                }
-            }
-            for (var k = 0u; k < n; k++) {
-                let i = i0 + k;
-                for (var sh = 0u; sh < 4u; sh++) {
-                    let xq = xq_s[4u * i + sh];
-                    qsl += dot4I8Packed(0x01010101u, xq);
-                    a += dot4I8Packed((wv[k] >> (2u * sh)) & 0x03030303u, xq);
-                    if MODE == 2u {
-                        au += dot4I8Packed((wu[k] >> (2u * sh)) & 0x03030303u, xq);
-                    }
-                }
-            }
+        let ms = wg_sum(acc2, lid) / f32(c);
+        let r = 1.0 / sqrt(ms + p.eps);
+        var m = 0.0;
+        for (var j = lid; j < c / 4u; j += 256u) {
+            let b = 4u * j;
+            let y0 = abs(nw[b] * (xin[xb + b] * r));
+            let y1 = abs(nw[b + 1u] * (xin[xb + b + 1u] * r));
+            let y2 = abs(nw[b + 2u] * (xin[xb + b + 2u] * r));
+            let y3 = abs(nw[b + 3u] * (xin[xb + b + 3u] * r));
+            m = max(m, max(max(y0, y1), max(y2, y3)));
         }
-    }
-    red2[lid] = a;
-    red2[256u + lid] = au;
-    red2[512u + lid] = qsl;
-    workgroupBarrier();
-    for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-        if lane < off {
-            red2[lid] += red2[lid + off];
-            red2[256u + lid] += red2[256u + lid + off];
-            red2[512u + lid] += red2[512u + lid + off];
+        let sx = 127.0 / max(wg_max(m, lid), 1e-5);
+        for (var j = lid; j < c / 4u; j += 256u) {
+            var word = 0u;
+            for (var k = 0u; k < 4u; k++) {
+                let i = 4u * j + k;
+                let v = i32(clamp(round(nw[i] * (xin[xb + i] * r) * sx), -128.0, 127.0));
+                word |= (u32(v) & 0xffu) << (8u * k);
+            }
+            xq_s[j] = word;
         }
         workgroupBarrier();
-    }
-    let qs = red2[512u + lid];
-    if lane == 0u && row < p.rows {
-        let dst = p.y_off + row;
-        let g = f32(red2[lid] - qs) * scale[row] / sx;
-        if MODE == 0u {
-            y[dst] = g;
-        } else if MODE == 1u {
-            y[dst] += g;
-        } else {
-            let u = f32(red2[256u + lid] - qs) * scale[p.rows + row] / sx;
-            let rr = max(g, 0.0);
-            y[dst] = rr * rr * u;
+        // The projection, as matmul_ternary with one token.
+        var a = 0;
+        var au = 0;
+        // The sum of the row's int8 activations (to undo the +1 code offset) is gathered here too: the
+        // lanes of a row cover every word once, so their partial sums add up to it, and the lane reduction
+        // below carries it at no extra barrier.
+        var qsl = 0;
+        if row < p.rows {
+            // Each lane takes four consecutive words per step: four independent loads in flight, and the
+            // 32 lanes of a row still read one contiguous 512-byte span.
+            let base = row * p.words;
+            let baseu = (p.rows + row) * p.words;
+            for (var i0 = 4u * lane; i0 < p.words; i0 += 4u * lanes) {
+                let n = min(4u, p.words - i0);
+                var wv = vec4<u32>(0u);
+                var wu = vec4<u32>(0u);
+                if n == 4u {
+                    wv = vec4<u32>(w[base + i0], w[base + i0 + 1u], w[base + i0 + 2u], w[base + i0 + 3u]);
+                    if MODE == 2u {
+                        wu = vec4<u32>(w[baseu + i0], w[baseu + i0 + 1u], w[baseu + i0 + 2u], w[baseu + i0 + 3u]);
+                    }
+                } else {
+                    for (var k = 0u; k < n; k++) {
+                        wv[k] = w[base + i0 + k];
+                        if MODE == 2u {
+                            wu[k] = w[baseu + i0 + k];
+                        }
+                    }
+                }
+                for (var k = 0u; k < n; k++) {
+                    let i = i0 + k;
+                    for (var sh = 0u; sh < 4u; sh++) {
+                        let xq = xq_s[4u * i + sh];
+                        qsl += dot4I8Packed(0x01010101u, xq);
+                        a += dot4I8Packed((wv[k] >> (2u * sh)) & 0x03030303u, xq);
+                        if MODE == 2u {
+                            au += dot4I8Packed((wu[k] >> (2u * sh)) & 0x03030303u, xq);
+                        }
+                    }
+                }
+            }
+        }
+        red2[lid] = a;
+        red2[256u + lid] = au;
+        red2[512u + lid] = qsl;
+        workgroupBarrier();
+        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
+            if lane < off {
+                red2[lid] += red2[lid + off];
+                red2[256u + lid] += red2[256u + lid + off];
+                red2[512u + lid] += red2[512u + lid + off];
+            }
+            workgroupBarrier();
+        }
+        let qs = red2[512u + lid];
+        if lane == 0u && row < p.rows {
+            let dst = t * p.y_stride + p.y_off + row;
+            let g = f32(red2[lid] - qs) * scale[row] / sx;
+            if MODE == 0u {
+                y[dst] = g;
+            } else if MODE == 1u {
+                y[dst] += g;
+            } else {
+                let u = f32(red2[256u + lid] - qs) * scale[p.rows + row] / sx;
+                let rr = max(g, 0.0);
+                y[dst] = rr * rr * u;
+            }
         }
     }
 }

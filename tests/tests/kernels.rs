@@ -483,44 +483,45 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
     let mut rng = Rng::new(7);
     for limit in [None, Some(32768u64)] {
         let g = gpu(limit);
-        for &(o, i) in &[(96usize, 128usize), (160, 352), (64, 2560), (32, 6912)] {
+        // One token (decode), and three (one per sequence of a batch step).
+        for &(o, i, t) in &[(96usize, 128usize, 1usize), (160, 352, 3), (64, 2560, 2), (32, 6912, 1)] {
             let w = random_linear(&mut rng, o, i);
             let w2 = random_linear(&mut rng, o, i);
-            let x = randn(&mut rng, i, 1.5);
+            let x = randn(&mut rng, t * i, 1.5);
             let nw: Vec<f32> = (0..i).map(|_| 0.5 + rng.uniform()).collect();
             let step = step_buf(
                 &g,
                 Step {
-                    t: 1,
+                    t: t as u32,
                     ..Default::default()
                 },
             );
             let xb = g.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
             let nb = g.storage_init("nw", bytemuck::cast_slice(&nw)).unwrap();
-            let (mut q, mut s) = (vec![0i8; i], vec![0f32; 1]);
-            cpu::rmsnorm_quant(&mut q, &mut s, &x, &nw, 1e-5, 1, i);
-            let (mut y1, mut y2) = (vec![0f32; o], vec![0f32; o]);
-            cpu::matmul_ternary(&mut y1, &q, &s, &w, 1);
-            cpu::matmul_ternary(&mut y2, &q, &s, &w2, 1);
+            let (mut q, mut s) = (vec![0i8; t * i], vec![0f32; t]);
+            cpu::rmsnorm_quant(&mut q, &mut s, &x, &nw, 1e-5, t, i);
+            let (mut y1, mut y2) = (vec![0f32; t * o], vec![0f32; t * o]);
+            cpu::matmul_ternary(&mut y1, &q, &s, &w, t);
+            cpu::matmul_ternary(&mut y2, &q, &s, &w2, t);
             for mode in 0..3u32 {
                 let tiles = if mode == 2 {
                     k::ternary_tiles(&g, &[&w, &w2], true).unwrap()
                 } else {
                     k::ternary_tiles(&g, &[&w], false).unwrap()
                 };
-                let base = randn(&mut rng, o, 1.0);
+                let base = randn(&mut rng, t * o, 1.0);
                 let yb = g.storage_init("y", bytemuck::cast_slice(&base)).unwrap();
                 let ops: Vec<_> = tiles
                     .iter()
-                    .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, &step))
+                    .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, o, &step))
                     .collect();
-                k::run(&g, &ops.iter().collect::<Vec<_>>(), 1, 0);
-                let got = f32s(&g.download(&yb, 4 * o as u64).unwrap());
+                k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+                let got = f32s(&g.download(&yb, (4 * t * o) as u64).unwrap());
                 let want = mode_want(mode, &base, &y1, &y2);
                 // The activation quantizer can move a boundary value by one step under a different
                 // summation order, so allow a small relative difference.
                 let (d, at) = max_rel_diff(&got, &want);
-                assert!(d < 2e-2, "mode {mode} {o}x{i} limit {limit:?}: diff {d} at {at}");
+                assert!(d < 2e-2, "mode {mode} {o}x{i} t={t} limit {limit:?}: diff {d} at {at}");
             }
         }
     }

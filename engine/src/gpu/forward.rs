@@ -340,8 +340,8 @@ impl GpuBackend {
     }
 
     /// Every op of the model over the caches `kv` of `cap` positions per sequence. With `rows`, rope and
-    /// attention take each row's (slot, position) from it (a batch decode step) and there is no fused
-    /// decode body.
+    /// attention take each row's (slot, position) from it (a batch decode step), in the unfused body and
+    /// in the fused decode body alike.
     fn build_ops(&self, kv: &[(wgpu::Buffer, wgpu::Buffer)], cache: CacheBufs<'_>) -> Result<Ops> {
         let CacheBufs {
             cos,
@@ -505,7 +505,7 @@ impl GpuBackend {
             }
             body_layer += 1;
         }
-        let decode_body = if rows.is_none() && self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
+        let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let mut d = vec![];
             for t in &self.embed {
                 d.push(kernels::embedding(
@@ -522,14 +522,23 @@ impl GpuBackend {
                         &a.x,
                         &l.input_layernorm,
                         &a.qkv,
+                        qd + 2 * kvd,
                         &a.step,
                     ));
                 }
-                match part {
-                    Some(part) => d.extend(kernels::attention_split_rope(
+                match (rows, part) {
+                    (Some(r), _) => {
+                        d.push(kernels::rope_rows(
+                            g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, r, &a.step,
+                        ));
+                        d.push(kernels::attention_rows(
+                            g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, r, &a.step,
+                        ));
+                    }
+                    (None, Some(part)) => d.extend(kernels::attention_split_rope(
                         g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, part, &a.att, &a.step,
                     )),
-                    None => {
+                    (None, None) => {
                         d.push(kernels::rope(g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, &a.step));
                         d.push(kernels::attention(g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, &a.step));
                     }
@@ -543,6 +552,7 @@ impl GpuBackend {
                         &a.att,
                         &l.attn_sub_norm,
                         &a.x,
+                        c,
                         &a.step,
                     ));
                 }
@@ -555,6 +565,7 @@ impl GpuBackend {
                         &a.x,
                         &l.post_attention_layernorm,
                         &a.h,
+                        f,
                         &a.step,
                     ));
                 }
@@ -567,6 +578,7 @@ impl GpuBackend {
                         &a.h,
                         &l.ffn_sub_norm,
                         &a.x,
+                        c,
                         &a.step,
                     ));
                 }
@@ -809,15 +821,21 @@ impl Backend for GpuBackend {
             rows: None,
         };
         let ops = self.build_ops(&kv, cache)?;
-        let rows_body = self
-            .build_ops(
-                &kv,
-                CacheBufs {
-                    rows: Some(&rows),
-                    ..cache
-                },
-            )?
-            .body;
+        let by_rows = self.build_ops(
+            &kv,
+            CacheBufs {
+                rows: Some(&rows),
+                ..cache
+            },
+        )?;
+        // The fused layers take the batch's rows one after another in each projection, reading the
+        // weights once per step; the unfused body (`BITNODE_BATCH_UNFUSED=1`, a tuning knob) runs
+        // rmsnorm_quant and matmul_ternary over all rows.
+        let unfused = std::env::var("BITNODE_BATCH_UNFUSED").is_ok_and(|v| v == "1");
+        let rows_body = match by_rows.decode_body {
+            Some(d) if !unfused => d,
+            _ => by_rows.body,
+        };
         let a = &self.acts;
         let sample = kernels::sample_rows(&g, v, &a.logits, &seen, &partial, &a.sampled, &rowp, &a.step);
         let ring_bytes = (self.lmax * 4).max(16) as u64;

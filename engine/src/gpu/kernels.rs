@@ -520,8 +520,9 @@ fn ternary_op(
 /// Widest input the fused decode kernel holds in workgroup memory (its `xq_s` is 2048 words).
 pub const FUSED_MAX_INPUT: usize = 8192;
 
-/// Decode-step (T = 1) fusion of `rmsnorm_quant` and `matmul_ternary`: normalises `x` [I] with `nw`,
-/// quantizes it and projects it, in one dispatch. Same modes as `matmul_ternary`.
+/// Decode-step fusion of `rmsnorm_quant` and `matmul_ternary`: normalises each row of `x` [T, I] with `nw`,
+/// quantizes it and projects it into `y` [T, y_stride], in one dispatch. Same modes as `matmul_ternary`.
+/// T is 1 for one sequence, or one row per sequence of a batch step.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_matmul_ternary(
     gpu: &Gpu,
@@ -531,6 +532,7 @@ pub fn rmsnorm_matmul_ternary(
     x: &wgpu::Buffer,
     nw: &wgpu::Buffer,
     y: &wgpu::Buffer,
+    y_stride: usize,
     step: &wgpu::Buffer,
 ) -> Op {
     let rows = fused_rows();
@@ -539,7 +541,16 @@ pub fn rmsnorm_matmul_ternary(
         "rmsnorm_matmul_ternary",
         sh::MATMUL_TERNARY,
         &[("MODE", mode as f64), ("ROWS", rows as f64)],
-        &[tile.words, tile.rows, tile.row0, 0, eps.to_bits(), 0, 0, 0],
+        &[
+            tile.words,
+            tile.rows,
+            tile.row0,
+            y_stride as u32,
+            eps.to_bits(),
+            0,
+            0,
+            0,
+        ],
         &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)],
         step,
         Grid::RowsBy(tile.rows, rows),
