@@ -457,7 +457,7 @@ mod tests {
         // 10 bytes short: the oldest idle engine (3) is enough.
         assert_eq!(to_evict(&held, 10, 100), vec![3]);
         // 25 short: 3, then 2 (1 is older, but busy).
-        assert_eq!(to_evict(&held, 35, 100), vec![3, 2]);
+        assert_eq!(to_evict(&held, 25, 100), vec![3, 2]);
         // Nothing fits beside the busy engine: every idle one goes, the busy one stays, the new one loads.
         assert_eq!(to_evict(&held, 1000, 100), vec![3, 2, 0]);
     }

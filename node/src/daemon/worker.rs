@@ -262,10 +262,7 @@ impl JobManager {
     pub(super) fn start_next(&mut self) {
         let max_batch = self.cfg.serve.max_batch;
         // A failed start ends that task, which calls back here: re-check before each one.
-        loop {
-            let Some(next) = self.work.order.front().map(|id| self.work.slot(id)) else {
-                break;
-            };
+        while let Some(next) = self.work.order.front().map(|id| self.work.slot(id)) {
             let running: Vec<Slot> = self.work.running.iter().map(|id| self.work.slot(id)).collect();
             if !may_start(next, &running, max_batch) {
                 break;
