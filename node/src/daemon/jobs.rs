@@ -684,7 +684,7 @@ impl JobManager {
             return Err("the envelope is signed by another device than the one that sent it".into());
         }
         let admission = &self.admission;
-        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(&admission).trusted.contains(&p));
+        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(admission).trusted.contains(&p));
         env.open(&self.work.my_key, kind, now_unix(), max, trusted, &mut self.work.nonces)
             .map_err(|e| e.to_string())
     }
