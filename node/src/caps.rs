@@ -173,6 +173,23 @@ pub fn refresh(c: &mut Capabilities, cfg: &CapabilitiesSection, queue_len: u32) 
     };
 }
 
+/// The memory the advert offers, less what the warm engines hold (they stay loaded between requests, so
+/// the scheduler of another device must not count on it): the device memory where the device has its
+/// own, else the system memory (where the engines then live). `total`: (device, system) memory as probed
+/// and pinned.
+pub fn offer_memory(c: &mut Capabilities, total: (Option<u64>, u64), warm_bytes: u64) {
+    match total.0 {
+        Some(d) => {
+            c.device_memory_bytes = Some(d.saturating_sub(warm_bytes));
+            c.system_memory_bytes = total.1;
+        }
+        None => {
+            c.device_memory_bytes = None;
+            c.system_memory_bytes = total.1.saturating_sub(warm_bytes);
+        }
+    }
+}
+
 fn vendor_name(id: u32) -> String {
     match id {
         0 => "cpu".into(),
@@ -245,6 +262,26 @@ pub fn power(dir: &Path) -> (Option<f32>, Option<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warm_engines_are_taken_off_the_advertised_memory() {
+        let mut c = Capabilities::default();
+        // A GPU: its own memory shrinks, the system's stays.
+        offer_memory(&mut c, (Some(8 << 30), 32 << 30), 1 << 30);
+        assert_eq!(
+            (c.device_memory_bytes, c.system_memory_bytes),
+            (Some(7 << 30), 32 << 30)
+        );
+        // Recomputed from the totals each time, never from the last offer.
+        offer_memory(&mut c, (Some(8 << 30), 32 << 30), 0);
+        assert_eq!(c.device_memory_bytes, Some(8 << 30));
+        // The CPU: the engines live in system memory.
+        offer_memory(&mut c, (None, 32 << 30), 2 << 30);
+        assert_eq!((c.device_memory_bytes, c.system_memory_bytes), (None, 30 << 30));
+        // More warm than there is: nothing left, no wrap-around.
+        offer_memory(&mut c, (Some(1 << 30), 32 << 30), 2 << 30);
+        assert_eq!(c.device_memory_bytes, Some(0));
+    }
 
     #[test]
     fn score_window_is_the_median_of_the_last_measurements() {

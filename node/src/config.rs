@@ -35,6 +35,9 @@ pub struct ServeSection {
     pub memory_budget_bytes: u64,
     /// A warm engine unused this long is dropped (and the host exits with none left).
     pub idle_secs: u64,
+    /// Most inferences a device runs at once on its warm engines; those for one model decode together,
+    /// one token each per step (continuous batching). 0 counts as 1.
+    pub max_batch: usize,
 }
 
 impl Default for ServeSection {
@@ -43,6 +46,7 @@ impl Default for ServeSection {
             warm_engines: true,
             memory_budget_bytes: 0,
             idle_secs: 600,
+            max_batch: 16,
         }
     }
 }

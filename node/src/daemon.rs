@@ -159,6 +159,8 @@ pub struct Daemon {
     /// `bitnode pair join`s waiting for their handshake to end.
     join_replies: HashMap<PeerId, oneshot::Sender<Response>>,
     caps: Capabilities,
+    /// (device, system) memory as probed and pinned; the advert offers it less the warm engines' share.
+    memory: (Option<u64>, u64),
     advertised: Option<Capabilities>,
     relay_listeners: HashMap<PeerId, ListenerId>,
     listen_addrs: Vec<Multiaddr>,
@@ -330,7 +332,12 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
             0 => (caps.device_memory_bytes.unwrap_or(caps.system_memory_bytes) / 2).max(1 << 30),
             b => b,
         };
-        work.host = Some(EngineHost::start(home, budget, cfg.serve.idle_secs, itx.clone()));
+        let args = engine_host::HostArgs {
+            budget,
+            idle_secs: cfg.serve.idle_secs,
+            max_batch: cfg.serve.max_batch.max(1),
+        };
+        work.host = Some(EngineHost::start(home, args, itx.clone()));
     }
 
     let cfg_name = name.clone();
@@ -368,6 +375,7 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
         pairing: Pairing::new(me, cfg_name.clone()),
         join_replies: HashMap::new(),
         advertised: Some(caps.clone()),
+        memory: (caps.device_memory_bytes, caps.system_memory_bytes),
         caps,
         relay_listeners: HashMap::new(),
         listen_addrs: vec![],
@@ -533,6 +541,7 @@ impl Daemon {
         self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
         self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
         self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);
+        caps::offer_memory(&mut self.caps, self.memory, self.load.warm_bytes);
         self.push_caps_if_changed();
     }
 

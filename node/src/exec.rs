@@ -298,18 +298,20 @@ fn infer(
     infer_on(&mut engine, req, &paths.model, on_event)
 }
 
-/// Set by an engine host (`crate::host`) when the daemon cancels the generation it runs: the next token
-/// ends it (stop reason "stop"), and the engine stays loaded for the next request.
-pub static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// An inference request made ready for an engine: what `session::generate` (or a sequence of an engine
+/// host's batch) takes.
+#[derive(Debug, Clone)]
+pub struct PreparedInfer {
+    /// The prompt's token ids: the conversation through the model's chat template, or the prompt encoded.
+    pub ids: Vec<u32>,
+    pub params: SampleParams,
+    /// The request's `max_tokens`, clamped to one past the context.
+    pub max_tokens: usize,
+}
 
-/// One generation on an engine already loaded (`bitnode infer` loads one per run; an engine host keeps
-/// it warm across requests). `model_dir` holds the chat template.
-pub fn infer_on(
-    engine: &mut Engine,
-    req: &InferRequest,
-    model_dir: &Path,
-    on_event: &mut dyn FnMut(JobEvent<'_>),
-) -> anyhow::Result<InferResult> {
+/// Checks the request's sampling values and turns its prompt (or conversation) into token ids for
+/// `engine`. `model_dir` holds the chat template.
+pub fn prepare_infer(engine: &Engine, req: &InferRequest, model_dir: &Path) -> anyhow::Result<PreparedInfer> {
     let params = sample_params(req)?;
     let ids = match &req.messages {
         // A conversation goes through the model's own chat template, which writes its special tokens
@@ -333,75 +335,99 @@ pub fn infer_on(
     // the context keeps a context-bounded run's stop reason "context"), but keeps a huge max_tokens from a
     // job from elsewhere from overflowing the engine's position arithmetic.
     let max_tokens = req.max_tokens.min(engine.model.config.max_position_embeddings + 1);
-    let Engine {
-        backend,
-        model,
-        eos,
-        tokenizer,
-    } = engine;
-    let tok = &*tokenizer;
-    let eos = &*eos;
-    let last_possible = most_new_tokens(ids.len(), max_tokens, model.config.max_position_embeddings);
-    let mut generated: Vec<u32> = vec![];
-    let mut reported = 0usize;
-    // Decode the whole continuation each time and report the new suffix: byte-level tokens can split a UTF-8
-    // character, which then shows as U+FFFD until its last byte arrives, so such a tail is held back. The
-    // last token reports everything left (a dangling U+FFFD included), so the reported pieces add up to the
-    // final text; it is known to be the last when it is an EOS or the most `generate` can return.
-    let stop = &req.stop;
-    // Tests slow decoding down with this, so that a stream is still running when its client leaves (a
-    // delay of the real engine, not a stand-in for it).
-    let delay = std::env::var("BITNODE_TEST_TOKEN_DELAY_MS")
+    Ok(PreparedInfer {
+        ids,
+        params,
+        max_tokens,
+    })
+}
+
+/// How long tests make every decode step take (`BITNODE_TEST_TOKEN_DELAY_MS`), so that a stream is still
+/// running when its client leaves, or requests overlap: a delay of the real engine, not a stand-in for it.
+pub fn test_step_delay() -> Option<std::time::Duration> {
+    std::env::var("BITNODE_TEST_TOKEN_DELAY_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_millis);
-    // The generation ends at the first stop string; until the text shows whether a tail is the start of
-    // one, that tail is held back.
-    let mut on_token = |id: u32| -> bool {
-        if let Some(d) = delay {
-            std::thread::sleep(d);
+        .map(std::time::Duration::from_millis)
+}
+
+/// The text of one generation as its tokens arrive: each token is reported as a [`JobEvent::Token`] with
+/// the text it completes, and the generation ends at the first stop string.
+///
+/// The whole continuation is decoded each time and the new suffix reported: byte-level tokens can split a
+/// UTF-8 character, which then shows as U+FFFD until its last byte arrives, so such a tail is held back,
+/// and so is a tail that may be the start of a stop string until the text shows whether it is. The last
+/// token reports everything left (a dangling U+FFFD included), so the reported pieces add up to the final
+/// text; it is known to be the last when it is an EOS or the most `generate` can return.
+#[derive(Debug, Clone)]
+pub struct TextStream {
+    stop: Vec<String>,
+    generated: Vec<u32>,
+    /// Bytes of the decoded text already reported.
+    reported: usize,
+    /// The most tokens the generation can make.
+    last_possible: usize,
+}
+
+impl TextStream {
+    /// The stream of a generation of `p` for `req` on a model with a context of `ctx` positions.
+    pub fn new(req: &InferRequest, p: &PreparedInfer, ctx: usize) -> TextStream {
+        TextStream {
+            stop: req.stop.clone(),
+            generated: vec![],
+            reported: 0,
+            last_possible: most_new_tokens(p.ids.len(), p.max_tokens, ctx),
         }
-        if CANCEL.load(std::sync::atomic::Ordering::Relaxed) {
-            return false;
-        }
-        generated.push(id);
-        let last = generated.len() >= last_possible || eos.contains(&id);
-        let Ok(text) = tok.decode(&generated) else {
+    }
+
+    /// Takes the next token: reports it through `on_event`, and returns false when a stop string ends the
+    /// generation.
+    pub fn push(
+        &mut self,
+        id: u32,
+        tok: &bitnode_engine::tokenizer::Tokenizer,
+        eos: &[u32],
+        on_event: &mut dyn FnMut(JobEvent<'_>),
+    ) -> bool {
+        self.generated.push(id);
+        let last = self.generated.len() >= self.last_possible || eos.contains(&id);
+        let Ok(text) = tok.decode(&self.generated) else {
             on_event(JobEvent::Token { id, text: "" });
             return true;
         };
-        let (cut, hit) = crate::openai::cut_at_stop(&text, stop);
+        let (cut, hit) = crate::openai::cut_at_stop(&text, &self.stop);
         let ready = if hit || last {
             cut
         } else if text.ends_with('\u{FFFD}') {
-            reported
+            self.reported
         } else {
-            crate::openai::safe_len(&text, stop)
+            crate::openai::safe_len(&text, &self.stop)
         };
+        let reported = self.reported;
         if ready > reported && text.is_char_boundary(reported) && text.is_char_boundary(ready) {
             on_event(JobEvent::Token {
                 id,
                 text: &text[reported..ready],
             });
-            reported = ready;
+            self.reported = ready;
         } else {
             on_event(JobEvent::Token { id, text: "" });
         }
         !hit
-    };
-    let g = bitnode_engine::session::generate(
-        backend.as_mut(),
-        &model.config,
-        eos,
-        &ids,
-        max_tokens,
-        &params,
-        req.seed,
-        true,
-        &mut on_token,
-    )?;
-    let text = tokenizer.decode(&g.tokens)?;
-    let text = text[..crate::openai::cut_at_stop(&text, &req.stop).0].to_string();
+    }
+}
+
+/// The result of a generation: its text (ending before the first stop string), tokens and speeds.
+/// `batch`: the most sequences it decoded with in one step (an engine host's batch; None for a lone run).
+pub fn infer_result(
+    g: bitnode_engine::session::Generation,
+    tok: &bitnode_engine::tokenizer::Tokenizer,
+    stop: &[String],
+    device: String,
+    batch: Option<usize>,
+) -> anyhow::Result<InferResult> {
+    let text = tok.decode(&g.tokens)?;
+    let text = text[..crate::openai::cut_at_stop(&text, stop).0].to_string();
     let n = g.tokens.len();
     Ok(InferResult {
         text,
@@ -418,8 +444,45 @@ pub fn infer_on(
             0.0
         },
         stop_reason: g.stop_reason.to_string(),
-        device: backend.device_name(),
+        device,
+        batch,
     })
+}
+
+/// One generation on an engine already loaded (`bitnode infer` and `job-exec` load one per run; an
+/// engine host batches its sequences instead, from the same pieces). `model_dir` holds the chat template.
+pub fn infer_on(
+    engine: &mut Engine,
+    req: &InferRequest,
+    model_dir: &Path,
+    on_event: &mut dyn FnMut(JobEvent<'_>),
+) -> anyhow::Result<InferResult> {
+    let p = prepare_infer(engine, req, model_dir)?;
+    let mut stream = TextStream::new(req, &p, engine.model.config.max_position_embeddings);
+    let delay = test_step_delay();
+    let Engine {
+        backend,
+        model,
+        eos,
+        tokenizer,
+    } = engine;
+    let g = bitnode_engine::session::generate(
+        backend.as_mut(),
+        &model.config,
+        eos,
+        &p.ids,
+        p.max_tokens,
+        &p.params,
+        req.seed,
+        true,
+        &mut |id| {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            stream.push(id, tokenizer, eos, on_event)
+        },
+    )?;
+    infer_result(g, tokenizer, &req.stop, backend.device_name(), None)
 }
 
 fn score(req: &ScoreRequest, paths: &JobPaths, opts: &EngineOptions) -> anyhow::Result<ScoreResult> {
@@ -788,38 +851,40 @@ pub fn exec_dir(dir: &Path, engine: &EngineOptions, device: &str, out: &mut dyn 
     }
 }
 
+/// Also the engine host's tests' (`crate::host`) helpers.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bitnode_engine::synth::{self, SynthFormat};
 
     /// A fresh directory for one test.
-    fn tmp(name: &str) -> PathBuf {
+    pub(crate) fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("bitnode-exec-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("temp dir");
         d
     }
 
-    fn tiny(name: &str) -> PathBuf {
+    pub(crate) fn tiny(name: &str) -> PathBuf {
         let d = tmp(name).join("model");
         synth::synth(synth::preset("tiny").expect("preset"), &d, 0, SynthFormat::Packed).expect("synth");
         d
     }
 
-    fn cpu() -> EngineOptions {
+    pub(crate) fn cpu() -> EngineOptions {
         EngineOptions {
             adapter: Some("cpu".into()),
             ..Default::default()
         }
     }
 
-    fn infer_spec(model: &Path) -> JobSpec {
-        JobSpec::Infer(InferRequest {
+    /// A greedy inference of `prompt` on `model`.
+    pub(crate) fn infer_request(model: &Path, prompt: &str, max_tokens: usize) -> InferRequest {
+        InferRequest {
             model: model.display().to_string(),
             adapter: None,
-            prompt: "The mesh of my own devices".into(),
-            max_tokens: 8,
+            prompt: prompt.into(),
+            max_tokens,
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
@@ -827,7 +892,11 @@ mod tests {
             seed: 0,
             messages: None,
             stop: vec![],
-        })
+        }
+    }
+
+    fn infer_spec(model: &Path) -> JobSpec {
+        JobSpec::Infer(infer_request(model, "The mesh of my own devices", 8))
     }
 
     fn finetune_spec(model: &Path, steps: usize) -> FinetuneRequest {

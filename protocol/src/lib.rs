@@ -54,9 +54,13 @@ pub struct InferResult {
     pub prompt_tokens: usize,
     pub decode_tokens_per_second: f64,
     pub prefill_tokens_per_second: f64,
-    /// "eos", "max_tokens" or "context".
+    /// "eos", "max_tokens", "stop" or "context".
     pub stop_reason: String,
     pub device: String,
+    /// Continuous batching: the most sequences this one decoded together with in one step of an engine
+    /// host (itself included). Absent from a run of its own (`bitnode infer`, a job process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
 }
 
 /// `bitnode score`.

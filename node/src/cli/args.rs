@@ -141,6 +141,9 @@ pub enum Cmd {
         /// An engine unused this long is dropped.
         #[arg(long)]
         idle_secs: u64,
+        /// Most generations one engine decodes together in a step (continuous batching).
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
         #[command(flatten)]
         dev: DeviceArgs,
     },

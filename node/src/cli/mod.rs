@@ -43,11 +43,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { cmd } => local::bench(&home, cmd),
         Cmd::Devices { json } => local::devices(json),
         Cmd::JobExec { dir, dev } => local::job_exec(&home, &dir, &dev),
-        Cmd::EngineHost { budget, idle_secs, dev } => crate::host::run(
-            local::engine_options(&home, &dev)?,
+        Cmd::EngineHost {
             budget,
-            std::time::Duration::from_secs(idle_secs.max(1)),
-        ),
+            idle_secs,
+            max_batch,
+            dev,
+        } => crate::host::run(crate::host::HostOptions {
+            engine: local::engine_options(&home, &dev)?,
+            budget,
+            idle: std::time::Duration::from_secs(idle_secs.max(1)),
+            max_batch: max_batch.max(1),
+        }),
         Cmd::Init { name } => mesh::init(&home, name),
         Cmd::Id => mesh::id(&home),
         Cmd::Start {

@@ -63,6 +63,8 @@ pub(super) struct JobLoad {
     /// Peers a live job is exchanged with: a hole-punch retry, which closes the relayed connection,
     /// waits for them.
     pub(super) job_peers: HashSet<PeerId>,
+    /// Bytes the warm engines hold: taken off the memory the advert offers.
+    pub(super) warm_bytes: u64,
 }
 
 /// The cloneable handle through which the job manager reaches the network.

@@ -12,8 +12,10 @@
 //!   restarts). A submitted job's phase is one enum (`failover::Phase`), moved only by the failover rules
 //!   there; jobs submitted before a restart are taken up by `resume.rs`.
 //! - **worker** (`worker.rs`): a job this node runs, for a peer or for itself. Missing models are pulled
-//!   from the submitter by content hash, chunk by verified chunk (`fetch.rs`); jobs run one at a time, each
-//!   in a child process (`bitnode job-exec`, `child.rs`), so a cancel is a kill, and a crash in a GPU driver cannot
+//!   from the submitter by content hash, chunk by verified chunk (`fetch.rs`); jobs start in arrival order.
+//!   Inferences run together, up to `[serve] max_batch`, on the warm engines of the engine host
+//!   (`engine_host.rs`), which batches them; a fine-tune or a score runs alone, in a child process
+//!   (`bitnode job-exec`, `child.rs`). Either is a process of its own, so a crash in a GPU driver cannot
 //!   take the daemon (and the mesh) down with it.
 //!
 //! A job that runs here for a local submission takes the same path without envelopes: its updates go
@@ -91,6 +93,8 @@ pub(super) enum Internal {
         ok: bool,
         stderr_tail: String,
     },
+    /// The engine host's warm engines hold this many bytes now (0: it exited).
+    WarmBytes(u64),
     /// A finished fine-tune's adapter, read from its job directory and cached in the store.
     AdapterRead {
         task: String,
@@ -183,11 +187,15 @@ pub(super) struct Work {
     pub(super) subs: HashMap<String, Sub>,
     pub(super) tasks: HashMap<String, Task>,
     pub(super) order: VecDeque<String>,
-    pub(super) running: Option<String>,
+    /// The jobs running (or starting) here: one that runs alone, or inferences on the warm engines, which
+    /// batch them (see [`may_start`]).
+    pub(super) running: HashSet<String>,
     pub(super) internal: mpsc::UnboundedSender<Internal>,
     pub(super) last_heartbeat: Instant,
     /// Where inference runs on warm engines (`[serve] warm_engines`); None: a process per job.
     pub(super) host: Option<EngineHost>,
+    /// Bytes the warm engines hold, as the engine host last reported: taken off the advertised memory.
+    pub(super) warm_bytes: u64,
 }
 
 impl Work {
@@ -219,10 +227,11 @@ impl Work {
             subs: HashMap::new(),
             tasks: HashMap::new(),
             order: VecDeque::new(),
-            running: None,
+            running: HashSet::new(),
             internal,
             last_heartbeat: Instant::now(),
             host: None,
+            warm_bytes: 0,
         })
     }
 
@@ -234,9 +243,17 @@ impl Work {
         workers.chain(submitters).collect()
     }
 
-    /// A job process runs (or starts) here.
+    /// A job runs (or starts) here.
     pub(super) fn busy(&self) -> bool {
-        self.running.is_some()
+        !self.running.is_empty()
+    }
+
+    /// How task `id` runs: batched on the warm engines (an inference, with an engine host), or alone.
+    pub(super) fn slot(&self, id: &str) -> Slot {
+        match self.tasks.get(id).map(|t| &t.payload.spec) {
+            Some(JobSpec::Infer(_)) if self.host.is_some() => Slot::Batched,
+            _ => Slot::Alone,
+        }
     }
 
     /// Jobs queued, fetching or running here (what the capability advert calls the queue).
@@ -459,10 +476,12 @@ impl JobManager {
             models: vec![],
             busy: self.work.busy(),
             job_peers: self.work.job_peers(),
+            warm_bytes: self.work.warm_bytes,
         };
         let same = self.reported.as_ref().is_some_and(|r| {
             r.queue_len == load.queue_len
                 && r.busy == load.busy
+                && r.warm_bytes == load.warm_bytes
                 && r.job_peers == load.job_peers
                 && r.models == self.models
         });
@@ -665,7 +684,7 @@ impl JobManager {
             return Err("the envelope is signed by another device than the one that sent it".into());
         }
         let admission = &self.admission;
-        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(&admission).trusted.contains(&p));
+        let trusted = move |k: &[u8; 32]| key_peer(k).is_some_and(|p| lock(admission).trusted.contains(&p));
         env.open(&self.work.my_key, kind, now_unix(), max, trusted, &mut self.work.nonces)
             .map_err(|e| e.to_string())
     }
@@ -744,6 +763,7 @@ impl JobManager {
             },
             Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
             Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
+            Internal::WarmBytes(b) => self.work.warm_bytes = b,
             Internal::AdapterRead { task, result, res } => {
                 if !matches!(self.work.tasks.get(&task).map(|t| &t.state), Some(TaskState::Finishing)) {
                     return;

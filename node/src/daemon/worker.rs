@@ -1,5 +1,6 @@
-//! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it in a child process
-//! (`child.rs`), streaming its updates back, and holding its result for a submitter that went away.
+//! The worker's half of a job (see `jobs.rs`): accepting a signed job, running it (on the engine host's
+//! warm engines, `engine_host.rs`, or in a child process, `child.rs`), streaming its updates back, and
+//! holding its result for a submitter that went away.
 use super::*;
 #[allow(unused_imports)]
 use super::{child::*, fetch::*, jobs::*, submitter::*};
@@ -43,6 +44,26 @@ pub(super) enum Sent {
     Result,
     Checkpoint,
     Other,
+}
+
+/// How a job shares the device with the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Slot {
+    /// An inference on the engine host's warm engines, which decode such jobs together.
+    Batched,
+    /// A fine-tune, a score, or an inference in a process of its own: it has the device to itself.
+    Alone,
+}
+
+/// Whether the first queued job, of kind `next`, may start beside the jobs `running` now. Jobs start in
+/// arrival order: one that must wait holds up those behind it (so a fine-tune waiting for the inferences
+/// to end is not overtaken by newer ones). Batched jobs run together up to `max_batch` (0 counts as 1);
+/// a job that runs alone starts only on an idle device, and nothing starts beside it.
+pub(super) fn may_start(next: Slot, running: &[Slot], max_batch: usize) -> bool {
+    match next {
+        Slot::Alone => running.is_empty(),
+        Slot::Batched => running.iter().all(|r| *r == Slot::Batched) && running.len() < max_batch.max(1),
+    }
 }
 
 /// A job this node runs.
@@ -236,21 +257,26 @@ impl JobManager {
         self.refresh_job_caps();
     }
 
-    /// Starts the next queued job when nothing runs (one job at a time: they share one GPU).
+    /// Starts the queued jobs, in arrival order, while [`may_start`] lets the next one start beside those
+    /// running (they share one device).
     pub(super) fn start_next(&mut self) {
+        let max_batch = self.cfg.serve.max_batch;
         // A failed start ends that task, which calls back here: re-check before each one.
-        while self.work.running.is_none() {
+        while let Some(next) = self.work.order.front().map(|id| self.work.slot(id)) {
+            let running: Vec<Slot> = self.work.running.iter().map(|id| self.work.slot(id)).collect();
+            if !may_start(next, &running, max_batch) {
+                break;
+            }
             let Some(id) = self.work.order.pop_front() else { break };
             match self.spawn_task(&id) {
                 Ok(()) => {
                     if let Some(t) = self.work.tasks.get_mut(&id) {
                         t.state = TaskState::Starting;
                     }
-                    self.work.running = Some(id.clone());
+                    self.work.running.insert(id.clone());
                     if self.work.tasks.get(&id).is_some_and(|t| t.submitter.is_some()) {
                         self.update_job(&id, |j| j.state = State::Running);
                     }
-                    return;
                 }
                 Err(e) => self.fail_task(&id, format!("{e:#}")),
             }
@@ -359,9 +385,7 @@ impl JobManager {
                 t.state = TaskState::Running { kill };
             }
             Err(e) => {
-                if self.work.running.as_deref() == Some(id) {
-                    self.work.running = None;
-                }
+                self.work.running.remove(id);
                 self.fail_task(id, format!("starting the job: {e}"));
                 self.start_next();
             }
@@ -468,9 +492,7 @@ impl JobManager {
     }
 
     pub(super) fn on_child_exit(&mut self, id: &str, ok: bool, stderr_tail: String) {
-        if self.work.running.as_deref() == Some(id) {
-            self.work.running = None;
-        }
+        self.work.running.remove(id);
         let Some(t) = self.work.tasks.get_mut(id) else {
             self.start_next();
             return;
@@ -555,9 +577,7 @@ impl JobManager {
         }
         tracing::info!(job = %id, state = ?state, reason = reason.as_deref().unwrap_or(""), "job run here ended");
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir));
-        if self.work.running.as_deref() == Some(id) {
-            self.work.running = None;
-        }
+        self.work.running.remove(id);
         self.work.order.retain(|o| o != id);
         let update = Update::Done(outcome);
         if remote {
@@ -782,5 +802,44 @@ impl JobManager {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inferences_batch_up_to_max_batch_and_the_rest_runs_alone() {
+        use Slot::{Alone, Batched};
+        // An idle device takes anything.
+        assert!(may_start(Batched, &[], 16));
+        assert!(may_start(Alone, &[], 16));
+        // Inferences join the running ones up to max_batch.
+        assert!(may_start(Batched, &[Batched; 15], 16));
+        assert!(!may_start(Batched, &[Batched; 16], 16));
+        // 0 counts as 1: one at a time.
+        assert!(may_start(Batched, &[], 0));
+        assert!(!may_start(Batched, &[Batched], 0));
+        // A fine-tune or score waits for the inferences to end, and nothing starts beside it.
+        assert!(!may_start(Alone, &[Batched], 16));
+        assert!(!may_start(Batched, &[Alone], 16));
+        assert!(!may_start(Alone, &[Alone], 16));
+        // In arrival order: a waiting fine-tune holds up the inferences behind it.
+        let started = |queue: &[Slot], running: &[Slot], max: usize| {
+            let mut r = running.to_vec();
+            queue
+                .iter()
+                .take_while(|q| {
+                    may_start(**q, &r, max) && {
+                        r.push(**q);
+                        true
+                    }
+                })
+                .count()
+        };
+        assert_eq!(started(&[Batched, Batched, Alone, Batched], &[], 16), 2);
+        assert_eq!(started(&[Batched; 5], &[Batched; 13], 16), 3);
+        assert_eq!(started(&[Alone, Batched], &[], 16), 1);
     }
 }

@@ -198,6 +198,17 @@ fn the_openai_client_lists_completes_streams_and_is_served_across_the_mesh() {
             greedy_infer(&phone.home, &model, p.as_str().unwrap(), n)
         );
     }
+    // ... and the eight shared decode steps on the desktop's warm engine (continuous batching): each
+    // result says how many generations it decoded with in one step at most.
+    let batches: Vec<u64> = jobs(&phone)
+        .iter()
+        .filter_map(|j| j["result"]["batch"].as_u64())
+        .collect();
+    assert!(
+        batches.iter().filter(|&&b| b >= 2).count() >= 8 && batches.iter().max() == Some(&8),
+        "the eight concurrent requests did not decode together: {batches:?}\ndesktop log:\n{}",
+        desktop.log()
+    );
     assert_eq!(
         r["unknown_model"],
         serde_json::json!({"status": 404, "code": "model_not_found"})
