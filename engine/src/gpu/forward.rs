@@ -828,12 +828,13 @@ impl Backend for GpuBackend {
                 ..cache
             },
         )?;
-        // The fused layers take the batch's rows one after another in each projection, reading the
-        // weights once per step; the unfused body (`BITNODE_BATCH_UNFUSED=1`, a tuning knob) runs
-        // rmsnorm_quant and matmul_ternary over all rows.
-        let unfused = std::env::var("BITNODE_BATCH_UNFUSED").is_ok_and(|v| v == "1");
+        // A batch step runs rmsnorm_quant and matmul_ternary over all rows (each weight word serves four
+        // tokens per workgroup). The fused layers, which take the rows one after another in each
+        // projection, measured slower from 4 rows up on an H200 (BENCHMARKS.md: 478 against 865 tok/s
+        // at 16), so they are a tuning knob: `BITNODE_BATCH_FUSED=1`.
+        let fused = std::env::var("BITNODE_BATCH_FUSED").is_ok_and(|v| v == "1");
         let rows_body = match by_rows.decode_body {
-            Some(d) if !unfused => d,
+            Some(d) if fused => d,
             _ => by_rows.body,
         };
         let a = &self.acts;
