@@ -4,9 +4,13 @@
 //! to their device form, so the process never holds two copies of the model.
 use crate::error::{EngineError, Result};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+/// The tensor element types (re-exported so that users of [`TensorRef`] need no safetensors dependency).
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::{SafeTensors, TensorInfo};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 struct Shard {
     path: PathBuf,
@@ -19,9 +23,12 @@ struct Shard {
 pub struct WeightFiles {
     shards: Vec<Shard>,
     index: HashMap<String, (usize, TensorInfo)>,
+    /// Wall time spent reading and converting tensors (the load report's `convert_seconds`).
+    convert_ns: AtomicU64,
 }
 
 /// A borrowed view of one tensor's raw little-endian bytes.
+#[derive(Clone, Copy)]
 pub struct TensorRef<'a> {
     pub name: &'a str,
     pub dtype: Dtype,
@@ -100,7 +107,11 @@ impl WeightFiles {
                 data_start: 8 + n,
             });
         }
-        Ok(WeightFiles { shards, index })
+        Ok(WeightFiles {
+            shards,
+            index,
+            convert_ns: AtomicU64::new(0),
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -131,6 +142,56 @@ impl WeightFiles {
             shape: &info.shape,
             bytes,
         })
+    }
+
+    /// Bytes [start, end) of tensor `name`'s data as (shard, offset in its map), clamped to the tensor.
+    fn span(&self, name: &str, start: usize, end: usize) -> Option<(&Shard, usize, usize)> {
+        let (shard, info) = self.index.get(name)?;
+        let s = self.shards.get(*shard)?;
+        let (a, b) = info.data_offsets;
+        let (lo, hi) = (a.saturating_add(start).min(b), a.saturating_add(end).min(b));
+        (hi > lo && s.data_start + hi <= s.map.len()).then_some((s, s.data_start + lo, hi - lo))
+    }
+
+    /// Lets go of the mapped pages of bytes [start, end) of tensor `name`: they stop counting in this
+    /// process's resident memory (the kernel keeps them in its page cache, so a later read refaults them
+    /// from there). Loaders call it once a tensor's bytes are converted, which bounds the resident part of
+    /// the map to the tensors in flight instead of the whole checkpoint. A hint: errors are ignored.
+    pub fn release(&self, name: &str, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let Some((s, off, len)) = self.span(name, start, end) {
+            // SAFETY: the map is a read-only shared file mapping that bitnode never writes, so MADV_DONTNEED
+            // cannot lose data: a later access refaults the same bytes from the file. References into the map
+            // stay valid (the range stays mapped); only its resident pages go. madvise rounds the start down
+            // to a page, so a neighbouring tensor's first page may be dropped too, and is refaulted the same way.
+            let _ = unsafe {
+                s.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (name, start, end);
+    }
+
+    /// Asks the kernel to start reading tensor `name` from disk now (a cold page cache), so a converter that
+    /// reaches it later finds it resident. A hint: errors are ignored.
+    pub fn prefetch(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some((s, off, len)) = self.span(name, 0, usize::MAX) {
+            let _ = s.map.advise_range(memmap2::Advice::WillNeed, off, len);
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
+    /// Adds `d` to the time spent reading and converting tensors.
+    pub fn add_convert_time(&self, d: Duration) {
+        self.convert_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Seconds spent reading and converting tensors so far (wall time of the conversion calls).
+    pub fn convert_seconds(&self) -> f64 {
+        self.convert_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// Total bytes of all mapped files (what a transfer of the model costs).
@@ -182,6 +243,73 @@ impl TensorRef<'_> {
                 format!("has dtype {:?}, expected a float dtype", self.dtype),
             ));
         }
-        Ok((0..self.numel()).map(|i| self.float_at(i)).collect())
+        let mut out = vec![0f32; self.numel()];
+        self.read_f32(0, &mut out);
+        Ok(out)
+    }
+
+    /// Elements [start, start + out.len()) as f32: `float_at` over a range, with the dtype matched once
+    /// instead of per element. Bit-identical to `float_at` (tests/tests/load.rs checks every dtype).
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        let b = self.bytes;
+        match self.dtype {
+            Dtype::F32 => {
+                for (o, c) in out.iter_mut().zip(b[4 * start..4 * (start + n)].chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip(b[2 * start..2 * (start + n)].chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            Dtype::BF16 => {
+                for (o, c) in out.iter_mut().zip(b[2 * start..2 * (start + n)].chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.float_at(start + i);
+                }
+            }
+        }
+    }
+
+    /// Elements [start, start + out.len()) as f16 bits, each `f16::from_f32(float_at(i))` (the GPU's f16
+    /// form of the embedding and lm_head). f16 sources are copied, bf16 and f32 ones go through half's
+    /// slice conversion (the same rounding instruction as its per-element one) in blocks on the stack.
+    pub fn read_f16(&self, start: usize, out: &mut [u16]) {
+        let n = out.len();
+        let b = self.bytes;
+        match self.dtype {
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip(b[2 * start..2 * (start + n)].chunks_exact(2)) {
+                    let h = u16::from_le_bytes([c[0], c[1]]);
+                    // Through f32 and back every f16 is itself except a NaN, which may come back quieted
+                    // (hardware conversion sets the quiet bit): those take the per-element path.
+                    *o = if h & 0x7c00 == 0x7c00 && h & 0x03ff != 0 {
+                        half::f16::from_f32(half::f16::from_bits(h).to_f32()).to_bits()
+                    } else {
+                        h
+                    };
+                }
+            }
+            Dtype::BF16 | Dtype::F32 => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let mut block = [0f32; 1024];
+                for (k, o) in out.chunks_mut(block.len()).enumerate() {
+                    let f = &mut block[..o.len()];
+                    self.read_f32(start + k * 1024, f);
+                    o.reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(f);
+                }
+            }
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = half::f16::from_f32(self.float_at(start + i)).to_bits();
+                }
+            }
+        }
     }
 }

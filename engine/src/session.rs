@@ -67,6 +67,32 @@ pub struct Engine {
     pub eos: Vec<u32>,
 }
 
+/// Where a cold load's time and memory went (`bitnode bench infer --json` reports it as
+/// `load_breakdown`). The tokenizer parses beside the weights, and the GPU path converts layers on
+/// helper threads while it uploads others, so the phases overlap and may add up to more than
+/// `total_seconds`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadReport {
+    /// Reading config.json, mapping the weights, checking every tensor's header.
+    pub open_seconds: f64,
+    /// Parsing tokenizer.json, on a thread of its own beside the weights.
+    pub tokenizer_seconds: f64,
+    /// Creating the wgpu device (0 on the CPU reference).
+    pub device_seconds: f64,
+    /// Wall time of the weight conversions (reading the map included), on `threads` threads.
+    pub convert_seconds: f64,
+    /// Writing converted weights into device buffers and waiting for the copies.
+    pub upload_seconds: f64,
+    /// The whole `Engine::load`.
+    pub total_seconds: f64,
+    /// CPU time (user + system) of the load: beside `total_seconds`, how parallel it was.
+    pub cpu_seconds: Option<f64>,
+    /// Threads the conversions ran on.
+    pub threads: usize,
+    /// The process's peak resident memory (VmHWM) when the load finished (Linux only).
+    pub peak_rss_bytes: Option<u64>,
+}
+
 pub struct Generation {
     pub tokens: Vec<u32>,
     pub prompt_tokens: usize,
@@ -77,18 +103,55 @@ pub struct Generation {
 
 impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Engine> {
+        Self::load_reporting(dir, opts).map(|(e, _)| e)
+    }
+
+    /// [`Engine::load`], with where the load's time and memory went.
+    pub fn load_reporting(dir: &Path, opts: &EngineOptions) -> Result<(Engine, LoadReport)> {
         if !dir.is_dir() {
             return Err(EngineError::io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        // Config and tokenizer first: they are cheap and catch most wrong directories before the big map.
+        let t0 = Instant::now();
+        let cpu0 = crate::util::cpu_seconds();
+        // Config first, and the tokenizer's presence: cheap, and they catch most wrong directories before
+        // the big map.
         let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::load(dir)?;
-        let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
-        let model = Arc::new(Model::from_parts(dir, config, files)?);
-        let backend = make_backend(model.clone(), opts)?;
+        Tokenizer::check(dir)?;
+        let mut load = LoadReport {
+            threads: crate::util::load_threads(),
+            ..Default::default()
+        };
+        // Parsing a 128k-entry tokenizer.json takes a good part of a second and needs none of the weights:
+        // it runs on its own thread while they load. Its error still wins, as when it loaded first.
+        let (tokenizer, loaded) = std::thread::scope(|s| {
+            let tok = s.spawn(|| {
+                let t = Instant::now();
+                Tokenizer::load(dir).map(|tok| (tok, t.elapsed().as_secs_f64()))
+            });
+            let loaded = (|| {
+                let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
+                let model = Arc::new(Model::from_parts(dir, config, files)?);
+                load.open_seconds = t0.elapsed().as_secs_f64();
+                let backend = make_backend_reporting(model.clone(), opts, &mut load)?;
+                Ok((model, backend))
+            })();
+            let tokenizer = match tok.join() {
+                Ok(t) => t,
+                Err(e) => std::panic::resume_unwind(e),
+            };
+            (tokenizer, loaded)
+        });
+        let (tokenizer, tokenizer_seconds) = tokenizer?;
+        let (model, backend): (Arc<Model>, Box<dyn Backend>) = loaded?;
+        load.tokenizer_seconds = tokenizer_seconds;
+        load.convert_seconds = model.files.convert_seconds();
+        load.total_seconds = t0.elapsed().as_secs_f64();
+        load.cpu_seconds = crate::util::cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+        load.peak_rss_bytes = crate::util::peak_rss_bytes();
+        tracing::info!(?load, "engine loaded");
         let mut eos = model.config.eos_token_ids.clone();
         for t in ["<|end_of_text|>", "<|eot_id|>", "</s>"] {
             if let Some(id) = tokenizer.token_id(t) {
@@ -97,12 +160,13 @@ impl Engine {
                 }
             }
         }
-        Ok(Engine {
+        let engine = Engine {
             model,
             tokenizer,
             backend,
             eos,
-        })
+        };
+        Ok((engine, load))
     }
 
     /// Generates up to `max_tokens` after `prompt`; `on_token` sees each new id as soon as it exists, and
@@ -285,16 +349,34 @@ pub fn generate(
 /// better fallback. "gpu" takes the best adapter of any kind, software included (the tests run the WGSL
 /// kernels on lavapipe this way).
 pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn Backend>> {
+    make_backend_reporting(model, opts, &mut LoadReport::default())
+}
+
+/// [`make_backend`], noting the device creation and upload times in `report`. The CPU reference converts
+/// every layer here (it reads them all on every forward), so a bad tensor fails the load, as on the GPU.
+fn make_backend_reporting(
+    model: Arc<Model>,
+    opts: &EngineOptions,
+    report: &mut LoadReport,
+) -> Result<Box<dyn Backend>> {
     let want = opts.adapter.as_deref().unwrap_or("auto");
+    let cpu = |model: Arc<Model>| -> Result<CpuBackend> {
+        model.layers()?;
+        Ok(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16))
+    };
+    let mut gpu = |model: Arc<Model>, adapter: wgpu::Adapter| -> Result<gpu::forward::GpuBackend> {
+        let t = Instant::now();
+        let dev = Arc::new(gpu::Gpu::new(adapter, opts.max_binding)?);
+        report.device_seconds = t.elapsed().as_secs_f64();
+        let b = gpu::forward::GpuBackend::with_gpu(model, dev.clone(), opts.embed_dtype);
+        report.upload_seconds = dev.upload_seconds();
+        b
+    };
     if let Some(dir) = &opts.lora {
         let lora = crate::lora::Adapter::load(dir, &model.config)?;
         if !want.eq_ignore_ascii_case("cpu") {
             match gpu::pick_adapter(want)? {
-                Some(adapter) => {
-                    return Ok(Box::new(
-                        gpu::forward::GpuBackend::new(model, adapter, opts)?.with_lora(&lora)?,
-                    ))
-                }
+                Some(adapter) => return Ok(Box::new(gpu(model, adapter)?.with_lora(&lora)?)),
                 None if !want.eq_ignore_ascii_case("auto") => {
                     return Err(EngineError::NoAdapter(format!(
                         "no adapter matches {want:?}; see `bitnode devices`"
@@ -303,19 +385,17 @@ pub fn make_backend(model: Arc<Model>, opts: &EngineOptions) -> Result<Box<dyn B
                 None => {}
             }
         }
-        return Ok(Box::new(
-            CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16).with_lora(lora),
-        ));
+        return Ok(Box::new(cpu(model)?.with_lora(lora)));
     }
     if want.eq_ignore_ascii_case("cpu") {
-        return Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)));
+        return Ok(Box::new(cpu(model)?));
     }
     match gpu::pick_adapter(want)? {
-        Some(adapter) => Ok(Box::new(gpu::forward::GpuBackend::new(model, adapter, opts)?)),
+        Some(adapter) => Ok(Box::new(gpu(model, adapter)?)),
         None if want.eq_ignore_ascii_case("auto") => {
             tracing::debug!("no hardware GPU adapter: CPU reference backend");
             eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow; `--device gpu` selects software Vulkan)");
-            Ok(Box::new(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16)))
+            Ok(Box::new(cpu(model)?))
         }
         None => Err(EngineError::NoAdapter(format!(
             "no adapter matches {want:?}; see `bitnode devices`"

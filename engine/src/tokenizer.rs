@@ -8,7 +8,8 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// Fails unless `dir` has a tokenizer.json (cheap: the file is not parsed).
+    pub fn check(dir: &Path) -> Result<PathBuf> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(EngineError::Tokenizer {
@@ -16,6 +17,11 @@ impl Tokenizer {
                 msg: "file not found (a BitNet model directory needs tokenizer.json)".into(),
             });
         }
+        Ok(path)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = Self::check(dir)?;
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| EngineError::Tokenizer {
             path: path.clone(),
             msg: e.to_string(),

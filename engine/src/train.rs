@@ -232,8 +232,9 @@ impl<'m> CpuTrainer<'m> {
         // ---- forward ----
         let mut x = vec![0f32; t * c];
         cpu::embedding(&mut x, ids, &m.embed);
-        let mut caches = Vec::with_capacity(m.layers.len());
-        for (li, layer) in m.layers.iter().enumerate() {
+        let layers = m.layers()?;
+        let mut caches = Vec::with_capacity(layers.len());
+        for (li, layer) in layers.iter().enumerate() {
             let mut lh = vec![vec![]; 7];
             let ins = [c, c, c, qd, c, c, f];
             let mask: Vec<Vec<f32>> = (0..7).map(|i| mask_for(li, i, t * ins[i])).collect();
@@ -376,7 +377,7 @@ impl<'m> CpuTrainer<'m> {
         cpu::lm_head_backward(&mut dxf, &dlogits, &self.head, t, c, v);
         let mut dx = vec![0f32; t * c];
         cpu::rmsnorm_backward(&mut dx, &dxf, &x, &m.norm, eps, t, c);
-        for (li, layer) in m.layers.iter().enumerate().rev() {
+        for (li, layer) in layers.iter().enumerate().rev() {
             let cache = &caches[li];
             let gl = &mut grad.layers[li];
             // MLP: y = h + down(ffn_sub_norm(relu2(gate(n2)) * up(n2)))

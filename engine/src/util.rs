@@ -63,3 +63,87 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     }
     Ok(v as u64)
 }
+
+/// Threads for converting weights at load: the machine's (`available_parallelism`, which follows CPU
+/// affinity and cgroup quotas), so a 16-core server and a 4-core phone each use what they have.
+pub fn load_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `f` on every item on up to `threads` scoped threads, each taking the next item as it finishes
+/// one (items of uneven cost balance themselves), and returns the results in the items' order.
+pub fn parallel_map<T: Send, R: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let n = items.len();
+    let threads = threads.clamp(1, n.max(1));
+    if threads == 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate());
+    let next = || match queue.lock() {
+        Ok(mut q) => q.next(),
+        Err(p) => p.into_inner().next(),
+    };
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = vec![];
+                    while let Some((i, item)) = next() {
+                        out.push((i, f(item)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(v) => v,
+                // A worker panicked (a bug, not bad input): re-raise it on the caller's thread.
+                Err(e) => std::panic::resume_unwind(e),
+            })
+            .collect()
+    });
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Splits `out` into pieces of at least `min` elements, one task per piece, and runs `f(first index,
+/// piece)` on them in parallel: a bulk conversion over a large output.
+pub fn parallel_fill<T: Send>(out: &mut [T], threads: usize, min: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let pieces = threads.max(1) * 4;
+    let size = out.len().div_ceil(pieces).max(min).max(1);
+    let items: Vec<(usize, &mut [T])> = out.chunks_mut(size).enumerate().map(|(i, c)| (i * size, c)).collect();
+    parallel_map(items, threads, |(at, piece)| f(at, piece));
+}
+
+/// The process's peak resident memory (VmHWM) in bytes; None where /proc is missing (not Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// CPU time (user + system) this process has used so far, in seconds; beside a wall time it shows how
+/// parallel a phase was. None where getrusage is missing.
+pub fn cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes one plain struct that we own; a zeroed rusage is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+            return None;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        Some(tv(ru.ru_utime) + tv(ru.ru_stime))
+    }
+    #[cfg(not(unix))]
+    None
+}

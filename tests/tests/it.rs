@@ -4,6 +4,7 @@ mod backward;
 mod batch;
 mod data;
 mod kernels;
+mod load;
 mod lora;
 mod parity;
 mod tiling;

@@ -89,7 +89,7 @@ impl CpuBackend {
 
 impl CpuBackend {
     /// The layers and the final norm over a chunk of `tokens`: returns the normed hidden states [T, C].
-    fn run_layers(&mut self, tokens: &[u32], kv: Kv<'_>) -> Vec<f32> {
+    fn run_layers(&mut self, tokens: &[u32], kv: Kv<'_>) -> Result<Vec<f32>> {
         let model = self.model.clone();
         let cfg = &model.config;
         let (t, c, f) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size);
@@ -129,7 +129,7 @@ impl CpuBackend {
         let mut g = vec![0f32; t * f];
         let mut u = vec![0f32; t * f];
         let mut h = vec![0f32; t * f];
-        for (li, layer) in model.layers.iter().enumerate() {
+        for (li, layer) in model.layers()?.iter().enumerate() {
             // attention block
             rmsnorm_quant(&mut qx[..t * c], &mut s, &x, &layer.input_layernorm, eps, t, c);
             matmul_ternary(&mut q, &qx[..t * c], &s, &layer.q_proj, t);
@@ -189,7 +189,7 @@ impl CpuBackend {
         }
         let mut xf = vec![0f32; t * c];
         rmsnorm(&mut xf, &x, &model.norm, eps, t, c);
-        xf
+        Ok(xf)
     }
 
     /// Logits of the last row of `xf` [T, C].
@@ -284,7 +284,7 @@ impl Backend for CpuBackend {
         self.check_slot(slot, start + tokens.len())?;
         check_tokens(tokens, self.model.config.vocab_size)?;
         let rows: Vec<(usize, usize)> = (start..start + tokens.len()).map(|p| (slot, p)).collect();
-        let xf = self.run_layers(tokens, Kv::Rows(&rows));
+        let xf = self.run_layers(tokens, Kv::Rows(&rows))?;
         let Some((params, u)) = sample else { return Ok(None) };
         let logits = self.last_logits(&xf);
         let mut out = [0u32];
@@ -304,7 +304,7 @@ impl Backend for CpuBackend {
         }
         check_tokens(&tokens, self.model.config.vocab_size)?;
         let at: Vec<(usize, usize)> = rows.iter().map(|r| (r.slot, r.pos)).collect();
-        let xf = self.run_layers(&tokens, Kv::Rows(&at));
+        let xf = self.run_layers(&tokens, Kv::Rows(&at))?;
         let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
         self.ensure_head();
         let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
@@ -357,7 +357,7 @@ impl Backend for CpuBackend {
             )));
         }
         check_tokens(tokens, cfg.vocab_size)?;
-        let xf = self.run_layers(tokens, Kv::Seq(start));
+        let xf = self.run_layers(tokens, Kv::Seq(start))?;
         let vsz = cfg.vocab_size;
         if !matches!(want, Want::Nothing) {
             self.ensure_head();

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
+/// Bytes per `queue.write_buffer` call when uploading weights.
+const UPLOAD_PIECE: usize = 32 << 20;
+
 pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -20,6 +23,8 @@ pub struct Gpu {
     allocated: AtomicU64,
     peak: AtomicU64,
     pending_upload: AtomicU64,
+    /// Time spent writing buffer contents and waiting for the copies (the load report's upload seconds).
+    upload_ns: AtomicU64,
 }
 
 impl Gpu {
@@ -69,6 +74,7 @@ impl Gpu {
             allocated: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             pending_upload: AtomicU64::new(0),
+            upload_ns: AtomicU64::new(0),
         })
     }
 
@@ -168,32 +174,73 @@ impl Gpu {
     pub fn storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let size = (data.len().max(16).div_ceil(4) * 4) as u64;
         let buf = self.storage(label, size)?;
-        const PIECE: usize = 32 << 20;
-        for (i, piece) in data.chunks(PIECE).enumerate() {
-            let off = (i * PIECE) as u64;
+        for (i, piece) in data.chunks(UPLOAD_PIECE).enumerate() {
+            let off = (i * UPLOAD_PIECE) as u64;
             if piece.len() % 4 == 0 {
-                self.queue.write_buffer(&buf, off, piece);
+                self.write(&buf, off, piece)?;
             } else {
                 let mut padded = piece.to_vec();
                 padded.resize(piece.len().div_ceil(4) * 4, 0);
-                self.queue.write_buffer(&buf, off, &padded);
-            }
-            let pending = self.pending_upload.fetch_add(piece.len() as u64, Ordering::Relaxed) + piece.len() as u64;
-            if pending >= 128 << 20 {
-                self.flush_uploads()?;
+                self.write(&buf, off, &padded)?;
             }
         }
         Ok(buf)
     }
 
+    /// A storage buffer of `len` bytes whose contents `fill(offset, piece)` writes, 32 MiB at a time, into
+    /// one reused host buffer that is uploaded after each piece (as [`Gpu::storage_init`] does): a
+    /// converted tensor never exists whole on the host. Offsets are multiples of 4; bytes past `len`
+    /// (padding to 4) are zero.
+    pub fn storage_with(
+        &self,
+        label: &str,
+        len: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<wgpu::Buffer> {
+        let size = (len.max(16).div_ceil(4) * 4) as u64;
+        let buf = self.storage(label, size)?;
+        // u32 words: 4-byte alignment, so the filler can view its piece as f16 or f32.
+        let mut host = vec![0u32; UPLOAD_PIECE.min(len).div_ceil(4)];
+        for off in (0..len).step_by(UPLOAD_PIECE) {
+            let n = UPLOAD_PIECE.min(len - off);
+            let bytes: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut host)[..n.div_ceil(4) * 4];
+            bytes[n..].fill(0);
+            fill(off, &mut bytes[..n])?;
+            self.write(&buf, off as u64, bytes)?;
+        }
+        Ok(buf)
+    }
+
+    /// One upload piece: queued, and the queue drained once 128 MiB are pending.
+    fn write(&self, buf: &wgpu::Buffer, off: u64, piece: &[u8]) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        self.queue.write_buffer(buf, off, piece);
+        self.upload_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let pending = self.pending_upload.fetch_add(piece.len() as u64, Ordering::Relaxed) + piece.len() as u64;
+        if pending >= 128 << 20 {
+            self.flush_uploads()?;
+        }
+        Ok(())
+    }
+
     /// Submits pending uploads and waits, which frees their staging copies.
     pub fn flush_uploads(&self) -> Result<()> {
+        let t0 = std::time::Instant::now();
         self.pending_upload.store(0, Ordering::Relaxed);
         self.queue.submit([]);
-        self.device
+        let done = self
+            .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Gpu(format!("device lost while uploading: {e}")))?;
-        Ok(())
+            .map_err(|e| EngineError::Gpu(format!("device lost while uploading: {e}")));
+        self.upload_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        done.map(|_| ())
+    }
+
+    /// Seconds spent in buffer uploads so far: writing into staging memory and waiting for the copies.
+    pub fn upload_seconds(&self) -> f64 {
+        self.upload_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     pub fn uniform(&self, label: &str, data: &[u8]) -> wgpu::Buffer {

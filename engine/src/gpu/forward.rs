@@ -176,10 +176,11 @@ impl GpuBackend {
             Some(h) => Some(kernels::matrix_tiles(&gpu, h, f16)?),
             None => None,
         };
-        let mut layers = Vec::with_capacity(model.layers.len());
+        let mut layers = Vec::with_capacity(cfg.num_layers);
         let mut tern = 0u64;
         let mut other = 0u64;
-        for l in &model.layers {
+        // Layer by layer: each is converted (a few ahead, on other threads) and dropped once uploaded.
+        model.stream_layers(|_, l| {
             let qkv = kernels::ternary_tiles(&gpu, &[&l.q_proj, &l.k_proj, &l.v_proj], false)?;
             let o = kernels::ternary_tiles(&gpu, &[&l.o_proj], false)?;
             let gate_up = kernels::ternary_tiles(&gpu, &[&l.gate_proj, &l.up_proj], true)?;
@@ -201,8 +202,11 @@ impl GpuBackend {
                 gate_up,
                 down,
             });
-        }
+            Ok(())
+        })?;
         let norm = gpu.storage_init("norm", f32_bytes(&model.norm))?;
+        // The last weights' copies finish here, inside the load, not in the first forward.
+        gpu.flush_uploads()?;
         let ebytes: u64 = embed_tiles.iter().map(|t| t.buf.size()).sum();
         let hbytes: u64 = head.as_ref().map_or(0, |h| h.iter().map(|t| t.buf.size()).sum());
 
@@ -301,13 +305,19 @@ impl GpuBackend {
         let split = w.iter().any(|r| r[4].is_some() || r[5].is_some());
         let (mut gate, mut up) = (vec![], vec![]);
         if split {
-            for (l, lb) in self.model.layers.iter().zip(self.layers.iter_mut()) {
+            // The host layers were dropped after upload (unless the CPU side kept them): convert again.
+            let model = self.model.clone();
+            let dev = &mut self.layers;
+            model.stream_layers(|li, l| {
                 gate.push(kernels::ternary_tiles(&g, &[&l.gate_proj], false)?);
                 up.push(kernels::ternary_tiles(&g, &[&l.up_proj], false)?);
-                for t in lb.gate_up.drain(..) {
-                    g.release(t.w.size() + t.scales.size());
+                if let Some(lb) = dev.get_mut(li) {
+                    for t in lb.gate_up.drain(..) {
+                        g.release(t.w.size() + t.scales.size());
+                    }
                 }
-            }
+                Ok(())
+            })?;
         }
         let t = self.tmax;
         let widest = c.max(f).max(qd);

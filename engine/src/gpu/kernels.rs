@@ -260,7 +260,9 @@ pub struct MatrixTile {
     pub rows: u32,
 }
 
-/// Splits a [V, C] matrix into row tiles that each fit one binding, stored as f16 pairs or f32.
+/// Splits a [V, C] matrix into row tiles that each fit one binding, stored as f16 pairs or f32. Each tile
+/// converts and uploads in pieces (`Gpu::storage_with`), and each piece's mapped source pages are released
+/// once converted, so the host holds one piece of the matrix at a time.
 pub fn matrix_tiles(gpu: &Gpu, m: &MappedMatrix, f16: bool) -> Result<Vec<MatrixTile>> {
     let row_bytes = (m.cols * if f16 { 2 } else { 4 }) as u64;
     let per = (gpu.max_binding / row_bytes).max(1) as usize;
@@ -274,11 +276,19 @@ pub fn matrix_tiles(gpu: &Gpu, m: &MappedMatrix, f16: bool) -> Result<Vec<Matrix
     let mut r0 = 0;
     while r0 < m.rows {
         let r1 = (r0 + per).min(m.rows);
-        let buf = if f16 {
-            gpu.storage_init(&m.name, bytemuck::cast_slice(&m.rows_f16(r0, r1)))?
-        } else {
-            gpu.storage_init(&m.name, bytemuck::cast_slice(&m.rows_f32(r0, r1)))?
-        };
+        let el = if f16 { 2 } else { 4 };
+        let first = r0 * m.cols;
+        let buf = gpu.storage_with(&m.name, (r1 - r0) * m.cols * el, &mut |off, piece| {
+            let (e0, n) = (first + off / el, piece.len() / el);
+            let cast = |e: bytemuck::PodCastError| EngineError::Gpu(format!("upload piece misaligned: {e}"));
+            if f16 {
+                m.fill_f16(e0, bytemuck::try_cast_slice_mut(piece).map_err(cast)?);
+            } else {
+                m.fill_f32(e0, bytemuck::try_cast_slice_mut(piece).map_err(cast)?);
+            }
+            m.release(e0, e0 + n);
+            Ok(())
+        })?;
         tiles.push(MatrixTile {
             buf,
             row0: r0 as u32,

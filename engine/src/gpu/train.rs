@@ -84,7 +84,7 @@ impl GpuTrainer {
             Some(k::matrix_tiles(g, model.head(), f16)?)
         };
         let mut layers = vec![];
-        for l in &model.layers {
+        for l in model.layers()? {
             layers.push(LayerWeights {
                 input_layernorm: g.storage_init("ln", f32_bytes(&l.input_layernorm))?,
                 post_attention_layernorm: g.storage_init("ln", f32_bytes(&l.post_attention_layernorm))?,
@@ -986,18 +986,10 @@ pub fn estimate(
     let t = bucket(seq_len.max(1), cfg.max_position_embeddings);
     let f4 = |n: usize| (4 * n).max(16) as u64;
     let mut weights = 0u64;
-    for l in &model.layers {
-        for p in [
-            &l.q_proj,
-            &l.k_proj,
-            &l.v_proj,
-            &l.o_proj,
-            &l.gate_proj,
-            &l.up_proj,
-            &l.down_proj,
-        ] {
+    for _ in 0..cfg.num_layers {
+        for (out, inp) in model.projection_shapes() {
             // Packed 2-bit rows plus one f32 scale per row (q|k|v share tiles; the sum is the same).
-            weights += (p.out * p.inp / 4) as u64 + 4 * p.out as u64;
+            weights += (out * inp / 4) as u64 + 4 * out as u64;
         }
         weights += 2 * f4(d.c) + f4(d.qd) + f4(d.f);
     }

@@ -431,7 +431,8 @@ fn bench_infer(
     opts: &EngineOptions,
 ) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
-    let mut engine = Engine::load(model, opts).with_context(|| format!("loading model {}", model.display()))?;
+    let (mut engine, load) =
+        Engine::load_reporting(model, opts).with_context(|| format!("loading model {}", model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = engine.model.config.clone();
     if prompt_len == 0 || prompt_len + gen > cfg.max_position_embeddings {
@@ -482,6 +483,7 @@ fn bench_infer(
         "prompt_len": prompt_len,
         "gen": n,
         "load_seconds": load_s,
+        "load_breakdown": load,
         "prefill_tokens_per_second": prefill,
         "decode_tokens_per_second": decode,
         "peak_device_memory_bytes": mem.peak,
@@ -492,11 +494,25 @@ fn bench_infer(
         "fraction_of_bandwidth_bound": bound.map(|b| decode / b),
         "profile": prof,
         "batched": batched,
+        // The whole run's peak, decode included; load_breakdown.peak_rss_bytes is the load's.
+        "peak_rss_bytes": bitnode_engine::util::peak_rss_bytes(),
     });
     if json {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!("device:            {device}");
+        let l = &load;
+        println!(
+            "load:              {load_s:.2} s (open {:.2}, tokenizer {:.2}, device {:.2}, convert {:.2}, upload {:.2} on {} threads; overlapping){}",
+            l.open_seconds,
+            l.tokenizer_seconds,
+            l.device_seconds,
+            l.convert_seconds,
+            l.upload_seconds,
+            l.threads,
+            l.peak_rss_bytes
+                .map_or(String::new(), |b| format!(", peak RSS {:.1} MiB", mib(b)))
+        );
         println!("prefill:           {prefill:.1} tok/s ({prompt_len} tokens)");
         println!("decode:            {decode:.1} tok/s ({n} tokens)");
         println!(
