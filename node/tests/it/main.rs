@@ -11,4 +11,5 @@ mod jobs;
 mod mesh;
 mod nat;
 mod serve;
+mod serve_route;
 mod state;
