@@ -181,6 +181,28 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
 pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Mesh { model, runs, json } => crate::bench_mesh::run(model, runs, json),
+        BenchCmd::Serve {
+            model,
+            concurrency,
+            prompt_tokens,
+            max_tokens,
+            to,
+            url,
+            token,
+            json,
+        } => crate::bench_serve::run(
+            home,
+            crate::bench_serve::Options {
+                model,
+                concurrency,
+                prompt_tokens,
+                max_tokens,
+                to,
+                url,
+                token,
+                json,
+            },
+        ),
         BenchCmd::Probe { ms, samples, json, dev } => {
             let opts = engine_options(home, &dev)?;
             let want = opts.adapter.unwrap_or_else(|| "auto".into());
@@ -421,7 +443,7 @@ fn trainer_device(opts: &EngineOptions) -> &str {
 
 /// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
 /// `<home>/models/builtin-tiny`, so a first run needs no download.
-pub(super) fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m);
     }

@@ -1,6 +1,7 @@
 //! Serving by model: a request through the phone's API for a model only its peers hold goes to one of
 //! them (the model itself does not move), the scheduler prefers the holder that has it warm, and a model
-//! no connected device holds is a 404 (unknown) or a 503 (its holders are away).
+//! no connected device holds is a 404 (unknown) or a 503 (its holders are away). And `bitnode bench
+//! serve` against a real daemon.
 use crate::harness::*;
 use crate::serve::{curl, greedy_infer, jobs};
 use serde_json::Value;
@@ -184,4 +185,59 @@ fn a_model_only_peers_hold_is_served_by_them_preferring_a_warm_engine() {
     let (s, b, _) = curl(&[&format!("{url}/completions"), "-H", &auth, "-d", &body.to_string()]);
     assert_eq!((s, b["error"]["code"].as_str()), (503, Some("no_device")), "{b}");
     assert!(b["error"]["message"].as_str().unwrap().contains("not connected"), "{b}");
+}
+
+#[test]
+fn bench_serve_measures_a_running_daemons_api_locally_and_delegated() {
+    let mut phone = pinned_node(
+        "phone-bs",
+        100.0,
+        &format!("[api]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n"),
+    );
+    let mut desktop = pinned_node("desktop-bs", 600.0, "");
+    phone.start();
+    desktop.start();
+    desktop.join(&phone.invite());
+    phone.wait_connected(&desktop, T);
+    // The built-in tiny model by default, the token from this home's config; here (`--to local`) and on
+    // the desktop (`--to desktop-bs`, which pulls the model first).
+    for to in ["local", "desktop-bs"] {
+        let out = cli_ok(
+            &phone.home,
+            &[
+                "bench",
+                "serve",
+                "--concurrency",
+                "1,2",
+                "--prompt-tokens",
+                "16",
+                "--max-tokens",
+                "8",
+                "--to",
+                to,
+                "--json",
+            ],
+        );
+        let r = last_json(&out);
+        let device = if to == "local" { "phone-bs" } else { to };
+        assert!(r["model"].as_str().is_some_and(|h| h.len() == 64), "{r}");
+        assert_eq!(r["to"], to, "{r}");
+        assert_eq!(r["first_request_device"], device, "{r}");
+        assert!(r["first_request_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["prompt_tokens"].as_u64().unwrap() > 0, "{r}");
+        let levels = r["levels"].as_array().unwrap();
+        assert_eq!(levels.len(), 2, "{r}");
+        for (l, c) in levels.iter().zip([1u64, 2]) {
+            assert_eq!(l["concurrency"], c, "{l}");
+            assert_eq!(l["errors"], serde_json::json!([]), "{l}");
+            assert_eq!(l["devices"], serde_json::json!({device: c}), "{l}");
+            // Tokens were produced by every stream (timings are not asserted: a shared CI machine).
+            assert!(l["completion_tokens"].as_u64().unwrap() >= c, "{l}");
+            for k in ["wall_s", "aggregate_tok_s", "ttft_median_s", "ttft_p90_s"] {
+                assert!(l[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {l}");
+            }
+            // Null where every stream's tokens came in one piece (they are sent in 30 ms batches).
+            assert!(l.get("decode_tok_s_median").is_some(), "{l}");
+        }
+    }
 }
