@@ -5,6 +5,7 @@
 mod adapter;
 mod cli;
 mod daemon;
+mod demo;
 mod harness;
 mod hostile;
 mod jobs;
