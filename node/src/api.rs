@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// A request to the daemon. The reply type of each is named in its comment.
+// One is built per control line and moved once: the size of its largest variant (a job) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
@@ -69,6 +71,9 @@ pub enum Request {
     JobFollow { id: String },
     /// -> `String` ("stopping")
     Shutdown,
+    /// The model store changed (`bitnode model add` or `remove`): the daemon lists it again, so its
+    /// capability advert names what it holds now. -> `String` ("ok")
+    ModelsChanged,
 }
 
 /// The final line of every exchange. `result` holds the request's reply type when `ok`.

@@ -46,7 +46,7 @@ use bitnode_protocol::job::{
     Bundle, BundleFile, Envelope, JobAck, JobPayload, JobSpec, Kind, ModelRequest, ModelResponse, NonceCache, Outcome,
     Update, UpdateAck,
 };
-use bitnode_protocol::mesh::MAX_ADVERTISED_MODELS;
+use bitnode_protocol::mesh::{WarmEngine, MAX_ADVERTISED_MODELS, MAX_ADVERTISED_WARM};
 use bitnode_protocol::wire;
 use ed25519_dalek::SigningKey;
 #[allow(unused_imports)]
@@ -69,6 +69,7 @@ mod peers;
 mod requests;
 mod resume;
 mod submitter;
+mod warm;
 mod worker;
 
 pub struct StartOptions {
@@ -338,6 +339,11 @@ pub async fn run(home: &Path, opts: StartOptions) -> anyhow::Result<()> {
             max_batch: cfg.serve.max_batch.max(1),
         };
         work.host = Some(EngineHost::start(home, args, itx.clone()));
+        // The host's limits, so the advert's warm engines follow its evictions.
+        work.warm = Some(warm::WarmSet::new(
+            budget,
+            Duration::from_secs(cfg.serve.idle_secs.max(1)),
+        ));
     }
 
     let cfg_name = name.clone();
@@ -538,6 +544,8 @@ impl Daemon {
         self.caps.queue_len = self.load.queue_len;
         self.caps.models = self.load.models.clone();
         self.caps.models.truncate(MAX_ADVERTISED_MODELS);
+        self.caps.warm = self.load.warm.clone();
+        self.caps.warm.truncate(MAX_ADVERTISED_WARM);
         self.caps.jobs_on_battery = self.cfg.jobs.run_on_battery;
         self.caps.accepts_jobs = self.cfg.jobs.accept_remote;
         self.caps.relay_max_circuit_bytes = self.relay_server.then_some(self.cfg.relay.max_circuit_bytes);

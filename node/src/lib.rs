@@ -2,6 +2,7 @@
 //! with its control socket. The `bitnode` binary (main.rs) is a thin CLI over this library.
 pub mod api;
 pub mod bench_mesh;
+pub mod bench_serve;
 pub mod caps;
 pub mod cli;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod exec;
 pub mod fsutil;
 pub mod host;
+pub mod http_client;
 pub mod identity;
 pub mod jobs;
 pub mod models;

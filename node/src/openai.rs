@@ -12,6 +12,8 @@
 //! - `stop` (a string or up to 4 strings) is applied to the text as it streams: the text ends before the
 //!   first stop string, and the generation is cancelled on the device running it.
 //! - `adapter` (an extension) names a LoRA adapter in the store by name or hash.
+//! - `to` (an extension) pins the device that runs the request, as `bitnode chat --to` does: "auto" (the
+//!   default: the scheduler picks), "local", or a paired peer's name or id.
 use bitnode_protocol::ChatMessage;
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +130,8 @@ pub struct Body {
     #[serde(default)]
     pub adapter: Option<String>,
     #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     #[serde(default)]
     pub echo: Option<bool>,
@@ -144,6 +148,8 @@ pub struct Body {
 pub struct Ask {
     pub model: String,
     pub adapter: Option<String>,
+    /// The device pinned to run it ("local", a peer's name or id); None: the scheduler picks.
+    pub to: Option<String>,
     /// `/v1/completions`: the prompt text.
     pub prompt: String,
     /// `/v1/chat/completions`: the conversation (rendered by the model's chat template on the worker).
@@ -286,6 +292,7 @@ impl Body {
         Ok(Ask {
             model,
             adapter: self.adapter.filter(|a| !a.is_empty()),
+            to: self.to.filter(|t| !t.is_empty()),
             prompt,
             messages,
             max_tokens: max as usize,

@@ -8,7 +8,14 @@
 //! - queue wait = queue length x the same compute time (jobs in a queue are assumed alike);
 //! - transfer = model bytes / link throughput when the peer does not hold the model (a relayed link is
 //!   assumed 10x slower than a direct one: relays are limited and add a hop);
-//! - a relayed link adds a fixed latency penalty, so between equals the direct peer wins.
+//! - a relayed link adds a fixed latency penalty, so between equals the direct peer wins;
+//! - load = the model's bytes / an assumed load rate (at least [`LOAD_FLOOR_S`]) unless the device has the
+//!   model warm (its advert lists the engine: an inference there pays no load), so between equals the
+//!   device with the model warm wins.
+//!
+//! A job may name a model this node does not hold (a hash a peer advertises): then only the devices that
+//! hold it are candidates (nobody can send it to the others), and its size is unknown here, so its need is
+//! [`Need::unsized_inference`]'s nominal one.
 use bitnode_protocol::mesh::Capabilities;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +36,8 @@ pub struct Candidate {
     pub caps: Capabilities,
     /// Whether it already holds the job's model (by content hash).
     pub has_model: bool,
+    /// Whether its engine host has the job's model (and adapter) loaded: an inference there pays no load.
+    pub warm: bool,
     /// Whether it is a phone (or other battery device) the owner allows to work on battery.
     pub battery_allowed: bool,
     /// Why it could not get the model, when it lacks it and no link can carry it (a relay whose per-
@@ -56,9 +65,34 @@ pub struct Verdict {
     pub reason: String,
 }
 
+impl Need {
+    /// An inference of a model this node does not hold (only a peer does), so it cannot be sized here:
+    /// memory is left to the device that holds it (it fails the job as its own fault when the model does
+    /// not fit, and the next holder is tried), and the work is that of a nominal
+    /// [`NOMINAL_PARAMS`]-parameter model over the prompt and the new tokens. The ranking between holders
+    /// then rests on their speed, queues and links, as it does for a sized job.
+    pub fn unsized_inference(text_bytes: u64, new_tokens: u64) -> Need {
+        // About 4 bytes of text per token, as the sized estimate assumes.
+        let tokens = text_bytes.div_ceil(4) + 1 + new_tokens;
+        Need {
+            memory_bytes: 0,
+            ops: 2.0 * NOMINAL_PARAMS * tokens as f64,
+            model_bytes: 0,
+        }
+    }
+}
+
 /// Assumed direct-link throughput for model transfers (bytes/s); relayed links get a tenth.
 const DIRECT_BPS: f64 = 50e6;
 const RELAY_PENALTY_S: f64 = 0.5;
+/// Assumed rate of a cold model load (reading, converting and uploading the weights): the 2B-4T shape's
+/// 1.2 GB took about 10 s on the H200 (BENCHMARKS.md, "Serving").
+const LOAD_BPS: f64 = 120e6;
+/// The least a cold load costs (the tiny model loads in about 0.2 s), so a warm device wins between
+/// equals even where the model's size is unknown.
+pub const LOAD_FLOOR_S: f64 = 0.2;
+/// The parameters a model of unknown size is assumed to have (the 2B-4T shape's order of magnitude).
+pub const NOMINAL_PARAMS: f64 = 2e9;
 
 /// Ranks the candidates, best first; dropped ones come last with their reason.
 pub fn rank(cands: &[Candidate], need: &Need) -> Vec<Verdict> {
@@ -99,15 +133,26 @@ pub fn rank(cands: &[Candidate], need: &Need) -> Vec<Verdict> {
                 need.model_bytes as f64 / bps
             };
             let latency = if c.link == Link::Relayed { RELAY_PENALTY_S } else { 0.0 };
-            let eta = compute + queue + transfer + latency;
+            let load = if c.warm {
+                0.0
+            } else {
+                (need.model_bytes as f64 / LOAD_BPS).max(LOAD_FLOOR_S)
+            };
+            let eta = compute + queue + transfer + latency + load;
             v(
                 Some(eta),
                 format!(
-                    "score {:.1}, queue {}, {:?}{}: expected {eta:.2} s (compute {compute:.2}, queue {queue:.2}, transfer {transfer:.2})",
+                    "score {:.1}, queue {}, {:?}{}: expected {eta:.2} s (compute {compute:.2}, queue {queue:.2}, transfer {transfer:.2}, load {load:.2})",
                     c.caps.score,
                     c.caps.queue_len,
                     c.link,
-                    if c.has_model { ", has the model" } else { "" },
+                    if c.warm {
+                        ", has the model warm"
+                    } else if c.has_model {
+                        ", has the model"
+                    } else {
+                        ""
+                    },
                 ),
             )
         })
@@ -153,6 +198,7 @@ mod tests {
             link,
             caps: c,
             has_model: true,
+            warm: false,
             battery_allowed: false,
             no_model_route: None,
         }
@@ -226,5 +272,38 @@ mod tests {
             &NEED,
         );
         assert_eq!(r[0].id, "direct");
+    }
+
+    #[test]
+    fn a_warm_engine_wins_between_equals_but_not_against_a_much_faster_device() {
+        let warm = |id: &str, score: f64| Candidate {
+            warm: true,
+            ..cand(id, Link::Direct, caps(score, 24 << 30))
+        };
+        // A 100 MB model: about 0.8 s to load cold.
+        let need = Need {
+            model_bytes: 100_000_000,
+            ..NEED
+        };
+        let r = rank(
+            &[cand("cold", Link::Direct, caps(500.0, 24 << 30)), warm("warm", 500.0)],
+            &need,
+        );
+        assert_eq!(r[0].id, "warm", "{r:?}");
+        assert!(r[0].reason.contains("warm"), "{}", r[0].reason);
+        // 2 s of compute on the warm device against 0.2 s plus the load on one ten times faster.
+        let r = rank(
+            &[warm("warm", 500.0), cand("fast", Link::Direct, caps(5000.0, 24 << 30))],
+            &need,
+        );
+        assert_eq!(r[0].id, "fast", "{r:?}");
+        // Unknown size (a model only peers hold): the load floor still separates equals.
+        let need = Need::unsized_inference(40, 16);
+        assert_eq!(need.memory_bytes, 0);
+        let r = rank(
+            &[cand("cold", Link::Direct, caps(500.0, 24 << 30)), warm("warm", 500.0)],
+            &need,
+        );
+        assert_eq!(r[0].id, "warm", "{r:?}");
     }
 }

@@ -9,7 +9,7 @@ use crate::models::Store;
 use anyhow::Context;
 use bitnode_protocol::job::JobSpec;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the submitting CLI stops waiting for a silent daemon (it sends a heartbeat every few seconds).
@@ -32,13 +32,84 @@ fn import(store: &Store, dir: &Path) -> anyhow::Result<String> {
     Ok(h)
 }
 
+/// What a job's `--model` or `--adapter` names.
+pub(crate) enum Input {
+    /// A directory, imported into the store.
+    Dir(PathBuf),
+    /// A name (`bitnode model add`) or content hash of an entry in this device's store.
+    Stored { hash: String, dir: PathBuf },
+    /// The content hash of an entry this device does not hold: a connected peer must (its advert says
+    /// so; the daemon checks), and the job can run only there.
+    Elsewhere(String),
+}
+
+impl Input {
+    /// An existing directory is a directory; else a name or hash in the store; else a well-formed hash is
+    /// taken to be a peer's. Anything else is left a directory, whose import says it is missing.
+    pub(crate) fn of(home: &Path, p: &Path) -> anyhow::Result<Input> {
+        if p.is_dir() {
+            return Ok(Input::Dir(p.to_path_buf()));
+        }
+        let Some(s) = p.to_str() else {
+            return Ok(Input::Dir(p.to_path_buf()));
+        };
+        if let Some(m) = crate::names::resolve(home, s)? {
+            let dir = Store::new(home).resolve(&m.hash)?.context("the model left the store")?;
+            return Ok(Input::Stored { hash: m.hash, dir });
+        }
+        if crate::models::valid_hash(s) {
+            return Ok(Input::Elsewhere(s.to_string()));
+        }
+        Ok(Input::Dir(p.to_path_buf()))
+    }
+
+    /// Its hash, importing a directory (with its transfer manifest) into the store.
+    fn hash(&self, store: &Store) -> anyhow::Result<String> {
+        match self {
+            Input::Dir(d) => import(store, d),
+            Input::Stored { hash, .. } | Input::Elsewhere(hash) => Ok(hash.clone()),
+        }
+    }
+
+    /// The directory to size it from, where this device has it.
+    fn dir(&self) -> Option<&Path> {
+        match self {
+            Input::Dir(d) | Input::Stored { dir: d, .. } => Some(d),
+            Input::Elsewhere(_) => None,
+        }
+    }
+}
+
 /// The daemon request for a job: model and adapter imported into the store and named by hash, the
 /// planner's estimate of what the job needs, the dataset left at its path for the daemon to read.
+/// `--model` and `--adapter` may also name entries of the store, or (inference and scoring) the hash of a
+/// model only a connected peer holds: the job then runs there, sized by a nominal estimate
+/// (`Need::unsized_inference`), since only its holders can size it.
 pub fn prepare(home: &Path, mut spec: JobSpec, paths: &JobPaths, to: &str, detach: bool) -> anyhow::Result<Request> {
     let store = Store::new(home);
-    let need = crate::exec::estimate(&spec, &paths.model, paths.adapter.as_deref(), paths.data.as_deref())?;
-    let model = import(&store, &paths.model)?;
-    let adapter = paths.adapter.as_deref().map(|a| import(&store, a)).transpose()?;
+    let model_in = Input::of(home, &paths.model)?;
+    let adapter_in = paths.adapter.as_deref().map(|a| Input::of(home, a)).transpose()?;
+    let need = match (model_in.dir(), &spec) {
+        (Some(m), _) => {
+            let a = adapter_in.as_ref().and_then(Input::dir);
+            crate::exec::estimate(&spec, m, a, paths.data.as_deref())?
+        }
+        (None, JobSpec::Infer(r)) => {
+            crate::exec::validate(&spec)?;
+            crate::schedule::Need::unsized_inference(r.prompt.len() as u64, r.max_tokens as u64)
+        }
+        (None, JobSpec::Score(r)) => {
+            crate::exec::validate(&spec)?;
+            crate::schedule::Need::unsized_inference(r.text.len() as u64, 0)
+        }
+        (None, JobSpec::Finetune(_)) => anyhow::bail!(
+            "{} is not in this device's store: a fine-tune's memory is planned from its model, so it needs the \
+             model here",
+            paths.model.display()
+        ),
+    };
+    let model = model_in.hash(&store)?;
+    let adapter = adapter_in.as_ref().map(|a| a.hash(&store)).transpose()?;
     match &mut spec {
         JobSpec::Infer(r) => {
             r.model = model;

@@ -69,10 +69,24 @@ pub struct Capabilities {
     /// For a node that serves as the mesh's relay: the most bytes one relayed connection may carry, so a
     /// scheduler knows whether a model transfer fits through it.
     pub relay_max_circuit_bytes: Option<u64>,
+    /// The engines this node's engine host keeps loaded now, most recently used first, so a scheduler can
+    /// prefer a device that will not pay a model load for an inference. At most [`MAX_ADVERTISED_WARM`].
+    pub warm: Vec<WarmEngine>,
+}
+
+/// A model (with a LoRA adapter, or none) loaded in a device's engine host, by content hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct WarmEngine {
+    pub model: String,
+    pub adapter: Option<String>,
 }
 
 /// Most model hashes one advert lists (the advert must fit its 16 KiB limit).
 pub const MAX_ADVERTISED_MODELS: usize = 64;
+
+/// Most warm engines one advert lists (each is up to two hashes: 64 of them and the models stay well
+/// inside the 16 KiB limit).
+pub const MAX_ADVERTISED_WARM: usize = 16;
 
 /// `/bitnode/caps/1` request: the sender's current capabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

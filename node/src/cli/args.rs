@@ -446,6 +446,35 @@ pub enum BenchCmd {
         #[arg(long = "device", env = "BITNODE_ADAPTER", default_value = "auto")]
         device: String,
     },
+    /// A running daemon's OpenAI-compatible API under load: for each concurrency level, that many
+    /// streamed completions at once; time to first token, per-stream decode rate, aggregate rate, wall
+    /// time, and the device that served.
+    Serve {
+        /// A model name or hash the daemon knows, or a model directory (imported into this home's store).
+        /// Default: the built-in random `tiny` model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Concurrency levels, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        concurrency: Vec<usize>,
+        /// About this many prompt tokens per request.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens generated per request (fewer where the model ends its text first).
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// "auto" (the scheduler picks), "local", or a paired peer (name or id), as `bitnode chat --to`.
+        #[arg(long, default_value = "auto")]
+        to: String,
+        /// The API's base URL (http://HOST:PORT/v1). Default: the running daemon's (`bitnode status`).
+        #[arg(long)]
+        url: Option<String>,
+        /// The API token. Default: $BITNODE_API_TOKEN, else this home's [api] token.
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
         /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.

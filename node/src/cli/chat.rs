@@ -4,6 +4,7 @@
 use super::args::ChatArgs;
 use crate::api::{Event, JobView, Request};
 use crate::control;
+use crate::exec::ModelSizing;
 use anyhow::{bail, Context};
 use bitnode_protocol::job::JobSpec;
 use bitnode_protocol::{ChatMessage, InferRequest, InferResult};
@@ -11,35 +12,37 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A name or hash in the store, else a model directory (imported, as `submit` does); by default the
-/// built-in tiny model.
-fn resolve_model(home: &Path, m: Option<&str>) -> anyhow::Result<(String, PathBuf)> {
+/// The model to chat with: a name or hash in the store, a model directory (imported, as `submit` does),
+/// or the hash of a model only a connected peer holds (the turns then run there); by default the
+/// built-in tiny model. With it, how to size each turn for the scheduler: read once from the model here
+/// (it loads the model), None for a peer's model (a nominal estimate: only its holders can size it).
+fn resolve_model(home: &Path, m: Option<&str>) -> anyhow::Result<(String, Option<ModelSizing>)> {
+    use crate::submit::Input;
     let store = crate::models::Store::new(home);
-    if let Some(m) = m {
-        if let Some(n) = crate::names::resolve(home, m)? {
-            let dir = store.resolve(&n.hash)?.context("the model left the store")?;
-            if n.kind != "model" {
-                bail!("{m:?} is an adapter, not a model");
+    let given = super::local::model_or_builtin(m.map(PathBuf::from), home)?;
+    let dir = match Input::of(home, &given)? {
+        Input::Elsewhere(hash) => return Ok((hash, None)),
+        Input::Stored { hash, dir } => {
+            if dir.join("adapter_config.json").is_file() {
+                bail!("{} is an adapter, not a model", given.display());
             }
-            return Ok((n.hash, dir));
+            return Ok((hash, Some(ModelSizing::read(&dir)?)));
         }
-    }
-    let dir = super::local::model_or_builtin(m.map(PathBuf::from), home)?;
+        Input::Dir(dir) => dir,
+    };
     if !dir.join("config.json").is_file() {
         bail!(
-            "{} is neither a model name (see `bitnode model list`) nor a model directory",
+            "{} is neither a model name (see `bitnode model list`), a model's hash, nor a model directory",
             dir.display()
         );
     }
     let hash = store.import(&dir)?;
     let stored = store.resolve(&hash)?.context("the model left the store")?;
-    Ok((hash, stored))
+    Ok((hash, Some(ModelSizing::read(&stored)?)))
 }
 
 pub fn chat(home: &Path, a: ChatArgs) -> anyhow::Result<()> {
-    let (hash, dir) = resolve_model(home, a.model.as_deref())?;
-    // Read once: it loads the model.
-    let sizing = crate::exec::ModelSizing::read(&dir)?;
+    let (hash, sizing) = resolve_model(home, a.model.as_deref())?;
     let mut history: Vec<ChatMessage> = vec![];
     if let Some(s) = &a.system {
         history.push(ChatMessage {
@@ -77,7 +80,10 @@ pub fn chat(home: &Path, a: ChatArgs) -> anyhow::Result<()> {
             stop: vec![],
         };
         let text_bytes = history.iter().map(|m| m.content.len() as u64 + 16).sum();
-        let need = sizing.need(text_bytes, a.max_tokens as u64, 0);
+        let need = match &sizing {
+            Some(s) => s.need(text_bytes, a.max_tokens as u64, 0),
+            None => crate::schedule::Need::unsized_inference(text_bytes, a.max_tokens as u64),
+        };
         let req = Request::Submit {
             spec: JobSpec::Infer(infer),
             data_path: None,

@@ -90,6 +90,21 @@ pub fn score(home: &Path, a: ScoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tells a running daemon that the store changed, so its advert lists what it holds now (peers route
+/// requests for a model to the devices that advertise it). Best effort: without a daemon there is no advert.
+fn models_changed(home: &Path) {
+    if crate::control::is_running(home) {
+        let r = crate::control::call::<String>(
+            home,
+            &crate::control::Request::ModelsChanged,
+            std::time::Duration::from_secs(10),
+        );
+        if let Err(e) = r {
+            eprintln!("note: the running daemon was not told of the change ({e:#}); it advertises it after a restart");
+        }
+    }
+}
+
 pub fn model(home: &Path, cmd: ModelCmd) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Synth {
@@ -114,6 +129,7 @@ pub fn model(home: &Path, cmd: ModelCmd) -> anyhow::Result<()> {
             } else {
                 println!("{} {} added as {:?} ({})", m.kind, m.hash, m.name, dir.display());
             }
+            models_changed(home);
         }
         ModelCmd::List { json } => {
             let list = crate::names::list(home)?;
@@ -130,6 +146,7 @@ pub fn model(home: &Path, cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Remove { name } => {
             let m = crate::names::remove(home, &name)?;
             println!("forgot {:?} ({})", m.name, m.hash);
+            models_changed(home);
         }
     }
     Ok(())
@@ -164,6 +181,28 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
 pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Mesh { model, runs, json } => crate::bench_mesh::run(model, runs, json),
+        BenchCmd::Serve {
+            model,
+            concurrency,
+            prompt_tokens,
+            max_tokens,
+            to,
+            url,
+            token,
+            json,
+        } => crate::bench_serve::run(
+            home,
+            crate::bench_serve::Options {
+                model,
+                concurrency,
+                prompt_tokens,
+                max_tokens,
+                to,
+                url,
+                token,
+                json,
+            },
+        ),
         BenchCmd::Probe { ms, samples, json, dev } => {
             let opts = engine_options(home, &dev)?;
             let want = opts.adapter.unwrap_or_else(|| "auto".into());
@@ -405,7 +444,7 @@ fn trainer_device(opts: &EngineOptions) -> &str {
 
 /// The model a command runs when `--model` is omitted: a random `tiny` BitNet (seed 0) kept in
 /// `<home>/models/builtin-tiny`, so a first run needs no download.
-pub(super) fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn model_or_builtin(model: Option<PathBuf>, home: &std::path::Path) -> anyhow::Result<PathBuf> {
     if let Some(m) = model {
         return Ok(m);
     }

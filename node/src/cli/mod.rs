@@ -6,6 +6,8 @@ mod chat;
 mod local;
 mod mesh;
 
+pub(crate) use local::model_or_builtin;
+
 use args::{Cli, Cmd};
 use clap::Parser;
 

@@ -17,7 +17,8 @@ impl Routes {
             | Request::Jobs
             | Request::JobShow { .. }
             | Request::JobCancel { .. }
-            | Request::JobFollow { .. } => &self.jobs,
+            | Request::JobFollow { .. }
+            | Request::ModelsChanged => &self.jobs,
             Request::Status
             | Request::Peers
             | Request::PairList

@@ -58,6 +58,9 @@ pub(super) struct JobLoad {
     pub(super) queue_len: u32,
     /// The models in the store (advertised, so the scheduler can prefer a device that has them).
     pub(super) models: Vec<String>,
+    /// The engines the engine host holds loaded (advertised, so the scheduler can prefer a device that
+    /// pays no load), most recently used first.
+    pub(super) warm: Vec<WarmEngine>,
     /// A job process runs (or starts) here: no capability re-measurement now.
     pub(super) busy: bool,
     /// Peers a live job is exchanged with: a hole-punch retry, which closes the relayed connection,
@@ -128,6 +131,13 @@ pub(super) struct MeshView {
 impl MeshView {
     pub(super) fn connected(&self, p: &PeerId) -> bool {
         self.peers.get(p).is_some_and(|s| s.connected)
+    }
+
+    /// Whether a connected paired peer advertises model (or adapter) `hash`.
+    pub(super) fn held_by_a_peer(&self, hash: &str) -> bool {
+        self.peers
+            .values()
+            .any(|p| p.connected && p.caps.as_ref().is_some_and(|c| c.models.iter().any(|m| m == hash)))
     }
 
     /// A peer id, or the name of exactly one paired peer (as `TrustList::resolve`).

@@ -287,16 +287,25 @@ async fn models(api: &Api) -> Result<Resp, ApiError> {
             "bitnode": {"hash": m.hash, "devices": devices},
         }));
     }
-    // What connected peers hold and this device has no name for: by hash, routed to them.
+    // What connected peers hold and this device has no name for: by hash, with every peer that holds it
+    // (a request for it is routed to one of them).
+    let mut held: Vec<(&String, Vec<&str>)> = vec![];
     for p in peers.iter().filter(|p| p.connected) {
         for h in p.capabilities.iter().flat_map(|c| c.models.iter()) {
-            if seen.insert(h.clone()) {
-                data.push(serde_json::json!({
-                    "id": h, "object": "model", "created": 0, "owned_by": p.name,
-                    "bitnode": {"hash": h, "devices": [p.name]},
-                }));
+            if seen.contains(h) {
+                continue;
+            }
+            match held.iter_mut().find(|(k, _)| *k == h) {
+                Some((_, devices)) => devices.push(&p.name),
+                None => held.push((h, vec![&p.name])),
             }
         }
+    }
+    for (h, devices) in held {
+        data.push(serde_json::json!({
+            "id": h, "object": "model", "created": 0, "owned_by": devices[0],
+            "bitnode": {"hash": h, "devices": devices},
+        }));
     }
     Ok(json_response(200, &serde_json::json!({"object": "list", "data": data})))
 }
@@ -325,69 +334,100 @@ async fn read_body(req: hyper::Request<Incoming>, max: u64) -> Result<Bytes, Api
     }
 }
 
-/// The model and adapter a request names, resolved in this device's store, and the job for them.
-fn prepare(
-    home: &Path,
-    ask: &Ask,
-    sizing: &Mutex<HashMap<String, Arc<crate::exec::ModelSizing>>>,
-) -> Result<Request, ApiError> {
+/// Where a model or adapter a request names is.
+enum Found {
+    /// In this device's store.
+    Here { hash: String, dir: PathBuf },
+    /// Not here, but connected paired peers advertise it (by hash): the job goes to one of them.
+    Peer(String),
+}
+
+/// Finds the model or adapter `asked` (a name or a content hash) for the request parameter `param`: in
+/// this device's store, else among what connected peers advertise (they advertise hashes, not names).
+/// Not found: 404 when no device of the mesh is known to hold it; 503 when only paired peers that are not
+/// connected now do (their last advert said so): it exists, but no device that holds it can serve now.
+fn find(home: &Path, peers: &[PeerInfo], asked: &str, param: &'static str) -> Result<Found, ApiError> {
     let internal = |e: anyhow::Error| ApiError::new(500, "server_error", "internal", format!("{e:#}"));
-    let model = crate::names::resolve(home, &ask.model)
-        .map_err(internal)?
-        .ok_or_else(|| ApiError {
-            param: Some("model"),
-            ..ApiError::new(
-                404,
-                "invalid_request_error",
-                "model_not_found",
-                format!(
-                    "the model {:?} does not exist on this device (see /v1/models)",
-                    ask.model
-                ),
-            )
-        })?;
-    if model.kind != "model" {
-        return Err(ApiError::bad(
-            format!("{:?} is an adapter; name it in \"adapter\"", ask.model),
-            Some("model"),
-        ));
-    }
-    let adapter = match &ask.adapter {
-        None => None,
-        Some(a) => {
-            let m = crate::names::resolve(home, a)
-                .map_err(internal)?
-                .ok_or_else(|| ApiError {
-                    param: Some("adapter"),
-                    ..ApiError::new(
-                        404,
-                        "invalid_request_error",
-                        "model_not_found",
-                        format!("the adapter {a:?} does not exist on this device"),
-                    )
-                })?;
-            if m.kind != "adapter" {
-                return Err(ApiError::bad(format!("{a:?} is not an adapter"), Some("adapter")));
-            }
-            Some(m.hash)
+    if let Some(m) = crate::names::resolve(home, asked).map_err(internal)? {
+        let want = if param == "adapter" { "adapter" } else { "model" };
+        if m.kind != want {
+            let msg = if want == "model" {
+                format!("{asked:?} is an adapter; name it in \"adapter\"")
+            } else {
+                format!("{asked:?} is not an adapter")
+            };
+            return Err(ApiError::bad(msg, Some(param)));
         }
-    };
-    let store = Store::new(home);
-    let dir = |h: &str| -> Result<PathBuf, ApiError> {
-        store.resolve(h).map_err(internal)?.ok_or_else(|| {
+        let dir = Store::new(home).resolve(&m.hash).map_err(internal)?.ok_or_else(|| {
             ApiError::new(
                 404,
                 "invalid_request_error",
                 "model_not_found",
-                format!("{h} left the store"),
+                format!("{} left the store", m.hash),
             )
-        })
+        })?;
+        return Ok(Found::Here { hash: m.hash, dir });
+    }
+    let holds = |p: &&PeerInfo| {
+        p.capabilities
+            .as_ref()
+            .is_some_and(|c| c.models.iter().any(|h| h == asked))
     };
-    let model_dir = dir(&model.hash)?;
-    let adapter_dir = adapter.as_deref().map(dir).transpose()?;
+    if crate::models::valid_hash(asked) {
+        if peers.iter().filter(holds).any(|p| p.connected) {
+            return Ok(Found::Peer(asked.to_string()));
+        }
+        let away: Vec<&str> = peers.iter().filter(holds).map(|p| p.name.as_str()).collect();
+        if !away.is_empty() {
+            return Err(ApiError {
+                param: Some(param),
+                ..ApiError::new(
+                    503,
+                    "server_error",
+                    "no_device",
+                    format!(
+                        "the {param} {asked} is held by {}, which {} not connected now",
+                        away.join(", "),
+                        if away.len() == 1 { "is" } else { "are" }
+                    ),
+                )
+            });
+        }
+    }
+    Err(ApiError {
+        param: Some(param),
+        ..ApiError::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "the {param} {asked:?} does not exist on this device or its peers (see /v1/models; a model only a \
+                 peer holds is named by its hash)"
+            ),
+        )
+    })
+}
+
+/// The model and adapter a request names, found here or on connected peers, and the job for them.
+fn prepare(
+    home: &Path,
+    ask: &Ask,
+    peers: &[PeerInfo],
+    sizing: &Mutex<HashMap<String, Arc<crate::exec::ModelSizing>>>,
+) -> Result<Request, ApiError> {
+    let internal = |e: anyhow::Error| ApiError::new(500, "server_error", "internal", format!("{e:#}"));
+    let model = find(home, peers, &ask.model, "model")?;
+    let adapter = ask
+        .adapter
+        .as_deref()
+        .map(|a| find(home, peers, a, "adapter"))
+        .transpose()?;
+    let hash = |f: &Found| match f {
+        Found::Here { hash, .. } | Found::Peer(hash) => hash.clone(),
+    };
     let infer = InferRequest {
-        model: model.hash.clone(),
-        adapter,
+        model: hash(&model),
+        adapter: adapter.as_ref().map(hash),
         prompt: ask.prompt.clone(),
         max_tokens: ask.max_tokens,
         temperature: ask.temperature,
@@ -399,34 +439,40 @@ fn prepare(
         stop: ask.stop.clone(),
     };
     crate::exec::validate(&JobSpec::Infer(infer.clone())).map_err(|e| ApiError::bad(format!("{e:#}"), None))?;
-    let cached = sizing
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&model.hash)
-        .cloned();
-    let sized = match cached {
-        Some(s) => s,
-        None => {
-            let s = Arc::new(crate::exec::ModelSizing::read(&model_dir).map_err(internal)?);
-            sizing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(model.hash.clone(), s.clone());
-            s
-        }
-    };
     // The scheduler's estimate counts the conversation's text as the prompt.
     let text_bytes = match &ask.messages {
         Some(m) => m.iter().map(|m| m.content.len() as u64 + 16).sum(),
         None => ask.prompt.len() as u64,
     };
-    let lora = sized.lora_bytes(adapter_dir.as_deref()).map_err(internal)?;
-    let need = sized.need(text_bytes, ask.max_tokens as u64, lora);
+    let need = match &model {
+        // Only the peers that hold it can size it; the scheduler ranks them on a nominal estimate.
+        Found::Peer(_) => Need::unsized_inference(text_bytes, ask.max_tokens as u64),
+        Found::Here { hash, dir } => {
+            let cached = sizing.lock().unwrap_or_else(|e| e.into_inner()).get(hash).cloned();
+            let sized = match cached {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(crate::exec::ModelSizing::read(dir).map_err(internal)?);
+                    sizing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(hash.clone(), s.clone());
+                    s
+                }
+            };
+            let adapter_dir = match &adapter {
+                Some(Found::Here { dir, .. }) => Some(dir.as_path()),
+                _ => None,
+            };
+            let lora = sized.lora_bytes(adapter_dir).map_err(internal)?;
+            sized.need(text_bytes, ask.max_tokens as u64, lora)
+        }
+    };
     Ok(Request::Submit {
         spec: JobSpec::Infer(infer),
         data_path: None,
         need,
-        to: "auto".into(),
+        to: ask.to.clone().unwrap_or_else(|| "auto".into()),
         out: None,
         resume: None,
         detach: false,
@@ -571,10 +617,15 @@ async fn complete(api: &Api, req: hyper::Request<Incoming>, chat: bool) -> Resul
         )
     })?;
     let ask = parsed.check(chat)?;
+    // What connected peers hold, for a model this device does not.
+    let peers: Vec<PeerInfo> = ask_actor(&api.net, Request::Peers)
+        .await?
+        .into_result()
+        .map_err(|e| ApiError::new(500, "server_error", "internal", e.to_string()))?;
     let home = api.home.clone();
     let a = ask.clone();
     let sizing = api.sizing.clone();
-    let submit = tokio::task::spawn_blocking(move || prepare(&home, &a, &sizing))
+    let submit = tokio::task::spawn_blocking(move || prepare(&home, &a, &peers, &sizing))
         .await
         .map_err(|e| ApiError::new(500, "server_error", "internal", e.to_string()))??;
     let (reply, reply_rx) = oneshot::channel();
@@ -624,17 +675,15 @@ async fn complete(api: &Api, req: hyper::Request<Incoming>, chat: bool) -> Resul
     }
     // Streamed: the headers wait for the placement, so they can name the device.
     let mut early = None;
-    let first = loop {
-        match run.next().await {
-            Step::Placed => break None,
-            Step::Text(s) => break Some(s),
-            Step::Done(Err(e)) => return Err(e),
-            // Ended before a placement event came through (its reply overtook it): answered whole below.
-            Step::Done(Ok(o)) => {
-                run.device = Some(o.device.clone());
-                early = Some(o);
-                break None;
-            }
+    let first = match run.next().await {
+        Step::Placed => None,
+        Step::Text(s) => Some(s),
+        Step::Done(Err(e)) => return Err(e),
+        // Ended before a placement event came through (its reply overtook it): answered whole below.
+        Step::Done(Ok(o)) => {
+            run.device = Some(o.device.clone());
+            early = Some(o);
+            None
         }
     };
     let device = run.device.clone().unwrap_or_default();

@@ -123,6 +123,15 @@ pub(super) enum Internal {
         task: String,
         res: Result<PathBuf, String>,
     },
+    /// The store's models, listed again after `bitnode model add` or `remove`.
+    ModelsListed(Vec<String>),
+    /// An engine the host now holds (an inference succeeded there), with its size read off the event
+    /// loop; `epoch` is the warm set's when the read began.
+    Warmed {
+        key: WarmEngine,
+        bytes: u64,
+        epoch: u64,
+    },
 }
 
 /// Where a submitted job may run.
@@ -196,6 +205,8 @@ pub(super) struct Work {
     pub(super) host: Option<EngineHost>,
     /// Bytes the warm engines hold, as the engine host last reported: taken off the advertised memory.
     pub(super) warm_bytes: u64,
+    /// The engines the host holds, as far as the job manager can tell (None without a host).
+    pub(super) warm: Option<super::warm::WarmSet>,
 }
 
 impl Work {
@@ -232,6 +243,7 @@ impl Work {
             last_heartbeat: Instant::now(),
             host: None,
             warm_bytes: 0,
+            warm: None,
         })
     }
 
@@ -268,6 +280,25 @@ impl Work {
         let mut m = self.store.list();
         m.truncate(MAX_ADVERTISED_MODELS);
         m
+    }
+
+    /// The engines the host holds, most recently used first.
+    pub(super) fn warm_engines(&self) -> Vec<WarmEngine> {
+        self.warm
+            .as_ref()
+            .map(|w| w.list(MAX_ADVERTISED_WARM))
+            .unwrap_or_default()
+    }
+
+    /// Whether the host holds the engine an inference job needs.
+    pub(super) fn is_warm(&self, spec: &JobSpec) -> bool {
+        match (spec, &self.warm) {
+            (JobSpec::Infer(r), Some(w)) => w.contains(&WarmEngine {
+                model: r.model.clone(),
+                adapter: r.adapter.clone(),
+            }),
+            _ => false,
+        }
     }
 }
 
@@ -430,6 +461,17 @@ impl JobManager {
                 Err(e) => Response::err(format!("{e:#}")),
             },
             Request::JobCancel { id } => self.cancel_job(&id),
+            Request::ModelsChanged => {
+                // Listed off the event loop; the advert follows when the list is in.
+                let store = self.work.store.clone();
+                let tx = self.work.internal.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut m = store.list();
+                    m.truncate(MAX_ADVERTISED_MODELS);
+                    let _ = tx.send(Internal::ModelsListed(m));
+                });
+                Response::ok(&"ok")
+            }
             Request::JobFollow { id } => {
                 // Answered now for a job that ended, else when it ends.
                 self.follow_job(&id, events, reply);
@@ -468,12 +510,52 @@ impl JobManager {
         self.report_load();
     }
 
+    /// An inference's end on the engine host, for the warm set: one that produced a result (or was
+    /// cancelled, which keeps the engine) left its engine loaded; a host that died (the only way its jobs
+    /// exit not ok) lost them all. The entry's size (the host's measure: the files of the model and
+    /// adapter directories) is read off the event loop.
+    fn note_warm(&mut self, task: &str, ok: bool) {
+        let Some(t) = self.work.tasks.get(task) else { return };
+        let (JobSpec::Infer(r), Some(w)) = (&t.payload.spec, self.work.warm.as_mut()) else {
+            return;
+        };
+        if !matches!(t.state, TaskState::Running { .. }) {
+            return;
+        }
+        if !ok {
+            w.clear();
+            return;
+        }
+        if t.result.is_none() && t.cancelled.is_none() {
+            // It failed (a model that does not load, say): nothing is known to be loaded.
+            return;
+        }
+        let key = WarmEngine {
+            model: r.model.clone(),
+            adapter: r.adapter.clone(),
+        };
+        let epoch = w.epoch();
+        let store = self.work.store.clone();
+        let tx = self.work.internal.clone();
+        tokio::task::spawn_blocking(move || {
+            let size = |h: &str| -> u64 {
+                let Ok(Some(d)) = store.resolve(h) else { return 0 };
+                std::fs::read_dir(d)
+                    .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+                    .unwrap_or(0)
+            };
+            let bytes = size(&key.model) + key.adapter.as_deref().map(size).unwrap_or(0);
+            let _ = tx.send(Internal::Warmed { key, bytes, epoch });
+        });
+    }
+
     /// Reports the load to the network actor (for the capability advert, and its own decisions) when it
     /// changed; called after every message the job manager handles, so it never lags a job's state.
     pub(super) fn report_load(&mut self) {
         let load = JobLoad {
             queue_len: self.work.queue_len(),
             models: vec![],
+            warm: self.work.warm_engines(),
             busy: self.work.busy(),
             job_peers: self.work.job_peers(),
             warm_bytes: self.work.warm_bytes,
@@ -483,6 +565,7 @@ impl JobManager {
                 && r.busy == load.busy
                 && r.warm_bytes == load.warm_bytes
                 && r.job_peers == load.job_peers
+                && r.warm == load.warm
                 && r.models == self.models
         });
         if !same {
@@ -609,6 +692,10 @@ impl JobManager {
                 }
                 _ => {}
             }
+        }
+        if let Some(w) = self.work.warm.as_mut() {
+            // The host drops an engine unused for its idle timeout; the advert follows within a tick.
+            w.expire(now);
         }
         // An API request whose client went away is cancelled within a tick.
         let ids: Vec<String> = self.work.subs.keys().cloned().collect();
@@ -762,7 +849,16 @@ impl JobManager {
                 Err(e) => tracing::warn!(job = %task, "checkpoint not streamed back: {e}"),
             },
             Internal::Tokens { task, ids, text } => self.deliver(&task, Update::Tokens { ids, text }),
-            Internal::ChildExit { task, ok, stderr_tail } => self.on_child_exit(&task, ok, stderr_tail),
+            Internal::ChildExit { task, ok, stderr_tail } => {
+                self.note_warm(&task, ok);
+                self.on_child_exit(&task, ok, stderr_tail)
+            }
+            Internal::ModelsListed(m) => self.models = m,
+            Internal::Warmed { key, bytes, epoch } => {
+                if let Some(w) = self.work.warm.as_mut() {
+                    w.served(key, bytes, epoch, Instant::now());
+                }
+            }
             Internal::WarmBytes(b) => self.work.warm_bytes = b,
             Internal::AdapterRead { task, result, res } => {
                 if !matches!(self.work.tasks.get(&task).map(|t| &t.state), Some(TaskState::Finishing)) {
@@ -781,7 +877,18 @@ impl JobManager {
                 self.end_task(&task, outcome);
             }
             Internal::SubmitLoaded(p) => self.submit_loaded(*p),
-            Internal::Started { task, res } => self.on_started(&task, res),
+            Internal::Started { task, res } => {
+                // A fine-tune starting has made the host drop every engine (see `start_task`).
+                let finetune = self
+                    .work
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| matches!(t.payload.spec, JobSpec::Finetune(_)));
+                if let (true, Some(w)) = (finetune, self.work.warm.as_mut()) {
+                    w.clear();
+                }
+                self.on_started(&task, res)
+            }
             // Unless the owner cancelled it meanwhile.
             Internal::OutWritten { job, .. } if !self.work.subs.get(&job).is_some_and(|s| s.phase.finishing()) => {}
             Internal::OutWritten { job, result, res } => match res {

@@ -111,7 +111,8 @@ impl Daemon {
             | Request::Jobs
             | Request::JobShow { .. }
             | Request::JobCancel { .. }
-            | Request::JobFollow { .. } => Response::err("a job request reached the network actor"),
+            | Request::JobFollow { .. }
+            | Request::ModelsChanged => Response::err("a job request reached the network actor"),
             Request::Status => Response::ok(&self.status()),
             Request::Peers => Response::ok(&self.peers()),
             Request::PairList => Response::ok(&self.trust.entries()),

@@ -70,12 +70,22 @@ impl JobManager {
                 checkpoint_step = checkpoint.as_ref().map(|(s, _)| *s),
                 "taking up a job submitted before the restart"
             );
+            // Recorded jobs name models this device held, or ones a peer advertised; a failover of the
+            // latter may only go to another device that holds them.
+            let absent = match absent_inputs(&self.work.store, &rec.spec) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.end_unresumable(&j.id, format!("the job's record names no valid model: {e:#}"));
+                    continue;
+                }
+            };
             let sub = Sub {
                 job_id: rec.job_id,
                 spec: rec.spec,
                 need: rec.need,
                 target,
                 out: rec.out,
+                absent,
                 // The worker that held it is given time to reconnect and report.
                 phase: match worker {
                     Some(w) => Phase::Reattaching {

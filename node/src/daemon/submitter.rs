@@ -10,6 +10,7 @@ use super::{child::*, fetch::*, jobs::*, worker::*};
 pub(super) struct PendingSubmit {
     pub(super) job_id: [u8; 16],
     pub(super) spec: JobSpec,
+    pub(super) absent: Vec<String>,
     pub(super) need: Need,
     pub(super) target: Target,
     pub(super) out: Option<PathBuf>,
@@ -52,6 +53,17 @@ pub(super) fn load_inputs(
     read_checkpoint(dir, max_ckpt).map(Some)
 }
 
+/// The job's models and adapters that this device's store does not hold.
+pub(super) fn absent_inputs(store: &Store, spec: &JobSpec) -> anyhow::Result<Vec<String>> {
+    let mut absent = vec![];
+    for h in spec.inputs() {
+        if store.resolve(h)?.is_none() {
+            absent.push(h.to_string());
+        }
+    }
+    Ok(absent)
+}
+
 /// A job this node submitted.
 pub(super) struct Sub {
     pub(super) job_id: [u8; 16],
@@ -59,6 +71,9 @@ pub(super) struct Sub {
     pub(super) need: Need,
     pub(super) target: Target,
     pub(super) out: Option<PathBuf>,
+    /// Its models (or adapters) that this device does not hold: a peer advertised them. Only a device
+    /// that holds them can run the job, since nobody can send them.
+    pub(super) absent: Vec<String>,
     /// Where it stands, and with which device (this node's own id for a local run): `failover.rs`.
     pub(super) phase: Phase,
     pub(super) tried: Vec<PeerId>,
@@ -144,12 +159,16 @@ impl JobManager {
         let fail = |reply: oneshot::Sender<Response>, e: String| {
             let _ = reply.send(Response::err(e));
         };
-        for h in spec.inputs() {
-            match self.work.store.resolve(h) {
-                Ok(Some(_)) => {}
-                Ok(None) => return fail(reply, format!("model {h} is not in this node's store")),
-                Err(e) => return fail(reply, format!("{e:#}")),
-            }
+        let absent = match absent_inputs(&self.work.store, &spec) {
+            Ok(a) => a,
+            Err(e) => return fail(reply, format!("{e:#}")),
+        };
+        // A model this device lacks runs where a connected peer holds it (the scheduler sees which).
+        if let Some(h) = absent.iter().find(|h| !self.mesh.borrow().held_by_a_peer(h)) {
+            return fail(
+                reply,
+                format!("model {h} is not in this node's store, and no connected peer advertises it"),
+            );
         }
         let target = match to {
             "" | "auto" => Target::Auto,
@@ -202,6 +221,7 @@ impl JobManager {
             let _ = tx.send(Internal::SubmitLoaded(Box::new(PendingSubmit {
                 job_id,
                 spec,
+                absent,
                 need,
                 target,
                 out,
@@ -219,6 +239,7 @@ impl JobManager {
         let PendingSubmit {
             job_id,
             spec,
+            absent,
             need,
             target,
             out,
@@ -259,6 +280,7 @@ impl JobManager {
             need,
             target,
             out,
+            absent,
             phase: Phase::Unplaced,
             tried: vec![],
             attempt: 0,
@@ -294,10 +316,14 @@ impl JobManager {
             name: format!("{} (this device)", self.name),
             link: Link::Local,
             caps: mine,
-            has_model: true,
+            has_model: sub.absent.is_empty(),
+            warm: self.work.is_warm(&sub.spec),
             // The owner asked on this device: it may always run its own jobs.
             battery_allowed: true,
-            no_model_route: None,
+            no_model_route: sub
+                .absent
+                .first()
+                .map(|h| format!("it does not hold model {h} (a peer does)")),
         };
         if sub.target != Target::Auto && sub.target != Target::Local {
             // Pinned to a peer: only that one.
@@ -321,8 +347,14 @@ impl JobManager {
             let has_model = inputs.iter().all(|h| caps.models.contains(h));
             let no_model_route = if has_model {
                 None
+            } else if let Some(h) = sub.absent.iter().find(|h| !caps.models.contains(h)) {
+                Some(format!("neither it nor this device holds model {h}"))
             } else {
                 self.model_route(p, sub.need.model_bytes).err()
+            };
+            let warm = match &sub.spec {
+                JobSpec::Infer(r) => caps.warm.iter().any(|w| w.model == r.model && w.adapter == r.adapter),
+                _ => false,
             };
             out.push(Candidate {
                 id: p.to_base58(),
@@ -331,6 +363,7 @@ impl JobManager {
                 battery_allowed: caps.jobs_on_battery,
                 caps,
                 has_model,
+                warm,
                 no_model_route,
             });
         }

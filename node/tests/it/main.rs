@@ -5,10 +5,12 @@
 mod adapter;
 mod cli;
 mod daemon;
+mod demo;
 mod harness;
 mod hostile;
 mod jobs;
 mod mesh;
 mod nat;
 mod serve;
+mod serve_route;
 mod state;

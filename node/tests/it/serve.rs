@@ -11,7 +11,7 @@ const T: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789";
 
 /// The Python with the `openai` package: `$BITNODE_TEST_PYTHON` (run-tests sets it), else one made here.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     if let Ok(p) = std::env::var("BITNODE_TEST_PYTHON") {
         return PathBuf::from(p);
     }
@@ -42,8 +42,11 @@ fn python() -> PathBuf {
 }
 
 /// `curl` against the API: (status, body as JSON or Null, headers).
-fn curl(args: &[&str]) -> (u16, Value, String) {
-    let dir = std::env::temp_dir().join(format!("bitnode-curl-{}", std::process::id()));
+pub(crate) fn curl(args: &[&str]) -> (u16, Value, String) {
+    // A directory per call: tests run in parallel threads of one process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("bitnode-curl-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (body, heads) = (dir.join("body"), dir.join("headers"));
     let out = Command::new("curl")
@@ -58,6 +61,7 @@ fn curl(args: &[&str]) -> (u16, Value, String) {
     let status: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     let b = std::fs::read(&body).unwrap_or_default();
     let h = std::fs::read_to_string(&heads).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
     (status, serde_json::from_slice(&b).unwrap_or(Value::Null), h)
 }
 
@@ -81,7 +85,7 @@ fn greedy_infer_json(home: &Path, model: &Path, prompt: &str, n: usize) -> Value
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
 }
 
-fn greedy_infer(home: &Path, model: &Path, prompt: &str, n: usize) -> String {
+pub(crate) fn greedy_infer(home: &Path, model: &Path, prompt: &str, n: usize) -> String {
     greedy_infer_json(home, model, prompt, n)["text"]
         .as_str()
         .unwrap()
@@ -403,7 +407,7 @@ fn kill_engine_hosts(home: &Path) -> usize {
     kill_processes("engine-host", &home.display().to_string())
 }
 
-fn jobs(n: &Node) -> Vec<Value> {
+pub(crate) fn jobs(n: &Node) -> Vec<Value> {
     let out = cli_ok(&n.home, &["jobs", "--json"]);
     serde_json::from_str(out.lines().last().unwrap_or("[]")).unwrap_or_default()
 }
