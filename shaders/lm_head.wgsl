@@ -1,12 +1,13 @@
 // Logits for one row tile of the (f16 or f32) output matrix: logits[t, row0 + r] = sum_c x[lm_t0 + t, c] * W[r, c].
 // The matrix is the largest tensor of a BitNet model (657 MB in f16 for 2B-4T), so it is split into row
-// tiles that each fit a storage binding; each tile is one dispatch. Layout as in matmul_ternary: 8 rows x 32
-// lanes per workgroup, each weight word reused for TT tokens.
+// tiles that each fit a storage binding; each tile is one dispatch. ROWS rows x 256/ROWS lanes per
+// workgroup; each lane unpacks eight weights at a time once and applies them to TT tokens (the rows of a
+// batched decode step, up to 16), reading the hidden states as vec4.
 
 override F16: bool = true;
 // Rows per workgroup (256 / ROWS lanes per row).
 override ROWS: u32 = 8u;
-const TT: u32 = 4u;
+const TT: u32 = 16u;
 
 struct Params {
     c: u32,      // C
@@ -19,76 +20,145 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> wt: array<u32>;           // [rows, C] f16 pairs or f32 bits
-@group(0) @binding(3) var<storage, read> x: array<f32>;            // [T, C] final-normed hidden states
+@group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;      // [T, C] final-normed hidden states
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>; // [lm_t, V]
 
-var<workgroup> red: array<f32, 1024>;   // [TT][256]
+// Lane sums staged eight tokens at a time, [row][lane][9] plus 8 words of padding per row.
+var<workgroup> red: array<f32, 2560>;
+
+fn xs(e: u32) -> f32 {
+    return x[e / 4u][e % 4u];
+}
+
+// Hidden state t's columns col..col+8 (col a multiple of 8 when C is; else element by element), for t past
+// the last token the last token's.
+fn x8(t: u32, col: u32) -> array<vec4<f32>, 2> {
+    let e = (step.lm_t0 + min(t, step.lm_t - 1u)) * p.c + col;
+    if e % 4u == 0u {
+        return array<vec4<f32>, 2>(x[e / 4u], x[e / 4u + 1u]);
+    }
+    return array<vec4<f32>, 2>(
+        vec4<f32>(xs(e), xs(e + 1u), xs(e + 2u), xs(e + 3u)),
+        vec4<f32>(xs(e + 4u), xs(e + 5u), xs(e + 6u), xs(e + 7u)),
+    );
+}
+
+// Four tokens from t against the eight weights (wa, wb) at column col.
+fn head4(wa: vec4<f32>, wb: vec4<f32>, t: u32, col: u32) -> vec4<f32> {
+    let a = x8(t, col);
+    let b = x8(t + 1u, col);
+    let c = x8(t + 2u, col);
+    let d = x8(t + 3u, col);
+    return vec4<f32>(
+        dot(wa, a[0]) + dot(wb, a[1]),
+        dot(wa, b[0]) + dot(wb, b[1]),
+        dot(wa, c[0]) + dot(wb, c[1]),
+        dot(wa, d[0]) + dot(wb, d[1]),
+    );
+}
+
+fn lm_put(slot: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    red[slot] = lo.x;
+    red[slot + 1u] = lo.y;
+    red[slot + 2u] = lo.z;
+    red[slot + 3u] = lo.w;
+    red[slot + 4u] = hi.x;
+    red[slot + 5u] = hi.y;
+    red[slot + 6u] = hi.z;
+    red[slot + 7u] = hi.w;
+}
+
+// Thread lid < 8 ROWS: row lid / 8 of the workgroup, token lid % 8 of the staged eight, summed over lanes.
+fn lm_sum(lid: u32, lanes: u32, rs: u32) -> f32 {
+    var v = 0.0;
+    if lid < 8u * ROWS {
+        let b = (lid / 8u) * rs + lid % 8u;
+        for (var l = 0u; l < lanes; l++) {
+            v += red[b + 9u * l];
+        }
+    }
+    return v;
+}
+
+fn lm_out(row: u32, t: u32, v: f32) {
+    if row < p.rows && t < step.lm_t {
+        logits[t * p.v + p.row0 + row] = v;
+    }
+}
 
 @compute @workgroup_size(256)
 fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
     let lanes = 256u / ROWS;
     let lane = lid % lanes;
-    let row = wg.x * ROWS + lid / lanes;
+    let r = lid / lanes;
+    let row = wg.x * ROWS + r;
     let t0 = wg.y * TT;
-    var acc: array<f32, TT>;
-    if row < p.rows {
-        if F16 {
-            // Four consecutive words (eight weights) per lane and step: four loads in flight.
-            let half_c = p.c / 2u;
-            let rb = row * half_c;
-            for (var j0 = 4u * lane; j0 < half_c; j0 += 4u * lanes) {
-                let n = min(4u, half_c - j0);
+    let nt = min(TT, step.lm_t - min(step.lm_t, t0));
+    // Sixteen tokens' sums in named vectors (an indexed array would sit in local memory on NVIDIA).
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    if row < p.rows && nt > 0u {
+        // Eight weights per lane and step: four f16 pairs, or eight f32.
+        let per = select(8u, 4u, F16);
+        let nw = select(p.c, p.c / 2u, F16);
+        let rb = row * nw;
+        for (var j0 = per * lane; j0 < nw; j0 += per * lanes) {
+            let n = min(per, nw - j0);
+            var wa = vec4<f32>(0.0);
+            var wb = vec4<f32>(0.0);
+            if F16 {
                 var wv = vec4<u32>(0u);
-                if n == 4u {
-                    wv = vec4<u32>(wt[rb + j0], wt[rb + j0 + 1u], wt[rb + j0 + 2u], wt[rb + j0 + 3u]);
-                } else {
-                    for (var k = 0u; k < n; k++) {
-                        wv[k] = wt[rb + j0 + k];
-                    }
+                for (var k = 0u; k < n; k++) {
+                    wv[k] = wt[rb + j0 + k];
                 }
-                for (var tt = 0u; tt < TT; tt++) {
-                    let t = t0 + tt;
-                    if t < step.lm_t {
-                        let xb = (step.lm_t0 + t) * p.c + 2u * j0;
-                        for (var k = 0u; k < n; k++) {
-                            let f = unpack2x16float(wv[k]);
-                            acc[tt] += x[xb + 2u * k] * f.x + x[xb + 2u * k + 1u] * f.y;
-                        }
-                    }
+                let f0 = unpack2x16float(wv.x);
+                let f1 = unpack2x16float(wv.y);
+                let f2 = unpack2x16float(wv.z);
+                let f3 = unpack2x16float(wv.w);
+                wa = vec4<f32>(f0, f1);
+                wb = vec4<f32>(f2, f3);
+            } else {
+                var e = array<f32, 8>();
+                for (var k = 0u; k < n; k++) {
+                    e[k] = bitcast<f32>(wt[rb + j0 + k]);
                 }
+                wa = vec4<f32>(e[0], e[1], e[2], e[3]);
+                wb = vec4<f32>(e[4], e[5], e[6], e[7]);
             }
-        } else {
-            for (var j = lane; j < p.c; j += lanes) {
-                let wv = bitcast<f32>(wt[row * p.c + j]);
-                for (var tt = 0u; tt < TT; tt++) {
-                    let t = t0 + tt;
-                    if t < step.lm_t {
-                        acc[tt] += x[(step.lm_t0 + t) * p.c + j] * wv;
-                    }
-                }
+            // Columns past C carry zero weights; x8 may read a few values past the row, inside the
+            // binding or zeroed by its bounds checks, and they meet those zeros.
+            let col = select(j0, 2u * j0, F16);
+            a0 += head4(wa, wb, t0, col);
+            if nt > 4u {
+                a1 += head4(wa, wb, t0 + 4u, col);
+            }
+            if nt > 8u {
+                a2 += head4(wa, wb, t0 + 8u, col);
+            }
+            if nt > 12u {
+                a3 += head4(wa, wb, t0 + 12u, col);
             }
         }
     }
-    let ntt = min(TT, step.lm_t - min(step.lm_t, t0));
-    for (var tt = 0u; tt < ntt; tt++) {
-        red[tt * 256u + lid] = acc[tt];
-    }
+    let rs = 9u * lanes + 8u;
+    let slot = r * rs + 9u * lane;
+    let orow = wg.x * ROWS + lid / 8u;
+    lm_put(slot, a0, a1);
     workgroupBarrier();
-    for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-        if lane < off {
-            for (var tt = 0u; tt < ntt; tt++) {
-                red[tt * 256u + lid] += red[tt * 256u + lid + off];
-            }
-        }
-        workgroupBarrier();
+    let s0 = lm_sum(lid, lanes, rs);
+    if lid < 8u * ROWS {
+        lm_out(orow, t0 + lid % 8u, s0);
     }
-    if lane == 0u && row < p.rows {
-        for (var tt = 0u; tt < ntt; tt++) {
-            let t = t0 + tt;
-            if t < step.lm_t {
-                logits[t * p.v + p.row0 + row] = red[tt * 256u + lid];
-            }
+    if nt > 8u {
+        workgroupBarrier();
+        lm_put(slot, a2, a3);
+        workgroupBarrier();
+        let s1 = lm_sum(lid, lanes, rs);
+        if lid < 8u * ROWS {
+            lm_out(orow, t0 + 8u + lid % 8u, s1);
         }
     }
 }
@@ -135,7 +205,7 @@ fn lm_head_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             let t = t0 + rr;
             var xv = 0.0;
             if t < step.lm_t && k < p.c {
-                xv = x[(step.lm_t0 + t) * p.c + k];
+                xv = xs((step.lm_t0 + t) * p.c + k);
             }
             ga[kk * GS + rr] = xv;
             let n = n0 + rr;

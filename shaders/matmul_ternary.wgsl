@@ -10,10 +10,16 @@
 // writes relu(gate)^2 * up.
 //
 // A workgroup is 8 rows x 32 lanes; lanes stride over the words of a row so reads are coalesced, and each
-// weight word is reused for TT tokens (prefill).
+// weight word is reused for TT tokens: the rows of a batched decode step (one per sequence, up to 16 by
+// default) or a prompt chunk. The word's four codes are unpacked once and serve every token, and the
+// activations are read as vec4 (the four words that line up with one weight word) in one load.
 
 override MODE: u32 = 0u;
-const TT: u32 = 4u;
+const TT: u32 = 16u;
+// The lane sums are reduced eight tokens at a time through `red`, laid out [row][lane][9] with a row
+// stride of 296 words: both the stores (a row's 32 lanes) and the sums (8 rows x 8 tokens read a lane's
+// slot together) then touch 32 different banks.
+const RS: u32 = 296u;
 
 struct Params {
     words: u32,     // I / 16
@@ -31,78 +37,144 @@ struct Params {
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> w: array<u32>;          // [rows (x2 in MODE 2), I/16]
 @group(0) @binding(3) var<storage, read> scale: array<f32>;      // [rows (x2 in MODE 2)]
-@group(0) @binding(4) var<storage, read> q: array<u32>;          // [T, I/4] packed int8
+@group(0) @binding(4) var<storage, read> q: array<vec4<u32>>;    // [T, I/16] packed int8, 16 per vec4
 @group(0) @binding(5) var<storage, read> s: array<f32>;          // [T]
 @group(0) @binding(6) var<storage, read> qsum: array<i32>;       // [T]
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;    // [T, y_stride]
 
-var<workgroup> red: array<i32, 2048>;   // [2][TT][256]
+var<workgroup> red: array<i32, 2368>;   // [8 rows][RS]
+
+// The sum over a row's 32 lanes of the eight values staged in `red`, for thread lid < 64: row lid / 8 of
+// the workgroup, token lid % 8 of the staged eight.
+fn red_sum(lid: u32) -> i32 {
+    var v = 0;
+    if lid < 64u {
+        let b = (lid / 8u) * RS + lid % 8u;
+        for (var l = 0u; l < 32u; l++) {
+            v += red[b + 9u * l];
+        }
+    }
+    return v;
+}
+
+fn ternary_dot(c: vec4<u32>, x: vec4<u32>) -> i32 {
+    return (dot4I8Packed(c.x, x.x) + dot4I8Packed(c.y, x.y)) + (dot4I8Packed(c.z, x.z) + dot4I8Packed(c.w, x.w));
+}
+
+// Writes output (row, t) from a reduced sum g (and u, MODE 2).
+fn mt_out(row: u32, t: u32, g: i32, u: i32) {
+    if row >= p.rows || t >= step.t {
+        return;
+    }
+    let dst = t * p.y_stride + p.y_off + row;
+    let a = f32(g - qsum[t]) * scale[row] / s[t];
+    if MODE == 0u {
+        y[dst] = a;
+    } else if MODE == 1u {
+        y[dst] += a;
+    } else {
+        let b = f32(u - qsum[t]) * scale[p.rows + row] / s[t];
+        let r = max(a, 0.0);
+        y[dst] = r * r * b;
+    }
+}
+
+// Token t's activation word of input word i, for t past the last token the last token's (a uniform load
+// instead of a branch per token; its sums are never written).
+fn qx(t: u32, i: u32) -> vec4<u32> {
+    return q[min(t, step.t - 1u) * p.words + i];
+}
+
+// Four tokens from t: their dot products with codes c (and cu, MODE 2) added into g (and u).
+fn dot4t(c: vec4<u32>, cu: vec4<u32>, t: u32, i: u32, g: ptr<function, vec4<i32>>, u: ptr<function, vec4<i32>>) {
+    let x0 = qx(t, i);
+    let x1 = qx(t + 1u, i);
+    let x2 = qx(t + 2u, i);
+    let x3 = qx(t + 3u, i);
+    *g += vec4<i32>(ternary_dot(c, x0), ternary_dot(c, x1), ternary_dot(c, x2), ternary_dot(c, x3));
+    if MODE == 2u {
+        *u += vec4<i32>(ternary_dot(cu, x0), ternary_dot(cu, x1), ternary_dot(cu, x2), ternary_dot(cu, x3));
+    }
+}
+
+fn red_put(slot: u32, lo: vec4<i32>, hi: vec4<i32>) {
+    red[slot] = lo.x;
+    red[slot + 1u] = lo.y;
+    red[slot + 2u] = lo.z;
+    red[slot + 3u] = lo.w;
+    red[slot + 4u] = hi.x;
+    red[slot + 5u] = hi.y;
+    red[slot + 6u] = hi.z;
+    red[slot + 7u] = hi.w;
+}
 
 @compute @workgroup_size(256)
 fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
     let lane = lid % 32u;
-    let row = wg.x * 8u + lid / 32u;
+    let r = lid / 32u;
+    let row = wg.x * 8u + r;
     let t0 = wg.y * TT;
-    var acc: array<i32, TT>;
-    var accu: array<i32, TT>;
-    let qwords = p.words * 4u;
-    if row < p.rows {
+    // Tokens in this tile; uniform, so the groups of four past it are skipped without divergence.
+    let nt = min(TT, step.t - min(step.t, t0));
+    // Sixteen tokens' sums in named vectors (an indexed array would sit in local memory on NVIDIA).
+    var g0 = vec4<i32>(0);
+    var g1 = vec4<i32>(0);
+    var g2 = vec4<i32>(0);
+    var g3 = vec4<i32>(0);
+    var u0 = vec4<i32>(0);
+    var u1 = vec4<i32>(0);
+    var u2 = vec4<i32>(0);
+    var u3 = vec4<i32>(0);
+    if row < p.rows && nt > 0u {
         for (var i = lane; i < p.words; i += 32u) {
-            let wv = w[row * p.words + i];
-            var wu = 0u;
+            let c = (vec4<u32>(w[row * p.words + i]) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
+            var cu = vec4<u32>(0u);
             if MODE == 2u {
-                wu = w[(p.rows + row) * p.words + i];
+                cu = (vec4<u32>(w[(p.rows + row) * p.words + i]) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
             }
-            for (var tt = 0u; tt < TT; tt++) {
-                let t = t0 + tt;
-                if t < step.t {
-                    let base = t * qwords + 4u * i;
-                    for (var sh = 0u; sh < 4u; sh++) {
-                        let xq = q[base + sh];
-                        acc[tt] += dot4I8Packed((wv >> (2u * sh)) & 0x03030303u, xq);
-                        if MODE == 2u {
-                            accu[tt] += dot4I8Packed((wu >> (2u * sh)) & 0x03030303u, xq);
-                        }
-                    }
-                }
+            dot4t(c, cu, t0, i, &g0, &u0);
+            if nt > 4u {
+                dot4t(c, cu, t0 + 4u, i, &g1, &u1);
+            }
+            if nt > 8u {
+                dot4t(c, cu, t0 + 8u, i, &g2, &u2);
+            }
+            if nt > 12u {
+                dot4t(c, cu, t0 + 12u, i, &g3, &u3);
             }
         }
     }
-    // Only the tokens this workgroup really has are reduced (one during decode); ntt is uniform.
-    let ntt = min(TT, step.t - min(step.t, t0));
-    for (var tt = 0u; tt < ntt; tt++) {
-        red[tt * 256u + lid] = acc[tt];
-        red[1024u + tt * 256u + lid] = accu[tt];
-    }
+    // Tokens 0..8 of the tile, then 8..16 when the tile has them.
+    let slot = r * RS + 9u * lane;
+    let orow = wg.x * 8u + lid / 8u;
+    red_put(slot, g0, g1);
     workgroupBarrier();
-    for (var off = 16u; off > 0u; off >>= 1u) {
-        if lane < off {
-            for (var tt = 0u; tt < ntt; tt++) {
-                red[tt * 256u + lid] += red[tt * 256u + lid + off];
-                if MODE == 2u {
-                    red[1024u + tt * 256u + lid] += red[1024u + tt * 256u + lid + off];
-                }
-            }
-        }
+    let s0 = red_sum(lid);
+    workgroupBarrier();
+    var v0 = 0;
+    if MODE == 2u {
+        red_put(slot, u0, u1);
+        workgroupBarrier();
+        v0 = red_sum(lid);
         workgroupBarrier();
     }
-    if lane == 0u && row < p.rows {
-        for (var tt = 0u; tt < ntt; tt++) {
-            let t = t0 + tt;
-            if t < step.t {
-                let dst = t * p.y_stride + p.y_off + row;
-                let g = f32(red[tt * 256u + lid] - qsum[t]) * scale[row] / s[t];
-                if MODE == 0u {
-                    y[dst] = g;
-                } else if MODE == 1u {
-                    y[dst] += g;
-                } else {
-                    let u = f32(red[1024u + tt * 256u + lid] - qsum[t]) * scale[p.rows + row] / s[t];
-                    let r = max(g, 0.0);
-                    y[dst] = r * r * u;
-                }
-            }
+    if lid < 64u {
+        mt_out(orow, t0 + lid % 8u, s0, v0);
+    }
+    if nt > 8u {
+        red_put(slot, g2, g3);
+        workgroupBarrier();
+        let s1 = red_sum(lid);
+        var v1 = 0;
+        if MODE == 2u {
+            workgroupBarrier();
+            red_put(slot, u2, u3);
+            workgroupBarrier();
+            v1 = red_sum(lid);
+        }
+        if lid < 64u {
+            mt_out(orow, t0 + 8u + lid % 8u, s1, v1);
         }
     }
 }
@@ -307,7 +379,8 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             let tt = e / (4u * MW);
             var v = 0u;
             if t0 + tt < step.t && 4u * w0 + aw < qwords {
-                v = q[(t0 + tt) * qwords + 4u * w0 + aw];
+                let e4 = (t0 + tt) * qwords + 4u * w0 + aw;
+                v = q[e4 / 4u][e4 % 4u];
             }
             mq_s[aw * MS + tt] = v;
         }

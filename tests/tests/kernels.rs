@@ -139,6 +139,9 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             (6, 160, 352),
             (3, 64, 2560),
             (70, 100, 352),
+            // A full 16-token tile (a batched decode step of 16) and one ending inside its last group.
+            (16, 96, 128),
+            (13, 40, 352),
         ] {
             if limit.is_some() && 4 * t * o.max(i) > 8192 {
                 continue; // the activations themselves would exceed the forced limit
@@ -307,16 +310,15 @@ fn embedding_and_lm_head_match_cpu_in_f16_and_f32() {
     let model = tiny_model();
     let mut rng = Rng::new(4);
     let (v, c) = (model.embed.rows, model.embed.cols);
-    for f16 in [false, true] {
+    // lm_t 5 (one group of eight tokens) and 14 (a second group, ending inside its last four).
+    for (f16, t, lm_t) in [(false, 6, 5u32), (true, 6, 5), (false, 15, 14), (true, 15, 14)] {
         // 64 KiB bindings: the f32 table is 256 KiB, so both kernels run over several tiles.
         let g = gpu(Some(64 * 1024));
         let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
         assert!(tiles.len() > 1);
-        let t = 6;
         let tokens: Vec<u32> = (0..t).map(|_| (rng.next_u64() % v as u64) as u32).collect();
         let x = randn(&mut rng, t * c, 1.0);
         let lm_t0 = 1u32;
-        let lm_t = 5u32;
         let step = step_buf(
             &g,
             Step {
@@ -353,7 +355,7 @@ fn embedding_and_lm_head_match_cpu_in_f16_and_f32() {
         cpu::lm_head(&mut logits, &x[lm_t0 as usize * c..], &w, lm_t as usize, c, v);
         let got = f32s(&g.download(&lb, (4 * lm_t as usize * v) as u64).unwrap());
         let (d, at) = max_rel_diff(&got, &logits);
-        assert!(d < 2e-5, "lm_head f16={f16}: diff {d} at {at}");
+        assert!(d < 2e-5, "lm_head f16={f16} lm_t={lm_t}: diff {d} at {at}");
     }
 }
 

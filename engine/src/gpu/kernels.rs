@@ -7,8 +7,12 @@ use crate::model::{MappedMatrix, TernaryLinear};
 use bitnode_shaders as sh;
 use std::sync::Arc;
 
-/// Tokens per workgroup in matmul_ternary.wgsl and lm_head.wgsl (their `TT`).
-pub const TT: u32 = 4;
+/// Tokens per workgroup in matmul_ternary.wgsl (its `TT`): a batched decode step of up to 16 sequences
+/// reads each weight word once.
+pub const TT: u32 = 16;
+
+/// Tokens per workgroup in lm_head.wgsl (its `TT`).
+pub const LM_TT: u32 = 16;
 
 /// The per-submission values every kernel reads (binding 1). Mirrors `struct Step` in the shaders.
 #[repr(C)]
@@ -43,7 +47,7 @@ pub enum Grid {
     Rows(u32),
     /// (ceil(rows/n), 1, 1)
     RowsBy(u32, u32),
-    /// (ceil(rows/n), ceil(lm_t/TT), 1)
+    /// (ceil(rows/n), ceil(lm_t/LM_TT), 1)
     LmRows(u32, u32),
     /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
     TokenTiles(u32),
@@ -67,7 +71,7 @@ impl Grid {
             Grid::ByTokens(n) => (n, t, 1),
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
-            Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(TT), 1),
+            Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(LM_TT), 1),
             Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
             Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
             Grid::LmTokens => (lm_t, 1, 1),
