@@ -1,8 +1,8 @@
 // Logits for one row tile of the (f16 or f32) output matrix: logits[t, row0 + r] = sum_c x[lm_t0 + t, c] * W[r, c].
 // The matrix is the largest tensor of a BitNet model (657 MB in f16 for 2B-4T), so it is split into row
-// tiles that each fit a storage binding; each tile is one dispatch. ROWS rows x 256/ROWS lanes per
-// workgroup; each lane unpacks eight weights at a time once and applies them to TT tokens (the rows of a
-// batched decode step, up to 16), reading the hidden states as vec4.
+// tiles that each fit a storage binding; each tile is one dispatch. 2 ROWS rows per workgroup, 256/ROWS
+// lanes per pair of rows; each lane unpacks eight weights of each row at a time once and applies them to
+// TT tokens (the rows of a batched decode step, up to 16), reading the hidden states as vec4.
 
 override F16: bool = true;
 // Rows per workgroup (256 / ROWS lanes per row).
@@ -43,18 +43,53 @@ fn x8(t: u32, col: u32) -> array<vec4<f32>, 2> {
     );
 }
 
-// Four tokens from t against the eight weights (wa, wb) at column col.
-fn head4(wa: vec4<f32>, wb: vec4<f32>, t: u32, col: u32) -> vec4<f32> {
+// Four tokens from t against two rows' eight weights (wa, wb and wc, wd) at column col, added into ga and
+// gb: each hidden-state load serves both rows.
+fn head4(wa: vec4<f32>, wb: vec4<f32>, wc: vec4<f32>, wd: vec4<f32>, t: u32, col: u32, ga: ptr<function, vec4<f32>>, gb: ptr<function, vec4<f32>>) {
     let a = x8(t, col);
     let b = x8(t + 1u, col);
     let c = x8(t + 2u, col);
     let d = x8(t + 3u, col);
-    return vec4<f32>(
+    *ga += vec4<f32>(
         dot(wa, a[0]) + dot(wb, a[1]),
         dot(wa, b[0]) + dot(wb, b[1]),
         dot(wa, c[0]) + dot(wb, c[1]),
         dot(wa, d[0]) + dot(wb, d[1]),
     );
+    *gb += vec4<f32>(
+        dot(wc, a[0]) + dot(wd, a[1]),
+        dot(wc, b[0]) + dot(wd, b[1]),
+        dot(wc, c[0]) + dot(wd, c[1]),
+        dot(wc, d[0]) + dot(wd, d[1]),
+    );
+}
+
+// Row `row`'s eight weights at word j0 (n of them; the rest zero) as two vec4: four f16 pairs, or eight
+// f32. Zero for a row past the tile.
+fn weights8(row: u32, j0: u32, n: u32, nw: u32) -> array<vec4<f32>, 2> {
+    if row >= p.rows {
+        return array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    let rb = row * nw;
+    if F16 {
+        var wv = vec4<u32>(0u);
+        if n == 4u {
+            wv = vec4<u32>(wt[rb + j0], wt[rb + j0 + 1u], wt[rb + j0 + 2u], wt[rb + j0 + 3u]);
+        } else {
+            for (var k = 0u; k < n; k++) {
+                wv[k] = wt[rb + j0 + k];
+            }
+        }
+        return array<vec4<f32>, 2>(
+            vec4<f32>(unpack2x16float(wv.x), unpack2x16float(wv.y)),
+            vec4<f32>(unpack2x16float(wv.z), unpack2x16float(wv.w)),
+        );
+    }
+    var e = array<f32, 8>();
+    for (var k = 0u; k < n; k++) {
+        e[k] = bitcast<f32>(wt[rb + j0 + k]);
+    }
+    return array<vec4<f32>, 2>(vec4<f32>(e[0], e[1], e[2], e[3]), vec4<f32>(e[4], e[5], e[6], e[7]));
 }
 
 fn lm_put(slot: u32, lo: vec4<f32>, hi: vec4<f32>) {
@@ -68,7 +103,7 @@ fn lm_put(slot: u32, lo: vec4<f32>, hi: vec4<f32>) {
     red[slot + 7u] = hi.w;
 }
 
-// Thread lid < 8 ROWS: row lid / 8 of the workgroup, token lid % 8 of the staged eight, summed over lanes.
+// Thread lid < 8 ROWS: row lid / 8 of the staged rows, token lid % 8 of the staged eight, summed over lanes.
 fn lm_sum(lid: u32, lanes: u32, rs: u32) -> f32 {
     var v = 0.0;
     if lid < 8u * ROWS {
@@ -86,80 +121,78 @@ fn lm_out(row: u32, t: u32, v: f32) {
     }
 }
 
+// Stages eight tokens' lane sums (lo, hi) of the workgroup's rows, sums them and writes them as tokens
+// t..t+8 of rows row0 + lid / 8. Uniform control flow.
+fn lm_reduce(lid: u32, lanes: u32, slot: u32, lo: vec4<f32>, hi: vec4<f32>, row0: u32, t: u32) {
+    let rs = 9u * lanes + 8u;
+    workgroupBarrier();
+    lm_put(slot, lo, hi);
+    workgroupBarrier();
+    let v = lm_sum(lid, lanes, rs);
+    if lid < 8u * ROWS {
+        lm_out(row0 + lid / 8u, t + lid % 8u, v);
+    }
+}
+
+// Each workgroup takes 2 ROWS rows: lane group r has rows r and ROWS + r of them, so every hidden-state
+// load serves two rows (the loads, not the multiply-adds, bound this kernel).
 @compute @workgroup_size(256)
 fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
     let lanes = 256u / ROWS;
     let lane = lid % lanes;
     let r = lid / lanes;
-    let row = wg.x * ROWS + r;
+    let base = wg.x * 2u * ROWS;
+    let row = base + r;
+    let row2 = base + ROWS + r;
     let t0 = wg.y * TT;
     let nt = min(TT, step.lm_t - min(step.lm_t, t0));
-    // Sixteen tokens' sums in named vectors (an indexed array would sit in local memory on NVIDIA).
+    // Sixteen tokens' sums of both rows in named vectors (an indexed array would sit in local memory on
+    // NVIDIA).
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
     if row < p.rows && nt > 0u {
         // Eight weights per lane and step: four f16 pairs, or eight f32.
         let per = select(8u, 4u, F16);
         let nw = select(p.c, p.c / 2u, F16);
-        let rb = row * nw;
         for (var j0 = per * lane; j0 < nw; j0 += per * lanes) {
             let n = min(per, nw - j0);
-            var wa = vec4<f32>(0.0);
-            var wb = vec4<f32>(0.0);
-            if F16 {
-                var wv = vec4<u32>(0u);
-                for (var k = 0u; k < n; k++) {
-                    wv[k] = wt[rb + j0 + k];
-                }
-                let f0 = unpack2x16float(wv.x);
-                let f1 = unpack2x16float(wv.y);
-                let f2 = unpack2x16float(wv.z);
-                let f3 = unpack2x16float(wv.w);
-                wa = vec4<f32>(f0, f1);
-                wb = vec4<f32>(f2, f3);
-            } else {
-                var e = array<f32, 8>();
-                for (var k = 0u; k < n; k++) {
-                    e[k] = bitcast<f32>(wt[rb + j0 + k]);
-                }
-                wa = vec4<f32>(e[0], e[1], e[2], e[3]);
-                wb = vec4<f32>(e[4], e[5], e[6], e[7]);
-            }
+            let wa = weights8(row, j0, n, nw);
+            let wb = weights8(row2, j0, n, nw);
             // Columns past C carry zero weights; x8 may read a few values past the row, inside the
             // binding or zeroed by its bounds checks, and they meet those zeros.
             let col = select(j0, 2u * j0, F16);
-            a0 += head4(wa, wb, t0, col);
+            if nt == 1u {
+                // Decode of one sequence: one token, not a group of four copies of it.
+                let a = x8(t0, col);
+                a0.x += dot(wa[0], a[0]) + dot(wa[1], a[1]);
+                b0.x += dot(wb[0], a[0]) + dot(wb[1], a[1]);
+                continue;
+            }
+            head4(wa[0], wa[1], wb[0], wb[1], t0, col, &a0, &b0);
             if nt > 4u {
-                a1 += head4(wa, wb, t0 + 4u, col);
+                head4(wa[0], wa[1], wb[0], wb[1], t0 + 4u, col, &a1, &b1);
             }
             if nt > 8u {
-                a2 += head4(wa, wb, t0 + 8u, col);
+                head4(wa[0], wa[1], wb[0], wb[1], t0 + 8u, col, &a2, &b2);
             }
             if nt > 12u {
-                a3 += head4(wa, wb, t0 + 12u, col);
+                head4(wa[0], wa[1], wb[0], wb[1], t0 + 12u, col, &a3, &b3);
             }
         }
     }
-    let rs = 9u * lanes + 8u;
-    let slot = r * rs + 9u * lane;
-    let orow = wg.x * ROWS + lid / 8u;
-    lm_put(slot, a0, a1);
-    workgroupBarrier();
-    let s0 = lm_sum(lid, lanes, rs);
-    if lid < 8u * ROWS {
-        lm_out(orow, t0 + lid % 8u, s0);
-    }
+    let slot = r * (9u * lanes + 8u) + 9u * lane;
+    lm_reduce(lid, lanes, slot, a0, a1, base, t0);
+    lm_reduce(lid, lanes, slot, b0, b1, base + ROWS, t0);
     if nt > 8u {
-        workgroupBarrier();
-        lm_put(slot, a2, a3);
-        workgroupBarrier();
-        let s1 = lm_sum(lid, lanes, rs);
-        if lid < 8u * ROWS {
-            lm_out(orow, t0 + 8u + lid % 8u, s1);
-        }
+        lm_reduce(lid, lanes, slot, a2, a3, base, t0 + 8u);
+        lm_reduce(lid, lanes, slot, b2, b3, base + ROWS, t0 + 8u);
     }
 }
 

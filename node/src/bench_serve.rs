@@ -241,7 +241,7 @@ pub fn run(home: &Path, o: Options) -> anyhow::Result<()> {
     if o.to != "auto" {
         req["to"] = serde_json::Value::String(o.to.clone());
     }
-    let body = req.to_string();
+    let mut body = req.to_string();
     if !o.json {
         eprintln!(
             "bench serve: {url}, model {model}, prompt of ~{} tokens, {} tokens per stream{}",
@@ -260,6 +260,18 @@ pub fn run(home: &Path, o: Options) -> anyhow::Result<()> {
             "first request (pays the model's load where it is cold): {:.3} s on {}",
             first.total_s, first.device
         );
+    }
+    // The word repeats into one token with the Llama-3 tokenizers, but into several with others (the
+    // synthetic presets' byte-level vocabularies): scale it by what the first request counted, and count
+    // again (one more request, not measured).
+    let mut prompt_tokens = first.prompt_tokens;
+    if prompt_tokens > 0 && prompt_tokens != o.prompt_tokens {
+        let words = (o.prompt_tokens * o.prompt_tokens).div_ceil(prompt_tokens).max(1);
+        req["prompt"] = serde_json::Value::String(prompt(words));
+        body = req.to_string();
+        prompt_tokens = stream_one(&url, token.as_deref(), &body)
+            .context("the request that counts the scaled prompt")?
+            .prompt_tokens;
     }
     let mut levels = vec![];
     for &n in &o.concurrency {
@@ -298,7 +310,7 @@ pub fn run(home: &Path, o: Options) -> anyhow::Result<()> {
         model,
         to: o.to,
         prompt_tokens_asked: o.prompt_tokens,
-        prompt_tokens: first.prompt_tokens,
+        prompt_tokens,
         max_tokens: o.max_tokens,
         first_request_s: first.total_s,
         first_request_device: first.device,

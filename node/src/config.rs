@@ -90,7 +90,8 @@ pub struct JobsSection {
     pub max_checkpoint_bytes: u64,
     /// Largest model (directory) this node downloads from a submitter, bytes.
     pub max_model_bytes: u64,
-    /// Jobs queued or running here at once; more are refused.
+    /// Jobs waiting here (not yet started) at once; more are refused. Running jobs are bounded apart:
+    /// up to `[serve] max_batch` inferences together, a fine-tune alone.
     pub max_queue: usize,
     /// Take jobs from other devices while running on battery.
     pub run_on_battery: bool,
@@ -131,7 +132,7 @@ impl Default for JobsSection {
             max_dataset_bytes: 16 << 20,
             max_checkpoint_bytes: 256 << 20,
             max_model_bytes: 16 << 30,
-            max_queue: 8,
+            max_queue: 32,
             run_on_battery: false,
             heartbeat_secs: 2,
             heartbeat_timeout_secs: 8,

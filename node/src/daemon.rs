@@ -14,7 +14,8 @@ use crate::caps;
 use crate::config::Config;
 use crate::control;
 use crate::net::{
-    self, is_relayed, lock, Admission, BehaviourEvent, Inbound, NetOptions, RelayLimits, SharedAdmission,
+    self, is_relayed, lock, Admission, BehaviourEvent, Inbound, NetOptions, RelayLimits, SharedAdmission, JOB_STREAMS,
+    UPDATE_STREAMS,
 };
 use crate::pairing::{Effect as PairEffect, Pairing};
 use crate::trust::{now_unix, TrustList};
@@ -555,16 +556,30 @@ impl Daemon {
 
     /// The job manager's requests: each goes out on its protocol with its reply channel remembered by
     /// request id (`handle::route` answers it); answers to peers go back on their response channels.
+    fn send_job(&mut self, peer: PeerId, (env, reply): (Envelope, oneshot::Sender<Answer<JobAck>>)) {
+        let rid = self.swarm.behaviour_mut().job.inner.send_request(&peer, Ok(env));
+        self.pending.job_out.sent(peer, rid);
+        self.pending.job.insert(rid, reply);
+    }
+
+    fn send_update(&mut self, peer: PeerId, (env, reply): (Envelope, oneshot::Sender<Answer<UpdateAck>>)) {
+        let rid = self.swarm.behaviour_mut().update.inner.send_request(&peer, Ok(env));
+        self.pending.update_out.sent(peer, rid);
+        self.pending.update.insert(rid, reply);
+    }
+
     fn on_command(&mut self, c: NetCommand) {
         let b = self.swarm.behaviour_mut();
         match c {
             NetCommand::SendJob { peer, env, reply } => {
-                let rid = b.job.inner.send_request(&peer, Ok(env));
-                self.pending.job.insert(rid, reply);
+                if let Some(item) = self.pending.job_out.admit(peer, (env, reply), JOB_STREAMS) {
+                    self.send_job(peer, item);
+                }
             }
             NetCommand::SendUpdate { peer, env, reply } => {
-                let rid = b.update.inner.send_request(&peer, Ok(env));
-                self.pending.update.insert(rid, reply);
+                if let Some(item) = self.pending.update_out.admit(peer, (env, reply), UPDATE_STREAMS) {
+                    self.send_update(peer, item);
+                }
             }
             NetCommand::RequestModel { peer, req, reply } => {
                 let rid = b.model.inner.send_request(&peer, Ok(req));

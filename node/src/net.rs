@@ -45,6 +45,14 @@ pub const MAX_PAIRING_PEERS: usize = 8;
 /// How long an unknown peer may stay connected to finish pairing.
 pub const PAIRING_WINDOW: Duration = Duration::from_secs(30);
 
+/// Streams of the job protocol open at once on a connection (each may buffer up to the job limit before
+/// it is checked). The daemon keeps its own outbound job requests within it per peer.
+pub const JOB_STREAMS: usize = 4;
+
+/// Streams of the update protocol open at once on a connection; outbound updates are kept within it per
+/// peer, leaving room for the peer's own.
+pub const UPDATE_STREAMS: usize = 16;
+
 impl Admission {
     pub fn admit(&mut self, peer: &PeerId) -> Result<(), NotPaired> {
         if self.trusted.contains(peer) || self.joining.contains(peer) || self.pairing.contains_key(peer) {
@@ -542,7 +550,7 @@ fn behaviour(
                 // Few at once: each may buffer up to the job limit before it is checked.
                 rr.clone()
                     .with_request_timeout(Duration::from_secs(300))
-                    .with_max_concurrent_streams(4),
+                    .with_max_concurrent_streams(JOB_STREAMS),
             ),
             admission.clone(),
         ),
@@ -555,7 +563,7 @@ fn behaviour(
                 )],
                 rr.clone()
                     .with_request_timeout(Duration::from_secs(300))
-                    .with_max_concurrent_streams(16),
+                    .with_max_concurrent_streams(UPDATE_STREAMS),
             ),
             admission.clone(),
         ),

@@ -310,8 +310,14 @@ fn embedding_and_lm_head_match_cpu_in_f16_and_f32() {
     let model = tiny_model();
     let mut rng = Rng::new(4);
     let (v, c) = (model.embed.rows, model.embed.cols);
-    // lm_t 5 (one group of eight tokens) and 14 (a second group, ending inside its last four).
-    for (f16, t, lm_t) in [(false, 6, 5u32), (true, 6, 5), (false, 15, 14), (true, 15, 14)] {
+    // lm_t 1 (decode), 5 (one group of eight tokens) and 14 (a second group, ending inside its last four).
+    for (f16, t, lm_t) in [
+        (true, 2, 1u32),
+        (false, 6, 5),
+        (true, 6, 5),
+        (false, 15, 14),
+        (true, 15, 14),
+    ] {
         // 64 KiB bindings: the f32 table is 256 KiB, so both kernels run over several tiles.
         let g = gpu(Some(64 * 1024));
         let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();

@@ -798,7 +798,8 @@ pub fn lm_head(
         &[c as u32, tile.rows, tile.row0, v as u32],
         &[(2, &tile.buf), (3, x), (4, logits)],
         step,
-        Grid::LmRows(tile.rows, rows),
+        // Each workgroup takes 2 ROWS rows (lm_head.wgsl).
+        Grid::LmRows(tile.rows, 2 * rows),
     )
 }
 

@@ -100,21 +100,24 @@ pub(super) fn start_child(
 }
 
 /// Tokens on their way to the job manager, batched so that fast decoding does not become one envelope
-/// per token: a batch goes out 30 ms after its first token, however fast the next ones come (a timeout
-/// per line would hold every token of a fast generation back until its end).
+/// per token: a batch goes out at most every 30 ms, however fast the tokens come (a timeout per line
+/// would hold every token of a fast generation back until its end). A token that finds nothing sent in
+/// the last 30 ms (the first one, above all: the time to first token) goes out at once.
 #[derive(Default)]
 pub(super) struct TokenBatch {
     pending: Option<(Vec<u32>, String, tokio::time::Instant)>,
+    last: Option<tokio::time::Instant>,
 }
+
+const TOKEN_BATCH: Duration = Duration::from_millis(30);
 
 impl TokenBatch {
     pub(super) fn push(&mut self, id: u32, text: &str) {
+        let last = self.last;
         let p = self.pending.get_or_insert_with(|| {
-            (
-                vec![],
-                String::new(),
-                tokio::time::Instant::now() + Duration::from_millis(30),
-            )
+            let now = tokio::time::Instant::now();
+            let due = last.map_or(now, |l| (l + TOKEN_BATCH).max(now));
+            (vec![], String::new(), due)
         });
         p.0.push(id);
         p.1.push_str(text);
@@ -128,6 +131,7 @@ impl TokenBatch {
     /// Sends the pending batch, if any, as task `task`'s tokens.
     pub(super) fn flush(&mut self, task: &str, tx: &mpsc::UnboundedSender<Internal>) {
         if let Some((ids, text, _)) = self.pending.take() {
+            self.last = Some(tokio::time::Instant::now());
             let _ = tx.send(Internal::Tokens {
                 task: task.to_string(),
                 ids,

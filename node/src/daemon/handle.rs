@@ -187,10 +187,109 @@ pub(super) fn route<Req, Resp>(
     None
 }
 
-/// The reply channels of requests in flight, by protocol.
+/// The reply channels of requests in flight, by protocol, and the job and update requests waiting for a
+/// stream.
 #[derive(Default)]
 pub(super) struct Pending {
     pub(super) job: HashMap<OutboundRequestId, oneshot::Sender<Answer<JobAck>>>,
     pub(super) update: HashMap<OutboundRequestId, oneshot::Sender<Answer<UpdateAck>>>,
     pub(super) model: HashMap<OutboundRequestId, oneshot::Sender<Answer<ModelResponse>>>,
+    pub(super) job_out: Throttle<(Envelope, oneshot::Sender<Answer<JobAck>>)>,
+    pub(super) update_out: Throttle<(Envelope, oneshot::Sender<Answer<UpdateAck>>)>,
+}
+
+/// The request a protocol event answers (a response, or the failure to get one), if it is one of ours.
+pub(super) fn answered<Req, Resp>(e: &rr::Event<Req, Resp>) -> Option<OutboundRequestId> {
+    match e {
+        rr::Event::Message {
+            message: rr::Message::Response { request_id, .. },
+            ..
+        }
+        | rr::Event::OutboundFailure { request_id, .. } => Some(*request_id),
+        _ => None,
+    }
+}
+
+/// Requests of one protocol, at most `limit` in flight to each peer. A request-response handler fails
+/// every stream past its `max_concurrent_streams` at once ("max sub-streams reached"), so a burst (16
+/// chat requests delegated together, and their token updates) would lose most of its jobs; the excess
+/// waits here in order instead, and goes as earlier answers come back.
+pub(super) struct Throttle<T, K = OutboundRequestId> {
+    in_flight: HashMap<K, PeerId>,
+    count: HashMap<PeerId, usize>,
+    waiting: HashMap<PeerId, std::collections::VecDeque<T>>,
+}
+
+impl<T, K> Default for Throttle<T, K> {
+    fn default() -> Self {
+        Throttle {
+            in_flight: HashMap::new(),
+            count: HashMap::new(),
+            waiting: HashMap::new(),
+        }
+    }
+}
+
+impl<T, K: std::hash::Hash + Eq> Throttle<T, K> {
+    /// `item` for `peer`: back to send now (then [`Throttle::sent`]), or None when it waits its turn.
+    pub(super) fn admit(&mut self, peer: PeerId, item: T, limit: usize) -> Option<T> {
+        if self.count.get(&peer).copied().unwrap_or(0) < limit {
+            return Some(item);
+        }
+        self.waiting.entry(peer).or_default().push_back(item);
+        None
+    }
+
+    pub(super) fn sent(&mut self, peer: PeerId, rid: K) {
+        self.in_flight.insert(rid, peer);
+        *self.count.entry(peer).or_default() += 1;
+    }
+
+    /// Request `rid` was answered (or failed): the next waiting request to its peer, to send now.
+    pub(super) fn done(&mut self, rid: K) -> Option<(PeerId, T)> {
+        let peer = self.in_flight.remove(&rid)?;
+        if let Some(c) = self.count.get_mut(&peer) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.count.remove(&peer);
+            }
+        }
+        let q = self.waiting.get_mut(&peer)?;
+        let next = q.pop_front();
+        if q.is_empty() {
+            self.waiting.remove(&peer);
+        }
+        next.map(|n| (peer, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_holds_the_excess_per_peer_and_releases_it_in_order() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut t: Throttle<&str, u32> = Throttle::default();
+        // Two in flight to a: the third and fourth wait; b has its own allowance.
+        assert_eq!(t.admit(a, "a1", 2), Some("a1"));
+        t.sent(a, 1);
+        assert_eq!(t.admit(a, "a2", 2), Some("a2"));
+        t.sent(a, 2);
+        assert_eq!(t.admit(a, "a3", 2), None);
+        assert_eq!(t.admit(a, "a4", 2), None);
+        assert_eq!(t.admit(b, "b1", 2), Some("b1"));
+        t.sent(b, 3);
+        // An answer to a releases a's next, in order; b's answer releases nothing (nothing waits).
+        assert_eq!(t.done(2), Some((a, "a3")));
+        t.sent(a, 4);
+        assert_eq!(t.done(3), None);
+        assert_eq!(t.done(1), Some((a, "a4")));
+        t.sent(a, 5);
+        // An unknown id changes nothing; once all are answered a new request goes at once.
+        assert_eq!(t.done(99), None);
+        assert_eq!(t.done(4), None);
+        assert_eq!(t.done(5), None);
+        assert_eq!(t.admit(a, "a5", 2), Some("a5"));
+    }
 }

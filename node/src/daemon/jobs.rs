@@ -276,6 +276,15 @@ impl Work {
             .count() as u32
     }
 
+    /// Jobs here that have not started: fetching their inputs or queued. `[jobs] max_queue` bounds these;
+    /// the running ones are bounded by `[serve] max_batch` (inferences) or run alone (fine-tunes).
+    pub(super) fn waiting_len(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| matches!(t.state, TaskState::Fetching { .. } | TaskState::Queued))
+            .count()
+    }
+
     pub(super) fn models(&self) -> Vec<String> {
         let mut m = self.store.list();
         m.truncate(MAX_ADVERTISED_MODELS);

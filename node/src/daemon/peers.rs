@@ -288,13 +288,21 @@ impl Daemon {
             // The job protocols' answers go to the requests' reply channels, and what peers ask goes to the
             // job manager with the channel to answer on.
             BehaviourEvent::Job(e) => {
+                let done = handle::answered(&e);
                 if let Some((peer, req, ch)) = handle::route(&mut self.pending.job, e, "job") {
                     let _ = self.jobs.send(jobs::Internal::JobAsked { peer, req, ch });
                 }
+                if let Some((peer, next)) = done.and_then(|rid| self.pending.job_out.done(rid)) {
+                    self.send_job(peer, next);
+                }
             }
             BehaviourEvent::Update(e) => {
+                let done = handle::answered(&e);
                 if let Some((peer, req, ch)) = handle::route(&mut self.pending.update, e, "update") {
                     let _ = self.jobs.send(jobs::Internal::UpdateAsked { peer, req, ch });
+                }
+                if let Some((peer, next)) = done.and_then(|rid| self.pending.update_out.done(rid)) {
+                    self.send_update(peer, next);
                 }
             }
             BehaviourEvent::Model(e) => {

@@ -140,9 +140,9 @@ impl JobManager {
         {
             return rej("that job id belongs to another submitter".into());
         }
-        if self.work.queue_len() as usize >= self.cfg.jobs.max_queue {
+        if self.work.waiting_len() >= self.cfg.jobs.max_queue {
             return rej(format!(
-                "the queue is full ({} jobs, [jobs] max_queue)",
+                "the queue is full ({} jobs waiting, [jobs] max_queue)",
                 self.cfg.jobs.max_queue
             ));
         }
