@@ -9,17 +9,21 @@
 // the fused gate/up of the MLP: the tile holds `rows` gate rows followed by the `rows` matching up rows and
 // writes relu(gate)^2 * up.
 //
-// A workgroup is 8 rows x 32 lanes; lanes stride over the words of a row so reads are coalesced, and each
+// A workgroup is 8 rows x ML lanes; lanes stride over the words of a row so reads are coalesced, and each
 // weight word is reused for TT tokens: the rows of a batched decode step (one per sequence, up to 16 by
 // default) or a prompt chunk. The word's four codes are unpacked once and serve every token, and the
-// activations are read as vec4 (the four words that line up with one weight word) in one load.
+// activations are read as vec4 (the four words that line up with one weight word) in one load. Fewer
+// lanes per row would let the rows sharing a warp share activation loads, but measured slower on an H200
+// (fewer loads in flight per row); `ML` stays a tuning knob (`BITNODE_MT_LANES`).
 
 override MODE: u32 = 0u;
+// Lanes per row: 8, 16 or 32 (the workgroup is 8 ML threads).
+override ML: u32 = 32u;
 const TT: u32 = 16u;
 // The lane sums are reduced eight tokens at a time through `red`, laid out [row][lane][9] with a row
-// stride of 296 words: both the stores (a row's 32 lanes) and the sums (8 rows x 8 tokens read a lane's
-// slot together) then touch 32 different banks.
-const RS: u32 = 296u;
+// stride RS = 9 ML rounded up to 8 mod 32: both the stores (a row's lanes) and the sums (rows x 8 tokens
+// read a lane's slot together) then touch different banks.
+override RS: u32 = 9u * ML + (40u - (9u * ML) % 32u) % 32u;
 
 struct Params {
     words: u32,     // I / 16
@@ -42,15 +46,15 @@ struct Params {
 @group(0) @binding(6) var<storage, read> qsum: array<i32>;       // [T]
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;    // [T, y_stride]
 
-var<workgroup> red: array<i32, 2368>;   // [8 rows][RS]
+var<workgroup> red: array<i32, 2368>;   // [8 rows][RS], RS at most 296
 
-// The sum over a row's 32 lanes of the eight values staged in `red`, for thread lid < 64: row lid / 8 of
+// The sum over a row's ML lanes of the eight values staged in `red`, for thread lid < 64: row lid / 8 of
 // the workgroup, token lid % 8 of the staged eight.
 fn red_sum(lid: u32) -> i32 {
     var v = 0;
     if lid < 64u {
         let b = (lid / 8u) * RS + lid % 8u;
-        for (var l = 0u; l < 32u; l++) {
+        for (var l = 0u; l < ML; l++) {
             v += red[b + 9u * l];
         }
     }
@@ -108,11 +112,11 @@ fn red_put(slot: u32, lo: vec4<i32>, hi: vec4<i32>) {
     red[slot + 7u] = hi.w;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(8u * ML)
 fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
-    let lane = lid % 32u;
-    let r = lid / 32u;
+    let lane = lid % ML;
+    let r = lid / ML;
     let row = wg.x * 8u + r;
     let t0 = wg.y * TT;
     // Tokens in this tile; uniform, so the groups of four past it are skipped without divergence.
@@ -127,7 +131,7 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     var u2 = vec4<i32>(0);
     var u3 = vec4<i32>(0);
     if row < p.rows && nt > 0u {
-        for (var i = lane; i < p.words; i += 32u) {
+        for (var i = lane; i < p.words; i += ML) {
             let c = (vec4<u32>(w[row * p.words + i]) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
             var cu = vec4<u32>(0u);
             if MODE == 2u {

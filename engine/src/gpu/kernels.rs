@@ -510,11 +510,12 @@ fn ternary_op(
     [q, s, qsum, y]: [&wgpu::Buffer; 4],
     step: &wgpu::Buffer,
 ) -> Op {
+    let lanes = if entry == "matmul_ternary" { mt_lanes() } else { 8 };
     op(
         gpu,
         entry,
         sh::MATMUL_TERNARY,
-        &[("MODE", mode as f64)],
+        &[("MODE", mode as f64), ("ML", lanes as f64)],
         &[
             tile.words,
             tile.rows,
@@ -529,6 +530,17 @@ fn ternary_op(
         step,
         grid,
     )
+}
+
+/// Lanes per weight row in matmul_ternary (its `ML`): 32 unless `BITNODE_MT_LANES` (8, 16 or 32) says
+/// otherwise. Measured on an H200 (BENCHMARKS.md), a 16-row batched step's projections took 5.3 ms at
+/// 8 lanes, 3.7 at 16 and 3.1 at 32: more loads in flight per row beat sharing activation loads.
+pub fn mt_lanes() -> u32 {
+    std::env::var("BITNODE_MT_LANES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|l| [8, 16, 32].contains(l))
+        .unwrap_or(32)
 }
 
 /// Widest input the fused decode kernel holds in workgroup memory (its `xq_s` is 2048 words).
