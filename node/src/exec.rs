@@ -744,10 +744,11 @@ pub struct ExecFile {
 /// The file [`ExecFile`] lives in under a job directory.
 pub const EXEC_FILE: &str = "job.json";
 
-/// Writes `dir/job.json` (atomically, 0600: it may hold the user's prompt).
+/// Writes `dir/job.json` (atomically, 0600: it may hold the user's prompt; not synced to disk: the job's
+/// directory is laid out again whenever the job starts).
 pub fn write_exec_file(dir: &Path, f: &ExecFile) -> anyhow::Result<()> {
     let text = serde_json::to_vec(f).context("encoding job.json")?;
-    crate::fsutil::write_private(&dir.join(EXEC_FILE), &text)
+    crate::fsutil::write_private_scratch(&dir.join(EXEC_FILE), &text)
 }
 
 /// Reads `dir/job.json`.

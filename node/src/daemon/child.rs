@@ -102,18 +102,22 @@ pub(super) fn start_child(
 /// Tokens on their way to the job manager, batched so that fast decoding does not become one envelope
 /// per token: a batch goes out at most every 30 ms, however fast the tokens come (a timeout per line
 /// would hold every token of a fast generation back until its end). A token that finds nothing sent in
-/// the last 30 ms (the first one, above all: the time to first token) goes out at once.
+/// the last 30 ms goes out at once, and so does every token until the first one with text: a token can
+/// carry no text of its own (part of a UTF-8 character, held back until the rest comes), and the time to
+/// first token is the time to the first text a client sees.
 #[derive(Default)]
 pub(super) struct TokenBatch {
     pending: Option<(Vec<u32>, String, tokio::time::Instant)>,
     last: Option<tokio::time::Instant>,
+    /// A batch with text has gone out.
+    texted: bool,
 }
 
 const TOKEN_BATCH: Duration = Duration::from_millis(30);
 
 impl TokenBatch {
     pub(super) fn push(&mut self, id: u32, text: &str) {
-        let last = self.last;
+        let last = self.last.filter(|_| self.texted);
         let p = self.pending.get_or_insert_with(|| {
             let now = tokio::time::Instant::now();
             let due = last.map_or(now, |l| (l + TOKEN_BATCH).max(now));
@@ -132,6 +136,7 @@ impl TokenBatch {
     pub(super) fn flush(&mut self, task: &str, tx: &mpsc::UnboundedSender<Internal>) {
         if let Some((ids, text, _)) = self.pending.take() {
             self.last = Some(tokio::time::Instant::now());
+            self.texted |= !text.is_empty();
             let _ = tx.send(Internal::Tokens {
                 task: task.to_string(),
                 ids,
@@ -176,4 +181,43 @@ pub(super) async fn forward_lines(
         });
     }
     batch.flush(&task, &tx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test]
+    async fn tokens_go_at_once_until_the_first_text_then_at_most_every_30_ms() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut b = TokenBatch::default();
+        assert!(b.due().is_none());
+        // A token without text (half of a UTF-8 character): due at once, and so is the next.
+        b.push(1, "");
+        assert!(b.due().is_some_and(|d| d <= Instant::now()));
+        b.flush("j", &tx);
+        b.push(2, "hi");
+        assert!(b.due().is_some_and(|d| d <= Instant::now()));
+        let sent = Instant::now();
+        b.flush("j", &tx);
+        // Text has gone out: the next batch waits 30 ms from that flush, however many tokens join it.
+        b.push(3, " a");
+        b.push(4, " b");
+        assert!(b.due().is_some_and(|d| d >= sent + TOKEN_BATCH));
+        b.flush("j", &tx);
+        assert!(b.due().is_none());
+        let mut got = vec![];
+        while let Ok(Internal::Tokens { ids, text, .. }) = rx.try_recv() {
+            got.push((ids, text));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (vec![1], String::new()),
+                (vec![2], "hi".to_string()),
+                (vec![3, 4], " a b".to_string())
+            ]
+        );
+    }
 }
