@@ -25,7 +25,12 @@ struct Params {
 @group(0) @binding(8) var<storage, read> dy: array<f32>;           // [T, C]     (rmsnorm_backward)
 @group(0) @binding(9) var<storage, read_write> dx: array<f32>;     // [T, C]     (rmsnorm_backward)
 
-var<workgroup> redi: array<i32, 256>;
+// The row's max |y| and the sum of its int8 codes, gathered with workgroup atomics: both are exact in any
+// order (the max of non-negative floats orders as their bits), so one barrier each replaces a tree of
+// eight, with the same result. The mean square keeps its tree: a float sum's bits depend on the order,
+// and rmsnorm_matmul_ternary repeats this one.
+var<workgroup> amax: atomic<u32>;
+var<workgroup> asum: atomic<i32>;
 
 // Four neighbouring elements per step (four loads in flight); rmsnorm_matmul_ternary in
 // matmul_ternary.wgsl repeats this exact order so that fused and unfused paths agree bit for bit.
@@ -51,6 +56,11 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     if t >= step.t {
         return;
     }
+    if lid == 0u {
+        atomicStore(&amax, 0u);
+        atomicStore(&asum, 0);
+    }
+    // (inv_rms's barriers order those stores before the atomics below.)
     let r = inv_rms(t, lid);
     var m = 0.0;
     for (var j = lid; j < p.c / 4u; j += 256u) {
@@ -62,7 +72,9 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         let y3 = abs(w[b + 3u] * (x[o + 3u] * r));
         m = max(m, max(max(y0, y1), max(y2, y3)));
     }
-    let scale = 127.0 / max(wg_max(m, lid), 1e-5);
+    atomicMax(&amax, bitcast<u32>(m));
+    workgroupBarrier();
+    let scale = 127.0 / max(bitcast<f32>(atomicLoad(&amax)), 1e-5);
     var sum = 0;
     let words = p.c / 4u;
     for (var j = lid; j < words; j += 256u) {
@@ -75,17 +87,11 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         }
         q[t * words + j] = word;
     }
-    redi[lid] = sum;
+    atomicAdd(&asum, sum);
     workgroupBarrier();
-    for (var off = 128u; off > 0u; off >>= 1u) {
-        if lid < off {
-            redi[lid] += redi[lid + off];
-        }
-        workgroupBarrier();
-    }
     if lid == 0u {
         s[t] = scale;
-        qsum[t] = redi[0];
+        qsum[t] = atomicLoad(&asum);
     }
 }
 
