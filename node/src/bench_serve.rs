@@ -9,28 +9,13 @@
 //! device (or `--to` pins one, as `bitnode chat --to` does: the request's `to` extension field), and the
 //! answer names the device that served it (`x-bitnode-device`). The client is `crate::http_client`, one
 //! thread per stream.
+use crate::cli::ServeBenchArgs as Options;
 use crate::http_client;
 use anyhow::{bail, Context};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-pub struct Options {
-    /// A model name or hash the daemon knows, or a model directory (imported into this home's store);
-    /// None: the built-in tiny model.
-    pub model: Option<String>,
-    pub concurrency: Vec<usize>,
-    pub prompt_tokens: usize,
-    pub max_tokens: usize,
-    /// "auto", "local", or a paired peer (name or id).
-    pub to: String,
-    /// The API's base URL (`http://host:port/v1`); None: the running daemon's (`bitnode status`).
-    pub url: Option<String>,
-    /// The API token; None: `$BITNODE_API_TOKEN`, else this home's `[api] token`.
-    pub token: Option<String>,
-    pub json: bool,
-}
 
 /// One stream, as its client saw it.
 #[derive(Debug, Clone, Default)]

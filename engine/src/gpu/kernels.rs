@@ -510,12 +510,12 @@ fn ternary_op(
     [q, s, qsum, y]: [&wgpu::Buffer; 4],
     step: &wgpu::Buffer,
 ) -> Op {
-    let lanes = if entry == "matmul_ternary" { mt_lanes() } else { 8 };
     op(
         gpu,
         entry,
         sh::MATMUL_TERNARY,
-        &[("MODE", mode as f64), ("ML", lanes as f64)],
+        // ML sizes matmul_ternary's workgroup; the tiled entry point does not read it.
+        &[("MODE", mode as f64), ("ML", mt_lanes() as f64)],
         &[
             tile.words,
             tile.rows,

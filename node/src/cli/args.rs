@@ -449,32 +449,7 @@ pub enum BenchCmd {
     /// A running daemon's OpenAI-compatible API under load: for each concurrency level, that many
     /// streamed completions at once; time to first token, per-stream decode rate, aggregate rate, wall
     /// time, and the device that served.
-    Serve {
-        /// A model name or hash the daemon knows, or a model directory (imported into this home's store).
-        /// Default: the built-in random `tiny` model.
-        #[arg(long)]
-        model: Option<String>,
-        /// Concurrency levels, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
-        concurrency: Vec<usize>,
-        /// About this many prompt tokens per request.
-        #[arg(long, default_value_t = 128)]
-        prompt_tokens: usize,
-        /// Tokens generated per request (fewer where the model ends its text first).
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
-        /// "auto" (the scheduler picks), "local", or a paired peer (name or id), as `bitnode chat --to`.
-        #[arg(long, default_value = "auto")]
-        to: String,
-        /// The API's base URL (http://HOST:PORT/v1). Default: the running daemon's (`bitnode status`).
-        #[arg(long)]
-        url: Option<String>,
-        /// The API token. Default: $BITNODE_API_TOKEN, else this home's [api] token.
-        #[arg(long)]
-        token: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Serve(ServeBenchArgs),
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
         /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
@@ -518,6 +493,35 @@ pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
 
 pub fn parse_byte_count(s: &str) -> Result<u64, String> {
     bitnode_engine::util::parse_bytes(s)
+}
+
+/// `bitnode bench serve`.
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    /// A model name or hash the daemon knows, or a model directory (imported into this home's store).
+    /// Default: the built-in random `tiny` model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub concurrency: Vec<usize>,
+    /// About this many prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per request (fewer where the model ends its text first).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// "auto" (the scheduler picks), "local", or a paired peer (name or id), as `bitnode chat --to`.
+    #[arg(long, default_value = "auto")]
+    pub to: String,
+    /// The API's base URL (http://HOST:PORT/v1). Default: the running daemon's (`bitnode status`).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The API token. Default: $BITNODE_API_TOKEN, else this home's [api] token.
+    #[arg(long)]
+    pub token: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bitnode chat`.

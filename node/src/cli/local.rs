@@ -181,28 +181,7 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
 pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Mesh { model, runs, json } => crate::bench_mesh::run(model, runs, json),
-        BenchCmd::Serve {
-            model,
-            concurrency,
-            prompt_tokens,
-            max_tokens,
-            to,
-            url,
-            token,
-            json,
-        } => crate::bench_serve::run(
-            home,
-            crate::bench_serve::Options {
-                model,
-                concurrency,
-                prompt_tokens,
-                max_tokens,
-                to,
-                url,
-                token,
-                json,
-            },
-        ),
+        BenchCmd::Serve(a) => crate::bench_serve::run(home, a),
         BenchCmd::Probe { ms, samples, json, dev } => {
             let opts = engine_options(home, &dev)?;
             let want = opts.adapter.unwrap_or_else(|| "auto".into());

@@ -6,6 +6,7 @@ mod chat;
 mod local;
 mod mesh;
 
+pub(crate) use args::ServeBenchArgs;
 pub(crate) use local::model_or_builtin;
 
 use args::{Cli, Cmd};

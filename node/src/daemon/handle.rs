@@ -215,8 +215,8 @@ pub(super) fn answered<Req, Resp>(e: &rr::Event<Req, Resp>) -> Option<OutboundRe
 /// chat requests delegated together, and their token updates) would lose most of its jobs; the excess
 /// waits here in order instead, and goes as earlier answers come back.
 pub(super) struct Throttle<T, K = OutboundRequestId> {
+    /// The requests in flight, by id, and their peers (a few per peer: counted when needed).
     in_flight: HashMap<K, PeerId>,
-    count: HashMap<PeerId, usize>,
     waiting: HashMap<PeerId, std::collections::VecDeque<T>>,
 }
 
@@ -224,7 +224,6 @@ impl<T, K> Default for Throttle<T, K> {
     fn default() -> Self {
         Throttle {
             in_flight: HashMap::new(),
-            count: HashMap::new(),
             waiting: HashMap::new(),
         }
     }
@@ -233,7 +232,7 @@ impl<T, K> Default for Throttle<T, K> {
 impl<T, K: std::hash::Hash + Eq> Throttle<T, K> {
     /// `item` for `peer`: back to send now (then [`Throttle::sent`]), or None when it waits its turn.
     pub(super) fn admit(&mut self, peer: PeerId, item: T, limit: usize) -> Option<T> {
-        if self.count.get(&peer).copied().unwrap_or(0) < limit {
+        if self.in_flight.values().filter(|p| **p == peer).count() < limit {
             return Some(item);
         }
         self.waiting.entry(peer).or_default().push_back(item);
@@ -242,18 +241,11 @@ impl<T, K: std::hash::Hash + Eq> Throttle<T, K> {
 
     pub(super) fn sent(&mut self, peer: PeerId, rid: K) {
         self.in_flight.insert(rid, peer);
-        *self.count.entry(peer).or_default() += 1;
     }
 
     /// Request `rid` was answered (or failed): the next waiting request to its peer, to send now.
     pub(super) fn done(&mut self, rid: K) -> Option<(PeerId, T)> {
         let peer = self.in_flight.remove(&rid)?;
-        if let Some(c) = self.count.get_mut(&peer) {
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                self.count.remove(&peer);
-            }
-        }
         let q = self.waiting.get_mut(&peer)?;
         let next = q.pop_front();
         if q.is_empty() {
