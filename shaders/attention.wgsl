@@ -35,7 +35,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     if t >= step.t {
         return;
     }
-    attend(wg.x, t, step.slot, step.start + t + 1u, lid3.x);
+    attend(wg.x, t, row_slot(t), row_pos(t) + 1u, lid3.x);
 }
 
 @compute @workgroup_size(256)

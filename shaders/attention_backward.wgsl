@@ -1,5 +1,6 @@
-// Backward of causal GQA attention over a whole sequence (training: start = 0, K/V in the cache layout
-// [NKV, P, HD]). The softmax is recomputed, never stored: with s_j = scale q.k_j, p = softmax(s),
+// Backward of causal GQA attention over whole sequences (training: start = 0, K/V in the cache layout
+// [slots, NKV, P, HD]; a micro-batch of several sequences has one slot per sequence, `row_slot`, and no row
+// attends across sequences). The softmax is recomputed, never stored: with s_j = scale q.k_j, p = softmax(s),
 // dp_j = dout.v_j and D = sum_j p_j dp_j:
 //   attention_backward_dq:  dq = scale * sum_j p_j (dp_j - D) k_j;  also saves (max, sum, D) per (t, h)
 //                           (q may sit inside the fused qkv buffer: q_stride)
@@ -35,9 +36,10 @@ struct Params {
 
 var<workgroup> ds_blk: array<f32, 256>;
 
-fn score(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
+// kr: the key's row in the K/V buffers, (slot * NKV + kv head) * P + position.
+fn score(t: u32, h: u32, kr: u32) -> f32 {
     let qo = t * prm.q_stride + h * prm.hd;
-    let ko = (kvh * prm.p + j) * prm.hd;
+    let ko = kr * prm.hd;
     var s = 0.0;
     for (var d = 0u; d < prm.hd; d++) {
         s += q[qo + d] * k[ko + d];
@@ -45,9 +47,9 @@ fn score(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
     return s * inverseSqrt(f32(prm.hd));
 }
 
-fn dprob(t: u32, h: u32, kvh: u32, j: u32) -> f32 {
+fn dprob(t: u32, h: u32, kr: u32) -> f32 {
     let oo = (t * prm.nh + h) * prm.hd;
-    let vo = (kvh * prm.p + j) * prm.hd;
+    let vo = kr * prm.hd;
     var s = 0.0;
     for (var d = 0u; d < prm.hd; d++) {
         s += dout[oo + d] * v[vo + d];
@@ -64,14 +66,16 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         return;
     }
     let kvh = h / (prm.nh / prm.nkv);
-    let n = t + 1u;
+    // The keys of row t: positions 0..=row_pos(t) of its sequence's slot, from cache row kb.
+    let kb = (row_slot(t) * prm.nkv + kvh) * prm.p;
+    let n = row_pos(t) + 1u;
     let scale = inverseSqrt(f32(prm.hd));
     // Pass 1: softmax max and sum in one sweep (online: each thread rescales its running sum when its
     // maximum grows), then combined across the workgroup.
     var mt = -3.0e38;
     var lt = 0.0;
     for (var j = lid; j < n; j += 256u) {
-        let sj = score(t, h, kvh, j);
+        let sj = score(t, h, kb + j);
         if sj > mt {
             lt = lt * exp(mt - sj);
             mt = sj;
@@ -98,15 +102,15 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
         let j = j0 + lid;
         var ds = 0.0;
         if j < n {
-            let pj = exp(score(t, h, kvh, j) - m) / l;
-            ds = pj * (dprob(t, h, kvh, j) - dd) * scale;
+            let pj = exp(score(t, h, kb + j) - m) / l;
+            ds = pj * (dprob(t, h, kb + j) - dd) * scale;
         }
         ds_blk[lid] = ds;
         workgroupBarrier();
         if lid < prm.hd {
             let cnt = min(256u, n - j0);
             for (var b = 0u; b < cnt; b++) {
-                acc += ds_blk[b] * k[(kvh * prm.p + j0 + b) * prm.hd + lid];
+                acc += ds_blk[b] * k[(kb + j0 + b) * prm.hd + lid];
             }
         }
         workgroupBarrier();
@@ -139,7 +143,14 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     }
     let group = prm.nh / prm.nkv;
     let scale = inverseSqrt(f32(prm.hd));
-    let pairs = (step.t - j) * group;
+    // The queries that see key j: rows j.. up to the end of j's sequence (the chunk's end for one
+    // sequence).
+    var end = step.t;
+    if step.seq > 0u {
+        end = min(step.t, (j / step.seq + 1u) * step.seq);
+    }
+    let kr = (row_slot(j) * prm.nkv + kvh) * prm.p + row_pos(j);
+    let pairs = (end - j) * group;
     var dkd = 0.0;
     var dvd = 0.0;
     for (var i0 = 0u; i0 < pairs; i0 += 256u) {
@@ -150,8 +161,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             let t = j + i / group;
             let h = kvh * group + i % group;
             let so = (t * prm.nh + h) * 4u;
-            pj = exp(score(t, h, kvh, j) - stats[so]) / stats[so + 1u];
-            ds = pj * (dprob(t, h, kvh, j) - stats[so + 2u]) * scale;
+            pj = exp(score(t, h, kr) - stats[so]) / stats[so + 1u];
+            ds = pj * (dprob(t, h, kr) - stats[so + 2u]) * scale;
         }
         p_blk[lid] = pj;
         ds_blk[lid] = ds;

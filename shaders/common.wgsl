@@ -12,7 +12,7 @@ struct Step {
     u: f32,            // the seeded uniform draw
     feedback: u32,     // 1: decode step, the token is the one the previous sampler left in `sampled`
     slot: u32,         // KV cache slot of this chunk's sequence (continuous batching; 0 otherwise)
-    _p2: u32,
+    seq: u32,          // rows per sequence of a training micro-batch (0: the chunk is one sequence)
 }
 
 // Scratch for wg_sum / wg_max. Kernels may also use it directly between reductions; every reduction
@@ -48,4 +48,22 @@ fn wg_max(v: f32, lid: u32) -> f32 {
     let r = wg_f32[0];
     workgroupBarrier();
     return r;
+}
+
+// Where chunk row `t` sits in the KV cache. Inference: the chunk is one sequence, in slot step.slot from
+// position step.start. A training micro-batch (step.seq > 0) packs sequences of step.seq rows each (padded
+// to one length), sequence i in slot i from position 0: every per-row kernel then runs on the whole batch
+// unchanged, and only RoPE and attention (which must not look across sequences) ask where a row belongs.
+fn row_slot(t: u32) -> u32 {
+    if step.seq == 0u {
+        return step.slot;
+    }
+    return t / step.seq;
+}
+
+fn row_pos(t: u32) -> u32 {
+    if step.seq == 0u {
+        return step.start + t;
+    }
+    return t % step.seq;
 }

@@ -3,7 +3,8 @@
 // Vulkan's cos/sin are only accurate near [-pi, pi] and positions reach thousands of radians.
 // Workgroup (t, head): heads 0..NH rotate q in place; heads NH..NH+NKV rotate k and copy k and v.
 // The cache holds `slot`s of NKV x P positions (continuous batching): `rope` writes the chunk's sequence at
-// step.slot; `rope_rows` takes each row's own (slot, position) from `rows` (a decode step of a batch).
+// step.slot (in a training micro-batch, each sequence at its own slot: `row_slot`); `rope_rows` takes
+// each row's own (slot, position) from `rows` (a decode step of a batch).
 
 struct Params {
     nh: u32,
@@ -32,7 +33,7 @@ fn rope(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     if t >= step.t {
         return;
     }
-    rope_row(t, wg.y, step.slot, step.start + t, lid.x);
+    rope_row(t, wg.y, row_slot(t), row_pos(t), lid.x);
 }
 
 @compute @workgroup_size(64)

@@ -1,6 +1,7 @@
 // Backward of the rotary embedding, in place: the rotation is orthogonal, so the gradient turns back by
-// the same angle: dx1 = dy1*cos + dy2*sin, dx2 = dy2*cos - dy1*sin (rotate-half convention, position of
-// token t is step.start + t). Grid (T, NH). CPU twin: cpu::rope_backward.
+// the same angle: dx1 = dy1*cos + dy2*sin, dx2 = dy2*cos - dy1*sin (rotate-half convention; the position
+// of token t is row_pos(t): step.start + t, or its place in its sequence of a training micro-batch).
+// Grid (T, NH). CPU twin: cpu::rope_backward.
 
 struct Params {
     nh: u32,     // heads to rotate
@@ -23,7 +24,7 @@ fn rope_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         return;
     }
     let half = p.hd / 2u;
-    let pos = step.start + t;
+    let pos = row_pos(t);
     let base = t * p.stride + p.off + h * p.hd;
     for (var i = lid.x; i < half; i += 64u) {
         let c = cos_t[pos * half + i];

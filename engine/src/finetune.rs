@@ -122,18 +122,20 @@ fn mean_loss(trainer: &CpuTrainer<'_>, adapter: &Adapter, examples: &[Example]) 
     Ok((n > 0).then(|| total / n as f64))
 }
 
-/// The GPU trainer for sequences of up to `longest` tokens. The memory plan is made before the device is
-/// touched, so an impossible budget fails here with the numbers; the budget defaults to the GPU's memory
-/// where the platform reports it.
+/// The GPU trainer for micro-batches of `batch` sequences of up to `longest` tokens. The memory plan is
+/// made before the device is touched, so an impossible budget fails here with the numbers; the budget
+/// defaults to the GPU's memory where the platform reports it. The plan decides how many of a
+/// micro-batch's sequences run in one pass (`MemoryPlan::micro_batch`).
 fn gpu_trainer(
     a: wgpu::Adapter,
     model: &std::sync::Arc<Model>,
     adapter: &Adapter,
     longest: usize,
+    batch: usize,
     max_memory: Option<u64>,
 ) -> Result<crate::gpu::train::GpuTrainer> {
     let budget = max_memory.or_else(|| crate::probe::device_memory(a.get_info().vendor));
-    let plan = crate::gpu::train::plan(model, adapter, longest, budget)?;
+    let plan = crate::gpu::train::plan(model, adapter, longest, batch, budget)?;
     let gpu = std::sync::Arc::new(crate::gpu::Gpu::new(a, None)?);
     crate::gpu::train::GpuTrainer::new(model.clone(), gpu, adapter, plan)
 }
@@ -154,16 +156,28 @@ fn gpu_adapter(device: &str) -> Result<Option<wgpu::Adapter>> {
 
 /// Validation loss on the GPU trainer (weight 0: the backward adds nothing to the gradients).
 fn mean_loss_gpu(gt: &crate::gpu::train::GpuTrainer, examples: &[Example]) -> Result<Option<f64>> {
-    let (mut total, mut n) = (0.0, 0usize);
-    for ex in examples {
-        let k = ex.predicted();
-        if k == 0 {
-            continue;
-        }
-        total += gt.loss(&ex.ids, &ex.labels)?;
-        n += k;
+    let scored: Vec<(&[u32], &[i32])> = examples
+        .iter()
+        .filter(|ex| ex.predicted() > 0)
+        .map(|ex| (&ex.ids[..], &ex.labels[..]))
+        .collect();
+    let n: usize = examples.iter().map(|ex| ex.predicted()).sum();
+    let mut total = 0.0;
+    for group in scored.chunks(gt.plan().micro_batch) {
+        total += gt.losses(group)?;
     }
     Ok((n > 0).then(|| total / n as f64))
+}
+
+/// Forward and backward of a micro-batch on the GPU trainer, in passes of the plan's micro-batch size.
+/// Returns the summed NLL of the predicted positions.
+fn gpu_micro_batch(gt: &crate::gpu::train::GpuTrainer, mb: &[(Vec<u32>, Vec<i32>)], weight: f32) -> Result<f64> {
+    let seqs: Vec<(&[u32], &[i32])> = mb.iter().map(|(i, l)| (&i[..], &l[..])).collect();
+    let mut sum = 0.0;
+    for group in seqs.chunks(gt.plan().micro_batch) {
+        sum += gt.sequences(group, weight)?;
+    }
+    Ok(sum)
 }
 
 fn save_moments(path: &Path, m: &Adapter, v: &Adapter) -> Result<()> {
@@ -335,7 +349,7 @@ pub fn finetune_with(
                 ));
             }
             let longest = train.iter().chain(&val).map(|e| e.ids.len()).max().unwrap_or(1);
-            let gt = gpu_trainer(a, &model, &adapter, longest, cfg.max_memory)?;
+            let gt = gpu_trainer(a, &model, &adapter, longest, cfg.batch, cfg.max_memory)?;
             gt.set_moments(&opt.m, &opt.v)?;
             Some(gt)
         }
@@ -372,10 +386,7 @@ pub fn finetune_with(
             match &gpu_trainer {
                 Some(gt) => {
                     // The same loss as CpuTrainer::micro_batch: the mean over the micro-batch, / accumulation.
-                    let mut sum = 0.0;
-                    for (ids, labels) in &mb {
-                        sum += gt.sequence(ids, labels, wgt)?;
-                    }
+                    let sum = gpu_micro_batch(gt, &mb, wgt)?;
                     loss += sum / predicted as f64 / cfg.grad_accum as f64;
                 }
                 None => {
@@ -528,7 +539,7 @@ pub fn bench(
     let (predicted, wgt) = crate::train::micro_batch_weight(&seqs, 1)?;
     let opt = AdamW::default();
     let gt = match gpu_adapter(device)? {
-        Some(a) => Some(gpu_trainer(a, &model, &adapter, seq_len, max_memory)?),
+        Some(a) => Some(gpu_trainer(a, &model, &adapter, seq_len, batch, max_memory)?),
         None => None,
     };
     let trainer = CpuTrainer::new(&model);
@@ -537,9 +548,7 @@ pub fn bench(
     let mut run_step = |step: u64| -> Result<()> {
         match &gt {
             Some(gt) => {
-                for (ids, labels) in &seqs {
-                    gt.sequence(ids, labels, wgt)?;
-                }
+                gpu_micro_batch(gt, &seqs, wgt)?;
                 gt.apply(&adapter, &opt, 1e-4, step, Some(1.0))?;
             }
             None => {

@@ -586,6 +586,7 @@ const FORWARD_CHUNK: u64 = 512;
 /// - `model_bytes`: the total size of the model directory's regular files (what a transfer would move).
 /// - `memory_bytes`:
 ///   - finetune: the GPU trainer's own planner (`gpu::train::plan`) for sequences of the spec's `seq_len`,
+///     one per pass (the least a device must hold to run the job fast; a larger device batches them),
 ///     with no budget (every activation kept, the whole head at once, f32 embedding: the fastest plan),
 ///     over the adapter the run would start from (a fresh `Adapter::init` or the loaded init adapter);
 ///   - infer / score: the GPU forward's allocations, estimated from the model: ternary weights with their
@@ -625,7 +626,7 @@ pub fn estimate(
                     Adapter::init(cfg, r.rank, r.alpha, &targets, r.seed)?
                 }
             };
-            let plan = bitnode_engine::gpu::train::plan(&model, &adapter, r.seq_len, None)?;
+            let plan = bitnode_engine::gpu::train::plan(&model, &adapter, r.seq_len, 1, None)?;
             let tokens = match r.steps {
                 Some(s) => s as f64 * r.batch as f64 * r.grad_accum as f64 * r.seq_len as f64,
                 None => {
@@ -1057,7 +1058,7 @@ pub(crate) mod tests {
         let model = Model::load(&m).expect("model");
         let targets: Vec<&str> = r.targets.iter().map(String::as_str).collect();
         let adapter = Adapter::init(&model.config, r.rank, r.alpha, &targets, r.seed).expect("adapter");
-        let plan = bitnode_engine::gpu::train::plan(&model, &adapter, r.seq_len, None).expect("plan");
+        let plan = bitnode_engine::gpu::train::plan(&model, &adapter, r.seq_len, 1, None).expect("plan");
         assert_eq!(need.memory_bytes, plan.total);
         assert_eq!(need.ops, 6.0 * model.num_params() as f64 * (4 * 32) as f64);
         // Without a step count the dataset's size stands in for the tokens.

@@ -302,7 +302,7 @@ fn gpu_trainer_gradients_match_the_cpu_trainer() {
     let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mbs = micro_batches(&e);
     let cpu_trainer = CpuTrainer::new(&model);
-    let plan = bitnode_engine::gpu::train::plan(&model, &adapter, 64, None).unwrap();
+    let plan = bitnode_engine::gpu::train::plan(&model, &adapter, 64, 1, None).unwrap();
     assert!(
         !plan.checkpoint && !plan.embed_f16,
         "no budget: the fastest, exact settings"
@@ -325,6 +325,73 @@ fn gpu_trainer_gradients_match_the_cpu_trainer() {
         err < 1e-3,
         "GPU gradients differ from the CPU trainer by {err:.2e} at {at}"
     );
+}
+
+/// A micro-batch of several sequences in one pass (every kernel over `n x bucket` rows, RoPE and attention
+/// kept inside each sequence) gives the loss and the gradients of the same sequences run one by one, and
+/// the planner sizes it: the whole batch in one pass without a budget, a smaller micro-batch under one,
+/// and the device memory it predicts covers what the trainer allocates.
+#[test]
+fn gpu_trainer_micro_batch_equals_the_sequences_one_by_one() {
+    use bitnode_engine::gpu::train::{estimate, plan, GpuTrainer};
+    let dir = fixtures().join("lora");
+    let model = std::sync::Arc::new(Model::load(&fixtures().join("online_tied")).unwrap());
+    let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
+    let mut rng = bitnode_engine::rng::Rng::new(9);
+    let v = model.config.vocab_size as u64;
+    // Different lengths in one bucket (64): the shorter ones are padded inside the batch.
+    let seqs: Vec<(Vec<u32>, Vec<i32>)> = [45usize, 64, 20]
+        .iter()
+        .map(|&n| {
+            let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % v) as u32).collect();
+            let mut labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+            labels[..5].fill(-100);
+            (ids, labels)
+        })
+        .collect();
+    let batched = plan(&model, &adapter, 64, 3, None).unwrap();
+    assert_eq!((batched.micro_batch, batched.t, batched.checkpoint), (3, 64, false));
+    let predicted = batched.total;
+    let tr = GpuTrainer::new(model.clone(), bitnode_tests::gpu(None), &adapter, batched).unwrap();
+    let refs: Vec<(&[u32], &[i32])> = seqs.iter().map(|(i, l)| (&i[..], &l[..])).collect();
+    let lb = tr.sequences(&refs, 0.25).unwrap();
+    let peak = tr.peak_bytes();
+    assert!(
+        predicted >= peak && predicted <= peak + peak / 20 + (64 << 10),
+        "planner predicted {predicted} bytes for 3 x 64 rows, the trainer allocated {peak}"
+    );
+    let gb = tr.grads(&adapter).unwrap();
+    let e = tr
+        .sequences(&[refs[0], refs[1], refs[2], refs[0]], 0.25)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1..=3 sequences"), "{e}");
+
+    let one = plan(&model, &adapter, 64, 1, None).unwrap();
+    let tr1 = GpuTrainer::new(model.clone(), bitnode_tests::gpu(None), &adapter, one).unwrap();
+    let mut l1 = 0.0;
+    for (ids, labels) in &seqs {
+        l1 += tr1.sequence(ids, labels, 0.25).unwrap();
+    }
+    let g1 = tr1.grads(&adapter).unwrap();
+    assert!(
+        (lb - l1).abs() < 1e-5 * l1.abs(),
+        "loss: batched {lb} vs one by one {l1}"
+    );
+    let (err, at) = worst(&gb, &g1.layers);
+    eprintln!("micro-batch of 3: worst relative gradient error {err:.2e} ({at})");
+    assert!(err < 1e-3, "batched gradients differ by {err:.2e} at {at}");
+    // The eval loss batches too.
+    let le = tr.losses(&refs).unwrap();
+    assert!((le - l1).abs() < 1e-5 * l1.abs(), "eval loss {le} vs {l1}");
+
+    // Under a budget that holds two sequences per pass but not three, the planner halves the micro-batch
+    // (down from 4) before it gives up the f32 embedding.
+    let two = estimate(&model, &adapter, 64, 2, true, 16, false);
+    let p = plan(&model, &adapter, 64, 4, Some(two.total)).unwrap();
+    assert_eq!((p.micro_batch, p.embed_f16), (2, false), "{p:?}");
+    let p = plan(&model, &adapter, 64, 4, None).unwrap();
+    assert_eq!(p.micro_batch, 4, "{p:?}");
 }
 
 /// `finetune` on the GPU trainer (lavapipe here) follows the CPU reference trainer step by step: the same
@@ -466,12 +533,12 @@ fn memory_planner_checkpointing_and_impossible_budgets() {
             (ids, labels)
         })
         .collect();
-    let full = plan(&model, &adapter, 60, None).unwrap();
+    let full = plan(&model, &adapter, 60, 1, None).unwrap();
     assert_eq!(model.config.max_position_embeddings, 64, "the fixture's context");
     assert_eq!((full.t, full.checkpoint, full.head_chunk), (64, false, 64));
-    let lean = estimate(&model, &adapter, 60, true, 16, false);
+    let lean = estimate(&model, &adapter, 60, 1, true, 16, false);
     assert!(lean.total < full.total);
-    let chosen = plan(&model, &adapter, 60, Some(lean.total)).unwrap();
+    let chosen = plan(&model, &adapter, 60, 1, Some(lean.total)).unwrap();
     assert!(
         chosen.checkpoint && chosen.head_chunk == 16 && !chosen.embed_f16,
         "{chosen:?}"
@@ -502,7 +569,7 @@ fn memory_planner_checkpointing_and_impossible_budgets() {
     let (err, at) = worst(&g_lean, &g_full.layers);
     assert!(err < 1e-6, "checkpointed gradients differ by {err:.2e} at {at}");
 
-    let e = plan(&model, &adapter, 60, Some(100_000)).unwrap_err().to_string();
+    let e = plan(&model, &adapter, 60, 1, Some(100_000)).unwrap_err().to_string();
     assert!(
         e.contains("out of device memory") && e.contains("needs at least") && e.contains("--max-memory"),
         "{e}"

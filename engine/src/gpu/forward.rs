@@ -1125,7 +1125,7 @@ impl Backend for GpuBackend {
                 u: rng.uniform(),
                 feedback: 1,
                 slot: 0,
-                _pad: 0,
+                seq: 0,
             };
             self.write_step(&step);
             let slot = i % 2;

@@ -31,7 +31,9 @@ pub struct Step {
     pub feedback: u32,
     /// The KV cache slot of the chunk's sequence (continuous batching; 0 for a lone sequence).
     pub slot: u32,
-    pub _pad: u32,
+    /// Rows per sequence of a training micro-batch: sequence i is rows [i*seq, (i+1)*seq), in KV cache slot
+    /// i from position 0 (0: the chunk is one sequence at `slot` from `start`).
+    pub seq: u32,
 }
 
 /// How many workgroups an op needs, given the chunk's token count T and the lm_head row count.

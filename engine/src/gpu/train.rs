@@ -324,49 +324,78 @@ impl GpuTrainer {
     /// attention is causal, so padding at the end changes nothing before it and gets zero gradient, and
     /// every sequence of a bucket reuses one set of buffers and recorded dispatches.
     pub fn sequence(&self, ids: &[u32], labels: &[i32], weight: f32) -> Result<f64> {
-        self.pass(ids, labels, weight, true)
+        self.pass(&[(ids, labels)], weight, true)
+    }
+
+    /// Forward and backward of up to `plan().micro_batch` sequences in one pass: each is padded to the
+    /// bucket of the longest and they run as one `n x bucket`-row batch through every kernel, with RoPE
+    /// and attention kept inside each sequence (`Step::seq`). The gradients equal those of `sequence` on
+    /// each in turn, up to float summation order. Returns the summed NLL of the predicted positions.
+    pub fn sequences(&self, seqs: &[(&[u32], &[i32])], weight: f32) -> Result<f64> {
+        self.pass(seqs, weight, true)
     }
 
     /// The summed NLL of the predicted positions, forward only (eval loss).
     pub fn loss(&self, ids: &[u32], labels: &[i32]) -> Result<f64> {
-        self.pass(ids, labels, 0.0, false)
+        self.pass(&[(ids, labels)], 0.0, false)
     }
 
-    fn pass(&self, ids: &[u32], labels: &[i32], weight: f32, backward: bool) -> Result<f64> {
+    /// `loss` over up to `plan().micro_batch` sequences in one pass.
+    pub fn losses(&self, seqs: &[(&[u32], &[i32])]) -> Result<f64> {
+        self.pass(seqs, 0.0, false)
+    }
+
+    fn pass(&self, seqs: &[(&[u32], &[i32])], weight: f32, backward: bool) -> Result<f64> {
         let g = &*self.gpu;
         let cfg = &self.model.config;
-        let t = ids.len();
-        if t == 0 || labels.len() != t || t > cfg.max_position_embeddings {
-            return Err(EngineError::Invalid(
-                "a training sequence needs 1..=context ids and as many labels".into(),
-            ));
-        }
-        if let Some(&bad) = ids.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+        if seqs.is_empty() || seqs.len() > self.plan.micro_batch {
             return Err(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary"
+                "a training pass takes 1..={} sequences (the memory plan's micro-batch), not {}",
+                self.plan.micro_batch,
+                seqs.len()
             )));
         }
-        let tb = bucket(t, cfg.max_position_embeddings);
+        for (ids, labels) in seqs {
+            let t = ids.len();
+            if t == 0 || labels.len() != t || t > cfg.max_position_embeddings {
+                return Err(EngineError::Invalid(
+                    "a training sequence needs 1..=context ids and as many labels".into(),
+                ));
+            }
+            if let Some(&bad) = ids.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+                return Err(EngineError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
+            }
+        }
+        let longest = seqs.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
+        let tb = bucket(longest, cfg.max_position_embeddings);
         if tb > self.plan.t {
             return Err(EngineError::Invalid(format!(
-                "a sequence of {t} tokens is longer than the {} the memory plan was made for",
+                "a sequence of {longest} tokens is longer than the {} the memory plan was made for",
                 self.plan.t
             )));
         }
-        let mut ids_p = ids.to_vec();
-        ids_p.resize(tb, 0);
-        let mut labels_p = labels.to_vec();
-        labels_p.resize(tb, -100);
-        let crate::train::LossTargets {
-            targets,
-            dnll,
-            predicted,
-        } = crate::train::loss_targets(&labels_p, cfg.vocab_size, weight)?;
+        let n = seqs.len();
+        // Sequence i fills rows [i*tb, (i+1)*tb); the loss targets are shifted within each sequence.
+        let (mut ids_p, mut targets, mut dnll, mut predicted) = (vec![], vec![], vec![], vec![]);
+        for (ids, labels) in seqs {
+            let mut ip = ids.to_vec();
+            ip.resize(tb, 0);
+            let mut lp = labels.to_vec();
+            lp.resize(tb, -100);
+            let lt = crate::train::loss_targets(&lp, cfg.vocab_size, weight)?;
+            ids_p.extend(ip);
+            targets.extend(lt.targets);
+            dnll.extend(lt.dnll);
+            // Padding rows predict nothing (their labels are -100), so they never count.
+            predicted.extend(lt.predicted);
+        }
         let mut slot = self.scratch.borrow_mut();
-        if slot.as_ref().map(|s| s.t) != Some(tb) {
+        if slot.as_ref().map(|s| (s.t, s.n)) != Some((tb, n)) {
             // Free the previous bucket's buffers first (its bytes leave the tracker with it).
             *slot = None;
-            *slot = Some(self.build(tb)?);
+            *slot = Some(self.build(tb, n)?);
         }
         let sc = slot
             .as_ref()
@@ -374,18 +403,21 @@ impl GpuTrainer {
         g.queue.write_buffer(&sc.tokens, 0, bytemuck::cast_slice(&ids_p));
         g.queue.write_buffer(&sc.targets, 0, bytemuck::cast_slice(&targets));
         g.queue.write_buffer(&sc.dnll, 0, f32_bytes(&dnll));
+        let rows = (n * tb) as u32;
         if backward {
-            self.run(&sc.items, tb as u32)?;
+            self.run(&sc.items, rows)?;
         } else {
-            self.run(&sc.items[..sc.fwd_len], tb as u32)?;
-            self.run(&sc.eval_tail, tb as u32)?;
+            self.run(&sc.items[..sc.fwd_len], rows)?;
+            self.run(&sc.eval_tail, rows)?;
         }
-        let nll: Vec<f32> = bytemuck::pod_collect_to_vec(&g.download(&sc.nll, (4 * tb) as u64)?);
-        Ok((0..t).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum())
+        let nll: Vec<f32> = bytemuck::pod_collect_to_vec(&g.download(&sc.nll, 4 * rows as u64)?);
+        Ok((0..n * tb).filter(|&i| predicted[i]).map(|i| nll[i] as f64).sum())
     }
 
-    /// Allocates the buffers of a `tb`-token bucket and records its forward and backward.
-    fn build(&self, tb: usize) -> Result<Scratch> {
+    /// Allocates the buffers of `n` sequences of a `tb`-token bucket and records their forward and
+    /// backward: every kernel sees `n * tb` rows, and `Step::seq = tb` keeps RoPE positions and attention
+    /// within each sequence (sequence i in KV slot i).
+    fn build(&self, tb: usize, n: usize) -> Result<Scratch> {
         let g = &*self.gpu;
         let before = g.allocated();
         let cfg = &self.model.config;
@@ -395,13 +427,14 @@ impl GpuTrainer {
         let eps = cfg.rms_norm_eps as f32;
         let r = self.rank;
         let nl = self.layers.len();
-        let t = tb;
+        let t = tb * n;
         let buf = |name: &str, n: usize| g.storage(name, (4 * n) as u64);
         let step = g.uniform(
             "step",
             bytemuck::bytes_of(&Step {
                 t: t as u32,
                 lm_t: t as u32,
+                seq: tb as u32,
                 ..Default::default()
             }),
         );
@@ -409,7 +442,8 @@ impl GpuTrainer {
         let targets_b = buf("targets", t)?;
         let dnll_b = buf("dnll", t)?;
         let sampled = buf("sampled", 1)?;
-        let (cos, sin) = cpu::rope_table(cfg.rope_theta, hd, t);
+        // Positions run 0..tb in every sequence.
+        let (cos, sin) = cpu::rope_table(cfg.rope_theta, hd, tb);
         let (cos_b, sin_b) = (
             g.storage_init("cos", f32_bytes(&cos))?,
             g.storage_init("sin", f32_bytes(&sin))?,
@@ -486,7 +520,7 @@ impl GpuTrainer {
         }
         for li in 0..nl {
             let a = &acts[if self.plan.checkpoint { 0 } else { li }];
-            items.extend(self.layer_forward(li, t, &xs[li], &xs[li + 1], a, &sh, &step));
+            items.extend(self.layer_forward(li, t, tb, &xs[li], &xs[li + 1], a, &sh, &step));
         }
         // The head in token chunks: logits, NLL, dlogits and dxf for `chunk` rows at a time.
         let xl = &xs[nl];
@@ -498,17 +532,18 @@ impl GpuTrainer {
         let mut c0 = 0;
         let mut chunk_steps = vec![];
         while c0 < t {
-            let n = chunk.min(t - c0);
+            let rows = chunk.min(t - c0);
             let cs = g.uniform(
                 "step",
                 bytemuck::bytes_of(&Step {
                     t: t as u32,
                     lm_t0: c0 as u32,
-                    lm_t: n as u32,
+                    lm_t: rows as u32,
+                    seq: tb as u32,
                     ..Default::default()
                 }),
             );
-            let hop = |o: Op| Item::Op(o, n as u32);
+            let hop = |o: Op| Item::Op(o, rows as u32);
             for tile in head {
                 items.push(hop(k::lm_head_tiled(g, f16, c, v, tile, &xf, &logits, &cs)));
             }
@@ -522,7 +557,7 @@ impl GpuTrainer {
                 items.push(hop(k::lm_head_backward(g, f16, c, v, tile, i > 0, &dlogits, &dxf, &cs)));
             }
             chunk_steps.push(cs);
-            c0 += n;
+            c0 += rows;
         }
         items.push(op(k::rmsnorm_backward(
             g, c, eps, false, &self.norm, xl, &dxf, &bw.dres, &step,
@@ -530,16 +565,17 @@ impl GpuTrainer {
         for li in (0..nl).rev() {
             let a = if self.plan.checkpoint {
                 let (a, xr) = (&acts[0], xr.as_ref().unwrap_or(&xf));
-                items.extend(self.layer_forward(li, t, &xs[li], xr, a, &sh, &step));
+                items.extend(self.layer_forward(li, t, tb, &xs[li], xr, a, &sh, &step));
                 a
             } else {
                 &acts[li]
             };
-            items.extend(self.layer_backward(li, t, &xs[li], a, &bw, &sh, &step));
+            items.extend(self.layer_backward(li, t, tb, &xs[li], a, &bw, &sh, &step));
         }
         let bytes = g.allocated().saturating_sub(before);
         Ok(Scratch {
-            t,
+            t: tb,
+            n,
             tokens,
             targets: targets_b,
             dnll: dnll_b,
@@ -577,12 +613,14 @@ impl GpuTrainer {
         })
     }
 
-    /// One decoder layer forward, x -> xn, keeping what its backward reads in `a`.
+    /// One decoder layer forward, x -> xn, keeping what its backward reads in `a`: `t` rows, sequences of
+    /// `tb` (the K/V buffers hold one slot of `tb` positions per sequence).
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         li: usize,
         t: usize,
+        tb: usize,
         x: &wgpu::Buffer,
         xn: &wgpu::Buffer,
         a: &Acts,
@@ -612,8 +650,8 @@ impl GpuTrainer {
                 ops.extend(k::lora(g, &sh, &a.n1, &p.a, &p.b, &a.lh[ti], &a.qkv, step));
             }
         }
-        ops.push(k::rope(g, nh, nkv, hd, t, &s.cos, &s.sin, &a.qkv, &a.kc, &a.vc, step));
-        ops.push(k::attention(g, nh, nkv, hd, t, &a.qkv, &a.kc, &a.vc, &a.att, step));
+        ops.push(k::rope(g, nh, nkv, hd, tb, &s.cos, &s.sin, &a.qkv, &a.kc, &a.vc, step));
+        ops.push(k::attention(g, nh, nkv, hd, tb, &a.qkv, &a.kc, &a.vc, &a.att, step));
         ops.push(k::rmsnorm(g, qd, eps, &lw.attn_sub_norm, &a.att, &a.a2, step));
         ops.push(quant(qd, &lw.attn_sub_norm, &a.att));
         out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
@@ -669,6 +707,7 @@ impl GpuTrainer {
         &self,
         li: usize,
         t: usize,
+        tb: usize,
         x: &wgpu::Buffer,
         a: &Acts,
         bw: &Grads,
@@ -754,7 +793,7 @@ impl GpuTrainer {
             step,
         ));
         ops.extend(k::attention_backward(
-            g, nh, nkv, hd, t, w, w, &a.qkv, &a.kc, &a.vc, &a.att, &bw.datt, &bw.stats, &bw.dqkv, step,
+            g, nh, nkv, hd, tb, w, w, &a.qkv, &a.kc, &a.vc, &a.att, &bw.datt, &bw.stats, &bw.dqkv, step,
         ));
         ops.push(k::rope_backward(g, nh, hd, w, 0, &s.cos, &s.sin, &bw.dqkv, step));
         ops.push(k::rope_backward(g, nkv, hd, w, qd, &s.cos, &s.sin, &bw.dqkv, step));
@@ -821,7 +860,9 @@ struct Grads {
 /// The buffers and recorded work of one sequence bucket. Dropping it frees the buffers (wgpu frees them
 /// when the last handle goes) and takes their bytes off the tracker.
 struct Scratch {
+    /// The bucket (rows per sequence) and the number of sequences.
     t: usize,
+    n: usize,
     tokens: wgpu::Buffer,
     targets: wgpu::Buffer,
     dnll: wgpu::Buffer,
@@ -878,12 +919,13 @@ impl Dims {
         self.c.max(self.f).max(self.qd)
     }
 
-    /// Bytes of the buffers `build` allocates for a bucket of `t` tokens (mirrors it line by line; a test
-    /// holds the two together).
-    fn activation_bytes(&self, t: usize, checkpoint: bool, chunk: usize) -> u64 {
+    /// Bytes of the buffers `build` allocates for `n` sequences of a bucket of `tb` tokens (mirrors it line
+    /// by line; a test holds the two together).
+    fn activation_bytes(&self, tb: usize, n: usize, checkpoint: bool, chunk: usize) -> u64 {
         let f4 = |n: usize| (4 * n).max(16) as u64;
         let (c, f, w, qd, kvd, r, nl) = (self.c, self.f, self.w, self.qd, self.kvd, self.r, self.nl);
-        let mut b = 3 * f4(t) + f4(1) + 2 * f4(t * (self.hd / 2));
+        let t = tb * n;
+        let mut b = 3 * f4(t) + f4(1) + 2 * f4(tb * (self.hd / 2));
         b += (nl as u64 + 1) * f4(t * c);
         let per_layer = 3 * f4(t * c) + f4(t * w) + 2 * f4(t * kvd) + 2 * f4(t * qd) + 4 * f4(t * f) + 7 * f4(t * r);
         b += per_layer * if checkpoint { 1 } else { nl as u64 };
@@ -909,6 +951,8 @@ pub fn bucket(t: usize, ctx: usize) -> usize {
 pub struct MemoryPlan {
     /// Tokens per sequence the buffers are sized for (the longest sequence, rounded up to 64).
     pub t: usize,
+    /// Sequences per pass: a micro-batch of this many runs as one batch of `micro_batch * t` rows.
+    pub micro_batch: usize,
     /// Gradient checkpointing: keep only each layer's input and recompute the layer before its backward.
     pub checkpoint: bool,
     /// Tokens per head chunk (chunk x vocabulary logits live at once).
@@ -926,31 +970,45 @@ pub struct MemoryPlan {
     pub budget: Option<u64>,
 }
 
-/// Predicts the trainer's device memory for sequences of up to `seq_len` tokens and picks the fastest
-/// settings that fit `budget`: without gradient checkpointing if possible, else with it; the whole head at
-/// once if possible, else in halving token chunks down to 16; the embedding in f32 (as the float32
-/// references compute) unless only f16 fits. Errors, before anything is allocated on the device, when
-/// even the leanest settings do not fit.
-pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, budget: Option<u64>) -> Result<MemoryPlan> {
+/// Predicts the trainer's device memory for micro-batches of `batch` sequences of up to `seq_len` tokens
+/// and picks the fastest settings that fit `budget`, in this order of preference:
+/// - the embedding in f32 (as the float32 references compute) unless only f16 fits;
+/// - all `batch` sequences in one pass, else the largest micro-batch that fits (halving down to 1): one
+///   pass over 4 x 512 rows runs every dispatch once instead of four times, which is worth more than
+///   skipping the recomputation, so a smaller micro-batch is taken only when checkpointing cannot save
+///   the larger one;
+/// - without gradient checkpointing if possible, else with it;
+/// - the whole head at once if possible, else in halving token chunks down to 16.
+///
+/// Errors, before anything is allocated on the device, when even the leanest settings (one sequence per
+/// pass) do not fit.
+pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, batch: usize, budget: Option<u64>) -> Result<MemoryPlan> {
     let t = bucket(seq_len.max(1), model.config.max_position_embeddings);
-    let mut chunks = vec![t];
-    let mut ch = t;
-    while ch > 16 {
-        ch = ch.div_ceil(2);
-        chunks.push(ch);
+    let mut micros = vec![batch.max(1)];
+    while let Some(&m) = micros.last().filter(|&&m| m > 1) {
+        micros.push(m / 2);
     }
     let mut leanest: Option<MemoryPlan> = None;
     // f32 first: the embedding is what the references use (exact for bf16/f16 checkpoints too).
     for f16 in [false, true] {
-        for checkpoint in [false, true] {
-            for &chunk in &chunks {
-                let mut p = estimate(model, adapter, seq_len, checkpoint, chunk, f16);
-                p.budget = budget;
-                if budget.is_none_or(|b| p.total <= b) {
-                    return Ok(p);
-                }
-                if leanest.as_ref().is_none_or(|l| p.total < l.total) {
-                    leanest = Some(p);
+        for &micro in &micros {
+            let rows = micro * t;
+            let mut chunks = vec![rows];
+            let mut ch = rows;
+            while ch > 16 {
+                ch = ch.div_ceil(2);
+                chunks.push(ch);
+            }
+            for checkpoint in [false, true] {
+                for &chunk in &chunks {
+                    let mut p = estimate(model, adapter, seq_len, micro, checkpoint, chunk, f16);
+                    p.budget = budget;
+                    if budget.is_none_or(|b| p.total <= b) {
+                        return Ok(p);
+                    }
+                    if leanest.as_ref().is_none_or(|l| p.total < l.total) {
+                        leanest = Some(p);
+                    }
                 }
             }
         }
@@ -971,12 +1029,13 @@ pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, budget: Option<u64
     )))
 }
 
-/// The device memory the trainer allocates for sequences of up to `seq_len` tokens with the given
-/// settings (`budget` unset). [`plan`] chooses among these.
+/// The device memory the trainer allocates for `micro_batch` sequences of up to `seq_len` tokens per
+/// pass with the given settings (`budget` unset). [`plan`] chooses among these.
 pub fn estimate(
     model: &Model,
     adapter: &Adapter,
     seq_len: usize,
+    micro_batch: usize,
     checkpoint: bool,
     head_chunk: usize,
     embed_f16: bool,
@@ -999,11 +1058,13 @@ pub fn estimate(
     let adapter_bytes: u64 = adapter.pairs().map(|p| 4 * (f4(p.a.len()) + f4(p.b.len()))).sum();
     // Uniforms: a 32-byte parameter block per recorded dispatch (about 150 per layer with recomputation).
     let other = (d.nl as u64 * 150 + 64) * 64;
-    let activations = d.activation_bytes(t, checkpoint, head_chunk);
+    let micro_batch = micro_batch.max(1);
+    let activations = d.activation_bytes(t, micro_batch, checkpoint, head_chunk);
     MemoryPlan {
         t,
+        micro_batch,
         checkpoint,
-        head_chunk: head_chunk.min(t),
+        head_chunk: head_chunk.min(t * micro_batch),
         embed_f16,
         weights,
         adapter: adapter_bytes,

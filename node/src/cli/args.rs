@@ -312,8 +312,9 @@ pub struct FinetuneArgs {
     /// Continue from a checkpoint directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Device-memory budget of the GPU trainer (bytes, or 3GiB, 1500MiB, 3GB): the planner picks gradient
-    /// checkpointing and the head's token chunk to fit, and refuses before the first step if nothing does.
+    /// Device-memory budget of the GPU trainer (bytes, or 3GiB, 1500MiB, 3GB): the planner picks how many
+    /// of a batch's sequences run in one pass, gradient checkpointing and the head's token chunk to fit,
+    /// and refuses before the first step if nothing does.
     /// Default: the GPU's memory where the platform reports it.
     #[arg(long, value_parser = parse_byte_count)]
     pub max_memory: Option<u64>,

@@ -236,7 +236,9 @@ pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
                 );
                 if let Some(p) = &r.plan {
                     println!(
-                        "plan: gradient checkpointing {}, head chunk {} tokens, embedding {}; predicted {}",
+                        "plan: {} sequence(s) per pass, gradient checkpointing {}, head chunk {} tokens, \
+                         embedding {}; predicted {}",
+                        p.micro_batch,
                         if p.checkpoint { "on" } else { "off" },
                         p.head_chunk,
                         if p.embed_f16 { "f16" } else { "f32" },
