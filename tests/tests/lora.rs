@@ -333,7 +333,7 @@ fn gpu_trainer_gradients_match_the_cpu_trainer() {
 /// and the device memory it predicts covers what the trainer allocates.
 #[test]
 fn gpu_trainer_micro_batch_equals_the_sequences_one_by_one() {
-    use bitnode_engine::gpu::train::{estimate, plan, GpuTrainer};
+    use bitnode_engine::gpu::train::{estimate, plan, Embedding, GpuTrainer};
     let dir = fixtures().join("lora");
     let model = std::sync::Arc::new(Model::load(&fixtures().join("online_tied")).unwrap());
     let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
@@ -387,7 +387,7 @@ fn gpu_trainer_micro_batch_equals_the_sequences_one_by_one() {
 
     // Under a budget that holds two sequences per pass but not three, the planner halves the micro-batch
     // (down from 4) before it gives up the f32 embedding.
-    let two = estimate(&model, &adapter, 64, 2, true, 16, false);
+    let two = estimate(&model, &adapter, 64, 2, true, 16, Embedding::F32);
     let p = plan(&model, &adapter, 64, 4, Some(two.total)).unwrap();
     assert_eq!((p.micro_batch, p.embed_f16), (2, false), "{p:?}");
     let p = plan(&model, &adapter, 64, 4, None).unwrap();
@@ -518,7 +518,7 @@ fn a_bitnode_adapter_gives_the_same_nll_in_peft() {
 /// keeping every activation; an impossible budget is refused before anything is allocated, with the numbers.
 #[test]
 fn memory_planner_checkpointing_and_impossible_budgets() {
-    use bitnode_engine::gpu::train::{estimate, plan, GpuTrainer};
+    use bitnode_engine::gpu::train::{estimate, plan, Embedding, GpuTrainer};
     let dir = fixtures().join("lora");
     let model = std::sync::Arc::new(Model::load(&fixtures().join("online_tied")).unwrap());
     let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
@@ -536,7 +536,7 @@ fn memory_planner_checkpointing_and_impossible_budgets() {
     let full = plan(&model, &adapter, 60, 1, None).unwrap();
     assert_eq!(model.config.max_position_embeddings, 64, "the fixture's context");
     assert_eq!((full.t, full.checkpoint, full.head_chunk), (64, false, 64));
-    let lean = estimate(&model, &adapter, 60, 1, true, 16, false);
+    let lean = estimate(&model, &adapter, 60, 1, true, 16, Embedding::F32);
     assert!(lean.total < full.total);
     let chosen = plan(&model, &adapter, 60, 1, Some(lean.total)).unwrap();
     assert!(
@@ -568,6 +568,33 @@ fn memory_planner_checkpointing_and_impossible_budgets() {
     );
     let (err, at) = worst(&g_lean, &g_full.layers);
     assert!(err < 1e-6, "checkpointed gradients differ by {err:.2e} at {at}");
+
+    // The embedding kept on the host (what the planner falls back to when even an f16 copy does not fit
+    // a large vocabulary; this fixture's 400 rows fit one tile, so it is asked for here): its rows are
+    // gathered there and the head streams through the device in tiles, 13 of 32 rows here to cross tile
+    // edges. The fixture's embedding is bf16, so the f16 tiles are exact and the gradients match the f32
+    // plan.
+    let mut host = estimate(&model, &adapter, 60, 1, true, 16, Embedding::Host);
+    assert!(
+        host.embed_host && host.embed_f16 && host.host_tile_rows == 400,
+        "{host:?}"
+    );
+    host.host_tile_rows = 32;
+    let gpu = bitnode_tests::gpu(None);
+    let tr = GpuTrainer::new(model.clone(), gpu, &adapter, host).unwrap();
+    let mut l_host = 0.0;
+    for (ids, labels) in &seqs {
+        l_host += tr.sequence(ids, labels, 0.5).unwrap();
+    }
+    assert!(
+        (l_full - l_host).abs() < 1e-5 * l_full.abs(),
+        "loss {l_full} vs {l_host} (host embedding)"
+    );
+    let (err, at) = worst(&tr.grads(&adapter).unwrap(), &g_full.layers);
+    eprintln!("host-resident embedding: worst relative gradient error {err:.2e} ({at})");
+    assert!(err < 1e-5, "host-embedding gradients differ by {err:.2e} at {at}");
+    let le = tr.loss(&seqs[0].0, &seqs[0].1).unwrap();
+    assert!(le.is_finite() && le > 0.0);
 
     let e = plan(&model, &adapter, 60, 1, Some(100_000)).unwrap_err().to_string();
     assert!(

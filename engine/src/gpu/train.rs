@@ -48,12 +48,38 @@ struct GpuLora {
 enum Item {
     Op(Op, u32),
     Copy(wgpu::Buffer, wgpu::Buffer, u64),
+    /// Host head tile `i` goes into the device tile buffer before the items after it run (host-resident
+    /// embedding: `MemoryPlan::embed_host`).
+    Upload(usize),
+}
+
+/// The embedding (and head) kept in host memory, for devices where even an f16 copy does not fit: the
+/// head's rows are converted to f16 once into host tiles, and each pass streams them through one device
+/// buffer of a tile (the logits and the head's backward run tile by tile); the embedding's rows are
+/// gathered on the host (exactly, from the checkpoint's dtype) and uploaded as the first layer's input.
+struct HostHead {
+    tiles: Vec<Vec<u16>>,
+    /// Views of the device tile buffer, one per host tile (row0, rows), for the recorded head ops.
+    views: Vec<MatrixTile>,
+    buf: wgpu::Buffer,
+}
+
+/// Bytes of the device buffer the host-resident head streams through (also bounded by the binding limit).
+/// Small enough to matter little next to the model, large enough that the head takes a few dozen
+/// dispatches per pass; at most two uploads are queued at once (see `GpuTrainer::run`), because wgpu's
+/// staging copies of queued uploads can occupy device memory too.
+pub const HOST_TILE_BYTES: u64 = 32 << 20;
+
+fn host_tile_rows(gpu_binding: u64, c: usize) -> usize {
+    (HOST_TILE_BYTES.min(gpu_binding) / (2 * c as u64)).max(1) as usize
 }
 
 pub struct GpuTrainer {
     gpu: Arc<Gpu>,
     model: Arc<Model>,
+    /// Empty when the embedding stays on the host (`host`).
     embed: Vec<MatrixTile>,
+    host: Option<HostHead>,
     /// `None` when the embedding is tied: the head reads the embedding's tiles (one copy on the device).
     head: Option<Vec<MatrixTile>>,
     norm: wgpu::Buffer,
@@ -77,11 +103,34 @@ impl GpuTrainer {
     pub fn new(model: Arc<Model>, gpu: Arc<Gpu>, adapter: &Adapter, plan: MemoryPlan) -> Result<GpuTrainer> {
         let g = &gpu;
         let f16 = plan.embed_f16;
-        let embed = k::matrix_tiles(g, &model.embed, f16)?;
-        let head = if model.tied() {
-            None
+        let (embed, head, host) = if plan.embed_host {
+            let m = model.head();
+            let rows = plan
+                .host_tile_rows
+                .min(host_tile_rows(g.max_binding, m.cols))
+                .clamp(1, m.rows.max(1));
+            let buf = g.storage("head_tile", (2 * rows * m.cols) as u64)?;
+            let (mut tiles, mut views) = (vec![], vec![]);
+            let mut r0 = 0;
+            while r0 < m.rows {
+                let r1 = (r0 + rows).min(m.rows);
+                tiles.push(m.rows_f16(r0, r1));
+                views.push(MatrixTile {
+                    buf: buf.clone(),
+                    row0: r0 as u32,
+                    rows: (r1 - r0) as u32,
+                });
+                r0 = r1;
+            }
+            (vec![], None, Some(HostHead { tiles, views, buf }))
         } else {
-            Some(k::matrix_tiles(g, model.head(), f16)?)
+            let embed = k::matrix_tiles(g, &model.embed, f16)?;
+            let head = if model.tied() {
+                None
+            } else {
+                Some(k::matrix_tiles(g, model.head(), f16)?)
+            };
+            (embed, head, None)
         };
         let mut layers = vec![];
         for l in model.layers()? {
@@ -125,6 +174,7 @@ impl GpuTrainer {
             gpu,
             model,
             embed,
+            host,
             head,
             norm,
             layers,
@@ -262,10 +312,28 @@ impl GpuTrainer {
         }
         let mut enc = g.device.create_command_encoder(&Default::default());
         let mut i = 0;
+        let mut queued: Option<wgpu::SubmissionIndex> = None;
         while i < items.len() {
             match &items[i] {
                 Item::Copy(src, dst, n) => {
                     enc.copy_buffer_to_buffer(src, 0, dst, 0, *n);
+                    i += 1;
+                }
+                Item::Upload(ti) => {
+                    // The work so far reads the tile buffer's previous contents: submit it, then queue the
+                    // next tile (wgpu runs the write before the next submission and after this one). Wait
+                    // for the submission before last, so at most two tiles' staging copies exist.
+                    let idx = g.queue.submit([enc.finish()]);
+                    if let Some(prev) = queued.replace(idx) {
+                        g.device
+                            .poll(wgpu::PollType::Wait {
+                                submission_index: Some(prev),
+                                timeout: None,
+                            })
+                            .map_err(|e| EngineError::Gpu(format!("device lost while training: {e}")))?;
+                    }
+                    self.upload_tile(*ti)?;
+                    enc = g.device.create_command_encoder(&Default::default());
                     i += 1;
                 }
                 Item::Op(..) => {
@@ -284,18 +352,61 @@ impl GpuTrainer {
         g.check_error()
     }
 
+    /// Writes host head tile `i` into the device tile buffer (host-resident embedding).
+    fn upload_tile(&self, i: usize) -> Result<()> {
+        let h = self
+            .host
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("a head tile upload without a host-resident head".into()))?;
+        let tile = h
+            .tiles
+            .get(i)
+            .ok_or_else(|| EngineError::Invalid(format!("no head tile {i}")))?;
+        self.gpu.queue.write_buffer(&h.buf, 0, bytemuck::cast_slice(tile));
+        Ok(())
+    }
+
     /// `run` with every dispatch in its own timed pass; prints GPU time per kernel to stderr
     /// (`BITNODE_TRAIN_PROFILE=1`, for `bitnode bench finetune`). Separate passes serialise the work, so
-    /// the total runs above the normal step time.
+    /// the total runs above the normal step time. Head tile uploads (host-resident embedding) split the
+    /// items into segments timed one after another; the uploads themselves are not timed.
     fn run_profiled(&self, items: &[Item], t: u32) -> Result<()> {
-        let timed: Vec<k::Timed<'_>> = items
-            .iter()
-            .map(|it| match it {
-                Item::Op(op, lm_t) => k::Timed::Op(op, t, *lm_t),
-                Item::Copy(src, dst, n) => k::Timed::Copy(src, dst, *n),
-            })
-            .collect();
-        let (by, dispatches) = k::time_dispatches(&self.gpu, &timed)?;
+        let mut by: Vec<k::KernelTime> = vec![];
+        let mut dispatches = 0;
+        for (si, seg) in items.split(|it| matches!(it, Item::Upload(_))).enumerate() {
+            if si > 0 {
+                // The upload that ended the previous segment: the si-th Upload item.
+                let ti = items
+                    .iter()
+                    .filter_map(|it| match it {
+                        Item::Upload(ti) => Some(*ti),
+                        _ => None,
+                    })
+                    .nth(si - 1)
+                    .ok_or_else(|| EngineError::Invalid("upload items out of step".into()))?;
+                self.upload_tile(ti)?;
+            }
+            let timed: Vec<k::Timed<'_>> = seg
+                .iter()
+                .filter_map(|it| match it {
+                    Item::Op(op, lm_t) => Some(k::Timed::Op(op, t, *lm_t)),
+                    Item::Copy(src, dst, n) => Some(k::Timed::Copy(src, dst, *n)),
+                    Item::Upload(_) => None,
+                })
+                .collect();
+            let (part, n) = k::time_dispatches(&self.gpu, &timed)?;
+            dispatches += n;
+            for (name, count, us) in part {
+                match by.iter_mut().find(|e| e.0 == name) {
+                    Some(e) => {
+                        e.1 += count;
+                        e.2 += us;
+                    }
+                    None => by.push((name, count, us)),
+                }
+            }
+        }
+        by.sort_by(|a, b| b.2.total_cmp(&a.2));
         let total: f64 = by.iter().map(|e| e.2).sum();
         eprintln!(
             "training pass, T = {t}: {dispatches} dispatches, {:.1} ms of kernel time",
@@ -401,6 +512,13 @@ impl GpuTrainer {
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("training buffers missing".into()))?;
         g.queue.write_buffer(&sc.tokens, 0, bytemuck::cast_slice(&ids_p));
+        if self.host.is_some() {
+            // The embedding's rows, gathered on the host in f32 (exact: the device f32 path gives the same).
+            let c = cfg.hidden_size;
+            let mut x0 = vec![0f32; ids_p.len() * c];
+            cpu::embedding(&mut x0, &ids_p, &self.model.embed);
+            g.queue.write_buffer(&sc.x0, 0, f32_bytes(&x0));
+        }
         g.queue.write_buffer(&sc.targets, 0, bytemuck::cast_slice(&targets));
         g.queue.write_buffer(&sc.dnll, 0, f32_bytes(&dnll));
         let rows = (n * tb) as u32;
@@ -525,7 +643,12 @@ impl GpuTrainer {
         // The head in token chunks: logits, NLL, dlogits and dxf for `chunk` rows at a time.
         let xl = &xs[nl];
         items.push(op(k::rmsnorm(g, c, eps, &self.norm, xl, &xf, &step)));
-        let head = self.head.as_deref().unwrap_or(&self.embed);
+        let head: &[MatrixTile] = match &self.host {
+            Some(h) => &h.views,
+            None => self.head.as_deref().unwrap_or(&self.embed),
+        };
+        // Host-resident head: each tile's ops follow the upload of its rows.
+        let host = self.host.is_some();
         let f16 = self.plan.embed_f16;
         let fwd_len = items.len();
         let mut eval_tail = vec![];
@@ -544,16 +667,21 @@ impl GpuTrainer {
                 }),
             );
             let hop = |o: Op| Item::Op(o, rows as u32);
-            for tile in head {
+            for (i, tile) in head.iter().enumerate() {
+                if host {
+                    items.push(Item::Upload(i));
+                    eval_tail.push(Item::Upload(i));
+                }
                 items.push(hop(k::lm_head_tiled(g, f16, c, v, tile, &xf, &logits, &cs)));
-            }
-            items.push(hop(k::nll(g, v, &logits, &targets_b, &nll_b, &cs)));
-            for tile in head {
                 eval_tail.push(hop(k::lm_head_tiled(g, f16, c, v, tile, &xf, &logits, &cs)));
             }
+            items.push(hop(k::nll(g, v, &logits, &targets_b, &nll_b, &cs)));
             eval_tail.push(hop(k::nll(g, v, &logits, &targets_b, &nll_b, &cs)));
             items.push(hop(k::nll_backward(g, v, &logits, &targets_b, &dnll_b, &dlogits, &cs)));
             for (i, tile) in head.iter().enumerate() {
+                if host {
+                    items.push(Item::Upload(i));
+                }
                 items.push(hop(k::lm_head_backward(g, f16, c, v, tile, i > 0, &dlogits, &dxf, &cs)));
             }
             chunk_steps.push(cs);
@@ -576,6 +704,7 @@ impl GpuTrainer {
         Ok(Scratch {
             t: tb,
             n,
+            x0: xs[0].clone(),
             tokens,
             targets: targets_b,
             dnll: dnll_b,
@@ -863,6 +992,8 @@ struct Scratch {
     /// The bucket (rows per sequence) and the number of sequences.
     t: usize,
     n: usize,
+    /// The first layer's input (written from the host when the embedding stays there).
+    x0: wgpu::Buffer,
     tokens: wgpu::Buffer,
     targets: wgpu::Buffer,
     dnll: wgpu::Buffer,
@@ -959,6 +1090,11 @@ pub struct MemoryPlan {
     pub head_chunk: usize,
     /// Embedding (and tied head) stored in f16 on the device.
     pub embed_f16: bool,
+    /// The embedding and head stay in host memory (f16 head tiles streamed through the device; see
+    /// `HostHead`): the last resort of small devices, since every pass uploads the head twice.
+    pub embed_host: bool,
+    /// Head rows per host tile (0 when the embedding is on the device).
+    pub host_tile_rows: usize,
     pub weights: u64,
     /// LoRA parameters, their gradients and both AdamW moments.
     pub adapter: u64,
@@ -970,9 +1106,20 @@ pub struct MemoryPlan {
     pub budget: Option<u64>,
 }
 
+/// Where the trainer keeps the embedding (and the head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Embedding {
+    /// f32 on the device, as the float32 references compute (exact for bf16/f16 checkpoints too).
+    F32,
+    /// f16 on the device.
+    F16,
+    /// In host memory: rows gathered on the host, the head streamed through the device in f16 tiles.
+    Host,
+}
+
 /// Predicts the trainer's device memory for micro-batches of `batch` sequences of up to `seq_len` tokens
 /// and picks the fastest settings that fit `budget`, in this order of preference:
-/// - the embedding in f32 (as the float32 references compute) unless only f16 fits;
+/// - the embedding in f32 on the device, else in f16, else in host memory (`Embedding`);
 /// - all `batch` sequences in one pass, else the largest micro-batch that fits (halving down to 1): one
 ///   pass over 4 x 512 rows runs every dispatch once instead of four times, which is worth more than
 ///   skipping the recomputation, so a smaller micro-batch is taken only when checkpointing cannot save
@@ -990,7 +1137,7 @@ pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, batch: usize, budg
     }
     let mut leanest: Option<MemoryPlan> = None;
     // f32 first: the embedding is what the references use (exact for bf16/f16 checkpoints too).
-    for f16 in [false, true] {
+    for embed in [Embedding::F32, Embedding::F16, Embedding::Host] {
         for &micro in &micros {
             let rows = micro * t;
             let mut chunks = vec![rows];
@@ -1001,7 +1148,7 @@ pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, batch: usize, budg
             }
             for checkpoint in [false, true] {
                 for &chunk in &chunks {
-                    let mut p = estimate(model, adapter, seq_len, micro, checkpoint, chunk, f16);
+                    let mut p = estimate(model, adapter, seq_len, micro, checkpoint, chunk, embed);
                     p.budget = budget;
                     if budget.is_none_or(|b| p.total <= b) {
                         return Ok(p);
@@ -1017,14 +1164,15 @@ pub fn plan(model: &Model, adapter: &Adapter, seq_len: usize, batch: usize, budg
     Err(EngineError::OutOfMemory(format!(
         "fine-tuning this model at --seq-len {seq_len} and rank {} needs at least {} of device memory \
          (weights {}, adapter and optimizer state {}, activations {} with gradient checkpointing, {}-token \
-         head chunks and an f16 embedding), but the budget is {}; lower --seq-len or --rank, adapt fewer \
-         --targets, or raise --max-memory",
+         head chunks, one sequence per pass and the embedding {}), but the budget is {}; lower --seq-len \
+         or --rank, adapt fewer --targets, or raise --max-memory",
         adapter.rank,
         crate::util::human_bytes(l.total),
         crate::util::human_bytes(l.weights),
         crate::util::human_bytes(l.adapter),
         crate::util::human_bytes(l.activations),
         l.head_chunk,
+        if l.embed_host { "in host memory" } else { "in f16" },
         crate::util::human_bytes(budget.unwrap_or(0)),
     )))
 }
@@ -1038,7 +1186,7 @@ pub fn estimate(
     micro_batch: usize,
     checkpoint: bool,
     head_chunk: usize,
-    embed_f16: bool,
+    embed: Embedding,
 ) -> MemoryPlan {
     let cfg = &model.config;
     let d = Dims::new(cfg, adapter.rank);
@@ -1053,19 +1201,32 @@ pub fn estimate(
         weights += 2 * f4(d.c) + f4(d.qd) + f4(d.f);
     }
     weights += f4(d.c);
-    let table = (d.v * d.c * if embed_f16 { 2 } else { 4 }) as u64;
-    weights += table * if model.tied() { 1 } else { 2 };
+    let embed_f16 = embed != Embedding::F32;
+    let embed_host = embed == Embedding::Host;
+    if !embed_host {
+        let table = (d.v * d.c * if embed_f16 { 2 } else { 4 }) as u64;
+        weights += table * if model.tied() { 1 } else { 2 };
+    }
     let adapter_bytes: u64 = adapter.pairs().map(|p| 4 * (f4(p.a.len()) + f4(p.b.len()))).sum();
     // Uniforms: a 32-byte parameter block per recorded dispatch (about 150 per layer with recomputation).
     let other = (d.nl as u64 * 150 + 64) * 64;
     let micro_batch = micro_batch.max(1);
-    let activations = d.activation_bytes(t, micro_batch, checkpoint, head_chunk);
+    let mut activations = d.activation_bytes(t, micro_batch, checkpoint, head_chunk);
+    let mut tile_rows = 0;
+    if embed_host {
+        // The device buffer the head's tiles stream through (HOST_TILE_BYTES is below any binding limit
+        // the trainer runs with).
+        tile_rows = host_tile_rows(u64::MAX, d.c).min(d.v);
+        activations += f4(2 * tile_rows * d.c);
+    }
     MemoryPlan {
         t,
         micro_batch,
         checkpoint,
         head_chunk: head_chunk.min(t * micro_batch),
         embed_f16,
+        embed_host,
+        host_tile_rows: tile_rows,
         weights,
         adapter: adapter_bytes,
         activations,

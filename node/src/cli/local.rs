@@ -241,7 +241,13 @@ pub fn bench(home: &Path, cmd: BenchCmd) -> anyhow::Result<()> {
                         p.micro_batch,
                         if p.checkpoint { "on" } else { "off" },
                         p.head_chunk,
-                        if p.embed_f16 { "f16" } else { "f32" },
+                        if p.embed_host {
+                            "in host memory (head streamed in f16 tiles)"
+                        } else if p.embed_f16 {
+                            "f16"
+                        } else {
+                            "f32"
+                        },
                         bitnode_engine::util::human_bytes(p.total)
                     );
                 }
