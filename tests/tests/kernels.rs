@@ -802,17 +802,81 @@ fn adamw_matches_cpu_over_several_steps() {
             ..Default::default()
         },
     );
+    let no_clip = upload(&g, &[1.0, 0.0]);
     for t in 1..=5u64 {
         let grad = randn(&mut rng, n, 0.5);
         let lr = o.lr * (1.0 - t as f64 / 10.0);
         cpu::adamw(&mut p, &mut m, &mut v, &grad, &o, lr, t);
         let gb = upload(&g, &grad);
-        let op = k::adamw(&g, n, &o, lr, t, 1.0, &pb, &mb, &vb, &gb, &step);
+        let op = k::adamw(&g, n, &o, lr, t, &pb, &mb, &vb, &gb, &no_clip, &step);
         k::run(&g, &[&op], 1, 0);
     }
     let (d, at) = max_rel_diff(&fetch(&g, &pb, n), &p);
     assert!(d < 1e-5, "params: {d} at {at}");
     assert!(max_rel_diff(&fetch(&g, &vb, n), &v).0 < 1e-5, "second moment");
+}
+
+/// Gradient clipping on the device: per-tensor sums of squares (`grad_sq_sum`, tensors longer and shorter
+/// than a workgroup), the global norm and coefficient (`grad_clip`, clipping and not), and AdamW on the
+/// clipped gradients, against the CPU twins and torch's clip_grad_norm_ (`cpu::clip_grad_norm`).
+#[test]
+fn grad_clip_matches_cpu() {
+    let g = gpu(None);
+    let mut rng = Rng::new(31);
+    let step = step_buf(
+        &g,
+        Step {
+            t: 1,
+            ..Default::default()
+        },
+    );
+    let lens = [1000usize, 37, 4096, 1];
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| randn(&mut rng, n, 0.3)).collect();
+    let sq = g.storage("sq", 4 * lens.len() as u64).unwrap();
+    let clip = g.storage("clip", 16).unwrap();
+    let bufs: Vec<_> = grads.iter().map(|x| upload(&g, x)).collect();
+    let sums: Vec<_> = bufs
+        .iter()
+        .zip(&lens)
+        .enumerate()
+        .map(|(i, (b, &n))| k::grad_sq_sum(&g, n, i, b, &sq, &step))
+        .collect();
+    let want_sq: Vec<f32> = grads.iter().map(|x| cpu::grad_sq_sum(x)).collect();
+    for max_norm in [None, Some(1.0f32), Some(1e3)] {
+        let op = k::grad_clip(&g, lens.len(), max_norm, &sq, &clip, &step);
+        let mut ops: Vec<&k::Op> = sums.iter().collect();
+        ops.push(&op);
+        k::run(&g, &ops, 1, 0);
+        let got_sq = fetch(&g, &sq, lens.len());
+        assert!(
+            max_rel_diff(&got_sq, &want_sq).0 < 1e-5,
+            "sums of squares {got_sq:?} vs {want_sq:?}"
+        );
+        let got = fetch(&g, &clip, 2);
+        let (coef, norm) = cpu::grad_clip(&want_sq, max_norm);
+        let torch_norm = cpu::grad_norm(grads.iter().map(|x| &x[..]));
+        assert!((got[1] - norm).abs() < 1e-5 * norm && (norm - torch_norm).abs() < 1e-5 * norm);
+        assert!((got[0] - coef).abs() < 1e-5, "coef {} vs {coef} ({max_norm:?})", got[0]);
+        assert_eq!(
+            coef < 1.0,
+            max_norm == Some(1.0),
+            "only max_norm 1 clips these ({norm})"
+        );
+    }
+    // AdamW reads the coefficient: the step on clipped gradients equals the CPU step on scaled ones.
+    let o = cpu::AdamW::default();
+    let n = lens[0];
+    let p0 = randn(&mut rng, n, 1.0);
+    let (pb, mb, vb) = (upload(&g, &p0), upload(&g, &vec![0f32; n]), upload(&g, &vec![0f32; n]));
+    let op = k::grad_clip(&g, lens.len(), Some(1.0), &sq, &clip, &step);
+    let ad = k::adamw(&g, n, &o, 1e-2, 1, &pb, &mb, &vb, &bufs[0], &clip, &step);
+    k::run(&g, &[&op, &ad], 1, 0);
+    let (coef, _) = cpu::grad_clip(&want_sq, Some(1.0));
+    let scaled: Vec<f32> = grads[0].iter().map(|x| x * coef).collect();
+    let (mut p, mut m, mut v) = (p0, vec![0f32; n], vec![0f32; n]);
+    cpu::adamw(&mut p, &mut m, &mut v, &scaled, &o, 1e-2, 1);
+    let (d, at) = max_rel_diff(&fetch(&g, &pb, n), &p);
+    assert!(d < 1e-5, "clipped AdamW params: {d} at {at}");
 }
 
 /// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, more than one

@@ -60,6 +60,25 @@ pub fn grad_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f32 {
         .sqrt()
 }
 
+/// The sum of squares of one gradient tensor, as the device's `grad_sq_sum` takes it (f32).
+pub fn grad_sq_sum(g: &[f32]) -> f32 {
+    g.iter().map(|x| x * x).sum()
+}
+
+/// The device's `grad_clip` over per-tensor sums of squares: (coefficient, global norm), the norm taken
+/// as torch does (the norm of the per-tensor norms), the coefficient 1 without `max_norm`.
+pub fn grad_clip(sq: &[f32], max_norm: Option<f32>) -> (f32, f32) {
+    let norm = sq
+        .iter()
+        .map(|&s| {
+            let n = s.sqrt();
+            n * n
+        })
+        .sum::<f32>()
+        .sqrt();
+    (max_norm.map_or(1.0, |m| clip_coef(norm, m)), norm)
+}
+
 /// The factor torch's clipping scales gradients by: `max_norm / (norm + 1e-6)`, at most 1.
 pub fn clip_coef(norm: f32, max_norm: f32) -> f32 {
     (max_norm / (norm + 1e-6)).min(1.0)

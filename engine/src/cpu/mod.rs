@@ -17,7 +17,7 @@ pub mod rope;
 pub mod sample;
 
 pub use act_quant::act_quant;
-pub use adamw::{adamw, clip_coef, clip_grad_norm, grad_norm, AdamW};
+pub use adamw::{adamw, clip_coef, clip_grad_norm, grad_clip, grad_norm, grad_sq_sum, AdamW};
 pub use attention::{attention, attention_backward, attention_rows};
 pub use embedding::embedding;
 pub use lm_head::{lm_head, lm_head_backward};

@@ -1169,11 +1169,11 @@ pub fn adamw(
     o: &crate::cpu::AdamW,
     lr: f64,
     t: u64,
-    gscale: f32,
     param: &wgpu::Buffer,
     m: &wgpu::Buffer,
     v: &wgpu::Buffer,
     g: &wgpu::Buffer,
+    clip: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
     op(
@@ -1181,16 +1181,73 @@ pub fn adamw(
         "adamw",
         sh::ADAMW,
         &[],
-        &adamw_params(n, o, lr, t, gscale),
-        &[(2, param), (3, m), (4, v), (5, g)],
+        &adamw_params(n, o, lr, t),
+        &[(2, param), (3, m), (4, v), (5, g), (6, clip)],
         step,
         Grid::Fixed((n as u32).div_ceil(256), 1),
     )
 }
 
-/// The parameter block of `adamw` for step `t` (1-based) of `n` elements: lr, bias corrections and the
-/// clipping scale folded into constants.
-pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64, gscale: f32) -> [u32; 12] {
+/// The sum of squares of the `n` gradients in `g` into `sq[slot]` (one workgroup). CPU twin:
+/// `cpu::grad_sq_sum`.
+pub fn grad_sq_sum(gpu: &Gpu, n: usize, slot: usize, g: &wgpu::Buffer, sq: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    let pr = [n as u32, slot as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    op(
+        gpu,
+        "grad_sq_sum",
+        sh::ADAMW,
+        &[],
+        &pr,
+        &[(5, g), (7, sq)],
+        step,
+        Grid::One,
+    )
+}
+
+/// The global gradient norm over `tensors` per-tensor sums in `sq`, and the clipping coefficient for
+/// `max_norm` (1 without), into `clip` = [coef, norm]. CPU twin: `cpu::grad_clip`.
+pub fn grad_clip(
+    gpu: &Gpu,
+    tensors: usize,
+    max_norm: Option<f32>,
+    sq: &wgpu::Buffer,
+    clip: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    op(
+        gpu,
+        "grad_clip",
+        sh::ADAMW,
+        &[],
+        &grad_clip_params(tensors, max_norm),
+        &[(6, clip), (7, sq)],
+        step,
+        Grid::One,
+    )
+}
+
+/// `grad_clip`'s parameter block (it shares adamw's `Params`: n, max_norm in `decay`, the clip flag in
+/// `step_size`).
+pub fn grad_clip_params(tensors: usize, max_norm: Option<f32>) -> [u32; 12] {
+    [
+        tensors as u32,
+        max_norm.unwrap_or(0.0).to_bits(),
+        max_norm.is_some() as u32,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+}
+
+/// The parameter block of `adamw` for step `t` (1-based) of `n` elements: lr and the bias corrections
+/// folded into constants (the clipping coefficient comes from `grad_clip`'s buffer).
+pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64) -> [u32; 12] {
     let bc1 = 1.0 - o.beta1.powi(t as i32);
     let bc2 = 1.0 - o.beta2.powi(t as i32);
     [
@@ -1202,7 +1259,7 @@ pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64, gscale: f3
         (o.beta2 as f32).to_bits(),
         ((1.0 - o.beta2) as f32).to_bits(),
         (o.eps as f32).to_bits(),
-        gscale.to_bits(),
+        0,
         0,
         0,
         0,

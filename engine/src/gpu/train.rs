@@ -90,8 +90,20 @@ pub struct GpuTrainer {
     plan: MemoryPlan,
     /// Buffers and recorded dispatches of the current sequence bucket.
     scratch: std::cell::RefCell<Option<Scratch>>,
-    /// The AdamW dispatches (one per LoRA tensor) with their element counts, built on the first step.
-    adamw: std::cell::RefCell<Option<Vec<(Op, usize)>>>,
+    /// The optimizer's dispatches, built on the first step.
+    adamw: std::cell::RefCell<Option<Optim>>,
+}
+
+/// The optimizer step's recorded dispatches: a sum of squares per LoRA tensor, the clipping coefficient,
+/// and AdamW per tensor (with its element count).
+struct Optim {
+    sums: Vec<Op>,
+    clip_op: Op,
+    adamw: Vec<(Op, usize)>,
+    /// [coef, norm], written by `grad_clip`.
+    clip: wgpu::Buffer,
+    tensors: usize,
+    _keep: (wgpu::Buffer, wgpu::Buffer),
 }
 
 fn f32_bytes(v: &[f32]) -> &[u8] {
@@ -245,50 +257,71 @@ impl GpuTrainer {
         self.gpu.check_error()
     }
 
-    /// The optimizer step: global-norm clipping (the norm is taken over the downloaded gradients; a device
-    /// reduction comes with the performance work), AdamW on every LoRA tensor, gradients cleared for the
-    /// next step. Returns the gradient norm before clipping.
+    /// The optimizer step, all on the device: the global gradient norm (`grad_sq_sum` per tensor, then
+    /// `grad_clip`) and its clipping coefficient, AdamW on every LoRA tensor with the clipped gradients,
+    /// gradients cleared for the next step. Only the norm (4 bytes) comes back. Returns the gradient norm
+    /// before clipping.
     pub fn apply(
         &self,
-        like: &Adapter,
+        _like: &Adapter,
         o: &crate::cpu::AdamW,
         lr: f64,
         step: u64,
         max_norm: Option<f32>,
     ) -> Result<f32> {
         let g = &*self.gpu;
-        let grads = self.grads(like)?;
-        let norm = cpu::grad_norm(grads.pairs().flat_map(|p| [&p.a[..], &p.b[..]]));
-        let gscale = max_norm.map_or(1.0, |m| cpu::clip_coef(norm, m));
-        // The AdamW dispatches are built on the first step and reused: each step only rewrites their
-        // parameter blocks (lr, bias corrections, clipping scale).
+        // The dispatches are built on the first step and reused: each step only rewrites the parameter
+        // blocks of AdamW (lr, bias corrections) and of the clipping (max_norm).
         let mut slot = self.adamw.borrow_mut();
-        let ops = slot.get_or_insert_with(|| {
-            let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
-            let mut ops = vec![];
-            for p in self.lora.iter().flatten().flatten() {
-                let (na, nb) = (self.rank * p.inp, p.out * self.rank);
-                ops.push((
-                    k::adamw(g, na, o, lr, step, gscale, &p.a, &p.ma, &p.va, &p.da, &stepb),
-                    na,
-                ));
-                ops.push((
-                    k::adamw(g, nb, o, lr, step, gscale, &p.b, &p.mb, &p.vb, &p.db, &stepb),
-                    nb,
-                ));
+        let opt = match slot.as_mut() {
+            Some(opt) => opt,
+            None => {
+                let stepb = g.uniform("step", bytemuck::bytes_of(&Step::default()));
+                let tensors = 2 * self.lora.iter().flatten().flatten().count();
+                let sq = g.storage("grad_sq", (4 * tensors) as u64)?;
+                let clip = g.storage("grad_clip", 16)?;
+                let mut sums = vec![];
+                let mut ops = vec![];
+                for p in self.lora.iter().flatten().flatten() {
+                    let (na, nb) = (self.rank * p.inp, p.out * self.rank);
+                    sums.push(k::grad_sq_sum(g, na, sums.len(), &p.da, &sq, &stepb));
+                    sums.push(k::grad_sq_sum(g, nb, sums.len(), &p.db, &sq, &stepb));
+                    ops.push((
+                        k::adamw(g, na, o, lr, step, &p.a, &p.ma, &p.va, &p.da, &clip, &stepb),
+                        na,
+                    ));
+                    ops.push((
+                        k::adamw(g, nb, o, lr, step, &p.b, &p.mb, &p.vb, &p.db, &clip, &stepb),
+                        nb,
+                    ));
+                }
+                let clip_op = k::grad_clip(g, tensors, max_norm, &sq, &clip, &stepb);
+                slot.insert(Optim {
+                    sums,
+                    clip_op,
+                    adamw: ops,
+                    clip,
+                    tensors,
+                    _keep: (sq, stepb),
+                })
             }
-            ops
-        });
-        for (op, n) in ops.iter() {
-            op.set_params(&g.queue, &k::adamw_params(*n, o, lr, step, gscale));
+        };
+        for (op, n) in opt.adamw.iter() {
+            op.set_params(&g.queue, &k::adamw_params(*n, o, lr, step));
         }
+        opt.clip_op
+            .set_params(&g.queue, &k::grad_clip_params(opt.tensors, max_norm));
         let mut enc = g.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("adamw"),
                 timestamp_writes: None,
             });
-            for (op, _) in ops.iter() {
+            for op in &opt.sums {
+                op.record(&mut pass, 1, 1);
+            }
+            opt.clip_op.record(&mut pass, 1, 1);
+            for (op, _) in opt.adamw.iter() {
                 op.record(&mut pass, 1, 1);
             }
         }
@@ -297,8 +330,9 @@ impl GpuTrainer {
             enc.clear_buffer(&p.db, 0, None);
         }
         g.queue.submit([enc.finish()]);
+        let clip: Vec<f32> = bytemuck::pod_collect_to_vec(&g.download(&opt.clip, 8)?);
         g.check_error()?;
-        Ok(norm)
+        Ok(clip.get(1).copied().unwrap_or(f32::NAN))
     }
 
     /// Records and submits the items: consecutive dispatches share one compute pass (wgpu orders them and
