@@ -928,3 +928,86 @@ proptest! {
         prop_assert_eq!(tt.scale, TernaryScale::Single(s));
     }
 }
+
+// ---------------------------------------------------------------- fixtures of the `gguf` Python package
+
+/// Little-endian f32 values from the fixtures' hex strings.
+fn f32_hex(s: &str) -> Vec<f32> {
+    let b: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect();
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// `tests/fixtures/gguf/`, written by `tests/reference/make_gguf_fixtures.py`: TQ1_0/TQ2_0 files from the
+/// `gguf` package's own writer and numpy quantizers, and an I2_S file packed by the layout in the notes.
+/// Every tensor decodes to the ternary values and scale the script started from, or to the f32 values the
+/// package's dequantizers give (exactly: both follow ggml's operation order).
+#[test]
+fn python_gguf_fixtures() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf");
+    for name in ["tq2_0", "tq1_0", "i2_s"] {
+        let f = std::fs::read(dir.join(format!("{name}.gguf"))).unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let g = parse(&f);
+        assert_eq!(
+            g.architecture().unwrap(),
+            want["architecture"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            g.get_uint("general.file_type").unwrap(),
+            want["file_type"].as_u64(),
+            "{name}"
+        );
+        assert_eq!(g.bitnet_cpp, name == "i2_s");
+        if let Some(tokens) = want["tokens"].as_array() {
+            let tokens: Vec<String> = tokens.iter().map(|t| t.as_str().unwrap().to_string()).collect();
+            assert_eq!(
+                g.get_array("tokenizer.ggml.tokens").unwrap(),
+                Some(&Array::String(tokens))
+            );
+        }
+        let tensors = want["tensors"].as_object().unwrap();
+        assert_eq!(g.tensors().len(), tensors.len(), "{name}");
+        for (tname, e) in tensors {
+            let t = g.tensor(tname).unwrap();
+            let ne: Vec<usize> = e["ne"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(
+                (t.ty.name(), &t.ne),
+                (e["type"].as_str().unwrap(), &ne),
+                "{name} {tname}"
+            );
+            let data = g.tensor_data(t, &f).unwrap();
+            if let Some(codes) = e["codes"].as_str() {
+                let tt = to_ternary(t, data).unwrap();
+                let vals: Vec<i8> = codes.bytes().map(|c| (c - b'0') as i8 - 1).collect();
+                check_ternary(&tt, &vals, t.n_rows(), t.row_len());
+                let scale = match (e["scale"].as_f64(), e["block_scales_hex"].as_str()) {
+                    (Some(s), _) => TernaryScale::Single(s as f32),
+                    (None, Some(h)) => TernaryScale::PerBlock {
+                        block: 256,
+                        scales: f32_hex(h),
+                    },
+                    _ => panic!("{name} {tname}: no scale"),
+                };
+                assert_eq!(tt.scale, scale, "{name} {tname}");
+            } else {
+                assert_eq!(
+                    to_f32(t, data).unwrap(),
+                    f32_hex(e["f32_hex"].as_str().unwrap()),
+                    "{name} {tname}"
+                );
+            }
+        }
+    }
+}
