@@ -49,6 +49,30 @@ impl TernaryTensor {
             TernaryScale::PerBlock { block, scales } => scales[(row * self.cols + col) / block],
         }
     }
+    /// The engine's form of the projection. Refused for per-block scales, which bitnode's kernels cannot
+    /// apply yet (they take one scale per tensor); `name` is the tensor's, for the message.
+    pub fn into_linear(self, name: &str) -> Result<crate::model::TernaryLinear> {
+        match self.scale {
+            TernaryScale::Single(scale) => Ok(crate::model::TernaryLinear {
+                out: self.rows,
+                inp: self.cols,
+                words: self.words,
+                scale,
+            }),
+            TernaryScale::PerBlock { scales, .. } => {
+                let mut distinct: Vec<u32> = scales.iter().filter(|s| **s != 0.0).map(|s| s.to_bits()).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                Err(GgufError::BadData {
+                    tensor: name.to_string(),
+                    msg: format!(
+                        "its blocks have {} different scales; bitnode's kernels take one scale per tensor",
+                        distinct.len()
+                    ),
+                })
+            }
+        }
+    }
     /// The effective weights, row-major (tests and offline twins).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);

@@ -270,6 +270,9 @@ fn tq2_0_round_trip_single_scale() {
         crate::ternary::pack_row(&t[r * cols..(r + 1) * cols], &mut words);
     }
     assert_eq!(tt.words, words);
+    let lin = tt.into_linear("w").unwrap();
+    assert_eq!((lin.out, lin.inp, lin.scale), (rows, cols, f16::from_f32(s).to_f32()));
+    assert_eq!(lin.row(1), &words[cols / 16..2 * cols / 16]);
 }
 
 #[test]
@@ -322,6 +325,12 @@ fn tq_blocks_with_different_scales_are_per_block() {
         check_ternary(&tt, &t, 2, 512);
         assert_eq!(tt.scale_at(1, 0), 0.5);
         assert_eq!(tt.to_f32()[512 + 3], f32::from(t[512 + 3]) * 0.5);
+        let e = tt.into_linear("blk.0.ffn_down.weight").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "tensor \"blk.0.ffn_down.weight\": its blocks have 2 different scales; bitnode's kernels take one \
+             scale per tensor"
+        );
     }
 }
 
@@ -878,7 +887,7 @@ fn sample_files_decode() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
     fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..1024), magic in any::<bool>()) {
