@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod finetune;
+pub mod gguf;
 pub mod gpu;
 pub mod loader;
 pub mod lora;
