@@ -695,6 +695,10 @@ impl Backend for GpuBackend {
         self.gpu.name()
     }
 
+    fn subgroups(&self) -> bool {
+        self.gpu.subgroups()
+    }
+
     fn begin(&mut self, positions: usize) -> Result<()> {
         let cfg = &self.model.config;
         if positions > self.cap || self.ops.is_none() {
