@@ -191,6 +191,8 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 // the GPU-wide wait that comes with it, from each of the four projections of a layer: at batch 1 the
 // waits, not the arithmetic, bound decode speed. The reductions are the same code, in the same order, as
 // rmsnorm_quant.wgsl, so the fused and unfused paths give identical bits. Inputs up to 8192 wide.
+// Its reductions (reduce_sum, reduce_max, lanes_sum3) come from reduce.wgsl, or on adapters with
+// subgroups from reduce_subgroup.wgsl, which passes 3 workgroup barriers per token instead of ~24.
 
 @group(0) @binding(8) var<storage, read> xin: array<f32>;      // [T, I] the unnormalised input rows
 @group(0) @binding(9) var<storage, read> nw: array<f32>;       // [I] RMSNorm weight
@@ -200,14 +202,13 @@ var<workgroup> xq_s: array<u32, 2048>;   // [I/4] packed int8 activations
 // Rows per workgroup of the fused kernel (256 / ROWS lanes per row). More rows per workgroup spread the
 // per-workgroup normalisation over more outputs; fewer give more workgroups to hide latency.
 override ROWS: u32 = 8u;
-var<workgroup> red2: array<i32, 768>;    // [3][256]: gate, up, activation sum
 
 @compute @workgroup_size(256)
-fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
+    let lid = lane_index(ln);
     if step.t == 0u {
         return;
     }
-    let lid = lid3.x;
     let lanes = 256u / ROWS;
     let lane = lid % lanes;
     let row = wg.x * ROWS + lid / lanes;
@@ -227,7 +228,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             let v3 = xin[xb + b + 3u];
             acc2 += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
         }
-        let ms = wg_sum(acc2, lid) / f32(c);
+        let ms = reduce_sum(acc2, lid) / f32(c);
         let r = 1.0 / sqrt(ms + p.eps);
         var m = 0.0;
         for (var j = lid; j < c / 4u; j += 256u) {
@@ -238,7 +239,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             let y3 = abs(nw[b + 3u] * (xin[xb + b + 3u] * r));
             m = max(m, max(max(y0, y1), max(y2, y3)));
         }
-        let sx = 127.0 / max(wg_max(m, lid), 1e-5);
+        let sx = 127.0 / max(reduce_max(m, lid), 1e-5);
         for (var j = lid; j < c / 4u; j += 256u) {
             var word = 0u;
             for (var k = 0u; k < 4u; k++) {
@@ -291,28 +292,18 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
                 }
             }
         }
-        red2[lid] = a;
-        red2[256u + lid] = au;
-        red2[512u + lid] = qsl;
-        workgroupBarrier();
-        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-            if lane < off {
-                red2[lid] += red2[lid + off];
-                red2[256u + lid] += red2[256u + lid + off];
-                red2[512u + lid] += red2[512u + lid + off];
-            }
-            workgroupBarrier();
-        }
-        let qs = red2[512u + lid];
+        // The row's gate, up and activation sums over its lanes.
+        let sums = lanes_sum3(vec3<i32>(a, au, qsl), lid, lanes);
+        let qs = sums.z;
         if lane == 0u && row < p.rows {
             let dst = t * p.y_stride + p.y_off + row;
-            let g = f32(red2[lid] - qs) * scale[row] / sx;
+            let g = f32(sums.x - qs) * scale[row] / sx;
             if MODE == 0u {
                 y[dst] = g;
             } else if MODE == 1u {
                 y[dst] += g;
             } else {
-                let u = f32(red2[256u + lid] - qs) * scale[p.rows + row] / sx;
+                let u = f32(sums.y - qs) * scale[p.rows + row] / sx;
                 let rr = max(g, 0.0);
                 y[dst] = rr * rr * u;
             }

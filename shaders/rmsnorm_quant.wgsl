@@ -33,7 +33,9 @@ var<workgroup> amax: atomic<u32>;
 var<workgroup> asum: atomic<i32>;
 
 // Four neighbouring elements per step (four loads in flight); rmsnorm_matmul_ternary in
-// matmul_ternary.wgsl repeats this exact order so that fused and unfused paths agree bit for bit.
+// matmul_ternary.wgsl repeats this exact order so that fused and unfused paths agree bit for bit: `lid`
+// is lane_index's numbering, and reduce_sum comes from reduce.wgsl or reduce_subgroup.wgsl, whichever
+// the fused kernel is compiled with (both follow `Gpu::subgroups`).
 fn inv_rms(t: u32, lid: u32) -> f32 {
     var acc = 0.0;
     let o = t * p.c;
@@ -45,14 +47,14 @@ fn inv_rms(t: u32, lid: u32) -> f32 {
         let v3 = x[b + 3u];
         acc += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
     }
-    let ms = wg_sum(acc, lid) / f32(p.c);
+    let ms = reduce_sum(acc, lid) / f32(p.c);
     return 1.0 / sqrt(ms + p.eps);
 }
 
 @compute @workgroup_size(256)
-fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
     let t = wg.x;
-    let lid = lid3.x;
+    let lid = lane_index(ln);
     if t >= step.t {
         return;
     }
@@ -96,9 +98,9 @@ fn rmsnorm_quant(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
 }
 
 @compute @workgroup_size(256)
-fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
     let t = wg.x;
-    let lid = lid3.x;
+    let lid = lane_index(ln);
     if t >= step.t {
         return;
     }

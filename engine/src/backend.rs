@@ -41,6 +41,10 @@ pub enum Got {
 pub trait Backend {
     /// Human-readable name of the device, e.g. "NVIDIA H100 (Vulkan, DiscreteGpu)" or "cpu reference".
     fn device_name(&self) -> String;
+    /// Whether the kernels run their subgroup variants (`Gpu::subgroups`); false on the CPU reference.
+    fn subgroups(&self) -> bool {
+        false
+    }
     /// Clears the KV cache and the repetition-penalty history and sizes the cache for `positions`.
     fn begin(&mut self, positions: usize) -> Result<()>;
     /// Marks tokens for the repetition penalty.

@@ -1,9 +1,34 @@
 //! The WGSL kernels of bitnode, one file per op family. Each kernel has a CPU twin of the same name in
 //! `bitnode_engine::cpu` and a launcher of the same name in `bitnode_engine::gpu`. WGSL has no includes,
 //! so `common.wgsl` (the shared `Step` struct) is prepended to each at compile time.
+//!
+//! The two kernels with a subgroup path, `rmsnorm_quant.wgsl` and `matmul_ternary.wgsl` (its fused
+//! `rmsnorm_matmul_ternary`), also get their reductions prepended: `reduce.wgsl` (workgroup barriers)
+//! in the plain source, `reduce_subgroup.wgsl` (the same functions with subgroup operations) in the
+//! `*_SUBGROUP` source, which a launcher picks only when the device has wgpu's SUBGROUP feature, so adapters
+//! without it never compile subgroup code. (naga takes subgroup builtins without an `enable subgroups;`
+//! directive, and rejects that directive as unimplemented.)
 pub const EMBEDDING: &str = concat!(include_str!("../common.wgsl"), include_str!("../embedding.wgsl"));
-pub const RMSNORM_QUANT: &str = concat!(include_str!("../common.wgsl"), include_str!("../rmsnorm_quant.wgsl"));
-pub const MATMUL_TERNARY: &str = concat!(include_str!("../common.wgsl"), include_str!("../matmul_ternary.wgsl"));
+pub const RMSNORM_QUANT: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce.wgsl"),
+    include_str!("../rmsnorm_quant.wgsl")
+);
+pub const RMSNORM_QUANT_SUBGROUP: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce_subgroup.wgsl"),
+    include_str!("../rmsnorm_quant.wgsl")
+);
+pub const MATMUL_TERNARY: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce.wgsl"),
+    include_str!("../matmul_ternary.wgsl")
+);
+pub const MATMUL_TERNARY_SUBGROUP: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce_subgroup.wgsl"),
+    include_str!("../matmul_ternary.wgsl")
+);
 pub const ROPE: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope.wgsl"));
 pub const ATTENTION: &str = concat!(include_str!("../common.wgsl"), include_str!("../attention.wgsl"));
 pub const LM_HEAD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head.wgsl"));
@@ -41,4 +66,10 @@ pub const ALL: &[(&str, &str)] = &[
     ("attention_backward", ATTENTION_BACKWARD),
     ("lora", LORA),
     ("adamw", ADAMW),
+];
+
+/// The subgroup variants, by name; they compile only on a device with wgpu's SUBGROUP feature.
+pub const ALL_SUBGROUP: &[(&str, &str)] = &[
+    ("rmsnorm_quant", RMSNORM_QUANT_SUBGROUP),
+    ("matmul_ternary", MATMUL_TERNARY_SUBGROUP),
 ];

@@ -16,12 +16,32 @@ pub fn fixtures() -> PathBuf {
 /// The preferred wgpu adapter as a device, optionally with a lowered binding limit. Tests need a real
 /// adapter (lavapipe in CI, which `.ci/run` installs): there is no mock, so a missing one is a failure.
 pub fn gpu(max_binding: Option<u64>) -> Arc<Gpu> {
-    let adapter = match gpu::pick_adapter(&std::env::var("BITNODE_ADAPTER").unwrap_or_else(|_| "gpu".into())) {
+    Arc::new(Gpu::new(adapter(), max_binding).unwrap_or_else(|e| panic!("device: {e}")))
+}
+
+/// [`gpu`] with the subgroup kernels allowed or not (`Gpu::with_subgroups`), whatever `BITNODE_SUBGROUPS`
+/// says: tests run both paths side by side.
+pub fn gpu_with(max_binding: Option<u64>, subgroups: bool) -> Arc<Gpu> {
+    Arc::new(Gpu::with_subgroups(adapter(), max_binding, subgroups).unwrap_or_else(|e| panic!("device: {e}")))
+}
+
+/// The devices a kernel with a subgroup variant is tested on: one with subgroups, when the adapter has
+/// them, and one forced onto the workgroup-barrier fallback.
+pub fn gpu_paths(max_binding: Option<u64>) -> Vec<Arc<Gpu>> {
+    let sg = gpu_with(max_binding, true);
+    if !sg.subgroups() {
+        eprintln!("{} has no usable subgroups: only the fallback kernels run", sg.name());
+        return vec![sg];
+    }
+    vec![sg, gpu_with(max_binding, false)]
+}
+
+fn adapter() -> wgpu::Adapter {
+    match gpu::pick_adapter(&std::env::var("BITNODE_ADAPTER").unwrap_or_else(|_| "gpu".into())) {
         Ok(Some(a)) => a,
         Ok(None) => panic!("no wgpu adapter: install a Vulkan driver (mesa-vulkan-drivers gives lavapipe)"),
         Err(e) => panic!("adapter: {e}"),
-    };
-    Arc::new(Gpu::new(adapter, max_binding).unwrap_or_else(|e| panic!("device: {e}")))
+    }
 }
 
 pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {

@@ -4,7 +4,7 @@ use bitnode_engine::gpu::kernels::{self as k, Step};
 use bitnode_engine::model::{Model, TernaryLinear};
 use bitnode_engine::rng::Rng;
 use bitnode_engine::ternary;
-use bitnode_tests::{gpu, max_rel_diff, randn, tempdir};
+use bitnode_tests::{gpu, gpu_paths, max_rel_diff, randn, tempdir};
 use std::sync::Arc;
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -59,15 +59,22 @@ fn tiny_model() -> Arc<Model> {
     Arc::new(Model::load(&dir).unwrap())
 }
 
+/// On both reduction paths (subgroups where the adapter has them, and the fallback).
 #[test]
 fn rmsnorm_quant_matches_cpu() {
-    let g = gpu(None);
+    for g in gpu_paths(None) {
+        rmsnorm_quant_matches_cpu_on(&g);
+    }
+}
+
+fn rmsnorm_quant_matches_cpu_on(g: &bitnode_engine::gpu::Gpu) {
+    let sg = g.subgroups();
     let mut rng = Rng::new(1);
     for &(t, c) in &[(1usize, 128usize), (5, 352), (3, 2560)] {
         let x = randn(&mut rng, t * c, 2.0);
         let w: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform()).collect();
         let step = step_buf(
-            &g,
+            g,
             Step {
                 t: t as u32,
                 ..Default::default()
@@ -83,9 +90,9 @@ fn rmsnorm_quant_matches_cpu() {
             g.storage("qs", 4 * t as u64).unwrap(),
             g.storage("y", (4 * t * c) as u64).unwrap(),
         );
-        let op = k::rmsnorm_quant(&g, c, 1e-5, &wb, &xb, &qb, &sb, &sumb, &step);
-        let op2 = k::rmsnorm(&g, c, 1e-5, &wb, &xb, &yb, &step);
-        k::run(&g, &[&op, &op2], t as u32, 0);
+        let op = k::rmsnorm_quant(g, c, 1e-5, &wb, &xb, &qb, &sb, &sumb, &step);
+        let op2 = k::rmsnorm(g, c, 1e-5, &wb, &xb, &yb, &step);
+        k::run(g, &[&op, &op2], t as u32, 0);
         let gq: Vec<i8> = g
             .download(&qb, (t * c) as u64)
             .unwrap()
@@ -99,14 +106,14 @@ fn rmsnorm_quant_matches_cpu() {
         cpu::rmsnorm_quant(&mut cq, &mut cs, &x, &w, 1e-5, t, c);
         cpu::rmsnorm(&mut cy, &x, &w, 1e-5, t, c);
         let (d, i) = max_rel_diff(&gy, &cy);
-        assert!(d < 1e-5, "rmsnorm T={t} C={c}: diff {d} at {i}");
+        assert!(d < 1e-5, "rmsnorm T={t} C={c} subgroups {sg}: diff {d} at {i}");
         let (d, i) = max_rel_diff(&gs, &cs);
-        assert!(d < 1e-5, "scale T={t} C={c}: diff {d} at {i}");
+        assert!(d < 1e-5, "scale T={t} C={c} subgroups {sg}: diff {d} at {i}");
         // A different summation order may move a value that sits on a rounding boundary by one step.
         let off: Vec<usize> = (0..t * c).filter(|&i| gq[i] != cq[i]).collect();
         assert!(
             off.len() * 200 <= t * c,
-            "T={t} C={c}: {} of {} quantized values differ",
+            "T={t} C={c} subgroups {sg}: {} of {} quantized values differ",
             off.len(),
             t * c
         );
@@ -486,11 +493,15 @@ fn sample_matches_cpu_for_every_setting() {
     );
 }
 
+/// On both reduction paths (subgroups where the adapter has them, and the fallback).
 #[test]
 fn rmsnorm_matmul_ternary_matches_cpu_composition() {
     let mut rng = Rng::new(7);
-    for limit in [None, Some(32768u64)] {
-        let g = gpu(limit);
+    for (limit, g) in [None, Some(32768u64)]
+        .into_iter()
+        .flat_map(|l| gpu_paths(l).into_iter().map(move |g| (l, g)))
+    {
+        let sg = g.subgroups();
         // One token (decode), and three (one per sequence of a batch step).
         for &(o, i, t) in &[(96usize, 128usize, 1usize), (160, 352, 3), (64, 2560, 2), (32, 6912, 1)] {
             let w = random_linear(&mut rng, o, i);
@@ -521,7 +532,7 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
                 let yb = g.storage_init("y", bytemuck::cast_slice(&base)).unwrap();
                 let ops: Vec<_> = tiles
                     .iter()
-                    .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, 1e-5, &xb, &nb, &yb, o, &step))
+                    .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, k::fused_rows(), 1e-5, &xb, &nb, &yb, o, &step))
                     .collect();
                 k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
                 let got = f32s(&g.download(&yb, (4 * t * o) as u64).unwrap());
@@ -529,7 +540,78 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
                 // The activation quantizer can move a boundary value by one step under a different
                 // summation order, so allow a small relative difference.
                 let (d, at) = max_rel_diff(&got, &want);
-                assert!(d < 2e-2, "mode {mode} {o}x{i} t={t} limit {limit:?}: diff {d} at {at}");
+                assert!(
+                    d < 2e-2,
+                    "mode {mode} {o}x{i} t={t} limit {limit:?} subgroups {sg}: diff {d} at {at}"
+                );
+            }
+        }
+    }
+}
+
+/// A lone decode step runs the fused kernel and a batch step runs rmsnorm_quant then matmul_ternary, so
+/// a sequence makes the same tokens alone and in a batch only if the two give the same bits: checked on
+/// both reduction paths, with rows per workgroup that put a row's lanes within one subgroup (32 rows: 8
+/// lanes) and across several (1, 2, 16 rows: 256, 128, 16 lanes).
+#[test]
+fn rmsnorm_matmul_ternary_equals_rmsnorm_quant_then_matmul_ternary() {
+    let mut rng = Rng::new(11);
+    for g in gpu_paths(None) {
+        let sg = g.subgroups();
+        let (lo, hi) = g.subgroup_sizes();
+        eprintln!("{}: subgroups {sg} (sizes {lo}..={hi})", g.name());
+        for &(o, i, t) in &[(96usize, 128usize, 1usize), (72, 2560, 3), (40, 6912, 2)] {
+            let w = random_linear(&mut rng, o, i);
+            let w2 = random_linear(&mut rng, o, i);
+            let x = randn(&mut rng, t * i, 1.5);
+            let nw: Vec<f32> = (0..i).map(|_| 0.5 + rng.uniform()).collect();
+            let step = step_buf(
+                &g,
+                Step {
+                    t: t as u32,
+                    ..Default::default()
+                },
+            );
+            let xb = g.storage_init("x", bytemuck::cast_slice(&x)).unwrap();
+            let nb = g.storage_init("nw", bytemuck::cast_slice(&nw)).unwrap();
+            let (qb, sb, sumb) = (
+                g.storage("q", (t * i) as u64).unwrap(),
+                g.storage("s", 4 * t as u64).unwrap(),
+                g.storage("qs", 4 * t as u64).unwrap(),
+            );
+            let quant = k::rmsnorm_quant(&g, i, 1e-5, &nb, &xb, &qb, &sb, &sumb, &step);
+            for mode in 0..3u32 {
+                let tiles = if mode == 2 {
+                    k::ternary_tiles(&g, &[&w, &w2], true).unwrap()
+                } else {
+                    k::ternary_tiles(&g, &[&w], false).unwrap()
+                };
+                let base = randn(&mut rng, t * o, 1.0);
+                let yb = g.storage_init("y", bytemuck::cast_slice(&base)).unwrap();
+                let mut ops: Vec<&k::Op> = vec![&quant];
+                let mm: Vec<_> = tiles
+                    .iter()
+                    .map(|tl| k::matmul_ternary(&g, tl, mode, 0, o, &qb, &sb, &sumb, &yb, &step))
+                    .collect();
+                ops.extend(mm.iter());
+                k::run(&g, &ops, t as u32, 0);
+                let want: Vec<u32> = bytemuck::cast_slice(&g.download(&yb, (4 * t * o) as u64).unwrap()).to_vec();
+                for rows in [1u32, 2, 16, 32] {
+                    let yf = g.storage_init("yf", bytemuck::cast_slice(&base)).unwrap();
+                    let fused: Vec<_> = tiles
+                        .iter()
+                        .map(|tl| k::rmsnorm_matmul_ternary(&g, tl, mode, rows, 1e-5, &xb, &nb, &yf, o, &step))
+                        .collect();
+                    k::run(&g, &fused.iter().collect::<Vec<_>>(), t as u32, 0);
+                    let got: Vec<u32> = bytemuck::cast_slice(&g.download(&yf, (4 * t * o) as u64).unwrap()).to_vec();
+                    let off = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                    assert_eq!(
+                        off,
+                        0,
+                        "mode {mode} {o}x{i} t={t} rows {rows} subgroups {sg}: {off} of {} outputs differ",
+                        t * o
+                    );
+                }
             }
         }
     }

@@ -17,6 +17,9 @@ pub struct Gpu {
     /// `BITNODE_MAX_BINDING`) to exercise tiling.
     pub max_binding: u64,
     pub shader_f16: bool,
+    /// Whether the device was created with wgpu's SUBGROUP feature, so launchers pick the subgroup
+    /// variants of the kernels that have one ([`Gpu::subgroups`]).
+    subgroups: bool,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// The first uncaptured wgpu error; reported by the next read instead of returning garbage.
     error: Arc<Mutex<Option<String>>>,
@@ -27,16 +30,48 @@ pub struct Gpu {
     upload_ns: AtomicU64,
 }
 
+/// Whether `BITNODE_SUBGROUPS` allows the subgroup kernels: anything but `0`, `false` or `off` (or unset)
+/// does. The knob exists to compare the two paths on one device, and to fall back should a driver's
+/// subgroup support misbehave.
+pub fn subgroups_allowed() -> bool {
+    !std::env::var("BITNODE_SUBGROUPS")
+        .is_ok_and(|v| ["0", "false", "off"].contains(&v.trim().to_ascii_lowercase().as_str()))
+}
+
 impl Gpu {
+    /// A device on `adapter`, with subgroups where the adapter has them unless `BITNODE_SUBGROUPS=0`.
     pub fn new(adapter: wgpu::Adapter, max_binding: Option<u64>) -> Result<Gpu> {
+        Self::with_subgroups(adapter, max_binding, subgroups_allowed())
+    }
+
+    /// [`Gpu::new`] with the subgroup choice made by the caller (tests run both paths side by side in one
+    /// process, where an environment variable would leak across threads): `subgroups` false always gives
+    /// the fallback; true gives subgroups if the adapter has them.
+    ///
+    /// Why subgroups: at batch 1 a decode step is bound by per-dispatch latency (185 dispatches on the 2B
+    /// model), and most of a dispatch of the fused projection `rmsnorm_matmul_ternary` went to workgroup
+    /// barriers, ~24 per token in each workgroup; its subgroup variant passes 3 (shaders/reduce_subgroup.wgsl).
+    pub fn with_subgroups(adapter: wgpu::Adapter, max_binding: Option<u64>, subgroups: bool) -> Result<Gpu> {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let features = adapter.features();
         let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+        // The subgroup kernels work with any power-of-two subgroup size from 4 to 128 (wgpu's own bounds,
+        // checked again here) within their 256-thread workgroups.
+        let subgroups = subgroups
+            && features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size >= 4
+            && info.subgroup_max_size <= 128
+            && info.subgroup_min_size.is_power_of_two()
+            && info.subgroup_max_size.is_power_of_two();
+        let mut required = features & wgpu::Features::TIMESTAMP_QUERY;
+        if subgroups {
+            required |= wgpu::Features::SUBGROUP;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("bitnode"),
             // Timestamps only feed `bitnode bench infer --profile`; ask for them where they exist.
-            required_features: features & wgpu::Features::TIMESTAMP_QUERY,
+            required_features: required,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             // Small allocation blocks: the model is a few large buffers, and on a phone the memory an allocator
@@ -69,6 +104,7 @@ impl Gpu {
             limits,
             max_binding,
             shader_f16,
+            subgroups,
             pipelines: Mutex::new(HashMap::new()),
             error,
             allocated: AtomicU64::new(0),
@@ -76,6 +112,16 @@ impl Gpu {
             pending_upload: AtomicU64::new(0),
             upload_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the subgroup kernels run on this device (see [`Gpu::with_subgroups`]).
+    pub fn subgroups(&self) -> bool {
+        self.subgroups
+    }
+
+    /// The adapter's (smallest, largest) subgroup size, for reports.
+    pub fn subgroup_sizes(&self) -> (u32, u32) {
+        (self.info.subgroup_min_size, self.info.subgroup_max_size)
     }
 
     pub fn name(&self) -> String {

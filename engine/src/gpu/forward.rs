@@ -516,6 +516,7 @@ impl GpuBackend {
             body_layer += 1;
         }
         let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
+            let fused_rows = kernels::fused_rows();
             let mut d = vec![];
             for t in &self.embed {
                 d.push(kernels::embedding(
@@ -528,6 +529,7 @@ impl GpuBackend {
                         g,
                         t,
                         0,
+                        fused_rows,
                         eps,
                         &a.x,
                         &l.input_layernorm,
@@ -558,6 +560,7 @@ impl GpuBackend {
                         g,
                         t,
                         1,
+                        fused_rows,
                         eps,
                         &a.att,
                         &l.attn_sub_norm,
@@ -571,6 +574,7 @@ impl GpuBackend {
                         g,
                         t,
                         2,
+                        fused_rows,
                         eps,
                         &a.x,
                         &l.post_attention_layernorm,
@@ -584,6 +588,7 @@ impl GpuBackend {
                         g,
                         t,
                         1,
+                        fused_rows,
                         eps,
                         &a.h,
                         &l.ffn_sub_norm,
@@ -688,6 +693,10 @@ impl GpuBackend {
 impl Backend for GpuBackend {
     fn device_name(&self) -> String {
         self.gpu.name()
+    }
+
+    fn subgroups(&self) -> bool {
+        self.gpu.subgroups()
     }
 
     fn begin(&mut self, positions: usize) -> Result<()> {

@@ -397,6 +397,17 @@ pub fn embedding(
     )
 }
 
+/// rmsnorm_quant.wgsl with the reductions of the device: subgroup ones where [`Gpu::subgroups`], else the
+/// workgroup-barrier fallback. The fused `rmsnorm_matmul_ternary` follows the same choice, so the two
+/// compute the mean square in the same order and a sequence gets the same bits alone and in a batch.
+fn rmsnorm_src(gpu: &Gpu) -> &'static str {
+    if gpu.subgroups() {
+        sh::RMSNORM_QUANT_SUBGROUP
+    } else {
+        sh::RMSNORM_QUANT
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_quant(
     gpu: &Gpu,
@@ -412,7 +423,7 @@ pub fn rmsnorm_quant(
     op(
         gpu,
         "rmsnorm_quant",
-        sh::RMSNORM_QUANT,
+        rmsnorm_src(gpu),
         &[],
         &[c as u32, eps.to_bits(), 0, 0],
         &[(2, w), (3, x), (4, q), (5, s), (6, qsum)],
@@ -433,7 +444,7 @@ pub fn rmsnorm(
     op(
         gpu,
         "rmsnorm",
-        sh::RMSNORM_QUANT,
+        rmsnorm_src(gpu),
         &[],
         &[c as u32, eps.to_bits(), 0, 0],
         &[(2, w), (3, x), (7, y)],
@@ -550,12 +561,15 @@ pub const FUSED_MAX_INPUT: usize = 8192;
 
 /// Decode-step fusion of `rmsnorm_quant` and `matmul_ternary`: normalises each row of `x` [T, I] with `nw`,
 /// quantizes it and projects it into `y` [T, y_stride], in one dispatch. Same modes as `matmul_ternary`.
-/// T is 1 for one sequence, or one row per sequence of a batch step.
+/// T is 1 for one sequence, or one row per sequence of a batch step. `rows`: weight rows per workgroup, a
+/// power of two up to 32 ([`fused_rows`] for the model; tests vary it, since it decides whether a row's
+/// lanes fit in a subgroup).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_matmul_ternary(
     gpu: &Gpu,
     tile: &TernaryTile,
     mode: u32,
+    rows: u32,
     eps: f32,
     x: &wgpu::Buffer,
     nw: &wgpu::Buffer,
@@ -563,11 +577,18 @@ pub fn rmsnorm_matmul_ternary(
     y_stride: usize,
     step: &wgpu::Buffer,
 ) -> Op {
-    let rows = fused_rows();
+    debug_assert!(rows.is_power_of_two() && rows <= 32, "rows per workgroup {rows}");
+    // The subgroup variant where the device has subgroups (3 workgroup barriers per token instead of ~24;
+    // see Gpu::with_subgroups), the same choice as rmsnorm_quant's.
+    let src = if gpu.subgroups() {
+        sh::MATMUL_TERNARY_SUBGROUP
+    } else {
+        sh::MATMUL_TERNARY
+    };
     op(
         gpu,
         "rmsnorm_matmul_ternary",
-        sh::MATMUL_TERNARY,
+        src,
         &[("MODE", mode as f64), ("ROWS", rows as f64)],
         &[
             tile.words,

@@ -488,6 +488,8 @@ fn bench_infer(
     let prefill = prompt_len as f64 / g.prefill_seconds;
     let mem = engine.backend.memory();
     let device = engine.backend.device_name();
+    // Whether the decode kernels ran their subgroup variants (BITNODE_SUBGROUPS=0 forces the fallback).
+    let subgroups = engine.backend.subgroups();
     let prof = if profile {
         engine.backend.profile_step(prompt_len + n / 2)?
     } else {
@@ -506,6 +508,7 @@ fn bench_infer(
     let v = serde_json::json!({
         "model": model.display().to_string(),
         "device": device,
+        "subgroups": subgroups,
         "prompt_len": prompt_len,
         "gen": n,
         "load_seconds": load_s,
@@ -526,7 +529,10 @@ fn bench_infer(
     if json {
         println!("{}", serde_json::to_string(&v)?);
     } else {
-        println!("device:            {device}");
+        println!(
+            "device:            {device}, subgroups {}",
+            if subgroups { "on" } else { "off" }
+        );
         let l = &load;
         println!(
             "load:              {load_s:.2} s (open {:.2}, tokenizer {:.2}, device {:.2}, convert {:.2}, upload {:.2} on {} threads; overlapping){}",
