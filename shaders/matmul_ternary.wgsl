@@ -312,33 +312,47 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// matmul_ternary_tiled: the same projection (MODE 0 stores, MODE 1 adds; not the fused gate/up) for many
-// tokens at once, as a register-tiled integer GEMM: a 64-token x 64-row block per workgroup, the input
-// walked four weight words (64 columns) at a time with the packed weights and int8 activations staged in
-// workgroup memory, so each weight word is read once per 64 tokens (matmul_ternary reads it once per TT =
-// 4). The integer sums and the final scaling are the same as above, so both kernels give identical bits.
-// Training's forward and recomputation run it. CPU twin: cpu::matmul_ternary. Grid (ceil(rows / 64),
-// ceil(T / 64)).
+// matmul_ternary_tiled: the same projection for many tokens at once (prompt chunks, training), as a
+// register-tiled integer GEMM. A workgroup computes 128 tokens x 128 weight rows; each of its 16 x 16
+// threads holds 8 tokens x 8 rows of sums (64 dot4I8Packed per step of the input). The input is walked
+// four weight words (64 columns) at a time: the weight words are unpacked into their four code words once,
+// when staged in workgroup memory, and both codes and int8 activations are read back as vec4 (a thread's
+// rows are 4tx..4tx+3 and 64+4tx..64+4tx+3, its tokens likewise from 4ty), so every 64 dot products take
+// four 16-byte loads from workgroup memory and no unpacking. (The first version, 64 x 64 tiles with 4 x 4
+// sums per thread, read eight scalars and unpacked four words per 16 dot products: bound by the loads.)
+// MODE 0 stores, MODE 1 adds, MODE 2 is the fused gate/up: a workgroup takes 64 gate rows and the 64
+// matching up rows, so each thread holds gate and up sums of the same outputs and writes relu(g)^2 * u.
+// The integer sums and the final scaling are those of matmul_ternary, so both kernels give identical
+// bits. CPU twin: cpu::matmul_ternary. Grid (ceil(rows / 128), ceil(T / 128)); MODE 2 (ceil(rows / 64), ..).
 
-const MW: u32 = 4u;     // weight words per slice (16 activation words)
-const MS: u32 = 65u;    // padded stride of the staged slices
+const KS: u32 = 16u;    // code / activation words per step of the input (four weight words)
+const CS: u32 = 33u;    // vec4 stride of one code or activation word's row in workgroup memory (32 + pad)
 
-var<workgroup> mw_s: array<u32, 260>;    // [MW][MS]: weight word w0 + kw of row r0 + rr
-var<workgroup> mq_s: array<u32, 1040>;   // [4 MW][MS]: activation word 4 w0 + aw of token t0 + tt
+var<workgroup> tc_s: array<vec4<u32>, 528>;   // [KS][CS] codes: word k of local rows 4c..4c+3
+var<workgroup> ta_s: array<vec4<u32>, 528>;   // [KS][CS] activations: word k of local tokens 4c..4c+3
 
-fn mt_store(t: u32, r: u32, v: vec4<i32>) {
+fn mt_row4(c: vec4<u32>, a: u32) -> vec4<i32> {
+    return vec4<i32>(dot4I8Packed(c.x, a), dot4I8Packed(c.y, a), dot4I8Packed(c.z, a), dot4I8Packed(c.w, a));
+}
+
+// Output (token t, local row group values v for rows row..row+3; MODE 2: gate g, up u).
+fn mt_store4(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
     if t >= step.t {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
-        let row = r + 16u * j;
-        if row < p.rows {
-            let dst = t * p.y_stride + p.y_off + row;
-            let g = f32(v[j] - qsum[t]) * scale[row] / s[t];
-            if MODE == 1u {
-                y[dst] += g;
+        let r = row + j;
+        if r < p.rows {
+            let dst = t * p.y_stride + p.y_off + r;
+            let a = f32(g[j] - qsum[t]) * scale[r] / s[t];
+            if MODE == 0u {
+                y[dst] = a;
+            } else if MODE == 1u {
+                y[dst] += a;
             } else {
-                y[dst] = g;
+                let b = f32(u[j] - qsum[t]) * scale[p.rows + r] / s[t];
+                let rr = max(a, 0.0);
+                y[dst] = rr * rr * b;
             }
         }
     }
@@ -347,59 +361,134 @@ fn mt_store(t: u32, r: u32, v: vec4<i32>) {
 @compute @workgroup_size(256)
 fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
-    let r0 = wg.x * 64u;
-    let t0 = wg.y * 64u;
     let tx = lid % 16u;
     let ty = lid / 16u;
-    let qwords = p.words * 4u;
-    // Four tokens (4ty..) x four rows (tx + 16j) per thread, in named vectors (no indexed arrays: those
-    // would sit in local memory).
-    var acc0 = vec4<i32>(0);
-    var acc1 = vec4<i32>(0);
-    var acc2 = vec4<i32>(0);
-    var acc3 = vec4<i32>(0);
-    for (var w0 = 0u; w0 < p.words; w0 += MW) {
-        {
-            let rr = lid / MW;
-            let kw = lid % MW;
-            var v = 0u;
-            if r0 + rr < p.rows && w0 + kw < p.words {
-                v = w[(r0 + rr) * p.words + w0 + kw];
-            }
-            mw_s[kw * MS + rr] = v;
-        }
-        for (var j = 0u; j < 4u; j++) {
+    // MODE 2 covers 64 outputs (gate rows in local rows 0..64, up rows in 64..128).
+    var r0 = wg.x * 128u;
+    if MODE == 2u {
+        r0 = wg.x * 64u;
+    }
+    let t0 = wg.y * 128u;
+
+    var a00 = vec4<i32>(0);
+    var a01 = vec4<i32>(0);
+    var a10 = vec4<i32>(0);
+    var a11 = vec4<i32>(0);
+    var a20 = vec4<i32>(0);
+    var a21 = vec4<i32>(0);
+    var a30 = vec4<i32>(0);
+    var a31 = vec4<i32>(0);
+    var a40 = vec4<i32>(0);
+    var a41 = vec4<i32>(0);
+    var a50 = vec4<i32>(0);
+    var a51 = vec4<i32>(0);
+    var a60 = vec4<i32>(0);
+    var a61 = vec4<i32>(0);
+    var a70 = vec4<i32>(0);
+    var a71 = vec4<i32>(0);
+    for (var w0 = 0u; w0 < p.words; w0 += 4u) {
+        // Stage: 128 rows x 4 weight words (unpacked to 16 code words) and 128 tokens x 16 activation
+        // words, two of each per thread; past the edges, zeros (they add nothing and are never stored).
+        for (var j = 0u; j < 2u; j++) {
             let e = lid + 256u * j;
-            let aw = e % (4u * MW);
-            let tt = e / (4u * MW);
-            var v = 0u;
-            if t0 + tt < step.t && 4u * w0 + aw < qwords {
-                let e4 = (t0 + tt) * qwords + 4u * w0 + aw;
-                v = q[e4 / 4u][e4 % 4u];
+            let lr = e / 4u;
+            let kw = e % 4u;
+            var wr = r0 + lr;
+            var ok = wr < p.rows;
+            if MODE == 2u {
+                wr = r0 + lr % 64u;
+                ok = wr < p.rows;
+                if lr >= 64u {
+                    wr += p.rows;
+                }
             }
-            mq_s[aw * MS + tt] = v;
+            var word = 0u;
+            if ok && w0 + kw < p.words {
+                word = w[wr * p.words + w0 + kw];
+            }
+            for (var sh = 0u; sh < 4u; sh++) {
+                tc_s[(4u * kw + sh) * CS + lr / 4u][lr % 4u] = (word >> (2u * sh)) & 0x03030303u;
+            }
+            let tt = e / 4u;
+            var av = vec4<u32>(0u);
+            if t0 + tt < step.t && w0 + kw < p.words {
+                av = q[(t0 + tt) * p.words + w0 + kw];
+            }
+            for (var c = 0u; c < 4u; c++) {
+                ta_s[(4u * kw + c) * CS + tt / 4u][tt % 4u] = av[c];
+            }
         }
         workgroupBarrier();
-        for (var kw = 0u; kw < MW; kw++) {
-            let wb = kw * MS + tx;
-            let wv = vec4<u32>(mw_s[wb], mw_s[wb + 16u], mw_s[wb + 32u], mw_s[wb + 48u]);
-            for (var sh = 0u; sh < 4u; sh++) {
-                let c = (wv >> vec4<u32>(2u * sh)) & vec4<u32>(0x03030303u);
-                let ab = (4u * kw + sh) * MS + 4u * ty;
-                let a0 = mq_s[ab];
-                let a1 = mq_s[ab + 1u];
-                let a2 = mq_s[ab + 2u];
-                let a3 = mq_s[ab + 3u];
-                acc0 += vec4<i32>(dot4I8Packed(c.x, a0), dot4I8Packed(c.y, a0), dot4I8Packed(c.z, a0), dot4I8Packed(c.w, a0));
-                acc1 += vec4<i32>(dot4I8Packed(c.x, a1), dot4I8Packed(c.y, a1), dot4I8Packed(c.z, a1), dot4I8Packed(c.w, a1));
-                acc2 += vec4<i32>(dot4I8Packed(c.x, a2), dot4I8Packed(c.y, a2), dot4I8Packed(c.z, a2), dot4I8Packed(c.w, a2));
-                acc3 += vec4<i32>(dot4I8Packed(c.x, a3), dot4I8Packed(c.y, a3), dot4I8Packed(c.z, a3), dot4I8Packed(c.w, a3));
-            }
+        for (var k = 0u; k < KS; k++) {
+            let c0 = tc_s[k * CS + tx];
+            let c1 = tc_s[k * CS + 16u + tx];
+            let x0 = ta_s[k * CS + ty];
+            let x1 = ta_s[k * CS + 16u + ty];
+            a00 += mt_row4(c0, x0.x);
+            a01 += mt_row4(c1, x0.x);
+            a10 += mt_row4(c0, x0.y);
+            a11 += mt_row4(c1, x0.y);
+            a20 += mt_row4(c0, x0.z);
+            a21 += mt_row4(c1, x0.z);
+            a30 += mt_row4(c0, x0.w);
+            a31 += mt_row4(c1, x0.w);
+            a40 += mt_row4(c0, x1.x);
+            a41 += mt_row4(c1, x1.x);
+            a50 += mt_row4(c0, x1.y);
+            a51 += mt_row4(c1, x1.y);
+            a60 += mt_row4(c0, x1.z);
+            a61 += mt_row4(c1, x1.z);
+            a70 += mt_row4(c0, x1.w);
+            a71 += mt_row4(c1, x1.w);
         }
         workgroupBarrier();
     }
-    mt_store(t0 + 4u * ty, r0 + tx, acc0);
-    mt_store(t0 + 4u * ty + 1u, r0 + tx, acc1);
-    mt_store(t0 + 4u * ty + 2u, r0 + tx, acc2);
-    mt_store(t0 + 4u * ty + 3u, r0 + tx, acc3);
+    if MODE == 2u {
+        mt_store4(t0 + 4u * ty + 0u, r0 + 4u * tx, a00, a01);
+    } else {
+        mt_store4(t0 + 4u * ty + 0u, r0 + 4u * tx, a00, a00);
+        mt_store4(t0 + 4u * ty + 0u, r0 + 64u + 4u * tx, a01, a01);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a11);
+    } else {
+        mt_store4(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a10);
+        mt_store4(t0 + 4u * ty + 1u, r0 + 64u + 4u * tx, a11, a11);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a21);
+    } else {
+        mt_store4(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a20);
+        mt_store4(t0 + 4u * ty + 2u, r0 + 64u + 4u * tx, a21, a21);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a31);
+    } else {
+        mt_store4(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a30);
+        mt_store4(t0 + 4u * ty + 3u, r0 + 64u + 4u * tx, a31, a31);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a41);
+    } else {
+        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a40);
+        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 64u + 4u * tx, a41, a41);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a51);
+    } else {
+        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a50);
+        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 64u + 4u * tx, a51, a51);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a61);
+    } else {
+        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a60);
+        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 64u + 4u * tx, a61, a61);
+    }
+    if MODE == 2u {
+        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 4u * tx, a70, a71);
+    } else {
+        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 4u * tx, a70, a70);
+        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 64u + 4u * tx, a71, a71);
+    }
 }

@@ -149,6 +149,8 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             // A full 16-token tile (a batched decode step of 16) and one ending inside its last group.
             (16, 96, 128),
             (13, 40, 352),
+            // More than one 128 x 128 tile of the tiled kernel each way, with ragged edges.
+            (150, 200, 352),
         ] {
             if limit.is_some() && 4 * t * o.max(i) > 8192 {
                 continue; // the activations themselves would exceed the forced limit
@@ -233,6 +235,16 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
             let (d, at) = max_rel_diff(&gh, &mode_want(2, &[], &y1, &y2));
             assert!(d < 1e-5, "gate_up: diff {d} at {at}");
+            // The tiled kernel's fused gate/up (prompt chunks) gives matmul_ternary's result.
+            let ht = g.storage("ht", (4 * t * o) as u64).unwrap();
+            let ops: Vec<_> = gu
+                .iter()
+                .map(|tl| k::matmul_ternary_tiled(&g, tl, 2, 0, o, &qb, &sb, &sumb, &ht, &step))
+                .collect();
+            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+            let gt = f32s(&g.download(&ht, (4 * t * o) as u64).unwrap());
+            let (d, at) = max_rel_diff(&gt, &gh);
+            assert!(d < 1e-6, "tiled gate_up {t}x{o}x{i}: diff {d} at {at}");
         }
     }
 }

@@ -1,6 +1,9 @@
-//! Dynamic tiling: with a forced 16 KiB binding limit every large tensor (embedding / lm_head, fused
+//! Dynamic tiling: with a forced 32 KiB binding limit every large tensor (embedding / lm_head, fused
 //! gate-up, q|k|v) is split into row tiles and prompts are run in small chunks. The outputs must be
-//! bit-identical to the untiled run, because tiling only changes which dispatch computes a row.
+//! bit-identical to the untiled run, because tiling only changes which dispatch computes a row. The
+//! untiled run takes the prompt in one chunk of more than 64 tokens, so its projections run the
+//! register-tiled GEMM (`matmul_ternary_tiled`) while the small chunks run `matmul_ternary`: the two
+//! kernels must agree bit for bit over a whole model.
 use bitnode_engine::cpu::SampleParams;
 use bitnode_engine::{EmbedDtype, Engine, EngineOptions};
 use bitnode_tests::tempdir;
@@ -20,9 +23,9 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
         let mut e = Engine::load(&dir, &o).unwrap();
         let ids = e
             .tokenizer
-            .encode(&"tiling must not change a single bit. ".repeat(2))
+            .encode(&"tiling must not change a single bit. ".repeat(4))
             .unwrap();
-        assert!(ids.len() > 30 && ids.len() < 60, "{} tokens", ids.len());
+        assert!(ids.len() > 64 && ids.len() < 128, "{} tokens", ids.len());
         let chunk = e.backend.max_chunk();
         let logits = e.logits(&ids).unwrap();
         let (n, nll) = e.score_ids(&ids).unwrap();
@@ -46,9 +49,9 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
     };
     for embed in [EmbedDtype::F32, EmbedDtype::F16] {
         let (l0, n0, s0, g0, c0, m0) = run(None, embed);
-        let (l1, n1, s1, g1, c1, m1) = run(Some(16 * 1024), embed);
+        let (l1, n1, s1, g1, c1, m1) = run(Some(32 * 1024), embed);
         assert!(
-            c1 < 20 && c0 >= 60,
+            c1 < 64 && c0 >= 128,
             "the limit must force prompt chunking (chunk {c1} vs {c0})"
         );
         assert!(m1.peak > 0 && m0.peak > 0);

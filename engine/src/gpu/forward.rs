@@ -46,6 +46,8 @@ struct Acts {
 
 struct Ops {
     body: Vec<Op>,
+    /// `body` with the register-tiled projections, for prompt chunks of at least `tiled_min_tokens()`.
+    body_tiled: Option<Vec<Op>>,
     /// The layers for one decode token, with the norms fused into the projections (None when an input is
     /// wider than the fused kernel holds).
     decode_body: Option<Vec<Op>>,
@@ -55,7 +57,25 @@ struct Ops {
     sample: [Op; 2],
 }
 
+/// Prompt chunks of at least this many tokens run the register-tiled projections (`matmul_ternary_tiled`,
+/// 128 x 128 tiles), shorter ones `matmul_ternary` (16 tokens per workgroup), whose smaller tiles keep
+/// more workgroups busy when there are few tokens. `BITNODE_TILED_MIN` overrides it (a tuning knob).
+fn tiled_min_tokens() -> u32 {
+    std::env::var("BITNODE_TILED_MIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
 impl Ops {
+    /// The prompt body for a chunk of `t` tokens.
+    fn prompt_body(&self, t: u32) -> &[Op] {
+        match &self.body_tiled {
+            Some(b) if t >= tiled_min_tokens() => b,
+            _ => &self.body,
+        }
+    }
+
     /// Every dispatch of one decode step, in order.
     fn decode_step(&self) -> impl Iterator<Item = &Op> {
         self.decode_body
@@ -367,154 +387,148 @@ impl GpuBackend {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
-        let mut body = vec![];
-        let mut body_layer = 0usize;
-        for t in &self.embed {
-            body.push(kernels::embedding(
-                g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
-            ));
-        }
-        for (l, (kc, vc)) in self.layers.iter().zip(kv) {
-            body.push(kernels::rmsnorm_quant(
-                g,
-                c,
-                eps,
-                &l.input_layernorm,
-                &a.x,
-                &a.xq,
-                &a.xs,
-                &a.qsum,
-                &a.step,
-            ));
-            for t in &l.qkv {
-                body.push(kernels::matmul_ternary(
+        // The prompt body, with the projections as `matmul_ternary` (each weight word serves 16 tokens
+        // per workgroup: short chunks and batch steps) or as the register-tiled GEMM (128 x 128 tiles:
+        // long prompt chunks, see `tiled_min_tokens`).
+        let make_body = |tiled: bool| -> Vec<Op> {
+            let mt = if tiled {
+                kernels::matmul_ternary_tiled
+            } else {
+                kernels::matmul_ternary
+            };
+            let mut body = vec![];
+            let mut body_layer = 0usize;
+            for t in &self.embed {
+                body.push(kernels::embedding(
+                    g, self.f16, c, t, &a.tokens, &a.sampled, &a.x, &a.step,
+                ));
+            }
+            for (l, (kc, vc)) in self.layers.iter().zip(kv) {
+                body.push(kernels::rmsnorm_quant(
                     g,
-                    t,
-                    0,
-                    0,
-                    qd + 2 * kvd,
+                    c,
+                    eps,
+                    &l.input_layernorm,
+                    &a.x,
                     &a.xq,
                     &a.xs,
                     &a.qsum,
-                    &a.qkv,
                     &a.step,
                 ));
-            }
-            let li = body_layer;
-            if let Some(lo) = &self.lora {
-                let w = qd + 2 * kvd;
-                let mut normed = false;
-                for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
-                    if let Some(o) = lora_ops(g, lo, li, ti, c, w, off, &a.qkv, &a.step) {
-                        if !normed {
-                            body.push(kernels::rmsnorm(g, c, eps, &l.input_layernorm, &a.x, &lo.ln, &a.step));
-                            normed = true;
+                for t in &l.qkv {
+                    body.push(mt(g, t, 0, 0, qd + 2 * kvd, &a.xq, &a.xs, &a.qsum, &a.qkv, &a.step));
+                }
+                let li = body_layer;
+                if let Some(lo) = &self.lora {
+                    let w = qd + 2 * kvd;
+                    let mut normed = false;
+                    for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
+                        if let Some(o) = lora_ops(g, lo, li, ti, c, w, off, &a.qkv, &a.step) {
+                            if !normed {
+                                body.push(kernels::rmsnorm(g, c, eps, &l.input_layernorm, &a.x, &lo.ln, &a.step));
+                                normed = true;
+                            }
+                            body.extend(o);
                         }
+                    }
+                }
+                match rows {
+                    Some(r) => {
+                        body.push(kernels::rope_rows(
+                            g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, r, &a.step,
+                        ));
+                        body.push(kernels::attention_rows(
+                            g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, r, &a.step,
+                        ));
+                    }
+                    None => {
+                        body.push(kernels::rope(g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, &a.step));
+                        body.push(kernels::attention(g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, &a.step));
+                    }
+                }
+                body.push(kernels::rmsnorm_quant(
+                    g,
+                    qd,
+                    eps,
+                    &l.attn_sub_norm,
+                    &a.att,
+                    &a.xq,
+                    &a.xs,
+                    &a.qsum,
+                    &a.step,
+                ));
+                for t in &l.o {
+                    body.push(mt(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+                }
+                if let Some(lo) = &self.lora {
+                    if let Some(o) = lora_ops(g, lo, li, 3, qd, c, 0, &a.x, &a.step) {
+                        body.push(kernels::rmsnorm(g, qd, eps, &l.attn_sub_norm, &a.att, &lo.ln, &a.step));
                         body.extend(o);
                     }
                 }
-            }
-            match rows {
-                Some(r) => {
-                    body.push(kernels::rope_rows(
-                        g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, r, &a.step,
-                    ));
-                    body.push(kernels::attention_rows(
-                        g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, r, &a.step,
-                    ));
-                }
-                None => {
-                    body.push(kernels::rope(g, nh, nkv, hd, cap, cos, sin, &a.qkv, kc, vc, &a.step));
-                    body.push(kernels::attention(g, nh, nkv, hd, cap, &a.qkv, kc, vc, &a.att, &a.step));
-                }
-            }
-            body.push(kernels::rmsnorm_quant(
-                g,
-                qd,
-                eps,
-                &l.attn_sub_norm,
-                &a.att,
-                &a.xq,
-                &a.xs,
-                &a.qsum,
-                &a.step,
-            ));
-            for t in &l.o {
-                body.push(kernels::matmul_ternary(
-                    g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
-                ));
-            }
-            if let Some(lo) = &self.lora {
-                if let Some(o) = lora_ops(g, lo, li, 3, qd, c, 0, &a.x, &a.step) {
-                    body.push(kernels::rmsnorm(g, qd, eps, &l.attn_sub_norm, &a.att, &lo.ln, &a.step));
-                    body.extend(o);
-                }
-            }
-            body.push(kernels::rmsnorm_quant(
-                g,
-                c,
-                eps,
-                &l.post_attention_layernorm,
-                &a.x,
-                &a.xq,
-                &a.xs,
-                &a.qsum,
-                &a.step,
-            ));
-            for t in &l.gate_up {
-                body.push(kernels::matmul_ternary(
-                    g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step,
-                ));
-            }
-            if let Some(lo) = self.lora.as_ref().filter(|lo| !lo.gate.is_empty()) {
-                // gate and up as two projections, each with its branch, then relu²(gate) * up.
-                for t in &lo.gate[li] {
-                    body.push(kernels::matmul_ternary(
-                        g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.g, &a.step,
-                    ));
-                }
-                for t in &lo.up[li] {
-                    body.push(kernels::matmul_ternary(
-                        g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.u, &a.step,
-                    ));
-                }
-                body.push(kernels::rmsnorm(
+                body.push(kernels::rmsnorm_quant(
                     g,
                     c,
                     eps,
                     &l.post_attention_layernorm,
                     &a.x,
-                    &lo.ln,
+                    &a.xq,
+                    &a.xs,
+                    &a.qsum,
                     &a.step,
                 ));
-                body.extend(lora_ops(g, lo, li, 4, c, f, 0, &lo.g, &a.step).into_iter().flatten());
-                body.extend(lora_ops(g, lo, li, 5, c, f, 0, &lo.u, &a.step).into_iter().flatten());
-                body.push(kernels::relu2_mul(g, f, &lo.g, &lo.u, &a.h, &a.step));
-            }
-            body.push(kernels::rmsnorm_quant(
-                g,
-                f,
-                eps,
-                &l.ffn_sub_norm,
-                &a.h,
-                &a.xq,
-                &a.xs,
-                &a.qsum,
-                &a.step,
-            ));
-            for t in &l.down {
-                body.push(kernels::matmul_ternary(
-                    g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step,
-                ));
-            }
-            if let Some(lo) = &self.lora {
-                if let Some(o) = lora_ops(g, lo, li, 6, f, c, 0, &a.x, &a.step) {
-                    body.push(kernels::rmsnorm(g, f, eps, &l.ffn_sub_norm, &a.h, &lo.ln, &a.step));
-                    body.extend(o);
+                for t in &l.gate_up {
+                    body.push(mt(g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step));
                 }
+                if let Some(lo) = self.lora.as_ref().filter(|lo| !lo.gate.is_empty()) {
+                    // gate and up as two projections, each with its branch, then relu²(gate) * up.
+                    for t in &lo.gate[li] {
+                        body.push(mt(g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.g, &a.step));
+                    }
+                    for t in &lo.up[li] {
+                        body.push(mt(g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.u, &a.step));
+                    }
+                    body.push(kernels::rmsnorm(
+                        g,
+                        c,
+                        eps,
+                        &l.post_attention_layernorm,
+                        &a.x,
+                        &lo.ln,
+                        &a.step,
+                    ));
+                    body.extend(lora_ops(g, lo, li, 4, c, f, 0, &lo.g, &a.step).into_iter().flatten());
+                    body.extend(lora_ops(g, lo, li, 5, c, f, 0, &lo.u, &a.step).into_iter().flatten());
+                    body.push(kernels::relu2_mul(g, f, &lo.g, &lo.u, &a.h, &a.step));
+                }
+                body.push(kernels::rmsnorm_quant(
+                    g,
+                    f,
+                    eps,
+                    &l.ffn_sub_norm,
+                    &a.h,
+                    &a.xq,
+                    &a.xs,
+                    &a.qsum,
+                    &a.step,
+                ));
+                for t in &l.down {
+                    body.push(mt(g, t, 1, 0, c, &a.xq, &a.xs, &a.qsum, &a.x, &a.step));
+                }
+                if let Some(lo) = &self.lora {
+                    if let Some(o) = lora_ops(g, lo, li, 6, f, c, 0, &a.x, &a.step) {
+                        body.push(kernels::rmsnorm(g, f, eps, &l.ffn_sub_norm, &a.h, &lo.ln, &a.step));
+                        body.extend(o);
+                    }
+                }
+                body_layer += 1;
             }
-            body_layer += 1;
-        }
+            body
+        };
+        let body = make_body(false);
+        // Batch steps (rows) have one row per sequence: never long enough for the tiled kernel.
+        let body_tiled = rows.is_none().then(|| make_body(true));
+
         let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let fused_rows = kernels::fused_rows();
             let mut d = vec![];
@@ -612,6 +626,7 @@ impl GpuBackend {
         let sample = kernels::sample(g, v, &a.logits, &a.seen, &a.sample_partial, &a.sampled, &a.step);
         Ok(Ops {
             body,
+            body_tiled,
             decode_body,
             final_norm,
             lm,
@@ -917,7 +932,7 @@ impl Backend for GpuBackend {
         let tt = t as u32;
         let Some((params, u)) = sample else {
             self.write_step(&step);
-            self.submit(|p| st.ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+            self.submit(|p| st.ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, 0)), None);
             return Ok(None);
         };
         step.lm_t0 = tt - 1;
@@ -926,7 +941,7 @@ impl Backend for GpuBackend {
         q.write_buffer(&st.rowp, 0, bytemuck::bytes_of(&row_params(&params, u, slot)));
         self.submit(
             |p| {
-                st.ops.body.iter().for_each(|o| o.record(p, tt, 1));
+                st.ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, 1));
                 st.ops.final_norm.record(p, tt, 1);
                 st.ops.lm.iter().for_each(|o| o.record(p, tt, 1));
                 st.sample.iter().for_each(|o| o.record(p, tt, 1));
@@ -1209,7 +1224,7 @@ impl Backend for GpuBackend {
         match want {
             Want::Nothing => {
                 self.write_step(&step);
-                self.submit(|p| ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+                self.submit(|p| ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, 0)), None);
                 Ok(Got::Nothing)
             }
             Want::Sample { params, u } => {
@@ -1223,7 +1238,7 @@ impl Backend for GpuBackend {
                 self.write_step(&step);
                 self.submit(
                     |p| {
-                        ops.body.iter().for_each(|o| o.record(p, tt, 1));
+                        ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, 1));
                         ops.final_norm.record(p, tt, 1);
                         ops.lm.iter().for_each(|o| o.record(p, tt, 1));
                         ops.sample.iter().for_each(|o| o.record(p, tt, 1));
@@ -1239,7 +1254,7 @@ impl Backend for GpuBackend {
                 let n = targets.len().min(t);
                 if n == 0 {
                     self.write_step(&step);
-                    self.submit(|p| ops.body.iter().for_each(|o| o.record(p, tt, 0)), None);
+                    self.submit(|p| ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, 0)), None);
                     return Ok(Got::Nll(vec![]));
                 }
                 self.gpu
@@ -1257,7 +1272,7 @@ impl Backend for GpuBackend {
                     self.submit(
                         |p| {
                             if first {
-                                ops.body.iter().for_each(|o| o.record(p, tt, lt));
+                                ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, lt));
                                 ops.final_norm.record(p, tt, lt);
                             }
                             ops.lm.iter().for_each(|o| o.record(p, tt, lt));
@@ -1288,7 +1303,7 @@ impl Backend for GpuBackend {
                     self.submit(
                         |p| {
                             if first {
-                                ops.body.iter().for_each(|o| o.record(p, tt, lt));
+                                ops.prompt_body(tt).iter().for_each(|o| o.record(p, tt, lt));
                                 ops.final_norm.record(p, tt, lt);
                             }
                             ops.lm.iter().for_each(|o| o.record(p, tt, lt));

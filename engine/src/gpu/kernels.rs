@@ -53,6 +53,8 @@ pub enum Grid {
     LmRows(u32, u32),
     /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
     TokenTiles(u32),
+    /// (n, ceil(T/128), 1): `matmul_ternary_tiled`, 128 tokens per workgroup
+    TokenTiles128(u32),
     /// (n, ceil(lm_t/64), 1): the same over a head chunk
     LmTiles(u32),
     /// (lm_t, 1, 1)
@@ -75,6 +77,7 @@ impl Grid {
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(LM_TT), 1),
             Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
+            Grid::TokenTiles128(n) => (n, t.div_ceil(128), 1),
             Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
@@ -481,7 +484,8 @@ pub fn matmul_ternary(
     )
 }
 
-/// `matmul_ternary` (MODE 0 or 1) for many tokens: the register-tiled integer GEMM, identical bits.
+/// `matmul_ternary` (any MODE) for many tokens: the register-tiled integer GEMM (128 x 128 tiles),
+/// identical bits.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ternary_tiled(
     gpu: &Gpu,
@@ -495,8 +499,8 @@ pub fn matmul_ternary_tiled(
     y: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    debug_assert!(mode < 2, "the tiled kernel has no fused gate/up");
-    let grid = Grid::TokenTiles(tile.rows.div_ceil(64));
+    // MODE 2 takes 64 outputs (64 gate and 64 up rows) per workgroup, the others 128 rows.
+    let grid = Grid::TokenTiles128(tile.rows.div_ceil(if mode == 2 { 64 } else { 128 }));
     ternary_op(
         gpu,
         "matmul_ternary_tiled",
