@@ -358,6 +358,17 @@ fn mt_store4(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
     }
 }
 
+// A thread's outputs for token t: rows row.. (sums g) and row + 64.. (sums u); in MODE 2, g and u are the
+// gate and up sums of rows row..row+3.
+fn mt_store8(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
+    if MODE == 2u {
+        mt_store4(t, row, g, u);
+    } else {
+        mt_store4(t, row, g, g);
+        mt_store4(t, row + 64u, u, u);
+    }
+}
+
 @compute @workgroup_size(256)
 fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
@@ -443,52 +454,12 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
         }
         workgroupBarrier();
     }
-    if MODE == 2u {
-        mt_store4(t0 + 4u * ty + 0u, r0 + 4u * tx, a00, a01);
-    } else {
-        mt_store4(t0 + 4u * ty + 0u, r0 + 4u * tx, a00, a00);
-        mt_store4(t0 + 4u * ty + 0u, r0 + 64u + 4u * tx, a01, a01);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a11);
-    } else {
-        mt_store4(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a10);
-        mt_store4(t0 + 4u * ty + 1u, r0 + 64u + 4u * tx, a11, a11);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a21);
-    } else {
-        mt_store4(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a20);
-        mt_store4(t0 + 4u * ty + 2u, r0 + 64u + 4u * tx, a21, a21);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a31);
-    } else {
-        mt_store4(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a30);
-        mt_store4(t0 + 4u * ty + 3u, r0 + 64u + 4u * tx, a31, a31);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a41);
-    } else {
-        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a40);
-        mt_store4(t0 + 64u + 4u * ty + 0u, r0 + 64u + 4u * tx, a41, a41);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a51);
-    } else {
-        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a50);
-        mt_store4(t0 + 64u + 4u * ty + 1u, r0 + 64u + 4u * tx, a51, a51);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a61);
-    } else {
-        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a60);
-        mt_store4(t0 + 64u + 4u * ty + 2u, r0 + 64u + 4u * tx, a61, a61);
-    }
-    if MODE == 2u {
-        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 4u * tx, a70, a71);
-    } else {
-        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 4u * tx, a70, a70);
-        mt_store4(t0 + 64u + 4u * ty + 3u, r0 + 64u + 4u * tx, a71, a71);
-    }
+    mt_store8(t0 + 4u * ty + 0u, r0 + 4u * tx, a00, a01);
+    mt_store8(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a11);
+    mt_store8(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a21);
+    mt_store8(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a31);
+    mt_store8(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a41);
+    mt_store8(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a51);
+    mt_store8(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a61);
+    mt_store8(t0 + 64u + 4u * ty + 3u, r0 + 4u * tx, a70, a71);
 }
