@@ -1,14 +1,22 @@
 // The LoRA branch of a targeted projection and its backward, side by side (CPU twins: cpu::lora,
 // cpu::lora_backward). Forward, y += scale * B . (A . x), in two dispatches:
-//   lora_a:  h[t, r] = sum_i x[t, i] A[r, i]                    grid (R, T), a workgroup reduction each
+//   lora_a:  h[t, r] = sum_i x[t, i] A[r, i]                    grid (ceil(R/16), ceil(T/16))
 //   lora_b:  y[t, y_off + o] += scale * sum_r h[t, r] B[o, r]   grid (ceil(O/256), T)
 // Backward, in four:
-//   lora_dh: dh[t, r] = scale * sum_o dy[t, y_off + o] B[o, r]  grid (R, T)
-//   lora_db: dB[o, r] += scale * sum_t dy[t, y_off + o] h[t, r] grid (ceil(O*R/256), 1)
-//   lora_da: dA[r, i] += sum_t dh[t, r] x[t, i]                 grid (ceil(R*I/256), 1)
+//   lora_dh: dh[t, r] = scale * sum_o dy[t, y_off + o] B[o, r]  grid (ceil(R/16), ceil(T/16))
+//   lora_db: dB[o, r] += scale * sum_t dy[t, y_off + o] h[t, r] grid (ceil(O/32), 1)
+//   lora_da: dA[r, i] += sum_t dh[t, r] x[t, i]                 grid (ceil(I/32), 1)
 //   lora_dx: dx[t, i] += sum_r dh[t, r] A[r, i]                 grid (ceil(I/256), T)
 // x is the projection's unquantized input. Parameter gradients accumulate (micro-batches add up); dx
-// accumulates onto the frozen path's gradient. Each entry point binds only the buffers it uses.
+// accumulates onto the frozen path's gradient.
+//
+// lora_a and lora_dh are one "row dot" body (a 16-token x 16-rank block per workgroup, the long dimension
+// staged through workgroup memory 64 at a time), lora_da and lora_db one "outer product over the tokens"
+// body (32 columns x 8 token lanes per workgroup, 16 ranks in registers, the lanes summed once at the end).
+// The first versions took a workgroup and a barrier tree per (token, rank) and a serial loop over every
+// token per gradient element; with micro-batches of thousands of rows those loops were the slow part.
+// WGSL cannot pass a buffer to a function, so the two entry points of a body bind their buffers by role
+// (bindings 12..14: the body's two inputs and its output) and the body picks the indexing by WHICH.
 
 struct Params {
     inp: u32,      // I
@@ -33,23 +41,78 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> da: array<f32>;     // [R, I]
 @group(0) @binding(10) var<storage, read_write> db: array<f32>;    // [O, R]
 @group(0) @binding(11) var<storage, read_write> dx: array<f32>;    // [T, x_stride]
+// The shared bodies' buffers, by role (see above).
+@group(0) @binding(12) var<storage, read> bu: array<f32>;          // x or dy
+@group(0) @binding(13) var<storage, read> bw: array<f32>;          // A, B (row dot) or dh, h (outer)
+@group(0) @binding(14) var<storage, read_write> bo: array<f32>;    // h, dh (row dot) or dA, dB (outer)
+
+// Row dot: out[t, r] = sum_k u(t, k) w(r, k) over K. WHICH 0 is lora_a (u = x, w = A, K = I), 1 is
+// lora_dh (u = dy, w = B^T, K = O).
+fn rd_u(which: u32, t: u32, k: u32) -> f32 {
+    if which == 0u {
+        return bu[t * p.x_stride + k];
+    }
+    return bu[t * p.y_stride + p.y_off + k];
+}
+
+fn rd_w(which: u32, r: u32, k: u32) -> f32 {
+    if which == 0u {
+        return bw[r * p.inp + k];
+    }
+    return bw[k * p.rank + r];
+}
+
+var<workgroup> rd_us: array<vec4<f32>, 272>;   // [16 tokens][17]: u(t0 + tt, k0 + 4c..)
+var<workgroup> rd_ws: array<vec4<f32>, 272>;   // [16 ranks][17]: w(r0 + rr, k0 + 4c..)
+
+fn row_dot(which: u32, wg: vec3<u32>, lid: u32) {
+    let r0 = wg.x * 16u;
+    let t0 = wg.y * 16u;
+    let tr = lid % 16u;
+    let tt = lid / 16u;
+    var kn = p.inp;
+    if which == 1u {
+        kn = p.out;
+    }
+    var acc = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < kn; k0 += 64u) {
+        for (var j = 0u; j < 4u; j++) {
+            let e = lid + 256u * j;
+            let row = e / 64u;
+            let kk = e % 64u;
+            let k = k0 + kk;
+            var uv = 0.0;
+            if t0 + row < step.t && k < kn {
+                uv = rd_u(which, t0 + row, k);
+            }
+            rd_us[row * 17u + kk / 4u][kk % 4u] = uv;
+            var wv = 0.0;
+            if r0 + row < p.rank && k < kn {
+                wv = rd_w(which, r0 + row, k);
+            }
+            rd_ws[row * 17u + kk / 4u][kk % 4u] = wv;
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < 16u; c++) {
+            acc += rd_us[tt * 17u + c] * rd_ws[tr * 17u + c];
+        }
+        workgroupBarrier();
+    }
+    let t = t0 + tt;
+    let r = r0 + tr;
+    if t < step.t && r < p.rank {
+        let v = (acc.x + acc.y) + (acc.z + acc.w);
+        if which == 0u {
+            bo[t * p.rank + r] = v;
+        } else {
+            bo[t * p.rank + r] = p.scale * v;
+        }
+    }
+}
 
 @compute @workgroup_size(256)
 fn lora_a(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let r = wg.x;
-    let t = wg.y;
-    let lid = lid3.x;
-    if t >= step.t {
-        return;
-    }
-    var acc = 0.0;
-    for (var i = lid; i < p.inp; i += 256u) {
-        acc += x[t * p.x_stride + i] * a[r * p.inp + i];
-    }
-    let s = wg_sum(acc, lid);
-    if lid == 0u {
-        h[t * p.rank + r] = s;
-    }
+    row_dot(0u, wg, lid3.x);
 }
 
 @compute @workgroup_size(256)
@@ -68,50 +131,88 @@ fn lora_b(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
 
 @compute @workgroup_size(256)
 fn lora_dh(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let r = wg.x;
-    let t = wg.y;
-    let lid = lid3.x;
-    if t >= step.t {
-        return;
+    row_dot(1u, wg, lid3.x);
+}
+
+// Outer product over the tokens: g[col, r] (+)= sum_t u(t, col) v(t, r). WHICH 0 is lora_da (u = x,
+// v = dh, columns I, into da [R, I]), 1 is lora_db (u = dy, v = h, columns O, into db [O, R], times scale).
+fn op_u(which: u32, t: u32, col: u32) -> f32 {
+    if which == 0u {
+        return bu[t * p.x_stride + col];
     }
-    var acc = 0.0;
-    for (var o = lid; o < p.out; o += 256u) {
-        acc += dy[t * p.y_stride + p.y_off + o] * b[o * p.rank + r];
+    return bu[t * p.y_stride + p.y_off + col];
+}
+
+fn op_v(which: u32, t: u32, r: u32) -> f32 {
+    if r >= p.rank {
+        return 0.0;
     }
-    let s = wg_sum(acc, lid);
-    if lid == 0u {
-        dh[t * p.rank + r] = p.scale * s;
+    return bw[t * p.rank + r];
+}
+
+fn op_v4(which: u32, t: u32, r: u32) -> vec4<f32> {
+    return vec4<f32>(op_v(which, t, r), op_v(which, t, r + 1u), op_v(which, t, r + 2u), op_v(which, t, r + 3u));
+}
+
+var<workgroup> op_s: array<vec4<f32>, 1024>;   // [8 lanes][32 columns][4]: the lanes' partial sums
+
+fn outer_tokens(which: u32, wg: vec3<u32>, lid: u32) {
+    var ncols = p.inp;
+    if which == 1u {
+        ncols = p.out;
+    }
+    let c = lid % 32u;
+    let lane = lid / 32u;
+    let col = wg.x * 32u + c;
+    // Sixteen ranks at a time in named vectors (an indexed array would sit in local memory on NVIDIA).
+    for (var r0 = 0u; r0 < p.rank; r0 += 16u) {
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        if col < ncols {
+            for (var t = lane; t < step.t; t += 8u) {
+                let u = op_u(which, t, col);
+                a0 += u * op_v4(which, t, r0);
+                a1 += u * op_v4(which, t, r0 + 4u);
+                a2 += u * op_v4(which, t, r0 + 8u);
+                a3 += u * op_v4(which, t, r0 + 12u);
+            }
+        }
+        let base = (lane * 32u + c) * 4u;
+        op_s[base] = a0;
+        op_s[base + 1u] = a1;
+        op_s[base + 2u] = a2;
+        op_s[base + 3u] = a3;
+        workgroupBarrier();
+        // 32 columns x 16 ranks: thread (c, lane) sums ranks 2 lane and 2 lane + 1 over the 8 lanes.
+        for (var jr = 0u; jr < 2u; jr++) {
+            let rr = 2u * lane + jr;
+            var sum = 0.0;
+            for (var l = 0u; l < 8u; l++) {
+                sum += op_s[(l * 32u + c) * 4u + rr / 4u][rr % 4u];
+            }
+            let r = r0 + rr;
+            if col < ncols && r < p.rank {
+                if which == 0u {
+                    bo[r * p.inp + col] += sum;
+                } else {
+                    bo[col * p.rank + r] += p.scale * sum;
+                }
+            }
+        }
+        workgroupBarrier();
     }
 }
 
 @compute @workgroup_size(256)
-fn lora_db(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let k = gid.x;
-    if k >= p.out * p.rank {
-        return;
-    }
-    let o = k / p.rank;
-    let r = k % p.rank;
-    var acc = 0.0;
-    for (var t = 0u; t < step.t; t++) {
-        acc += dy[t * p.y_stride + p.y_off + o] * h[t * p.rank + r];
-    }
-    db[k] += p.scale * acc;
+fn lora_db(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    outer_tokens(1u, wg, lid3.x);
 }
 
 @compute @workgroup_size(256)
-fn lora_da(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let k = gid.x;
-    if k >= p.rank * p.inp {
-        return;
-    }
-    let r = k / p.inp;
-    let i = k % p.inp;
-    var acc = 0.0;
-    for (var t = 0u; t < step.t; t++) {
-        acc += dh[t * p.rank + r] * x[t * p.x_stride + i];
-    }
-    da[k] += acc;
+fn lora_da(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    outer_tokens(0u, wg, lid3.x);
 }
 
 @compute @workgroup_size(256)

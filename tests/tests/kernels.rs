@@ -821,7 +821,13 @@ fn matmul_ternary_backward_matches_cpu_across_tiles() {
 fn lora_forward_and_backward_match_cpu() {
     let g = gpu(None);
     let mut rng = Rng::new(23);
-    for &(t, i, o, r) in &[(1usize, 64usize, 96usize, 4usize), (6, 352, 160, 16), (3, 2560, 640, 8)] {
+    // The last: more tokens than one 16-token block, a rank past one 16-rank chunk, ragged columns.
+    for &(t, i, o, r) in &[
+        (1usize, 64usize, 96usize, 4usize),
+        (6, 352, 160, 16),
+        (3, 2560, 640, 8),
+        (70, 100, 72, 20),
+    ] {
         let scale = 2.0;
         let (x, a, b) = (
             randn(&mut rng, t * i, 1.0),

@@ -63,6 +63,8 @@ pub enum Grid {
     One,
     /// (x, y, 1) regardless of T
     Fixed(u32, u32),
+    /// (ceil(n / m), ceil(T / m), 1): blocks of m x m (n, tokens)
+    Blocks(u32, u32),
     /// (n, lm_t, 1): per-chunk work on each logits row
     ByLm(u32),
 }
@@ -82,6 +84,7 @@ impl Grid {
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
+            Grid::Blocks(n, m) => (n.div_ceil(m), t.div_ceil(m), 1),
             Grid::ByLm(n) => (n, lm_t, 1),
         }
     }
@@ -1144,7 +1147,7 @@ pub fn lora(
     let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
     let (r, o) = (s.rank as u32, s.out as u32);
     [
-        mk("lora_a", &[(2, x), (3, a), (5, h)], Grid::ByTokens(r)),
+        mk("lora_a", &[(12, x), (13, a), (14, h)], Grid::Blocks(r, 16)),
         mk("lora_b", &[(4, b), (5, h), (6, y)], Grid::ByTokens(o.div_ceil(256))),
     ]
 }
@@ -1170,16 +1173,16 @@ pub fn lora_backward(
     let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
     let (r, o, i) = (s.rank as u32, s.out as u32, s.inp as u32);
     [
-        mk("lora_dh", &[(4, b), (7, dy), (8, dh)], Grid::ByTokens(r)),
+        mk("lora_dh", &[(12, dy), (13, b), (14, dh)], Grid::Blocks(r, 16)),
         mk(
             "lora_db",
-            &[(5, h), (7, dy), (10, db)],
-            Grid::Fixed((o * r).div_ceil(256), 1),
+            &[(12, dy), (13, h), (14, db)],
+            Grid::Fixed(o.div_ceil(32), 1),
         ),
         mk(
             "lora_da",
-            &[(2, x), (8, dh), (9, da)],
-            Grid::Fixed((r * i).div_ceil(256), 1),
+            &[(12, x), (13, dh), (14, da)],
+            Grid::Fixed(i.div_ceil(32), 1),
         ),
         mk("lora_dx", &[(3, a), (8, dh), (11, dx)], Grid::ByTokens(i.div_ceil(256))),
     ]
