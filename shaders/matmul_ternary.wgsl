@@ -326,6 +326,10 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
 // bits. CPU twin: cpu::matmul_ternary. Grid (ceil(rows / 128), ceil(T / 128)); MODE 2 (ceil(rows / 64), ..).
 
 const KS: u32 = 16u;    // code / activation words per step of the input (four weight words)
+// Tokens per workgroup: 128, or 64 for prompt chunks (a 512-token chunk of the 2560-row o projection
+// makes 80 workgroups of 128 x 128, too few to fill a large GPU; measured slower than matmul_ternary).
+// With 64 the threads' second token group (and its sums) drops out at pipeline creation.
+override TM: u32 = 128u;
 const CS: u32 = 33u;    // vec4 stride of one code or activation word's row in workgroup memory (32 + pad)
 
 var<workgroup> tc_s: array<vec4<u32>, 528>;   // [KS][CS] codes: word k of local rows 4c..4c+3
@@ -379,7 +383,7 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     if MODE == 2u {
         r0 = wg.x * 64u;
     }
-    let t0 = wg.y * 128u;
+    let t0 = wg.y * TM;
 
     var a00 = vec4<i32>(0);
     var a01 = vec4<i32>(0);
@@ -422,7 +426,7 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             }
             let tt = e / 4u;
             var av = vec4<u32>(0u);
-            if t0 + tt < step.t && w0 + kw < p.words {
+            if tt < TM && t0 + tt < step.t && w0 + kw < p.words {
                 av = q[(t0 + tt) * p.words + w0 + kw];
             }
             for (var c = 0u; c < 4u; c++) {
@@ -434,7 +438,6 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             let c0 = tc_s[k * CS + tx];
             let c1 = tc_s[k * CS + 16u + tx];
             let x0 = ta_s[k * CS + ty];
-            let x1 = ta_s[k * CS + 16u + ty];
             a00 += mt_row4(c0, x0.x);
             a01 += mt_row4(c1, x0.x);
             a10 += mt_row4(c0, x0.y);
@@ -443,6 +446,10 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             a21 += mt_row4(c1, x0.z);
             a30 += mt_row4(c0, x0.w);
             a31 += mt_row4(c1, x0.w);
+            if TM == 64u {
+                continue;
+            }
+            let x1 = ta_s[k * CS + 16u + ty];
             a40 += mt_row4(c0, x1.x);
             a41 += mt_row4(c1, x1.x);
             a50 += mt_row4(c0, x1.y);
@@ -458,6 +465,9 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     mt_store8(t0 + 4u * ty + 1u, r0 + 4u * tx, a10, a11);
     mt_store8(t0 + 4u * ty + 2u, r0 + 4u * tx, a20, a21);
     mt_store8(t0 + 4u * ty + 3u, r0 + 4u * tx, a30, a31);
+    if TM == 64u {
+        return;
+    }
     mt_store8(t0 + 64u + 4u * ty + 0u, r0 + 4u * tx, a40, a41);
     mt_store8(t0 + 64u + 4u * ty + 1u, r0 + 4u * tx, a50, a51);
     mt_store8(t0 + 64u + 4u * ty + 2u, r0 + 4u * tx, a60, a61);

@@ -192,11 +192,11 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             assert!(d < 1e-6, "store {t}x{o}x{i}: diff {d} at {at}");
             // The tiled kernel (training) gives the same bits in both of its modes.
             let base = randn(&mut rng, t * o, 1.0);
-            for mode in [0u32, 1] {
+            for (mode, tm) in [(0u32, 128), (1, 64), (0, 64)] {
                 let yt = g.storage_init("yt", bytemuck::cast_slice(&base)).unwrap();
                 let ops: Vec<_> = tiles
                     .iter()
-                    .map(|tl| k::matmul_ternary_tiled(&g, tl, mode, 0, o, &qb, &sb, &sumb, &yt, &step))
+                    .map(|tl| k::matmul_ternary_tiled(&g, tl, mode, 0, o, &qb, &sb, &sumb, &yt, &step, tm))
                     .collect();
                 k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
                 let got = f32s(&g.download(&yt, (4 * t * o) as u64).unwrap());
@@ -236,15 +236,17 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let (d, at) = max_rel_diff(&gh, &mode_want(2, &[], &y1, &y2));
             assert!(d < 1e-5, "gate_up: diff {d} at {at}");
             // The tiled kernel's fused gate/up (prompt chunks) gives matmul_ternary's result.
-            let ht = g.storage("ht", (4 * t * o) as u64).unwrap();
-            let ops: Vec<_> = gu
-                .iter()
-                .map(|tl| k::matmul_ternary_tiled(&g, tl, 2, 0, o, &qb, &sb, &sumb, &ht, &step))
-                .collect();
-            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
-            let gt = f32s(&g.download(&ht, (4 * t * o) as u64).unwrap());
-            let (d, at) = max_rel_diff(&gt, &gh);
-            assert!(d < 1e-6, "tiled gate_up {t}x{o}x{i}: diff {d} at {at}");
+            for tm in [64, 128] {
+                let ht = g.storage("ht", (4 * t * o) as u64).unwrap();
+                let ops: Vec<_> = gu
+                    .iter()
+                    .map(|tl| k::matmul_ternary_tiled(&g, tl, 2, 0, o, &qb, &sb, &sumb, &ht, &step, tm))
+                    .collect();
+                k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+                let gt = f32s(&g.download(&ht, (4 * t * o) as u64).unwrap());
+                let (d, at) = max_rel_diff(&gt, &gh);
+                assert!(d < 1e-6, "tiled gate_up (tm {tm}) {t}x{o}x{i}: diff {d} at {at}");
+            }
         }
     }
 }

@@ -67,6 +67,15 @@ fn tiled_min_tokens() -> u32 {
         .unwrap_or(64)
 }
 
+/// Tokens per workgroup of the tiled prompt projections: 64 (chunks of at most 512 tokens give too few
+/// 128-token blocks to fill a large GPU), or `BITNODE_TILED_TM=128` (a tuning knob).
+fn tiled_tokens() -> u32 {
+    match std::env::var("BITNODE_TILED_TM").ok().as_deref() {
+        Some("128") => 128,
+        _ => 64,
+    }
+}
+
 impl Ops {
     /// The prompt body for a chunk of `t` tokens.
     fn prompt_body(&self, t: u32) -> &[Op] {
@@ -391,10 +400,23 @@ impl GpuBackend {
         // per workgroup: short chunks and batch steps) or as the register-tiled GEMM (128 x 128 tiles:
         // long prompt chunks, see `tiled_min_tokens`).
         let make_body = |tiled: bool| -> Vec<Op> {
-            let mt = if tiled {
-                kernels::matmul_ternary_tiled
-            } else {
-                kernels::matmul_ternary
+            let tm = tiled_tokens();
+            #[allow(clippy::too_many_arguments)]
+            let mt = |g: &Gpu,
+                      t: &TernaryTile,
+                      mode: u32,
+                      y_off: usize,
+                      y_stride: usize,
+                      q: &wgpu::Buffer,
+                      s: &wgpu::Buffer,
+                      qsum: &wgpu::Buffer,
+                      y: &wgpu::Buffer,
+                      step: &wgpu::Buffer| {
+                if tiled {
+                    kernels::matmul_ternary_tiled(g, t, mode, y_off, y_stride, q, s, qsum, y, step, tm)
+                } else {
+                    kernels::matmul_ternary(g, t, mode, y_off, y_stride, q, s, qsum, y, step)
+                }
             };
             let mut body = vec![];
             let mut body_layer = 0usize;

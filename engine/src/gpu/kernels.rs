@@ -53,8 +53,8 @@ pub enum Grid {
     LmRows(u32, u32),
     /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
     TokenTiles(u32),
-    /// (n, ceil(T/128), 1): `matmul_ternary_tiled`, 128 tokens per workgroup
-    TokenTiles128(u32),
+    /// (n, ceil(T/m), 1): `matmul_ternary_tiled`, m tokens per workgroup
+    TokenBlocks(u32, u32),
     /// (n, ceil(lm_t/64), 1): the same over a head chunk
     LmTiles(u32),
     /// (lm_t, 1, 1)
@@ -79,7 +79,7 @@ impl Grid {
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(LM_TT), 1),
             Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
-            Grid::TokenTiles128(n) => (n, t.div_ceil(128), 1),
+            Grid::TokenBlocks(n, m) => (n, t.div_ceil(m), 1),
             Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
@@ -484,11 +484,12 @@ pub fn matmul_ternary(
         y_stride,
         [q, s, qsum, y],
         step,
+        128,
     )
 }
 
-/// `matmul_ternary` (any MODE) for many tokens: the register-tiled integer GEMM (128 x 128 tiles),
-/// identical bits.
+/// `matmul_ternary` (any MODE) for many tokens: the register-tiled integer GEMM (128 rows x `tm` tokens
+/// per workgroup, `tm` 64 or 128), identical bits.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ternary_tiled(
     gpu: &Gpu,
@@ -501,9 +502,11 @@ pub fn matmul_ternary_tiled(
     qsum: &wgpu::Buffer,
     y: &wgpu::Buffer,
     step: &wgpu::Buffer,
+    tm: u32,
 ) -> Op {
     // MODE 2 takes 64 outputs (64 gate and 64 up rows) per workgroup, the others 128 rows.
-    let grid = Grid::TokenTiles128(tile.rows.div_ceil(if mode == 2 { 64 } else { 128 }));
+    let tm = if tm == 64 { 64 } else { 128 };
+    let grid = Grid::TokenBlocks(tile.rows.div_ceil(if mode == 2 { 64 } else { 128 }), tm);
     ternary_op(
         gpu,
         "matmul_ternary_tiled",
@@ -514,6 +517,7 @@ pub fn matmul_ternary_tiled(
         y_stride,
         [q, s, qsum, y],
         step,
+        tm,
     )
 }
 
@@ -529,13 +533,15 @@ fn ternary_op(
     y_stride: usize,
     [q, s, qsum, y]: [&wgpu::Buffer; 4],
     step: &wgpu::Buffer,
+    tm: u32,
 ) -> Op {
     op(
         gpu,
         entry,
         sh::MATMUL_TERNARY,
-        // ML sizes matmul_ternary's workgroup; the tiled entry point does not read it.
-        &[("MODE", mode as f64), ("ML", mt_lanes() as f64)],
+        // ML sizes matmul_ternary's workgroup, TM the tiled kernel's token block; each entry point
+        // ignores the other's.
+        &[("MODE", mode as f64), ("ML", mt_lanes() as f64), ("TM", tm as f64)],
         &[
             tile.words,
             tile.rows,

@@ -796,6 +796,8 @@ impl GpuTrainer {
         let eps = self.model.config.rms_norm_eps as f32;
         let lw = &self.layers[li];
         let tt = t as u32;
+        // 128-token blocks once there are enough rows to fill the GPU with them (micro-batches), else 64.
+        let tm = if t >= 1024 { 128 } else { 64 };
         let mut out: Vec<Item> = vec![];
         let mut ops: Vec<Op> = vec![];
         let quant = |n: usize, wt: &wgpu::Buffer, xin: &wgpu::Buffer| {
@@ -805,7 +807,7 @@ impl GpuTrainer {
         ops.push(quant(c, &lw.input_layernorm, x));
         for tile in &lw.qkv {
             ops.push(k::matmul_ternary_tiled(
-                g, tile, 0, 0, w, &s.xq, &s.xsc, &s.qsum, &a.qkv, step,
+                g, tile, 0, 0, w, &s.xq, &s.xsc, &s.qsum, &a.qkv, step, tm,
             ));
         }
         for (ti, off) in [(0usize, 0usize), (1, qd), (2, qd + kvd)] {
@@ -822,7 +824,7 @@ impl GpuTrainer {
         out.push(Item::Copy(x.clone(), a.h.clone(), (4 * t * c) as u64));
         for tile in &lw.o {
             ops.push(k::matmul_ternary_tiled(
-                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, &a.h, step,
+                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, &a.h, step, tm,
             ));
         }
         if let Some((p, sh)) = self.shape(li, 3, qd, c, 0) {
@@ -832,12 +834,12 @@ impl GpuTrainer {
         ops.push(quant(c, &lw.post_attention_layernorm, &a.h));
         for tile in &lw.gate {
             ops.push(k::matmul_ternary_tiled(
-                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.g, step,
+                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.g, step, tm,
             ));
         }
         for tile in &lw.up {
             ops.push(k::matmul_ternary_tiled(
-                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.u, step,
+                g, tile, 0, 0, f, &s.xq, &s.xsc, &s.qsum, &a.u, step, tm,
             ));
         }
         if let Some((p, sh)) = self.shape(li, 4, c, f, 0) {
@@ -853,7 +855,7 @@ impl GpuTrainer {
         out.push(Item::Copy(a.h.clone(), xn.clone(), (4 * t * c) as u64));
         for tile in &lw.down {
             ops.push(k::matmul_ternary_tiled(
-                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, xn, step,
+                g, tile, 1, 0, c, &s.xq, &s.xsc, &s.qsum, xn, step, tm,
             ));
         }
         if let Some((p, sh)) = self.shape(li, 6, f, c, 0) {
