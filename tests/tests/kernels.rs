@@ -1339,7 +1339,7 @@ fn sample_rows_matches_cpu() {
                 penalty: p.params.repetition_penalty,
                 u: p.u,
                 slot: p.slot as u32,
-                _pad: [0; 2],
+                ..Default::default()
             })
             .collect();
         g.queue.write_buffer(&lb, 0, bytemuck::cast_slice(&logits));
@@ -1361,5 +1361,68 @@ fn sample_rows_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+/// Every kernel's Rust parameter struct has the size naga lays out for the WGSL struct it mirrors (a whole
+/// number of 16 bytes), and the WGSL struct is 4-byte scalars at consecutive offsets, so field order alone
+/// decides the match. Every shader's `Params` is covered. Needs no device.
+#[test]
+fn params_match_wgsl() {
+    use std::mem::size_of;
+    let rust: &[(&str, &str, usize)] = &[
+        ("embedding", "Step", size_of::<Step>()),
+        ("embedding", "Params", size_of::<k::EmbeddingParams>()),
+        ("rmsnorm_quant", "Params", size_of::<k::RmsnormQuantParams>()),
+        ("matmul_ternary", "Params", size_of::<k::MatmulTernaryParams>()),
+        ("rope", "Params", size_of::<k::RopeParams>()),
+        ("attention", "Params", size_of::<k::AttentionParams>()),
+        ("lm_head", "Params", size_of::<k::LmHeadParams>()),
+        ("nll", "Params", size_of::<k::NllParams>()),
+        ("sample", "Params", size_of::<k::SamplerParams>()),
+        ("sample", "RowParams", size_of::<k::RowParams>()),
+        ("relu2_mul", "Params", size_of::<k::Relu2MulParams>()),
+        (
+            "matmul_ternary_backward",
+            "Params",
+            size_of::<k::MatmulTernaryBackwardParams>(),
+        ),
+        ("lm_head_backward", "Params", size_of::<k::LmHeadBackwardParams>()),
+        ("rope_backward", "Params", size_of::<k::RopeBackwardParams>()),
+        ("attention_backward", "Params", size_of::<k::AttentionBackwardParams>()),
+        ("lora", "Params", size_of::<k::LoraParams>()),
+        ("adamw", "Params", size_of::<k::AdamwParams>()),
+    ];
+    for (kernel, _) in bitnode_shaders::ALL {
+        assert!(
+            rust.iter().any(|(k, s, _)| k == kernel && *s == "Params"),
+            "{kernel}.wgsl's Params has no Rust struct in this test"
+        );
+    }
+    for &(kernel, name, size) in rust {
+        let src = bitnode_shaders::ALL.iter().find(|(k, _)| *k == kernel).unwrap().1;
+        let module = wgpu::naga::front::wgsl::parse_str(src).unwrap();
+        let mut layout = wgpu::naga::proc::Layouter::default();
+        layout.update(module.to_ctx()).unwrap();
+        let (h, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{kernel}.wgsl has no struct {name}"));
+        let wgpu::naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{kernel}.wgsl's {name} is not a struct");
+        };
+        assert_eq!(layout[h].size, *span);
+        assert_eq!(
+            *span as usize, size,
+            "{kernel}.wgsl's {name}: WGSL {span} bytes, Rust {size}"
+        );
+        assert_eq!(size % 16, 0, "{kernel}.wgsl's {name} is not a whole number of 16 bytes");
+        for (i, m) in members.iter().enumerate() {
+            let what = format!("{kernel}.wgsl's {name}.{}", m.name.as_deref().unwrap_or("?"));
+            assert_eq!(m.offset as usize, 4 * i, "{what} is not at 4 * its index");
+            assert_eq!(layout[m.ty].size, 4, "{what} is not a 4-byte scalar");
+        }
+        assert_eq!(4 * members.len(), size, "{kernel}.wgsl's {name}: field count");
     }
 }
