@@ -785,6 +785,8 @@ fn matmul_ternary_backward_matches_cpu_across_tiles() {
             (4, 160, 352),
             (2, 64, 2560),
             (70, 100, 352),
+            // Past the 128 x 128 GEMM tile in tokens and in columns (352 = 2.75 tiles).
+            (150, 100, 352),
         ] {
             if limit.is_some() && 4 * t * i > 8192 {
                 continue; // the activations themselves would exceed the forced limit
@@ -973,20 +975,21 @@ fn grad_clip_matches_cpu() {
     assert!(d < 1e-5, "clipped AdamW params: {d} at {at}");
 }
 
-/// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, more than one
-/// 64-token tile, a vocabulary split over several binding tiles: lm_head_tiled, nll_backward and
-/// lm_head_backward against their CPU twins.
+/// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, a vocabulary
+/// split over several binding tiles (rows of the 128-row GEMM tile left over), then a chunk of more than one
+/// 128-token GEMM tile: lm_head_tiled, nll_backward and lm_head_backward against their CPU twins.
 #[test]
 fn head_chunk_kernels_match_cpu() {
     let model = tiny_model();
     let mut rng = Rng::new(26);
     let (v, c) = (model.embed.rows, model.embed.cols);
-    let (t, lm_t0, lm_t) = (75usize, 5usize, 67usize);
-    for f16 in [false, true] {
-        // 160 KiB bindings: the f32 table (256 KiB) spans two tiles, the chunk's logits fit one binding.
-        let g = gpu(Some(160 * 1024));
+    // 160 KiB bindings: the f32 table (256 KiB) spans two tiles (320 and 192 rows), the chunk's logits fit
+    // one binding; 512 KiB: one tile, and 200 rows of logits fit.
+    let cases = [(75usize, 5usize, 67usize, 160 * 1024u64), (210, 7, 200, 512 * 1024)];
+    for ((t, lm_t0, lm_t, limit), f16) in cases.into_iter().flat_map(|cs| [(cs, false), (cs, true)]) {
+        let g = gpu(Some(limit));
         let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
-        assert!(f16 || tiles.len() > 1);
+        assert!(f16 || limit > 160 * 1024 || tiles.len() > 1);
         let mut w = model.embed.rows_f32(0, v);
         if f16 {
             w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());

@@ -16,6 +16,11 @@ pub const TT: u32 = 16;
 /// Tokens per workgroup in lm_head.wgsl (its `TT`).
 pub const LM_TT: u32 = 16;
 
+/// Tokens and output columns per workgroup of the register-tiled GEMMs: `matmul_ternary_tiled` and the f32
+/// ones on gemm_tile.wgsl (`matmul_ternary_backward`, `lm_head_tiled`, `lm_head_backward`). 128 x 128 with
+/// 8 x 8 sums per thread, so both operands are read from workgroup memory as vec4 (see gemm_tile.wgsl).
+pub const GEMM_TILE: u32 = 128;
+
 /// The per-submission values every kernel reads (binding 1). Mirrors `struct Step` in the shaders.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -53,11 +58,10 @@ pub enum Grid {
     RowsBy(u32, u32),
     /// (ceil(rows/n), ceil(lm_t/LM_TT), 1)
     LmRows(u32, u32),
-    /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
+    /// (n, ceil(T/GEMM_TILE), 1): the register-tiled GEMMs (`matmul_ternary_tiled`, and gemm_tile.wgsl's
+    /// `matmul_ternary_backward`), 128 tokens per workgroup
     TokenTiles(u32),
-    /// (n, ceil(T/128), 1): `matmul_ternary_tiled`, 128 tokens per workgroup
-    TokenTiles128(u32),
-    /// (n, ceil(lm_t/64), 1): the same over a head chunk
+    /// (n, ceil(lm_t/GEMM_TILE), 1): the same over a head chunk (`lm_head_tiled`, `lm_head_backward`)
     LmTiles(u32),
     /// (lm_t, 1, 1)
     LmTokens,
@@ -78,9 +82,8 @@ impl Grid {
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(LM_TT), 1),
-            Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
-            Grid::TokenTiles128(n) => (n, t.div_ceil(128), 1),
-            Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
+            Grid::TokenTiles(n) => (n, t.div_ceil(GEMM_TILE), 1),
+            Grid::LmTiles(n) => (n, lm_t.div_ceil(GEMM_TILE), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
@@ -526,7 +529,7 @@ pub fn matmul_ternary_tiled(
     step: &wgpu::Buffer,
 ) -> Op {
     // MODE 2 takes 64 outputs (64 gate and 64 up rows) per workgroup, the others 128 rows.
-    let grid = Grid::TokenTiles128(tile.rows.div_ceil(if mode == 2 { 64 } else { 128 }));
+    let grid = Grid::TokenTiles(tile.rows.div_ceil(if mode == 2 { GEMM_TILE / 2 } else { GEMM_TILE }));
     ternary_op(
         gpu,
         "matmul_ternary_tiled",
@@ -841,7 +844,7 @@ pub fn lm_head_tiled(
         &LmHeadParams::new(c, v, tile),
         &[(2, &tile.buf), (3, x), (4, logits)],
         step,
-        Grid::LmTiles(tile.rows.div_ceil(64)),
+        Grid::LmTiles(tile.rows.div_ceil(GEMM_TILE)),
     )
 }
 
@@ -1037,7 +1040,7 @@ pub fn matmul_ternary_backward(
         },
         &[(2, &tile.w), (3, &tile.scales), (4, dy), (5, dx)],
         step,
-        Grid::TokenTiles((tile.words * 16).div_ceil(64)),
+        Grid::TokenTiles((tile.words * 16).div_ceil(GEMM_TILE)),
     )
 }
 
@@ -1266,7 +1269,7 @@ pub fn lm_head_backward(
     };
     let consts = [f16_const(f16)];
     let bufs = [(2, &tile.buf), (3, dlogits), (4, dx)];
-    let grid = Grid::LmTiles((c as u32).div_ceil(64));
+    let grid = Grid::LmTiles((c as u32).div_ceil(GEMM_TILE));
     op(
         gpu,
         "lm_head_backward",
