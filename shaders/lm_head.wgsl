@@ -196,83 +196,49 @@ fn lm_head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
-// lm_head_tiled: the same logits for many tokens at once (training and long scoring chunks), as a
-// register-tiled GEMM: logits[T, rows] = X[T, C] . W[rows, C]^T, a 64-token x 64-row block per workgroup
-// with C walked in slices of 16 staged in workgroup memory, so each weight is read once per 64 tokens
-// (lm_head above reads it once per 4). CPU twin: cpu::lm_head. Grid (ceil(rows / 64), ceil(lm_t / 64)).
-const GT: u32 = 64u;
-const GN: u32 = 64u;
-const GK: u32 = 16u;
-const GS: u32 = 65u;  // padded stride of both staged slices (their stores transpose)
+// lm_head_tiled: the same logits for many tokens at once (training and long scoring chunks), on the shared
+// tiled GEMM (gemm_tile.wgsl, prepended): logits[lm_t, rows] = X[lm_t, C] . W[rows, C]^T, a 128-token x
+// 128-row block per workgroup with C walked in slices staged in workgroup memory, so each weight is read
+// once per 128 tokens (lm_head above reads it once per 16). CPU twin: cpu::lm_head.
+// Grid (ceil(rows / 128), ceil(lm_t / 128)).
 
-var<workgroup> ga: array<f32, 1040>;  // [GK][GS]: x[lm_t0 + t0 + tt, k0 + kk]
-var<workgroup> gb: array<f32, 1040>;  // [GK][GS]: W[n0 + nn, k0 + kk]
-
-fn head_weight(r: u32, c: u32) -> f32 {
-    let i = r * p.c + c;
-    if F16 {
-        return unpack2x16float(wt[i / 2u])[i % 2u];
+// A[t, k..k+4] = x[lm_t0 + t, k..k+4], zero past the chunk or the row.
+fn gemm_a(t: u32, k: u32) -> vec4<f32> {
+    if t >= step.lm_t {
+        return vec4<f32>(0.0);
     }
-    return bitcast<f32>(wt[i]);
+    let e = (step.lm_t0 + t) * p.c + k;
+    if e % 4u == 0u && k + 3u < p.c {
+        return x[e / 4u];
+    }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if k + i < p.c {
+            v[i] = xs(e + i);
+        }
+    }
+    return v;
 }
 
-@compute @workgroup_size(256)
-fn lm_head_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
-    let n0 = wg.x * GN;
-    let t0 = wg.y * GT;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    // Four rows (tokens) of four columns each, in named vectors: an indexed array here would live in
-    // local memory on NVIDIA (naga's bounds checks keep the driver from promoting it; measured 10x slower).
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.c; k0 += GK) {
-        for (var j = 0u; j < 4u; j++) {
-            let e = lid + 256u * j;
-            let kk = e % GK;
-            let rr = e / GK;
-            let k = k0 + kk;
-            let t = t0 + rr;
-            var xv = 0.0;
-            if t < step.lm_t && k < p.c {
-                xv = xs((step.lm_t0 + t) * p.c + k);
-            }
-            ga[kk * GS + rr] = xv;
-            let n = n0 + rr;
-            var wv = 0.0;
-            if n < p.rows && k < p.c {
-                wv = head_weight(n, k);
-            }
-            gb[kk * GS + rr] = wv;
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < GK; kk++) {
-            let ab = kk * GS + 4u * ty;
-            let bb = kk * GS + tx;
-            let b = vec4<f32>(gb[bb], gb[bb + 16u], gb[bb + 32u], gb[bb + 48u]);
-            acc0 += ga[ab] * b;
-            acc1 += ga[ab + 1u] * b;
-            acc2 += ga[ab + 2u] * b;
-            acc3 += ga[ab + 3u] * b;
-        }
-        workgroupBarrier();
-    }
-    store_logits(t0 + 4u * ty, n0 + tx, acc0);
-    store_logits(t0 + 4u * ty + 1u, n0 + tx, acc1);
-    store_logits(t0 + 4u * ty + 2u, n0 + tx, acc2);
-    store_logits(t0 + 4u * ty + 3u, n0 + tx, acc3);
+// B[k..k+4, n] = W[n, k..k+4]: the head's rows run along k.
+const GEMM_B_K: bool = true;
+
+fn gemm_b(k: u32, n: u32) -> vec4<f32> {
+    return head_row4(n, k);
 }
 
-fn store_logits(t: u32, n: u32, v: vec4<f32>) {
+fn gemm_store(t: u32, n: u32, v: vec4<f32>) {
     if t >= step.lm_t {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
-        if n + 16u * j < p.rows {
-            logits[t * p.v + p.row0 + n + 16u * j] = v[j];
+        if n + j < p.rows {
+            logits[t * p.v + p.row0 + n + j] = v[j];
         }
     }
+}
+
+@compute @workgroup_size(256)
+fn lm_head_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    gemm_tile(wg.y * 128u, wg.x * 128u, p.c, lid3.x);
 }

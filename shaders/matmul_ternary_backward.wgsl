@@ -4,15 +4,9 @@
 // element e = 16w + 4s + k of a row sits at bits 8k + 2s of word w). The packed weights are only read.
 // CPU twin: cpu::matmul_ternary_backward.
 //
-// A register-tiled GEMM, dX[T, I] = dY[T, O] . W[O, I]: each workgroup owns a 64-token x 64-column block of
-// dx and walks O in slices of 16 rows. A slice of dy and the decoded (code * scale) weights are staged in
-// workgroup memory, so each packed word is read once per 64 tokens (the first version read every weight
-// once per token and ran 10x slower at T = 512). Each thread keeps 4 tokens x 4 columns in registers.
-
-const BT: u32 = 64u;   // tokens per workgroup
-const BN: u32 = 64u;   // input columns per workgroup (4 packed words)
-const BK: u32 = 16u;   // weight rows per slice
-const SA: u32 = 65u;   // padded row stride of the dy slice (fewer bank conflicts on the transposing store)
+// dX[T, I] = dY[T, O] . W[O, I] on the shared tiled GEMM (gemm_tile.wgsl, prepended): A = dy, B = the
+// weights decoded to code * scale as they are staged, so each packed word is read once per 128 tokens (the
+// first version read every weight once per token and ran 10x slower at T = 512).
 
 struct Params {
     words: u32,      // u32 words per row (I / 16)
@@ -32,83 +26,41 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dy: array<f32>;           // [T, dy_stride]
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;     // [T, 16 * words]
 
-var<workgroup> sa: array<f32, 1040>;  // [BK][SA]: dy[t0 + tt, row0 + k0 + kk]
-var<workgroup> sb: array<f32, 1024>;  // [BK][BN]: code * scale of row k0 + kk, column n0 + nn
-
-// Grid (ceil(I / 64), ceil(T / 64)).
-@compute @workgroup_size(256)
-fn matmul_ternary_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
-    let inp = 16u * p.words;
-    let n0 = wg.x * BN;
-    let t0 = wg.y * BT;
-    let tx = lid % 16u;
-    let ty = lid / 16u;
-    // Four rows (tokens) of four columns each, in named vectors: an indexed array here would live in
-    // local memory on NVIDIA (naga's bounds checks keep the driver from promoting it; measured 10x slower).
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.rows; k0 += BK) {
-        // dy slice: 16 consecutive rows per token, so 16 neighbouring lanes read one contiguous run.
-        for (var j = 0u; j < 4u; j++) {
-            let e = lid + 256u * j;
-            let kk = e % BK;
-            let tt = e / BK;
-            let t = t0 + tt;
-            let o = k0 + kk;
-            var v = 0.0;
-            if t < step.t && o < p.rows {
-                v = dy[t * p.dy_stride + p.row0 + o];
-            }
-            sa[kk * SA + tt] = v;
-        }
-        // Weights: each thread decodes 4 columns (one 8-bit lane of a word: k = 0..3 at fixed s).
-        {
-            let kk = lid / 16u;
-            let c4 = lid % 16u;
-            let o = k0 + kk;
-            let word = n0 / 16u + c4 / 4u;
-            var wv = 0u;
-            var sc = 0.0;
-            if o < p.rows && word < p.words {
-                wv = w[o * p.words + word];
-                sc = scales[o];
-            }
-            let s = c4 % 4u;
-            for (var k = 0u; k < 4u; k++) {
-                let code = i32((wv >> (8u * k + 2u * s)) & 3u) - 1;
-                // Column 16 * word + 4s + k of the row.
-                sb[kk * BN + (c4 / 4u) * 16u + 4u * s + k] = f32(code) * sc;
+// A[t, o..o+4] = dy[t, row0 + o..], zero past the chunk or the tile.
+fn gemm_a(t: u32, o: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if t < step.t {
+        for (var i = 0u; i < 4u; i++) {
+            if o + i < p.rows {
+                v[i] = dy[t * p.dy_stride + p.row0 + o + i];
             }
         }
-        workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let ab = kk * SA + 4u * ty;
-            let bb = kk * BN + tx;
-            let b = vec4<f32>(sb[bb], sb[bb + 16u], sb[bb + 32u], sb[bb + 48u]);
-            acc0 += sa[ab] * b;
-            acc1 += sa[ab + 1u] * b;
-            acc2 += sa[ab + 2u] * b;
-            acc3 += sa[ab + 3u] * b;
-        }
-        workgroupBarrier();
     }
-    store(t0 + 4u * ty, n0 + tx, inp, acc0);
-    store(t0 + 4u * ty + 1u, n0 + tx, inp, acc1);
-    store(t0 + 4u * ty + 2u, n0 + tx, inp, acc2);
-    store(t0 + 4u * ty + 3u, n0 + tx, inp, acc3);
+    return v;
 }
 
-fn store(t: u32, n: u32, inp: u32, v: vec4<f32>) {
+const GEMM_B_K: bool = false;
+
+// B[o, n..n+4] = code * scale of row o, columns n..n+4 (n a multiple of 4): element 16w + 4s + k sits at
+// bits 8k + 2s of word w, so the four are the bytes of word w shifted by 2s.
+fn gemm_b(o: u32, n: u32) -> vec4<f32> {
+    let word = n / 16u;
+    if o >= p.rows || word >= p.words {
+        return vec4<f32>(0.0);
+    }
+    let codes = (w[o * p.words + word] >> (2u * ((n / 4u) % 4u))) & 0x03030303u;
+    let c = vec4<f32>(unpack4xU8(codes)) - vec4<f32>(1.0);
+    return c * scales[o];
+}
+
+fn gemm_store(t: u32, n: u32, v: vec4<f32>) {
+    let inp = 16u * p.words;
     if t >= step.t {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
-        let c = n + 16u * j;
-        if c < inp {
-            let at = t * inp + c;
+        if n + j < inp {
+            let at = t * inp + n + j;
             if p.accumulate == 1u {
                 dx[at] += v[j];
             } else {
@@ -116,4 +68,10 @@ fn store(t: u32, n: u32, inp: u32, v: vec4<f32>) {
             }
         }
     }
+}
+
+// Grid (ceil(I / 128), ceil(T / 128)).
+@compute @workgroup_size(256)
+fn matmul_ternary_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+    gemm_tile(wg.y * 128u, wg.x * 128u, p.rows, lid3.x);
 }

@@ -8,6 +8,11 @@
 //! `*_SUBGROUP` source, which a launcher picks only when the device has wgpu's SUBGROUP feature, so adapters
 //! without it never compile subgroup code. (naga takes subgroup builtins without an `enable subgroups;`
 //! directive, and rejects that directive as unimplemented.)
+//!
+//! The three f32 GEMMs (`matmul_ternary_backward`, `lm_head.wgsl`'s `lm_head_tiled`, `lm_head_backward`)
+//! share one register-tiled body, `gemm_tile.wgsl`, prepended after `common.wgsl`: each kernel defines the
+//! operand loads and the store it calls (see that file). The two head kernels also get `head_matrix.wgsl`,
+//! their reads of the head matrix as f16 pairs or f32.
 pub const EMBEDDING: &str = concat!(include_str!("../common.wgsl"), include_str!("../embedding.wgsl"));
 pub const RMSNORM_QUANT: &str = concat!(
     include_str!("../common.wgsl"),
@@ -31,16 +36,27 @@ pub const MATMUL_TERNARY_SUBGROUP: &str = concat!(
 );
 pub const ROPE: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope.wgsl"));
 pub const ATTENTION: &str = concat!(include_str!("../common.wgsl"), include_str!("../attention.wgsl"));
-pub const LM_HEAD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head.wgsl"));
+pub const LM_HEAD: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../gemm_tile.wgsl"),
+    include_str!("../head_matrix.wgsl"),
+    include_str!("../lm_head.wgsl")
+);
 pub const NLL: &str = concat!(include_str!("../common.wgsl"), include_str!("../nll.wgsl"));
 pub const SAMPLE: &str = concat!(include_str!("../common.wgsl"), include_str!("../sample.wgsl"));
 // Training (Engine II): backward passes, the LoRA branch and the optimizer.
 pub const RELU2_MUL: &str = concat!(include_str!("../common.wgsl"), include_str!("../relu2_mul.wgsl"));
 pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
     include_str!("../common.wgsl"),
+    include_str!("../gemm_tile.wgsl"),
     include_str!("../matmul_ternary_backward.wgsl")
 );
-pub const LM_HEAD_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../lm_head_backward.wgsl"));
+pub const LM_HEAD_BACKWARD: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../gemm_tile.wgsl"),
+    include_str!("../head_matrix.wgsl"),
+    include_str!("../lm_head_backward.wgsl")
+);
 pub const ROPE_BACKWARD: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope_backward.wgsl"));
 pub const ATTENTION_BACKWARD: &str = concat!(
     include_str!("../common.wgsl"),

@@ -787,6 +787,8 @@ fn matmul_ternary_backward_matches_cpu_across_tiles() {
             (4, 160, 352),
             (2, 64, 2560),
             (70, 100, 352),
+            // Past the 128 x 128 GEMM tile in tokens and in columns (352 = 2.75 tiles).
+            (150, 100, 352),
         ] {
             if limit.is_some() && 4 * t * i > 8192 {
                 continue; // the activations themselves would exceed the forced limit
@@ -981,20 +983,21 @@ fn grad_clip_matches_cpu() {
     assert!(d < 1e-5, "clipped AdamW params: {d} at {at}");
 }
 
-/// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, more than one
-/// 64-token tile, a vocabulary split over several binding tiles: lm_head_tiled, nll_backward and
-/// lm_head_backward against their CPU twins.
+/// The head as training runs it: a token chunk [lm_t0, lm_t0 + lm_t) of a longer sequence, a vocabulary
+/// split over several binding tiles (rows of the 128-row GEMM tile left over), then a chunk of more than one
+/// 128-token GEMM tile: lm_head_tiled, nll_backward and lm_head_backward against their CPU twins.
 #[test]
 fn head_chunk_kernels_match_cpu() {
     let model = tiny_model();
     let mut rng = Rng::new(26);
     let (v, c) = (model.embed.rows, model.embed.cols);
-    let (t, lm_t0, lm_t) = (75usize, 5usize, 67usize);
-    for f16 in [false, true] {
-        // 160 KiB bindings: the f32 table (256 KiB) spans two tiles, the chunk's logits fit one binding.
-        let g = gpu(Some(160 * 1024));
+    // 160 KiB bindings: the f32 table (256 KiB) spans two tiles (320 and 192 rows), the chunk's logits fit
+    // one binding; 512 KiB: one tile, and 200 rows of logits fit.
+    let cases = [(75usize, 5usize, 67usize, 160 * 1024u64), (210, 7, 200, 512 * 1024)];
+    for ((t, lm_t0, lm_t, limit), f16) in cases.into_iter().flat_map(|cs| [(cs, false), (cs, true)]) {
+        let g = gpu(Some(limit));
         let tiles = k::matrix_tiles(&g, &model.embed, f16).unwrap();
-        assert!(f16 || tiles.len() > 1);
+        assert!(f16 || limit > 160 * 1024 || tiles.len() > 1);
         let mut w = model.embed.rows_f32(0, v);
         if f16 {
             w.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
@@ -1347,7 +1350,7 @@ fn sample_rows_matches_cpu() {
                 penalty: p.params.repetition_penalty,
                 u: p.u,
                 slot: p.slot as u32,
-                _pad: [0; 2],
+                ..Default::default()
             })
             .collect();
         g.queue.write_buffer(&lb, 0, bytemuck::cast_slice(&logits));
@@ -1369,5 +1372,68 @@ fn sample_rows_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+/// Every kernel's Rust parameter struct has the size naga lays out for the WGSL struct it mirrors (a whole
+/// number of 16 bytes), and the WGSL struct is 4-byte scalars at consecutive offsets, so field order alone
+/// decides the match. Every shader's `Params` is covered. Needs no device.
+#[test]
+fn params_match_wgsl() {
+    use std::mem::size_of;
+    let rust: &[(&str, &str, usize)] = &[
+        ("embedding", "Step", size_of::<Step>()),
+        ("embedding", "Params", size_of::<k::EmbeddingParams>()),
+        ("rmsnorm_quant", "Params", size_of::<k::RmsnormQuantParams>()),
+        ("matmul_ternary", "Params", size_of::<k::MatmulTernaryParams>()),
+        ("rope", "Params", size_of::<k::RopeParams>()),
+        ("attention", "Params", size_of::<k::AttentionParams>()),
+        ("lm_head", "Params", size_of::<k::LmHeadParams>()),
+        ("nll", "Params", size_of::<k::NllParams>()),
+        ("sample", "Params", size_of::<k::SamplerParams>()),
+        ("sample", "RowParams", size_of::<k::RowParams>()),
+        ("relu2_mul", "Params", size_of::<k::Relu2MulParams>()),
+        (
+            "matmul_ternary_backward",
+            "Params",
+            size_of::<k::MatmulTernaryBackwardParams>(),
+        ),
+        ("lm_head_backward", "Params", size_of::<k::LmHeadBackwardParams>()),
+        ("rope_backward", "Params", size_of::<k::RopeBackwardParams>()),
+        ("attention_backward", "Params", size_of::<k::AttentionBackwardParams>()),
+        ("lora", "Params", size_of::<k::LoraParams>()),
+        ("adamw", "Params", size_of::<k::AdamwParams>()),
+    ];
+    for (kernel, _) in bitnode_shaders::ALL {
+        assert!(
+            rust.iter().any(|(k, s, _)| k == kernel && *s == "Params"),
+            "{kernel}.wgsl's Params has no Rust struct in this test"
+        );
+    }
+    for &(kernel, name, size) in rust {
+        let src = bitnode_shaders::ALL.iter().find(|(k, _)| *k == kernel).unwrap().1;
+        let module = wgpu::naga::front::wgsl::parse_str(src).unwrap();
+        let mut layout = wgpu::naga::proc::Layouter::default();
+        layout.update(module.to_ctx()).unwrap();
+        let (h, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{kernel}.wgsl has no struct {name}"));
+        let wgpu::naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{kernel}.wgsl's {name} is not a struct");
+        };
+        assert_eq!(layout[h].size, *span);
+        assert_eq!(
+            *span as usize, size,
+            "{kernel}.wgsl's {name}: WGSL {span} bytes, Rust {size}"
+        );
+        assert_eq!(size % 16, 0, "{kernel}.wgsl's {name} is not a whole number of 16 bytes");
+        for (i, m) in members.iter().enumerate() {
+            let what = format!("{kernel}.wgsl's {name}.{}", m.name.as_deref().unwrap_or("?"));
+            assert_eq!(m.offset as usize, 4 * i, "{what} is not at 4 * its index");
+            assert_eq!(layout[m.ty].size, 4, "{what} is not a 4-byte scalar");
+        }
+        assert_eq!(4 * members.len(), size, "{kernel}.wgsl's {name}: field count");
     }
 }

@@ -1351,7 +1351,7 @@ fn row_params(p: &crate::cpu::SampleParams, u: f32, slot: usize) -> kernels::Row
         penalty: p.repetition_penalty,
         u,
         slot: slot as u32,
-        _pad: [0; 2],
+        ..Default::default()
     }
 }
 

@@ -7,12 +7,19 @@ use crate::model::{MappedMatrix, TernaryLinear};
 use bitnode_shaders as sh;
 use std::sync::Arc;
 
+pub use super::params::*;
+
 /// Tokens per workgroup in matmul_ternary.wgsl (its `TT`): a batched decode step of up to 16 sequences
 /// reads each weight word once.
 pub const TT: u32 = 16;
 
 /// Tokens per workgroup in lm_head.wgsl (its `TT`).
 pub const LM_TT: u32 = 16;
+
+/// Tokens and output columns per workgroup of the register-tiled GEMMs: `matmul_ternary_tiled` and the f32
+/// ones on gemm_tile.wgsl (`matmul_ternary_backward`, `lm_head_tiled`, `lm_head_backward`). 128 x 128 with
+/// 8 x 8 sums per thread, so both operands are read from workgroup memory as vec4 (see gemm_tile.wgsl).
+pub const GEMM_TILE: u32 = 128;
 
 /// The per-submission values every kernel reads (binding 1). Mirrors `struct Step` in the shaders.
 #[repr(C)]
@@ -51,11 +58,12 @@ pub enum Grid {
     RowsBy(u32, u32),
     /// (ceil(rows/n), ceil(lm_t/LM_TT), 1)
     LmRows(u32, u32),
-    /// (n, ceil(T/64), 1): register-tiled GEMMs, 64 tokens per workgroup
+    /// (n, ceil(T/GEMM_TILE), 1): the register-tiled GEMMs (`matmul_ternary_tiled`, and gemm_tile.wgsl's
+    /// `matmul_ternary_backward`), 128 tokens per workgroup
     TokenTiles(u32),
     /// (n, ceil(T/m), 1): `matmul_ternary_tiled`, m tokens per workgroup
     TokenBlocks(u32, u32),
-    /// (n, ceil(lm_t/64), 1): the same over a head chunk
+    /// (n, ceil(lm_t/GEMM_TILE), 1): the same over a head chunk (`lm_head_tiled`, `lm_head_backward`)
     LmTiles(u32),
     /// (lm_t, 1, 1)
     LmTokens,
@@ -78,9 +86,9 @@ impl Grid {
             Grid::Rows(r) => (r.div_ceil(8), t.div_ceil(TT), 1),
             Grid::RowsBy(r, n) => (r.div_ceil(n), 1, 1),
             Grid::LmRows(r, n) => (r.div_ceil(n), lm_t.div_ceil(LM_TT), 1),
-            Grid::TokenTiles(n) => (n, t.div_ceil(64), 1),
+            Grid::TokenTiles(n) => (n, t.div_ceil(GEMM_TILE), 1),
             Grid::TokenBlocks(n, m) => (n, t.div_ceil(m), 1),
-            Grid::LmTiles(n) => (n, lm_t.div_ceil(64), 1),
+            Grid::LmTiles(n) => (n, lm_t.div_ceil(GEMM_TILE), 1),
             Grid::LmTokens => (lm_t, 1, 1),
             Grid::One => (1, 1, 1),
             Grid::Fixed(x, y) => (x, y, 1),
@@ -100,9 +108,10 @@ pub struct Op {
 }
 
 impl Op {
-    /// Rewrites the parameter block (ops recorded once and reused with new scalars, as AdamW each step).
-    pub fn set_params(&self, queue: &wgpu::Queue, params: &[u32]) {
-        queue.write_buffer(&self.params, 0, bytemuck::cast_slice(params));
+    /// Rewrites the parameter block (ops recorded once and reused with new scalars, as AdamW each step):
+    /// `params` is the op's `*Params` struct.
+    pub fn set_params<P: bytemuck::Pod>(&self, queue: &wgpu::Queue, params: &P) {
+        queue.write_buffer(&self.params, 0, bytemuck::bytes_of(params));
     }
 
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>, t: u32, lm_t: u32) {
@@ -222,19 +231,21 @@ pub fn run(gpu: &Gpu, ops: &[&Op], t: u32, lm_t: u32) {
     gpu.queue.submit([enc.finish()]);
 }
 
+/// One op of entry point `name` in `src`: `params` (the kernel's `*Params` struct) at binding 0, `step` at
+/// binding 1, `bufs` at theirs.
 #[allow(clippy::too_many_arguments)]
-fn op(
+fn op<P: bytemuck::Pod>(
     gpu: &Gpu,
     name: &'static str,
     src: &str,
     consts: &[(&str, f64)],
-    params: &[u32],
+    params: &P,
     bufs: &[(u32, &wgpu::Buffer)],
     step: &wgpu::Buffer,
     grid: Grid,
 ) -> Op {
     let pipeline = gpu.pipeline(src, name, consts);
-    let pbuf = gpu.uniform(name, bytemuck::cast_slice(params));
+    let pbuf = gpu.uniform(name, bytemuck::bytes_of(params));
     let mut entries = vec![
         wgpu::BindGroupEntry {
             binding: 0,
@@ -263,6 +274,22 @@ fn op(
         grid,
         params: pbuf,
     }
+}
+
+/// The ops of several entry points of `src` that share one parameter block (and no overrides): each binds
+/// only the buffers it uses (the pipeline layouts are derived from the shader).
+fn entries<'a, P: bytemuck::Pod>(
+    gpu: &'a Gpu,
+    src: &'a str,
+    params: P,
+    step: &'a wgpu::Buffer,
+) -> impl Fn(&'static str, &[(u32, &wgpu::Buffer)], Grid) -> Op + 'a {
+    move |entry, bufs, grid| op(gpu, entry, src, &[], &params, bufs, step, grid)
+}
+
+/// The `F16` override of the kernels that read a full-precision matrix as f16 pairs or f32.
+fn f16_const(f16: bool) -> (&'static str, f64) {
+    ("F16", if f16 { 1.0 } else { 0.0 })
 }
 
 /// Rows [row0, row0+rows) of a full-precision matrix (embedding / lm_head) in one buffer.
@@ -395,8 +422,13 @@ pub fn embedding(
         gpu,
         "embedding",
         sh::EMBEDDING,
-        &[("F16", if f16 { 1.0 } else { 0.0 })],
-        &[c as u32, tile.row0, tile.rows, 0],
+        &[f16_const(f16)],
+        &EmbeddingParams {
+            c: c as u32,
+            row0: tile.row0,
+            rows: tile.rows,
+            ..Default::default()
+        },
         &[(2, tokens), (3, &tile.buf), (4, x), (5, sampled)],
         step,
         Grid::Tokens,
@@ -431,7 +463,7 @@ pub fn rmsnorm_quant(
         "rmsnorm_quant",
         rmsnorm_src(gpu),
         &[],
-        &[c as u32, eps.to_bits(), 0, 0],
+        &RmsnormQuantParams::new(c, eps, false),
         &[(2, w), (3, x), (4, q), (5, s), (6, qsum)],
         step,
         Grid::Tokens,
@@ -452,7 +484,7 @@ pub fn rmsnorm(
         "rmsnorm",
         rmsnorm_src(gpu),
         &[],
-        &[c as u32, eps.to_bits(), 0, 0],
+        &RmsnormQuantParams::new(c, eps, false),
         &[(2, w), (3, x), (7, y)],
         step,
         Grid::Tokens,
@@ -542,16 +574,7 @@ fn ternary_op(
         // ML sizes matmul_ternary's workgroup, TM the tiled kernel's token block; each entry point
         // ignores the other's.
         &[("MODE", mode as f64), ("ML", mt_lanes() as f64), ("TM", tm as f64)],
-        &[
-            tile.words,
-            tile.rows,
-            (y_off as u32) + tile.row0,
-            y_stride as u32,
-            0,
-            0,
-            0,
-            0,
-        ],
+        &MatmulTernaryParams::new(tile, y_off, y_stride, 0.0),
         &[(2, &tile.w), (3, &tile.scales), (4, q), (5, s), (6, qsum), (7, y)],
         step,
         grid,
@@ -603,16 +626,7 @@ pub fn rmsnorm_matmul_ternary(
         "rmsnorm_matmul_ternary",
         src,
         &[("MODE", mode as f64), ("ROWS", rows as f64)],
-        &[
-            tile.words,
-            tile.rows,
-            tile.row0,
-            y_stride as u32,
-            eps.to_bits(),
-            0,
-            0,
-            0,
-        ],
+        &MatmulTernaryParams::new(tile, 0, y_stride, eps),
         &[(2, &tile.w), (3, &tile.scales), (7, y), (8, x), (9, nw)],
         step,
         Grid::RowsBy(tile.rows, rows),
@@ -644,17 +658,8 @@ pub fn rope(
     vc: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let stride = (nh + 2 * nkv) * hd;
-    op(
-        gpu,
-        "rope",
-        sh::ROPE,
-        &[],
-        &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
-        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc)],
-        step,
-        Grid::TokensBy((nh + nkv) as u32),
-    )
+    let bufs = [(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc)];
+    rope_op(gpu, "rope", nh, nkv, hd, cap, &bufs, step)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -670,27 +675,8 @@ pub fn attention(
     out: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let stride = (nh + 2 * nkv) * hd;
-    let scale = (hd as f32).powf(-0.5);
-    op(
-        gpu,
-        "attention",
-        sh::ATTENTION,
-        &[],
-        &[
-            nh as u32,
-            nkv as u32,
-            hd as u32,
-            stride as u32,
-            cap as u32,
-            scale.to_bits(),
-            0,
-            0,
-        ],
-        &[(2, qkv), (3, kc), (4, vc), (5, out)],
-        step,
-        Grid::ByTokens(nh as u32),
-    )
+    let bufs = [(2, qkv), (3, kc), (4, vc), (5, out)];
+    attention_op(gpu, "attention", nh, nkv, hd, cap, &bufs, step)
 }
 
 /// `rope` for a batch step: row t sits at its own (slot, position) in `rows` ([T] u32 pairs), so every row
@@ -710,17 +696,8 @@ pub fn rope_rows(
     rows: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let stride = (nh + 2 * nkv) * hd;
-    op(
-        gpu,
-        "rope_rows",
-        sh::ROPE,
-        &[],
-        &[nh as u32, nkv as u32, hd as u32, stride as u32, cap as u32, 0, 0, 0],
-        &[(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc), (7, rows)],
-        step,
-        Grid::TokensBy((nh + nkv) as u32),
-    )
+    let bufs = [(2, cos), (3, sin), (4, qkv), (5, kc), (6, vc), (7, rows)];
+    rope_op(gpu, "rope_rows", nh, nkv, hd, cap, &bufs, step)
 }
 
 /// `attention` for a batch step: query row t attends to positions 0..=pos of its own slot, (slot, pos)
@@ -739,24 +716,55 @@ pub fn attention_rows(
     rows: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let stride = (nh + 2 * nkv) * hd;
-    let scale = (hd as f32).powf(-0.5);
+    let bufs = [(2, qkv), (3, kc), (4, vc), (5, out), (11, rows)];
+    attention_op(gpu, "attention_rows", nh, nkv, hd, cap, &bufs, step)
+}
+
+/// `rope` and `rope_rows`: the same parameters and grid, one more binding for the batch form.
+#[allow(clippy::too_many_arguments)]
+fn rope_op(
+    gpu: &Gpu,
+    entry: &'static str,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    bufs: &[(u32, &wgpu::Buffer)],
+    step: &wgpu::Buffer,
+) -> Op {
+    let pr = RopeParams::new(nh, nkv, hd, cap);
     op(
         gpu,
-        "attention_rows",
+        entry,
+        sh::ROPE,
+        &[],
+        &pr,
+        bufs,
+        step,
+        Grid::TokensBy((nh + nkv) as u32),
+    )
+}
+
+/// `attention` and `attention_rows`: the same parameters and grid, one more binding for the batch form.
+#[allow(clippy::too_many_arguments)]
+fn attention_op(
+    gpu: &Gpu,
+    entry: &'static str,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    bufs: &[(u32, &wgpu::Buffer)],
+    step: &wgpu::Buffer,
+) -> Op {
+    let pr = AttentionParams::new(nh, nkv, hd, cap);
+    op(
+        gpu,
+        entry,
         sh::ATTENTION,
         &[],
-        &[
-            nh as u32,
-            nkv as u32,
-            hd as u32,
-            stride as u32,
-            cap as u32,
-            scale.to_bits(),
-            0,
-            0,
-        ],
-        &[(2, qkv), (3, kc), (4, vc), (5, out), (11, rows)],
+        &pr,
+        bufs,
         step,
         Grid::ByTokens(nh as u32),
     )
@@ -789,40 +797,16 @@ pub fn attention_split_rope(
     out: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
-    let stride = (nh + 2 * nkv) * hd;
-    let scale = (hd as f32).powf(-0.5);
-    let params = [
-        nh as u32,
-        nkv as u32,
-        hd as u32,
-        stride as u32,
-        cap as u32,
-        scale.to_bits(),
-        0,
-        0,
-    ];
+    let pr = AttentionParams::new(nh, nkv, hd, cap);
+    let mk = entries(gpu, sh::ATTENTION, pr, step);
     let nsplit = cap.div_ceil(ATTENTION_SPLIT) as u32;
     [
-        op(
-            gpu,
+        mk(
             "attention_split_rope",
-            sh::ATTENTION,
-            &[],
-            &params,
             &[(2, qkv), (6, part), (7, cos), (8, sin), (9, kc), (10, vc)],
-            step,
             Grid::Fixed(nh as u32, nsplit),
         ),
-        op(
-            gpu,
-            "attention_merge",
-            sh::ATTENTION,
-            &[],
-            &params,
-            &[(5, out), (6, part)],
-            step,
-            Grid::Fixed(nh as u32, 1),
-        ),
+        mk("attention_merge", &[(5, out), (6, part)], Grid::Fixed(nh as u32, 1)),
     ]
 }
 
@@ -842,8 +826,8 @@ pub fn lm_head(
         gpu,
         "lm_head",
         sh::LM_HEAD,
-        &[("F16", if f16 { 1.0 } else { 0.0 }), ("ROWS", rows as f64)],
-        &[c as u32, tile.rows, tile.row0, v as u32],
+        &[f16_const(f16), ("ROWS", rows as f64)],
+        &LmHeadParams::new(c, v, tile),
         &[(2, &tile.buf), (3, x), (4, logits)],
         step,
         // Each workgroup takes 2 ROWS rows (lm_head.wgsl).
@@ -868,11 +852,11 @@ pub fn lm_head_tiled(
         gpu,
         "lm_head_tiled",
         sh::LM_HEAD,
-        &[("F16", if f16 { 1.0 } else { 0.0 })],
-        &[c as u32, tile.rows, tile.row0, v as u32],
+        &[f16_const(f16)],
+        &LmHeadParams::new(c, v, tile),
         &[(2, &tile.buf), (3, x), (4, logits)],
         step,
-        Grid::LmTiles(tile.rows.div_ceil(64)),
+        Grid::LmTiles(tile.rows.div_ceil(GEMM_TILE)),
     )
 }
 
@@ -899,7 +883,10 @@ pub fn nll(
         "nll",
         sh::NLL,
         &[],
-        &[v as u32, 0, 0, 0],
+        &NllParams {
+            v: v as u32,
+            ..Default::default()
+        },
         &[(2, logits), (3, targets), (4, out)],
         step,
         Grid::LmTokens,
@@ -925,42 +912,15 @@ pub fn sample(
     out: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
+    let mk = entries(gpu, sh::SAMPLE, sampler_params(v), step);
     [
-        op(
-            gpu,
+        mk(
             "sample_partial",
-            sh::SAMPLE,
-            &[],
-            &[v as u32, 0, 0, 0],
             &[(2, logits), (3, seen), (5, partial)],
-            step,
             Grid::Fixed(v.div_ceil(SAMPLE_CHUNK) as u32, 1),
         ),
-        op(
-            gpu,
-            "sample",
-            sh::SAMPLE,
-            &[],
-            &[v as u32, 0, 0, 0],
-            &[(2, logits), (3, seen), (4, out), (5, partial)],
-            step,
-            Grid::One,
-        ),
+        mk("sample", &[(2, logits), (3, seen), (4, out), (5, partial)], Grid::One),
     ]
-}
-
-/// Settings of one row of `sample_rows` (mirrors `RowParams` in sample.wgsl): the row's sequence samples
-/// with its own settings and draw, against its own repetition set (row `slot` of `seen`).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct RowParams {
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub penalty: f32,
-    pub u: f32,
-    pub slot: u32,
-    pub _pad: [u32; 2],
 }
 
 /// The sampler over `lm_t` logits rows at once (a batch step), each row with its own [`RowParams`]:
@@ -977,28 +937,26 @@ pub fn sample_rows(
     rowp: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
+    let mk = entries(gpu, sh::SAMPLE, sampler_params(v), step);
     [
-        op(
-            gpu,
+        mk(
             "sample_partial_rows",
-            sh::SAMPLE,
-            &[],
-            &[v as u32, 0, 0, 0],
             &[(2, logits), (3, seen), (5, partial), (6, rowp)],
-            step,
             Grid::ByLm(v.div_ceil(SAMPLE_CHUNK) as u32),
         ),
-        op(
-            gpu,
+        mk(
             "sample_rows",
-            sh::SAMPLE,
-            &[],
-            &[v as u32, 0, 0, 0],
             &[(2, logits), (3, seen), (4, out), (5, partial), (6, rowp)],
-            step,
             Grid::LmTokens,
         ),
     ]
+}
+
+fn sampler_params(v: usize) -> SamplerParams {
+    SamplerParams {
+        v: v as u32,
+        ..Default::default()
+    }
 }
 
 // ---- training (Engine II): backward passes, the LoRA branch, the optimizer ----
@@ -1022,7 +980,7 @@ pub fn rmsnorm_backward(
         "rmsnorm_backward",
         sh::RMSNORM_QUANT,
         &[],
-        &[c as u32, eps.to_bits(), accumulate as u32, 0],
+        &RmsnormQuantParams::new(c, eps, accumulate),
         &[(2, w), (3, x), (8, dy), (9, dx)],
         step,
         Grid::Tokens,
@@ -1038,17 +996,7 @@ pub fn relu2_mul(
     out: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let grid = Grid::ByTokens((f as u32).div_ceil(256));
-    op(
-        gpu,
-        "relu2_mul",
-        sh::RELU2_MUL,
-        &[],
-        &[f as u32, 0, 0, 0],
-        &[(3, g), (4, u), (7, out)],
-        step,
-        grid,
-    )
+    relu2_op(gpu, "relu2_mul", f, &[(3, g), (4, u), (7, out)], step)
 }
 
 /// dg, du [T, F] from dout, g, u. CPU twin: `cpu::relu2_mul_backward`.
@@ -1063,16 +1011,18 @@ pub fn relu2_mul_backward(
     du: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    op(
-        gpu,
-        "relu2_mul_backward",
-        sh::RELU2_MUL,
-        &[],
-        &[f as u32, 0, 0, 0],
-        &[(2, dout), (3, g), (4, u), (5, dg), (6, du)],
-        step,
-        Grid::ByTokens((f as u32).div_ceil(256)),
-    )
+    let bufs = [(2, dout), (3, g), (4, u), (5, dg), (6, du)];
+    relu2_op(gpu, "relu2_mul_backward", f, &bufs, step)
+}
+
+/// An entry point of relu2_mul.wgsl over [T, F]: 256 columns per workgroup.
+fn relu2_op(gpu: &Gpu, entry: &'static str, f: usize, bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer) -> Op {
+    let pr = Relu2MulParams {
+        f: f as u32,
+        ..Default::default()
+    };
+    let grid = Grid::ByTokens((f as u32).div_ceil(256));
+    op(gpu, entry, sh::RELU2_MUL, &[], &pr, bufs, step, grid)
 }
 
 /// dx [T, I] (+)= W_eff^T dy over one weight tile; `accumulate` for every tile after the first.
@@ -1092,19 +1042,17 @@ pub fn matmul_ternary_backward(
         "matmul_ternary_backward",
         sh::MATMUL_TERNARY_BACKWARD,
         &[],
-        &[
-            tile.words,
-            tile.rows,
-            tile.row0,
-            dy_stride as u32,
-            accumulate as u32,
-            0,
-            0,
-            0,
-        ],
+        &MatmulTernaryBackwardParams {
+            words: tile.words,
+            rows: tile.rows,
+            row0: tile.row0,
+            dy_stride: dy_stride as u32,
+            accumulate: accumulate as u32,
+            ..Default::default()
+        },
         &[(2, &tile.w), (3, &tile.scales), (4, dy), (5, dx)],
         step,
-        Grid::TokenTiles((tile.words * 16).div_ceil(64)),
+        Grid::TokenTiles((tile.words * 16).div_ceil(GEMM_TILE)),
     )
 }
 
@@ -1122,17 +1070,17 @@ pub struct LoraShape {
 }
 
 impl LoraShape {
-    fn params(&self) -> [u32; 8] {
-        [
-            self.inp as u32,
-            self.out as u32,
-            self.rank as u32,
-            self.scale.to_bits(),
-            self.x_stride as u32,
-            self.y_stride as u32,
-            self.y_off as u32,
-            0,
-        ]
+    fn params(&self) -> LoraParams {
+        LoraParams {
+            inp: self.inp as u32,
+            out: self.out as u32,
+            rank: self.rank as u32,
+            scale: self.scale,
+            x_stride: self.x_stride as u32,
+            y_stride: self.y_stride as u32,
+            y_off: self.y_off as u32,
+            ..Default::default()
+        }
     }
 }
 
@@ -1148,9 +1096,7 @@ pub fn lora(
     y: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
-    let pr = s.params();
-    // Each entry point binds only what it uses (the pipeline layouts are derived from the shader).
-    let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
+    let mk = entries(gpu, sh::LORA, s.params(), step);
     let (r, o) = (s.rank as u32, s.out as u32);
     [
         mk("lora_a", &[(12, x), (13, a), (14, h)], Grid::Blocks(r, 16)),
@@ -1175,8 +1121,7 @@ pub fn lora_backward(
     dx: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 4] {
-    let pr = s.params();
-    let mk = |entry, bufs: &[(u32, &wgpu::Buffer)], grid| op(gpu, entry, sh::LORA, &[], &pr, bufs, step, grid);
+    let mk = entries(gpu, sh::LORA, s.params(), step);
     let (r, o, i) = (s.rank as u32, s.out as u32, s.inp as u32);
     [
         mk("lora_dh", &[(12, dy), (13, b), (14, dh)], Grid::Blocks(r, 16)),
@@ -1225,7 +1170,12 @@ pub fn adamw(
 /// The sum of squares of the `n` gradients in `g` into `sq[slot]` (one workgroup). CPU twin:
 /// `cpu::grad_sq_sum`.
 pub fn grad_sq_sum(gpu: &Gpu, n: usize, slot: usize, g: &wgpu::Buffer, sq: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    let pr = [n as u32, slot as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    // adamw's Params, with the slot's bits in `decay` (adamw.wgsl).
+    let pr = AdamwParams {
+        n: n as u32,
+        decay: f32::from_bits(slot as u32),
+        ..Default::default()
+    };
     op(
         gpu,
         "grad_sq_sum",
@@ -1260,44 +1210,33 @@ pub fn grad_clip(
     )
 }
 
-/// `grad_clip`'s parameter block (it shares adamw's `Params`: n, max_norm in `decay`, the clip flag in
-/// `step_size`).
-pub fn grad_clip_params(tensors: usize, max_norm: Option<f32>) -> [u32; 12] {
-    [
-        tensors as u32,
-        max_norm.unwrap_or(0.0).to_bits(),
-        max_norm.is_some() as u32,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
+/// `grad_clip`'s parameter block (it shares adamw's `Params`: n, max_norm in `decay`, the clip flag's bits
+/// in `step_size`).
+pub fn grad_clip_params(tensors: usize, max_norm: Option<f32>) -> AdamwParams {
+    AdamwParams {
+        n: tensors as u32,
+        decay: max_norm.unwrap_or(0.0),
+        step_size: f32::from_bits(max_norm.is_some() as u32),
+        ..Default::default()
+    }
 }
 
 /// The parameter block of `adamw` for step `t` (1-based) of `n` elements: lr and the bias corrections
 /// folded into constants (the clipping coefficient comes from `grad_clip`'s buffer).
-pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64) -> [u32; 12] {
+pub fn adamw_params(n: usize, o: &crate::cpu::AdamW, lr: f64, t: u64) -> AdamwParams {
     let bc1 = 1.0 - o.beta1.powi(t as i32);
     let bc2 = 1.0 - o.beta2.powi(t as i32);
-    [
-        n as u32,
-        ((1.0 - lr * o.weight_decay) as f32).to_bits(),
-        ((lr / bc1) as f32).to_bits(),
-        (bc2.sqrt() as f32).to_bits(),
-        ((1.0 - o.beta1) as f32).to_bits(),
-        (o.beta2 as f32).to_bits(),
-        ((1.0 - o.beta2) as f32).to_bits(),
-        (o.eps as f32).to_bits(),
-        0,
-        0,
-        0,
-        0,
-    ]
+    AdamwParams {
+        n: n as u32,
+        decay: (1.0 - lr * o.weight_decay) as f32,
+        step_size: (lr / bc1) as f32,
+        bc2_sqrt: bc2.sqrt() as f32,
+        w1: (1.0 - o.beta1) as f32,
+        b2: o.beta2 as f32,
+        w2: (1.0 - o.beta2) as f32,
+        eps: o.eps as f32,
+        ..Default::default()
+    }
 }
 
 /// dlogits [lm_t, V] from logits, targets and the per-position weights dnll. CPU twin: `cpu::nll_backward`.
@@ -1311,16 +1250,11 @@ pub fn nll_backward(
     step: &wgpu::Buffer,
 ) -> Op {
     let bufs = [(2, logits), (3, targets), (5, dnll), (6, dlogits)];
-    op(
-        gpu,
-        "nll_backward",
-        sh::NLL,
-        &[],
-        &[v as u32, 0, 0, 0],
-        &bufs,
-        step,
-        Grid::LmTokens,
-    )
+    let pr = NllParams {
+        v: v as u32,
+        ..Default::default()
+    };
+    op(gpu, "nll_backward", sh::NLL, &[], &pr, &bufs, step, Grid::LmTokens)
 }
 
 /// dx [T, C] (+)= dlogits . W over one row tile of the head; `accumulate` for tiles after the first.
@@ -1337,10 +1271,17 @@ pub fn lm_head_backward(
     dx: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    let pr = [c as u32, tile.rows, tile.row0, v as u32, accumulate as u32, 0, 0, 0];
-    let consts = [("F16", if f16 { 1.0 } else { 0.0 })];
+    let pr = LmHeadBackwardParams {
+        c: c as u32,
+        rows: tile.rows,
+        row0: tile.row0,
+        v: v as u32,
+        accumulate: accumulate as u32,
+        ..Default::default()
+    };
+    let consts = [f16_const(f16)];
     let bufs = [(2, &tile.buf), (3, dlogits), (4, dx)];
-    let grid = Grid::LmTiles((c as u32).div_ceil(64));
+    let grid = Grid::LmTiles((c as u32).div_ceil(GEMM_TILE));
     op(
         gpu,
         "lm_head_backward",
@@ -1373,7 +1314,12 @@ pub fn rope_backward(
         "rope_backward",
         sh::ROPE_BACKWARD,
         &[],
-        &[nh as u32, hd as u32, stride as u32, off as u32],
+        &RopeBackwardParams {
+            nh: nh as u32,
+            hd: hd as u32,
+            stride: stride as u32,
+            off: off as u32,
+        },
         &bufs,
         step,
         Grid::TokensBy(nh as u32),
@@ -1402,39 +1348,20 @@ pub fn attention_backward(
     dqkv: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> [Op; 2] {
-    let pr = [
-        nh as u32,
-        nkv as u32,
-        hd as u32,
-        p as u32,
-        q_stride as u32,
-        g_stride as u32,
-        0,
-        0,
-    ];
+    let pr = AttentionBackwardParams {
+        nh: nh as u32,
+        nkv: nkv as u32,
+        hd: hd as u32,
+        p: p as u32,
+        q_stride: q_stride as u32,
+        g_stride: g_stride as u32,
+        ..Default::default()
+    };
     let bufs = [(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dqkv)];
     let dq_bufs = [(2, q), (3, k), (4, v), (5, dout), (6, stats), (7, dqkv), (8, out)];
-    let src = sh::ATTENTION_BACKWARD;
+    let mk = entries(gpu, sh::ATTENTION_BACKWARD, pr, step);
     [
-        op(
-            gpu,
-            "attention_backward_dq",
-            src,
-            &[],
-            &pr,
-            &dq_bufs,
-            step,
-            Grid::TokensBy(nh as u32),
-        ),
-        op(
-            gpu,
-            "attention_backward_dkv",
-            src,
-            &[],
-            &pr,
-            &bufs,
-            step,
-            Grid::TokensBy(nkv as u32),
-        ),
+        mk("attention_backward_dq", &dq_bufs, Grid::TokensBy(nh as u32)),
+        mk("attention_backward_dkv", &bufs, Grid::TokensBy(nkv as u32)),
     ]
 }

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod forward;
 pub mod kernels;
+mod params;
 pub mod train;
 
 use crate::error::{EngineError, Result};
