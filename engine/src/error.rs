@@ -14,11 +14,11 @@ pub enum EngineError {
     Safetensors { path: PathBuf, msg: String },
     /// A GGUF file the strict reader or a decoder refuses, with the file it came from: the reader's
     /// message names the key or tensor at fault, the path says which file the user should fix or replace.
-    #[error("{path}: {source}")]
+    /// (Not a `#[source]`: the message already holds it, and error chains would print it twice.)
+    #[error("{path}: {error}")]
     Gguf {
         path: PathBuf,
-        #[source]
-        source: crate::gguf::GgufError,
+        error: crate::gguf::GgufError,
     },
     #[error("tensor {name}: {msg}")]
     Tensor { name: String, msg: String },
@@ -55,7 +55,7 @@ impl EngineError {
     pub fn gguf(path: impl Into<PathBuf>, source: crate::gguf::GgufError) -> Self {
         EngineError::Gguf {
             path: path.into(),
-            source,
+            error: source,
         }
     }
     pub fn tensor(name: &str, msg: impl Into<String>) -> Self {
