@@ -239,9 +239,8 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.num_layers == 0 || self.max_position_embeddings == 0 {
             return Err("vocab_size, num_hidden_layers and max_position_embeddings must be positive".into());
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0)
-            || !(self.rope_theta.is_finite() && self.rope_theta > 0.0)
-        {
+        let finite = self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0;
+        if !(finite && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!(
                 "rms_norm_eps {} and rope_theta {} must be finite, the theta positive",
                 self.rms_norm_eps, self.rope_theta

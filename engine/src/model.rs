@@ -146,7 +146,7 @@ impl MappedMatrix {
             }
         };
         let (r0, r1) = (first / cols, (first + n).div_ceil(cols));
-        if first % cols == 0 && n % cols == 0 {
+        if first.is_multiple_of(cols) && n.is_multiple_of(cols) {
             decode(r0, r1, out);
         } else {
             let mut rows = vec![0f32; (r1 - r0) * cols];
