@@ -16,6 +16,27 @@ pub enum WeightForm {
     OfflineBitLinear,
 }
 
+/// The FFN activation between the gate and up projections: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `relu(x)^2`: BitNet b1.58 2B-4T (HF `hidden_act: "relu2"`), the only one the kernels implement.
+    Relu2,
+    /// `silu(x)`: the 1bitLLM family (`bitnet_b1_58-*`), which QVAC's published TQ1_0/TQ2_0 files come from.
+    /// Recorded so that the rule that picks it is in one place; models that need it are refused at load
+    /// until the engine implements it (see [`ModelConfig::check_supported`]).
+    Silu,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Relu2 => "relu2",
+            Activation::Silu => "silu",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct RawQuant {
     #[serde(default)]
@@ -89,6 +110,7 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub form: WeightForm,
+    pub activation: Activation,
 }
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
@@ -168,38 +190,11 @@ impl ModelConfig {
         };
         let nh = raw.num_attention_heads;
         let nkv = raw.num_key_value_heads.unwrap_or(nh);
-        if nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) {
-            return Err(cerr(format!(
-                "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
-            )));
-        }
         let hd = raw.head_dim.unwrap_or(raw.hidden_size.checked_div(nh).unwrap_or(0));
-        if hd == 0 || !hd.is_multiple_of(4) || hd > 256 || 256 % hd != 0 {
-            // The attention kernel reads keys as vec4 and splits its 256 threads into 256/HD groups.
-            return Err(cerr(format!("head_dim {hd} must be one of 4, 8, 16, 32, 64, 128, 256")));
-        }
-        let c = raw.hidden_size;
-        let f = raw.intermediate_size;
-        for (name, dim) in [
-            ("hidden_size", c),
-            ("intermediate_size", f),
-            ("q width", nh * hd),
-            ("kv width", nkv * hd),
-        ] {
-            if dim == 0 || dim % 16 != 0 {
-                // The packed GPU layout holds 16 ternary weights per u32 along the input dimension.
-                return Err(cerr(format!("{name} = {dim} must be a positive multiple of 16")));
-            }
-        }
-        if raw.vocab_size == 0 || raw.num_hidden_layers == 0 || raw.max_position_embeddings == 0 {
-            return Err(cerr(
-                "vocab_size, num_hidden_layers and max_position_embeddings must be positive".into(),
-            ));
-        }
-        Ok(ModelConfig {
+        ModelConfig {
             vocab_size: raw.vocab_size,
-            hidden_size: c,
-            intermediate_size: f,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
             num_layers: raw.num_hidden_layers,
             num_heads: nh,
             num_kv_heads: nkv,
@@ -211,6 +206,225 @@ impl ModelConfig {
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: ids(&raw.eos_token_id),
             form,
+            activation: Activation::Relu2,
+        }
+        .checked()
+        .map_err(cerr)
+    }
+
+    /// Checks the shapes the kernels can run; the message names the field. Shared by `config.json` and GGUF
+    /// metadata, so that both refuse the same models with the same reasons.
+    pub fn checked(self) -> std::result::Result<Self, String> {
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) {
+            return Err(format!(
+                "num_attention_heads {nh} must be a positive multiple of num_key_value_heads {nkv}"
+            ));
+        }
+        if hd == 0 || !hd.is_multiple_of(4) || hd > 256 || 256 % hd != 0 {
+            // The attention kernel reads keys as vec4 and splits its 256 threads into 256/HD groups.
+            return Err(format!("head_dim {hd} must be one of 4, 8, 16, 32, 64, 128, 256"));
+        }
+        for (name, dim) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("q width", nh * hd),
+            ("kv width", nkv * hd),
+        ] {
+            if dim == 0 || dim % 16 != 0 {
+                // The packed GPU layout holds 16 ternary weights per u32 along the input dimension.
+                return Err(format!("{name} = {dim} must be a positive multiple of 16"));
+            }
+        }
+        if self.vocab_size == 0 || self.num_layers == 0 || self.max_position_embeddings == 0 {
+            return Err("vocab_size, num_hidden_layers and max_position_embeddings must be positive".into());
+        }
+        let finite = self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0;
+        if !(finite && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} and rope_theta {} must be finite, the theta positive",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Refuses what the config can describe but the engine cannot run yet: the gated SiLU FFN.
+    pub fn check_supported(&self) -> std::result::Result<(), String> {
+        match self.activation {
+            Activation::Relu2 => Ok(()),
+            Activation::Silu => Err(
+                "gated SiLU models are not supported yet: the FFN activation is silu (the 1bitLLM family); \
+                 bitnode's kernels implement relu2 (the BitNet b1.58 2B-4T family) only"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The architectures whose GGUF files bitnode reads: llama.cpp's and QVAC's `bitnet`, and bitnet.cpp's
+/// `bitnet-b1.58` (microsoft's published 2B-4T file) and `bitnet-25` (its first 2B-4T file).
+pub const GGUF_ARCHITECTURES: [&str; 3] = ["bitnet", "bitnet-b1.58", "bitnet-25"];
+
+/// The FFN activation of a GGUF model (the rule of issue 16, documented in the GGUF notes):
+/// 1. `{arch}.hidden_activation` when the file has it (newest llama.cpp reads this key);
+/// 2. otherwise ReLU² for bitnet.cpp's architectures, which only ever held the 2B-4T family;
+/// 3. otherwise, for `bitnet`, the vocabulary tells the families apart: llama.cpp's converter writes the
+///    2B-4T (Llama-3 tokenizer) as `gpt2` and the 1bitLLM models (SentencePiece) as `llama`. Upstream's
+///    own default for `bitnet` is SiLU, so an unknown vocabulary gets SiLU too.
+pub fn gguf_activation(g: &crate::gguf::Gguf, arch: &str) -> crate::gguf::Result<Activation> {
+    let key = format!("{arch}.hidden_activation");
+    if let Some(a) = g.get_str(&key)? {
+        return match a {
+            "relu2" | "relu_sqr" | "relu_squared" => Ok(Activation::Relu2),
+            "silu" | "swish" => Ok(Activation::Silu),
+            other => Err(crate::gguf::GgufError::BadValue {
+                key,
+                msg: format!("activation {other:?} is not one bitnode knows (relu2 or silu)"),
+            }),
+        };
+    }
+    if arch != "bitnet" {
+        return Ok(Activation::Relu2);
+    }
+    Ok(match g.get_str("tokenizer.ggml.model")? {
+        Some("gpt2") => Activation::Relu2,
+        _ => Activation::Silu,
+    })
+}
+
+impl ModelConfig {
+    /// The config of a GGUF model from its `{arch}.*` hyperparameters (llama.cpp's `load_hparams` keys) and
+    /// tokenizer ids. `path` is for messages. Checks the same shapes as `config.json`; refuses what the
+    /// engine cannot run (another architecture, RoPE scaling, a partial rotary dimension) with the key at
+    /// fault.
+    pub fn from_gguf(g: &crate::gguf::Gguf, path: &Path) -> Result<Self> {
+        use crate::gguf::GgufError;
+        let gerr = |e: GgufError| EngineError::gguf(path, e);
+        let bad = |key: &str, msg: String| EngineError::gguf(path, GgufError::BadValue { key: key.into(), msg });
+        let arch = g.architecture().map_err(gerr)?;
+        if !GGUF_ARCHITECTURES.contains(&arch) {
+            return Err(bad(
+                "general.architecture",
+                format!("{arch:?} is not a BitNet architecture bitnode runs (expected one of {GGUF_ARCHITECTURES:?})"),
+            ));
+        }
+        if let Some(t) = g.get_str("general.type").map_err(gerr)? {
+            if t != "model" {
+                return Err(bad(
+                    "general.type",
+                    format!("is {t:?}: this file is not a model (an adapter?)"),
+                ));
+            }
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let uint = |k: &str| -> Result<Option<usize>> {
+            let name = key(k);
+            match g.get_uint(&name).map_err(gerr)? {
+                None => Ok(None),
+                Some(v) => usize::try_from(v)
+                    .ok()
+                    .filter(|&v| v <= u32::MAX as usize)
+                    .map(Some)
+                    .ok_or_else(|| bad(&name, format!("{v} is too large"))),
+            }
+        };
+        let need = |k: &str| -> Result<usize> { uint(k)?.ok_or_else(|| bad(&key(k), "missing".into())) };
+        let float = |k: &str| g.get_float(&key(k)).map_err(gerr);
+        let hidden = need("embedding_length")?;
+        let layers = need("block_count")?;
+        let ffn = need("feed_forward_length")?;
+        let nh = need("attention.head_count")?;
+        let nkv = uint("attention.head_count_kv")?.unwrap_or(nh);
+        let hd = match uint("attention.key_length")? {
+            Some(k) => k,
+            None => hidden.checked_div(nh).unwrap_or(0),
+        };
+        if let Some(v) = uint("attention.value_length")? {
+            if v != hd {
+                return Err(bad(
+                    &key("attention.value_length"),
+                    format!("{v} differs from the key length {hd}"),
+                ));
+            }
+        }
+        if let Some(r) = uint("rope.dimension_count")? {
+            // The engine rotates the whole head (HF's rotate-half over head_dim).
+            if r != hd {
+                return Err(bad(
+                    &key("rope.dimension_count"),
+                    format!("{r}: partial rotary embeddings are not supported (head dimension {hd})"),
+                ));
+            }
+        }
+        if let Some(t) = g.get_str(&key("rope.scaling.type")).map_err(gerr)? {
+            // llama.cpp's BitNet converter writes `linear` with factor 1.0, which is no scaling at all.
+            let factor = float("rope.scaling.factor")?.unwrap_or(1.0);
+            if !(t == "none" || (t == "linear" && factor == 1.0)) {
+                return Err(bad(
+                    &key("rope.scaling.type"),
+                    format!("RoPE scaling {t:?} (factor {factor}) is not supported"),
+                ));
+            }
+        }
+        let ctx = need("context_length")?;
+        // llama.cpp's bitnet loader requires the epsilon; there is no default to fall back on.
+        let eps = float("attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| bad(&key("attention.layer_norm_rms_epsilon"), "missing".into()))?;
+        // llama.cpp's default when the key is absent.
+        let theta = float("rope.freq_base")?.unwrap_or(10000.0);
+        let tokens = g.get_array("tokenizer.ggml.tokens").map_err(gerr)?.map(|a| a.len());
+        let vocab = match (uint("vocab_size")?, tokens) {
+            (Some(v), _) => v,
+            (None, Some(n)) => n,
+            (None, None) => {
+                return Err(bad(
+                    &key("vocab_size"),
+                    "missing, and there is no tokenizer.ggml.tokens to count".into(),
+                ))
+            }
+        };
+        let id = |k: &str| -> Result<Option<u32>> {
+            match g.get_uint(k).map_err(gerr)? {
+                None => Ok(None),
+                Some(v) if (v as usize) < vocab => Ok(Some(v as u32)),
+                Some(v) => Err(bad(k, format!("token id {v} is outside the vocabulary of {vocab}"))),
+            }
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+        // Llama-3 style vocabularies end a chat turn with <|eot_id|>, which llama.cpp records here.
+        if let Some(e) = id("tokenizer.ggml.eot_token_id")? {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        let activation = gguf_activation(g, arch).map_err(gerr)?;
+        ModelConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_layers: layers,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            max_position_embeddings: ctx,
+            rope_theta: theta,
+            rms_norm_eps: eps,
+            // A GGUF file without `output.weight` is tied (llama.cpp falls back to token_embd).
+            tie_word_embeddings: Some(g.tensor("output.weight").is_none()),
+            bos_token_id: bos,
+            eos_token_ids: eos,
+            // GGUF projections carry their own scale, which multiplies the output (W = T * s): the offline
+            // AutoBitLinear convention. The GGUF loader decodes them itself; the form only tells the rest
+            // of the engine how `TernaryLinear::scale` is meant.
+            form: WeightForm::OfflineAutoBitLinear,
+            activation,
+        }
+        .checked()
+        .map_err(|msg| EngineError::Config {
+            path: path.to_path_buf(),
+            msg: format!("GGUF hyperparameters ({arch}.*): {msg}"),
         })
     }
 }

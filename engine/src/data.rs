@@ -52,8 +52,23 @@ pub struct DataSpec<'a> {
 }
 
 impl<'a> DataSpec<'a> {
-    /// Reads `bos_token` / `eos_token` / `chat_template` from the model's `tokenizer_config.json` when present.
+    /// Reads `bos_token` / `eos_token` / `chat_template` from the model's `tokenizer_config.json` when present,
+    /// or, for a GGUF model, from what its tokenizer read from the file (`tokenizer.chat_template`).
     pub fn for_model(model_dir: &Path, tokenizer: &'a Tokenizer, eos: u32, seq_len: usize) -> DataSpec<'a> {
+        if let Some(g) = &tokenizer.gguf {
+            return DataSpec {
+                tokenizer,
+                eos,
+                bos_token: g.bos_token.clone().unwrap_or_else(|| "<|begin_of_text|>".into()),
+                eos_token: g
+                    .eos_token
+                    .clone()
+                    .or_else(|| tokenizer.id_to_token(eos))
+                    .unwrap_or_default(),
+                chat_template: g.chat_template.clone(),
+                seq_len,
+            };
+        }
         let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())

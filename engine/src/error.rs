@@ -6,12 +6,20 @@ use std::path::PathBuf;
 pub enum EngineError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: invalid config.json: {msg}")]
+    #[error("{path}: invalid model config: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("unsupported model_type {0:?}: bitnode runs only \"bitnet\" checkpoints")]
     UnknownModelType(String),
     #[error("{path}: corrupt or truncated safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    /// A GGUF file the strict reader or a decoder refuses, with the file it came from: the reader's
+    /// message names the key or tensor at fault, the path says which file the user should fix or replace.
+    /// (Not a `#[source]`: the message already holds it, and error chains would print it twice.)
+    #[error("{path}: {error}")]
+    Gguf {
+        path: PathBuf,
+        error: crate::gguf::GgufError,
+    },
     #[error("tensor {name}: {msg}")]
     Tensor { name: String, msg: String },
     #[error("missing tensor {0} (checked every shard)")]
@@ -42,6 +50,12 @@ impl EngineError {
         EngineError::Io {
             path: path.into(),
             source,
+        }
+    }
+    pub fn gguf(path: impl Into<PathBuf>, source: crate::gguf::GgufError) -> Self {
+        EngineError::Gguf {
+            path: path.into(),
+            error: source,
         }
     }
     pub fn tensor(name: &str, msg: impl Into<String>) -> Self {

@@ -273,12 +273,12 @@ pub fn finetune_with(
         )));
     }
     let tok = Tokenizer::load(&cfg.model)?;
-    let eos = model
-        .config
-        .eos_token_ids
-        .first()
-        .copied()
-        .ok_or_else(|| EngineError::Invalid("the model's config.json names no eos_token_id".into()))?;
+    let eos = model.config.eos_token_ids.first().copied().ok_or_else(|| {
+        EngineError::Invalid(
+            "the model names no EOS token (config.json eos_token_id, or tokenizer.ggml.eos_token_id in a GGUF file)"
+                .into(),
+        )
+    })?;
     let spec = DataSpec::for_model(&cfg.model, &tok, eos, cfg.seq_len);
     let mut examples = data::load(&cfg.data, &spec)?;
     if cfg.val_split > 0.0 {

@@ -19,10 +19,52 @@ struct Shard {
     data_start: usize,
 }
 
-/// All tensors of a checkpoint, by name.
+/// A memory-mapped GGUF file and its parsed header: tensor data stays in the map until a decoder reads it.
+pub struct GgufWeights {
+    pub path: PathBuf,
+    map: Mmap,
+    pub gguf: crate::gguf::Gguf,
+}
+
+impl GgufWeights {
+    /// Maps and parses `path`; a corrupt or truncated file is refused here by the strict reader (which
+    /// checks every count, offset and size against the file before allocating), with the path.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+        // SAFETY: as for safetensors shards: a read-only map, and a file truncated under us may fault.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        let gguf = crate::gguf::Gguf::parse(&map).map_err(|e| EngineError::gguf(path, e))?;
+        Ok(GgufWeights {
+            path: path.to_path_buf(),
+            map,
+            gguf,
+        })
+    }
+    /// The whole file's bytes (what the decoders' `tensor_data` slices).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+    /// Tensor `name`'s header, or [`EngineError::MissingTensor`].
+    pub fn info(&self, name: &str) -> Result<&crate::gguf::TensorInfo> {
+        self.gguf
+            .tensor(name)
+            .ok_or_else(|| EngineError::MissingTensor(format!("{name} (in {})", self.path.display())))
+    }
+    /// Tensor `t`'s data bytes inside the map.
+    pub fn data(&self, t: &crate::gguf::TensorInfo) -> Result<&[u8]> {
+        self.gguf
+            .tensor_data(t, &self.map)
+            .map_err(|e| EngineError::gguf(&self.path, e))
+    }
+}
+
+/// All tensors of a checkpoint, by name: safetensors shards, or one GGUF file.
 pub struct WeightFiles {
     shards: Vec<Shard>,
     index: HashMap<String, (usize, TensorInfo)>,
+    /// Set for a GGUF model (then `shards` is empty): its tensors are read through the GGUF decoders, not
+    /// [`WeightFiles::get`].
+    gguf: Option<GgufWeights>,
     /// Wall time spent reading and converting tensors (the load report's `convert_seconds`).
     convert_ns: AtomicU64,
 }
@@ -110,19 +152,46 @@ impl WeightFiles {
         Ok(WeightFiles {
             shards,
             index,
+            gguf: None,
             convert_ns: AtomicU64::new(0),
         })
     }
 
+    /// Maps one GGUF file (see [`GgufWeights::open`]).
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        Ok(WeightFiles {
+            shards: vec![],
+            index: HashMap::new(),
+            gguf: Some(GgufWeights::open(path)?),
+            convert_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// The GGUF file, for a GGUF model.
+    pub fn gguf(&self) -> Option<&GgufWeights> {
+        self.gguf.as_ref()
+    }
+
     pub fn has(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.gguf.as_ref().is_some_and(|g| g.gguf.tensor(name).is_some())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }
 
+    /// A safetensors tensor. A GGUF model's tensors are not safetensors dtypes (TQ2_0, I2_S, ...): they are
+    /// read through [`WeightFiles::gguf`] and the GGUF decoders instead.
     pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
+        if let Some(g) = &self.gguf {
+            return Err(EngineError::tensor(
+                name,
+                format!(
+                    "is in the GGUF file {}, which has no safetensors tensors",
+                    g.path.display()
+                ),
+            ));
+        }
         let (name_ref, (shard, info)) = self
             .index
             .get_key_value(name)
@@ -144,13 +213,21 @@ impl WeightFiles {
         })
     }
 
-    /// Bytes [start, end) of tensor `name`'s data as (shard, offset in its map), clamped to the tensor.
-    fn span(&self, name: &str, start: usize, end: usize) -> Option<(&Shard, usize, usize)> {
-        let (shard, info) = self.index.get(name)?;
-        let s = self.shards.get(*shard)?;
-        let (a, b) = info.data_offsets;
+    /// Bytes [start, end) of tensor `name`'s data as (map, offset in it, length), clamped to the tensor.
+    fn span(&self, name: &str, start: usize, end: usize) -> Option<(&Mmap, usize, usize)> {
+        let (map, base, a, b) = match &self.gguf {
+            Some(g) => {
+                let t = g.gguf.tensor(name)?;
+                (&g.map, 0, t.offset, t.offset + t.nbytes)
+            }
+            None => {
+                let (shard, info) = self.index.get(name)?;
+                let s = self.shards.get(*shard)?;
+                (&s.map, s.data_start, info.data_offsets.0, info.data_offsets.1)
+            }
+        };
         let (lo, hi) = (a.saturating_add(start).min(b), a.saturating_add(end).min(b));
-        (hi > lo && s.data_start + hi <= s.map.len()).then_some((s, s.data_start + lo, hi - lo))
+        (hi > lo && base + hi <= map.len()).then_some((map, base + lo, hi - lo))
     }
 
     /// Lets go of the mapped pages of bytes [start, end) of tensor `name`: they stop counting in this
@@ -159,15 +236,12 @@ impl WeightFiles {
     /// the map to the tensors in flight instead of the whole checkpoint. A hint: errors are ignored.
     pub fn release(&self, name: &str, start: usize, end: usize) {
         #[cfg(unix)]
-        if let Some((s, off, len)) = self.span(name, start, end) {
+        if let Some((map, off, len)) = self.span(name, start, end) {
             // SAFETY: the map is a read-only shared file mapping that bitnode never writes, so MADV_DONTNEED
             // cannot lose data: a later access refaults the same bytes from the file. References into the map
             // stay valid (the range stays mapped); only its resident pages go. madvise rounds the start down
             // to a page, so a neighbouring tensor's first page may be dropped too, and is refaulted the same way.
-            let _ = unsafe {
-                s.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len)
-            };
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len) };
         }
         #[cfg(not(unix))]
         let _ = (name, start, end);
@@ -177,8 +251,8 @@ impl WeightFiles {
     /// reaches it later finds it resident. A hint: errors are ignored.
     pub fn prefetch(&self, name: &str) {
         #[cfg(unix)]
-        if let Some((s, off, len)) = self.span(name, 0, usize::MAX) {
-            let _ = s.map.advise_range(memmap2::Advice::WillNeed, off, len);
+        if let Some((map, off, len)) = self.span(name, 0, usize::MAX) {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, off, len);
         }
         #[cfg(not(unix))]
         let _ = name;
@@ -196,7 +270,8 @@ impl WeightFiles {
 
     /// Total bytes of all mapped files (what a transfer of the model costs).
     pub fn file_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.map.len() as u64).sum()
+        let gguf = self.gguf.as_ref().map_or(0, |g| g.map.len() as u64);
+        gguf + self.shards.iter().map(|s| s.map.len() as u64).sum::<u64>()
     }
 }
 

@@ -89,7 +89,16 @@ pub struct MappedMatrix {
     pub name: String,
     pub rows: usize,
     pub cols: usize,
-    pub dtype: Dtype,
+    source: MatrixSource,
+}
+
+/// How a [`MappedMatrix`]'s elements are stored. GGUF files hold the embedding as F16/F32/BF16 or, after
+/// `llama-quantize`, as Q8_0/Q4_K/Q6_K: those decode a row range at a time (every row is whole blocks), so
+/// the GGUF form stays in the map like the safetensors one and the backends need not know the difference.
+#[derive(Debug, Clone)]
+enum MatrixSource {
+    Safetensors(Dtype),
+    Gguf(crate::gguf::TensorInfo),
 }
 
 /// Elements a conversion thread takes at least: below this, spawning costs more than it saves.
@@ -103,10 +112,70 @@ impl MappedMatrix {
             Err(_) => unreachable!("tensor {} vanished from the index", self.name),
         }
     }
+    /// The stored element type, for reports ("F16", "Q8_0", ...).
+    pub fn dtype_name(&self) -> String {
+        match &self.source {
+            MatrixSource::Safetensors(d) => format!("{d:?}"),
+            MatrixSource::Gguf(t) => t.ty.to_string(),
+        }
+    }
+    /// Elements `first..first + out.len()` (row-major) as f32, from whichever source holds them.
+    fn read_f32(&self, first: usize, out: &mut [f32]) {
+        match &self.source {
+            MatrixSource::Safetensors(_) => self.tensor().read_f32(first, out),
+            MatrixSource::Gguf(t) => self.gguf_read_f32(t, first, out),
+        }
+    }
+    /// A GGUF matrix's elements: the rows that cover them decode whole (quantized rows are whole blocks),
+    /// then the wanted part is copied out. Type, shape and data range were checked when the model opened,
+    /// so a failure here cannot come from the file; it would leave NaN, never a panic.
+    fn gguf_read_f32(&self, t: &crate::gguf::TensorInfo, first: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        let n = out.len();
+        if n == 0 {
+            return;
+        }
+        let decode = |r0: usize, r1: usize, dst: &mut [f32]| {
+            let ok = self
+                .files
+                .gguf()
+                .and_then(|g| g.data(t).ok())
+                .is_some_and(|data| crate::gguf::rows_to_f32(t, data, r0, r1, dst).is_ok());
+            if !ok {
+                dst.fill(f32::NAN);
+            }
+        };
+        let (r0, r1) = (first / cols, (first + n).div_ceil(cols));
+        if first.is_multiple_of(cols) && n.is_multiple_of(cols) {
+            decode(r0, r1, out);
+        } else {
+            let mut rows = vec![0f32; (r1 - r0) * cols];
+            decode(r0, r1, &mut rows);
+            let at = first - r0 * cols;
+            out.copy_from_slice(&rows[at..at + n]);
+        }
+    }
+    /// Elements `first..first + out.len()` as f16 bits.
+    fn read_f16(&self, first: usize, out: &mut [u16]) {
+        match &self.source {
+            MatrixSource::Safetensors(_) => self.tensor().read_f16(first, out),
+            MatrixSource::Gguf(_) => {
+                // Through f32 in blocks on the stack, rounded by half's slice conversion (the same rounding
+                // as the safetensors path's f32 and bf16 sources).
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let mut block = [0f32; 1024];
+                for (k, o) in out.chunks_mut(block.len()).enumerate() {
+                    let f = &mut block[..o.len()];
+                    self.read_f32(first + k * 1024, f);
+                    o.reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(f);
+                }
+            }
+        }
+    }
     /// Row `r` converted to f32.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let n = out.len().min(self.cols);
-        self.tensor().read_f32(r * self.cols, &mut out[..n]);
+        self.read_f32(r * self.cols, &mut out[..n]);
     }
     /// Rows [r0, r1) as f16 bits, row-major (the GPU f16 form; lossless for bf16 sources in f16 range).
     pub fn rows_f16(&self, r0: usize, r1: usize) -> Vec<u16> {
@@ -122,26 +191,34 @@ impl MappedMatrix {
     /// Elements `first..first + out.len()` (row-major) as f16 bits, converted on all load threads.
     pub fn fill_f16(&self, first: usize, out: &mut [u16]) {
         let t0 = Instant::now();
-        let t = self.tensor();
         util::parallel_fill(out, util::load_threads(), MIN_PIECE, |at, piece| {
-            t.read_f16(first + at, piece)
+            self.read_f16(first + at, piece)
         });
         self.files.add_convert_time(t0.elapsed());
     }
     /// Elements `first..first + out.len()` (row-major) as f32, converted on all load threads.
     pub fn fill_f32(&self, first: usize, out: &mut [f32]) {
         let t0 = Instant::now();
-        let t = self.tensor();
         util::parallel_fill(out, util::load_threads(), MIN_PIECE, |at, piece| {
-            t.read_f32(first + at, piece)
+            self.read_f32(first + at, piece)
         });
         self.files.add_convert_time(t0.elapsed());
     }
     /// Releases the mapped pages of elements [e0, e1) (see [`WeightFiles::release`]): a backend calls it
     /// once it has uploaded them.
     pub fn release(&self, e0: usize, e1: usize) {
-        let size = self.dtype.bitsize() / 8;
-        self.files.release(&self.name, e0 * size, e1 * size);
+        let (b0, b1) = match &self.source {
+            MatrixSource::Safetensors(d) => {
+                let size = d.bitsize() / 8;
+                (e0 * size, e1 * size)
+            }
+            // Whole blocks only: a block straddling either end stays (its neighbour may still need it).
+            MatrixSource::Gguf(t) => {
+                let (bs, ts) = (t.ty.block_size() as usize, t.ty.type_size() as usize);
+                (e0.div_ceil(bs) * ts, e1 / bs * ts)
+            }
+        };
+        self.files.release(&self.name, b0, b1);
     }
 }
 
@@ -161,12 +238,173 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens `config.json` and the weights of a Hugging Face BitNet directory: every tensor's header is
-    /// checked here; the ternary projections convert on first use (see the module comment).
-    pub fn load(dir: &Path) -> Result<Model> {
-        let config = ModelConfig::load(&dir.join("config.json"))?;
-        let files = Arc::new(WeightFiles::open(dir)?);
-        Self::from_parts(dir, config, files)
+    /// Opens a model: a Hugging Face BitNet directory (`config.json` and safetensors weights) or a GGUF
+    /// file (see [`is_gguf`]). Every tensor's header is checked here; the ternary projections convert on
+    /// first use (see the module comment).
+    pub fn load(path: &Path) -> Result<Model> {
+        if is_gguf(path) {
+            let files = Arc::new(WeightFiles::open_gguf(path)?);
+            return Self::from_gguf(path, files);
+        }
+        let config = ModelConfig::load(&path.join("config.json"))?;
+        let files = Arc::new(WeightFiles::open(path)?);
+        Self::from_parts(path, config, files)
+    }
+
+    /// A GGUF model (`files` from [`WeightFiles::open_gguf`]): the config from the `{arch}.*` keys, the
+    /// tensors under llama.cpp's names (the table in the GGUF notes) checked against it, the norms read.
+    /// `dir` keeps the file's path: everything that names the model (adapters' base, reports) uses it.
+    pub fn from_gguf(path: &Path, files: Arc<WeightFiles>) -> Result<Model> {
+        use crate::gguf::GgmlType;
+        let Some(g) = files.gguf() else {
+            return Err(EngineError::Invalid(format!(
+                "{}: the weights given are not a GGUF file",
+                path.display()
+            )));
+        };
+        let config = ModelConfig::from_gguf(&g.gguf, path)?;
+        config.check_supported().map_err(|msg| EngineError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        let c = &config;
+        let (cdim, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let qd = c.num_heads * c.head_dim;
+        let shape_err = |t: &crate::gguf::TensorInfo, want: &[usize]| {
+            EngineError::gguf(
+                path,
+                crate::gguf::GgufError::BadShape {
+                    tensor: t.name.clone(),
+                    msg: format!("ne = {:?}, the model's hyperparameters ask for {want:?}", t.ne),
+                },
+            )
+        };
+        let mapped = |name: &str| -> Result<MappedMatrix> {
+            let t = g.info(name)?;
+            if t.ne != [cdim, v] {
+                return Err(shape_err(t, &[cdim, v]));
+            }
+            if !crate::gguf::decodes_to_f32(t.ty) {
+                return Err(EngineError::gguf(
+                    path,
+                    crate::gguf::GgufError::UnsupportedType {
+                        tensor: name.into(),
+                        ty: t.ty.to_string(),
+                        reason: "the embedding and output must be F32, F16, BF16, Q8_0, Q4_K or Q6_K",
+                    },
+                ));
+            }
+            // Resolves the data range now, so that reading rows later cannot fail.
+            g.data(t)?;
+            Ok(MappedMatrix {
+                files: files.clone(),
+                name: name.to_string(),
+                rows: v,
+                cols: cdim,
+                source: MatrixSource::Gguf(t.clone()),
+            })
+        };
+        let embed = mapped("token_embd.weight")?;
+        let lm_head = match c.tie_word_embeddings {
+            Some(false) => Some(mapped("output.weight")?),
+            _ => None,
+        };
+        let vec_of = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let t = g.info(name)?;
+            if t.ne != [n] {
+                return Err(shape_err(t, &[n]));
+            }
+            if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                return Err(EngineError::gguf(
+                    path,
+                    crate::gguf::GgufError::UnsupportedType {
+                        tensor: name.into(),
+                        ty: t.ty.to_string(),
+                        reason: "norm weights must be F32, F16 or BF16",
+                    },
+                ));
+            }
+            crate::gguf::to_f32(t, g.data(t)?).map_err(|e| EngineError::gguf(path, e))
+        };
+        let norm = vec_of("output_norm.weight", cdim)?;
+        let shapes = projection_shapes(c);
+        let mut specs = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("blk.{l}");
+            let norms = [
+                vec_of(&format!("{p}.attn_norm.weight"), cdim)?,
+                vec_of(&format!("{p}.ffn_norm.weight"), cdim)?,
+                vec_of(&format!("{p}.attn_sub_norm.weight"), qd)?,
+                vec_of(&format!("{p}.ffn_sub_norm.weight"), f)?,
+            ];
+            let mut linears = Vec::with_capacity(7);
+            for (n, (out, inp)) in GGUF_PROJECTIONS.iter().zip(shapes) {
+                let name = format!("{p}.{n}.weight");
+                let t = g.info(&name)?;
+                // A projection [out, in] is stored with ne = [in, out] (GGUF's contiguous axis first).
+                if t.ne != [inp, out] {
+                    return Err(shape_err(t, &[inp, out]));
+                }
+                if !matches!(
+                    t.ty,
+                    GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2S | GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
+                ) {
+                    return Err(EngineError::gguf(
+                        path,
+                        crate::gguf::GgufError::UnsupportedType {
+                            tensor: name,
+                            ty: t.ty.to_string(),
+                            reason: "a ternary projection must be TQ1_0, TQ2_0, I2_S, or F32/F16/BF16 \
+                                     holding ternary values times one scale",
+                        },
+                    ));
+                }
+                g.data(t)?;
+                // llama.cpp's optional per-projection `.scale` multiplies the mat-mul output (no converter
+                // examined writes one, but the loader accepts it): fold it into the tensor's own scale.
+                let sname = format!("{p}.{n}.scale");
+                let scale = match g.gguf.tensor(&sname) {
+                    None => 1.0,
+                    Some(st) => {
+                        let vals =
+                            if st.n_elements == 1 && matches!(st.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                                crate::gguf::to_f32(st, g.data(st)?).map_err(|e| EngineError::gguf(path, e))?
+                            } else {
+                                vec![]
+                            };
+                        match vals.first() {
+                            Some(&x) if x.is_finite() => x,
+                            _ => {
+                                return Err(EngineError::gguf(
+                                    path,
+                                    crate::gguf::GgufError::BadData {
+                                        tensor: sname,
+                                        msg: "expected one finite float".into(),
+                                    },
+                                ))
+                            }
+                        }
+                    }
+                };
+                linears.push(LinearSpec { name, out, inp, scale });
+            }
+            let linears: [LinearSpec; 7] = match linears.try_into() {
+                Ok(a) => a,
+                Err(_) => unreachable!("seven projections per layer"),
+            };
+            specs.push(LayerSpec { norms, linears });
+        }
+        Ok(Model {
+            dir: path.to_path_buf(),
+            config,
+            embed,
+            lm_head,
+            norm,
+            files,
+            specs,
+            host: OnceLock::new(),
+            converting: Mutex::new(()),
+        })
     }
 
     /// Checks every tensor the config asks for (presence, shape, dtype, offline scales) and reads the
@@ -189,7 +427,7 @@ impl Model {
                 name: name.to_string(),
                 rows: v,
                 cols: cdim,
-                dtype: t.dtype,
+                source: MatrixSource::Safetensors(t.dtype),
             })
         };
         let embed = mapped("model.embed_tokens.weight")?;
@@ -319,16 +557,26 @@ impl Model {
     fn convert_layers(&self, r: Range<usize>, threads: usize) -> Result<Vec<Layer>> {
         let t0 = Instant::now();
         let specs = &self.specs[r];
-        let mut parts = Vec::with_capacity(specs.len() * 7);
-        for spec in specs {
-            for lin in &spec.linears {
-                parts.push((self.files.get(&lin.name)?, lin));
+        let converted = if let Some(g) = self.files.gguf() {
+            let lins: Vec<&LinearSpec> = specs.iter().flat_map(|s| s.linears.iter()).collect();
+            let got = convert_gguf_linears(g, &lins, threads);
+            for lin in &lins {
+                self.files.release(&lin.name, 0, usize::MAX);
             }
-        }
-        let converted = convert_linears(&parts, self.config.form, threads);
-        for (_, lin) in &parts {
-            self.files.release(&lin.name, 0, usize::MAX);
-        }
+            got
+        } else {
+            let mut parts = Vec::with_capacity(specs.len() * 7);
+            for spec in specs {
+                for lin in &spec.linears {
+                    parts.push((self.files.get(&lin.name)?, lin));
+                }
+            }
+            let got = convert_linears(&parts, self.config.form, threads);
+            for (_, lin) in &parts {
+                self.files.release(&lin.name, 0, usize::MAX);
+            }
+            got
+        };
         let mut converted = converted?.into_iter();
         let mut layers = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -385,6 +633,68 @@ impl Model {
             + c.intermediate_size;
         c.vocab_size * c.hidden_size * if self.tied() { 1 } else { 2 } + c.num_layers * per_layer + c.hidden_size
     }
+}
+
+/// Whether `path` names a GGUF model rather than a model directory: any file is taken for one (the strict
+/// reader then refuses a file that is not GGUF, by its magic), so that `--model` accepts a `.gguf` file
+/// wherever it accepts a directory, whatever the file is called.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+}
+
+/// A model's config without opening its weights: `config.json` of a directory, or a GGUF file's header
+/// (the file is mapped and its header parsed, its tensors are not read).
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if is_gguf(path) {
+        let g = crate::loader::GgufWeights::open(path)?;
+        let c = ModelConfig::from_gguf(&g.gguf, path)?;
+        c.check_supported().map_err(|msg| EngineError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        return Ok(c);
+    }
+    ModelConfig::load(&path.join("config.json"))
+}
+
+/// A layer's projections under llama.cpp's GGUF names, in `Layer` order (`PROJECTIONS`' HF names).
+const GGUF_PROJECTIONS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// Decodes GGUF projections (checked at open) into bitnode's layout, one projection per task on `threads`
+/// threads: the decoders work a block at a time, and a layer's seven projections keep the threads busy.
+/// A tensor whose blocks have different scales is refused by `into_linear` with the reason.
+fn convert_gguf_linears(
+    g: &crate::loader::GgufWeights,
+    lins: &[&LinearSpec],
+    threads: usize,
+) -> Result<Vec<TernaryLinear>> {
+    let got = util::parallel_map(lins.to_vec(), threads, |lin| -> Result<TernaryLinear> {
+        let t = g.info(&lin.name)?;
+        let gerr = |e| EngineError::gguf(&g.path, e);
+        let mut tl = crate::gguf::to_ternary(t, g.data(t)?)
+            .and_then(|tt| tt.into_linear(&lin.name))
+            .map_err(gerr)?;
+        if (tl.out, tl.inp) != (lin.out, lin.inp) {
+            return Err(EngineError::tensor(
+                &lin.name,
+                format!(
+                    "decoded as [{}, {}], expected [{}, {}]",
+                    tl.out, tl.inp, lin.out, lin.inp
+                ),
+            ));
+        }
+        tl.scale *= lin.scale;
+        Ok(tl)
+    });
+    got.into_iter().collect()
 }
 
 fn projection_shapes(c: &ModelConfig) -> [(usize, usize); 7] {

@@ -108,17 +108,22 @@ impl Engine {
 
     /// [`Engine::load`], with where the load's time and memory went.
     pub fn load_reporting(dir: &Path, opts: &EngineOptions) -> Result<(Engine, LoadReport)> {
-        if !dir.is_dir() {
+        let gguf = crate::model::is_gguf(dir);
+        if !gguf && !dir.is_dir() {
             return Err(EngineError::io(
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory or GGUF file not found"),
             ));
         }
         let t0 = Instant::now();
         let cpu0 = crate::util::cpu_seconds();
         // Config first, and the tokenizer's presence: cheap, and they catch most wrong directories before
-        // the big map.
-        let config = crate::config::ModelConfig::load(&dir.join("config.json"))?;
+        // the big map. A GGUF file holds both in its header, which the weights' open parses.
+        let config = if gguf {
+            None
+        } else {
+            Some(crate::config::ModelConfig::load(&dir.join("config.json"))?)
+        };
         Tokenizer::check(dir)?;
         let mut load = LoadReport {
             threads: crate::util::load_threads(),
@@ -132,8 +137,13 @@ impl Engine {
                 Tokenizer::load(dir).map(|tok| (tok, t.elapsed().as_secs_f64()))
             });
             let loaded = (|| {
-                let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
-                let model = Arc::new(Model::from_parts(dir, config, files)?);
+                let model = Arc::new(match config {
+                    Some(config) => {
+                        let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
+                        Model::from_parts(dir, config, files)?
+                    }
+                    None => Model::load(dir)?,
+                });
                 load.open_seconds = t0.elapsed().as_secs_f64();
                 let backend = make_backend_reporting(model.clone(), opts, &mut load)?;
                 Ok((model, backend))

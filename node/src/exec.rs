@@ -718,8 +718,14 @@ impl ModelSizing {
     }
 }
 
-/// Total bytes of a directory's regular files (not hidden ones, as the model store counts them).
+/// Total bytes of a directory's regular files (not hidden ones, as the model store counts them), or the
+/// size of a single-file model (a GGUF).
 fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    if dir.is_file() {
+        return Ok(std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .len());
+    }
     let mut total = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e.with_context(|| format!("reading {}", dir.display()))?;
@@ -1185,6 +1191,40 @@ pub(crate) mod tests {
         let text = String::from_utf8(out).expect("utf-8");
         let l: ExecLine = serde_json::from_str(text.trim()).expect("one line");
         assert!(matches!(l, ExecLine::Error { reason } if reason.contains("job.json")));
+    }
+
+    #[test]
+    fn a_gguf_file_runs_infer_score_and_finetune_like_its_twin_directory() {
+        // The GGUF fixture and the safetensors directory holding the same weights (tests/fixtures/gguf_model).
+        let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf_model");
+        let (file, twin) = (fx.join("tq2_0.gguf"), fx.join("twin"));
+        let infer = |m: &Path| {
+            let spec = JobSpec::Infer(infer_request(m, "The quick brown fox", 6));
+            run_job(&spec, &JobPaths::model(m), &cpu(), "cpu", &mut |_| {}).expect("infer")
+        };
+        assert_eq!(infer(&file)["tokens"], infer(&twin)["tokens"]);
+        let score = |m: &Path| {
+            let spec = JobSpec::Score(ScoreRequest {
+                model: m.display().to_string(),
+                adapter: None,
+                text: "the quick brown fox jumps over the lazy dog".into(),
+            });
+            run_job(&spec, &JobPaths::model(m), &cpu(), "cpu", &mut |_| {}).expect("score")
+        };
+        assert_eq!(score(&file)["nll"], score(&twin)["nll"]);
+        // The sizing the scheduler plans with counts the file itself.
+        let sizing = ModelSizing::read(&file).expect("sizing");
+        assert_eq!(sizing.model_bytes, std::fs::metadata(&file).expect("size").len());
+        let root = tmp("gguf-ft");
+        let data = dataset(&root);
+        let spec = JobSpec::Finetune(Box::new(finetune_spec(&file, 2)));
+        let paths = JobPaths {
+            data: Some(data),
+            out: Some(root.join("out")),
+            ..JobPaths::model(&file)
+        };
+        run_job(&spec, &paths, &cpu(), "cpu", &mut |_| {}).expect("finetune on a GGUF file");
+        assert!(root.join("out").join("adapter_model.safetensors").is_file());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod backward;
 mod batch;
 mod data;
+mod gguf;
 mod kernels;
 mod load;
 mod lora;

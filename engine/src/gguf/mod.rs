@@ -7,11 +7,12 @@
 //! bitnode accepts is a file the rest of the ecosystem would not. The reader works on a byte slice so that
 //! the caller can memory-map the file: tensor data is never copied until a decoder converts it.
 //!
-//! Not wired into `--model` yet: mapping GGUF tensor names onto the engine's layers, the FFN activation
-//! rule and the tokenizer are the next step.
+//! `crate::model` maps a file's tensors onto the engine's layers (`Model::from_gguf`), `crate::config` reads
+//! its hyperparameters and picks the FFN activation, and [`tokenizer`] rebuilds its tokenizer.
 mod decode;
 mod error;
 mod reader;
+pub mod tokenizer;
 mod types;
 
 pub use decode::{

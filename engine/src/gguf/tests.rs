@@ -1020,3 +1020,207 @@ fn python_gguf_fixtures() {
         }
     }
 }
+
+// ---------------------------------------------------------------- model config, activation, tokenizer
+
+fn str_array(items: &[&str]) -> Vec<u8> {
+    let mut v = T_STRING.to_le_bytes().to_vec();
+    v.extend((items.len() as u64).to_le_bytes());
+    for s in items {
+        v.extend(gstr(s));
+    }
+    v
+}
+
+fn f32_array(items: &[f32]) -> Vec<u8> {
+    let mut v = T_F32.to_le_bytes().to_vec();
+    v.extend((items.len() as u64).to_le_bytes());
+    for x in items {
+        v.extend(x.to_le_bytes());
+    }
+    v
+}
+
+fn i32_array(items: &[i32]) -> Vec<u8> {
+    let mut v = T_I32.to_le_bytes().to_vec();
+    v.extend((items.len() as u64).to_le_bytes());
+    for x in items {
+        v.extend(x.to_le_bytes());
+    }
+    v
+}
+
+/// The rule of issue 16: the explicit key, else ReLU² for bitnet.cpp's architectures, else by vocabulary.
+#[test]
+fn activation_rule() {
+    use crate::config::{gguf_activation, Activation};
+    let act = |arch: &str, vocab: Option<&str>, key: Option<&str>| {
+        let mut w = Writer::new();
+        w.kv_str("general.architecture", arch);
+        if let Some(v) = vocab {
+            w.kv_str("tokenizer.ggml.model", v);
+        }
+        if let Some(k) = key {
+            w.kv_str(&format!("{arch}.hidden_activation"), k);
+        }
+        gguf_activation(&parse(&w.finish()), arch)
+    };
+    assert_eq!(act("bitnet", Some("gpt2"), None).unwrap(), Activation::Relu2);
+    assert_eq!(act("bitnet", Some("llama"), None).unwrap(), Activation::Silu);
+    assert_eq!(act("bitnet", None, None).unwrap(), Activation::Silu);
+    assert_eq!(act("bitnet-b1.58", Some("llama"), None).unwrap(), Activation::Relu2);
+    assert_eq!(act("bitnet-25", None, None).unwrap(), Activation::Relu2);
+    assert_eq!(act("bitnet", Some("llama"), Some("relu2")).unwrap(), Activation::Relu2);
+    assert_eq!(
+        act("bitnet-b1.58", Some("gpt2"), Some("silu")).unwrap(),
+        Activation::Silu
+    );
+    let e = act("bitnet", Some("gpt2"), Some("gelu")).unwrap_err().to_string();
+    assert!(e.contains("bitnet.hidden_activation") && e.contains("gelu"), "{e}");
+}
+
+/// Hyperparameters: each missing or unsupported key is named in the error.
+#[test]
+fn config_from_gguf_names_the_key_at_fault() {
+    use crate::config::ModelConfig;
+    let base = |skip: &str, extra: &[(&str, &str)]| {
+        let mut w = Writer::new();
+        w.kv_str("general.architecture", "bitnet");
+        for (k, v) in [
+            ("bitnet.embedding_length", 256u32),
+            ("bitnet.block_count", 2),
+            ("bitnet.feed_forward_length", 512),
+            ("bitnet.attention.head_count", 4),
+            ("bitnet.attention.head_count_kv", 2),
+            ("bitnet.context_length", 128),
+            ("bitnet.vocab_size", 300),
+        ] {
+            if k != skip {
+                w.kv_u32(k, v);
+            }
+        }
+        if skip != "bitnet.attention.layer_norm_rms_epsilon" {
+            w.kv("bitnet.attention.layer_norm_rms_epsilon", T_F32, &1e-5f32.to_le_bytes());
+        }
+        for (k, v) in extra {
+            w.kv_str(k, v);
+        }
+        w.kv_str("tokenizer.ggml.model", "gpt2");
+        ModelConfig::from_gguf(&parse(&w.finish()), std::path::Path::new("m.gguf"))
+    };
+    let c = base("", &[]).unwrap();
+    assert_eq!((c.hidden_size, c.num_layers, c.intermediate_size), (256, 2, 512));
+    assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size), (4, 2, 64, 300));
+    assert_eq!((c.max_position_embeddings, c.rope_theta), (128, 10000.0));
+    assert_eq!(c.tie_word_embeddings, Some(true));
+    for key in [
+        "bitnet.embedding_length",
+        "bitnet.block_count",
+        "bitnet.feed_forward_length",
+        "bitnet.attention.head_count",
+        "bitnet.context_length",
+        "bitnet.attention.layer_norm_rms_epsilon",
+    ] {
+        let e = base(key, &[]).err().unwrap().to_string();
+        assert!(e.contains(key) && e.contains("missing"), "{key}: {e}");
+    }
+    let e = base("", &[("bitnet.rope.scaling.type", "yarn")])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rope.scaling.type"), "{e}");
+    let e = base("", &[("general.type", "adapter")]).err().unwrap().to_string();
+    assert!(e.contains("not a model"), "{e}");
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "llama");
+    let e = ModelConfig::from_gguf(&parse(&w.finish()), std::path::Path::new("m.gguf"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("\"llama\"") && e.contains("bitnet-b1.58"), "{e}");
+}
+
+/// A SentencePiece-style (`llama`) vocabulary: `▁` for spaces, merges by the merged token's score (the
+/// pair whose result scores highest merges first, as llama.cpp's SPM tokenizer does), byte fallback for
+/// characters outside the vocabulary, BOS prepended.
+#[test]
+fn llama_vocabulary_tokenizes_like_sentencepiece() {
+    let mut tokens = vec![
+        "<unk>",
+        "<s>",
+        "</s>",
+        "\u{2581}",
+        "a",
+        "b",
+        "\u{2581}a",
+        "ab",
+        "\u{2581}ab",
+    ];
+    let bytes: Vec<String> = (0..256).map(|b| format!("<0x{b:02X}>")).collect();
+    tokens.extend(bytes.iter().map(String::as_str));
+    let mut scores = vec![0.0, 0.0, 0.0, -5.0, -6.0, -7.0, -1.0, -2.0, -0.5];
+    scores.extend(std::iter::repeat_n(0.0, 256));
+    let mut types = vec![2, 3, 3, 1, 1, 1, 1, 1, 1];
+    types.extend(std::iter::repeat_n(6, 256));
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "bitnet")
+        .kv_str("tokenizer.ggml.model", "llama")
+        .kv("tokenizer.ggml.tokens", T_ARRAY, &str_array(&tokens))
+        .kv("tokenizer.ggml.scores", T_ARRAY, &f32_array(&scores))
+        .kv("tokenizer.ggml.token_type", T_ARRAY, &i32_array(&types))
+        .kv_u32("tokenizer.ggml.bos_token_id", 1)
+        .kv_u32("tokenizer.ggml.eos_token_id", 2)
+        .kv_u32("tokenizer.ggml.unknown_token_id", 0);
+    let g = parse(&w.finish());
+    let (tok, specials) = tokenizer::build(&g).map_err(|e| format!("{e:?}")).unwrap();
+    let ids = |s: &str| tok.encode(s, true).unwrap().get_ids().to_vec();
+    assert_eq!(ids("ab ab"), [1, 8, 8]);
+    assert_eq!(ids("a"), [1, 6]);
+    assert_eq!(ids("ba"), [1, 3, 5, 4]);
+    // "c" is not in the vocabulary: its byte token (0x63 at 9 + 0x63).
+    assert_eq!(ids("ac"), [1, 6, 9 + 0x63]);
+    assert_eq!(tok.decode(&[1, 8, 8, 9 + 0x63], true).unwrap(), "ab abc");
+    assert_eq!(specials.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(specials.eos_token.as_deref(), Some("</s>"));
+}
+
+/// Tokenizer keys of the wrong shape are refused with the key's name, never a panic.
+#[test]
+fn tokenizer_keys_are_checked() {
+    let build = |f: &dyn Fn(&mut Writer)| {
+        let mut w = Writer::new();
+        w.kv_str("general.architecture", "bitnet");
+        f(&mut w);
+        tokenizer::build(&parse(&w.finish())).err().map(|e| format!("{e:?}"))
+    };
+    let e = build(&|_| {}).unwrap();
+    assert!(e.contains("tokenizer.ggml.model"), "{e}");
+    let e = build(&|w| {
+        w.kv_str("tokenizer.ggml.model", "gpt2")
+            .kv("tokenizer.ggml.tokens", T_ARRAY, &str_array(&["a", "b"]))
+            .kv_u32("tokenizer.ggml.bos_token_id", 7);
+    })
+    .unwrap();
+    assert!(e.contains("bos_token_id") && e.contains("outside"), "{e}");
+    let e = build(&|w| {
+        w.kv_str("tokenizer.ggml.model", "gpt2")
+            .kv("tokenizer.ggml.tokens", T_ARRAY, &str_array(&["a", "b"]))
+            .kv_str("tokenizer.ggml.pre", "qwen2");
+    })
+    .unwrap();
+    assert!(e.contains("tokenizer.ggml.pre"), "{e}");
+    let e = build(&|w| {
+        w.kv_str("tokenizer.ggml.model", "gpt2")
+            .kv("tokenizer.ggml.tokens", T_ARRAY, &str_array(&["a", "b"]))
+            .kv("tokenizer.ggml.merges", T_ARRAY, &str_array(&["ab"]));
+    })
+    .unwrap();
+    assert!(e.contains("merges") && e.contains("no space"), "{e}");
+    let e = build(&|w| {
+        w.kv_str("tokenizer.ggml.model", "llama")
+            .kv("tokenizer.ggml.tokens", T_ARRAY, &str_array(&["a", "b"]))
+            .kv("tokenizer.ggml.scores", T_ARRAY, &f32_array(&[0.0]));
+    })
+    .unwrap();
+    assert!(e.contains("scores"), "{e}");
+}

@@ -151,7 +151,7 @@ pub enum Cmd {
 
 #[derive(Args)]
 pub struct InferArgs {
-    /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
+    /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A LoRA adapter directory (PEFT format).
@@ -184,7 +184,7 @@ pub struct InferArgs {
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// Model directory. Default: the built-in `tiny` model.
+    /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: the built-in `tiny` model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long)]
@@ -253,6 +253,7 @@ pub enum JobsCmd {
 
 #[derive(Args)]
 pub struct FinetuneArgs {
+    /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S).
     #[arg(long)]
     pub model: PathBuf,
     /// .txt (one document), or .jsonl with {"text"}, {"prompt","completion"} or {"messages"} per line.
@@ -428,7 +429,7 @@ pub enum BenchCmd {
     },
     /// LoRA training speed (tokens/s, optimizer included) and peak device memory on random tokens.
     Finetune {
-        /// Model directory. Default: the built-in random `tiny` model.
+        /// Model directory or GGUF file. Default: the built-in random `tiny` model.
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long, default_value_t = 1)]
@@ -453,7 +454,7 @@ pub enum BenchCmd {
     Serve(ServeBenchArgs),
     /// Prefill and decode speed and device memory at batch 1.
     Infer {
-        /// Model directory. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
+        /// Model directory or GGUF file. Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]

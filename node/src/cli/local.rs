@@ -336,7 +336,8 @@ pub fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
 
 /// `bitnode finetune`'s arguments as a job (the dataset is read from its path locally; `submit` sends it).
 pub fn finetune_job(a: FinetuneArgs) -> anyhow::Result<(JobSpec, JobPaths)> {
-    let ctx = bitnode_engine::config::ModelConfig::load(&a.model.join("config.json"))
+    // A directory's config.json, or a GGUF file's header.
+    let ctx = bitnode_engine::model::load_config(&a.model)
         .with_context(|| format!("loading model {}", a.model.display()))?
         .max_position_embeddings;
     let spec = JobSpec::Finetune(Box::new(FinetuneRequest {

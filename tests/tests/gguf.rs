@@ -1,0 +1,239 @@
+//! GGUF models as `--model`: the same tiny model as a Hugging Face directory (`gguf_model/twin`, offline
+//! AutoBitLinear) and as TQ2_0, TQ1_0 and I2_S GGUF files (written by `tests/reference/make_gguf_fixtures.py`
+//! with the `gguf` package) must give the same tokens, logits, NLL and greedy generation. Every form stores
+//! the same numbers exactly (fp16-exact scales, an embedding that Q4_K, Q8_0 and F16 all hold), so the
+//! outputs must agree to the last bit on the CPU reference, and within the usual tolerance on the GPU.
+use bitnode_engine::config::Activation;
+use bitnode_engine::cpu::SampleParams;
+use bitnode_engine::model::Model;
+use bitnode_engine::{EmbedDtype, Engine, EngineError, EngineOptions};
+use bitnode_tests::{fixtures, tempdir};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const FORMS: [&str; 3] = ["tq2_0.gguf", "tq1_0.gguf", "i2_s.gguf"];
+
+fn model_dir() -> PathBuf {
+    fixtures().join("gguf_model")
+}
+
+fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
+    EngineOptions {
+        adapter: Some(adapter.into()),
+        max_binding: None,
+        embed_dtype: embed,
+        lora: None,
+    }
+}
+
+/// A few hundred tokens of text (longer than the 64-token context, so scoring runs in windows).
+fn text() -> String {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let mut s = String::new();
+    for c in v["cases"].as_array().unwrap() {
+        s.push_str(c["text"].as_str().unwrap());
+        s.push('\n');
+    }
+    s
+}
+
+/// Everything a user sees from a model: config, tokens, logits, NLL, greedy tokens.
+fn outcome(e: &mut Engine) -> (Vec<u32>, Vec<f32>, usize, f64, Vec<u32>) {
+    let ids = e.tokenizer.encode(&text()).unwrap();
+    let prompt = e.tokenizer.encode("The quick brown fox").unwrap();
+    let logits = e.logits(&prompt).unwrap();
+    let (n, total) = e.score_ids(&ids).unwrap();
+    let gen = e
+        .generate_ids(&prompt, 12, &SampleParams::default(), 0, false, &mut |_| true)
+        .unwrap()
+        .tokens;
+    (ids, logits, n, total, gen)
+}
+
+#[test]
+fn gguf_forms_match_their_safetensors_twin_on_the_cpu_reference() {
+    let twin = model_dir().join("twin");
+    let mut want = Engine::load(&twin, &opts("cpu", EmbedDtype::F32)).unwrap();
+    let w = outcome(&mut want);
+    assert!(w.0.len() > 64, "the text must span several context windows");
+    let twin_layers = want.model.layers().unwrap().to_vec();
+    for form in FORMS {
+        let path = model_dir().join(form);
+        let mut e = Engine::load(&path, &opts("cpu", EmbedDtype::F32)).unwrap_or_else(|err| panic!("{form}: {err}"));
+        let (c, t) = (&e.model.config, &want.model.config);
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers),
+            (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers),
+            "{form}"
+        );
+        assert_eq!(
+            (c.num_heads, c.num_kv_heads, c.head_dim),
+            (t.num_heads, t.num_kv_heads, t.head_dim)
+        );
+        assert_eq!(
+            (c.max_position_embeddings, c.rope_theta, c.rms_norm_eps as f32),
+            (t.max_position_embeddings, t.rope_theta, t.rms_norm_eps as f32)
+        );
+        assert_eq!(
+            (c.bos_token_id, &c.eos_token_ids),
+            (t.bos_token_id, &t.eos_token_ids),
+            "{form}"
+        );
+        assert_eq!(c.activation, Activation::Relu2, "{form}");
+        assert!(e.model.tied(), "{form}: no output.weight means tied");
+        assert_eq!(e.eos, want.eos, "{form}: stop tokens");
+        // Decoded projections and norms equal the twin's exactly.
+        assert_eq!(e.model.layers().unwrap(), &twin_layers[..], "{form}: layers");
+        assert_eq!(e.model.norm, want.model.norm, "{form}: final norm");
+        let (mut a, mut b) = (vec![0f32; 256], vec![0f32; 256]);
+        for r in [0, 1, 200, 399] {
+            e.model.embed.row_f32(r, &mut a);
+            want.model.embed.row_f32(r, &mut b);
+            assert_eq!(a, b, "{form}: embedding row {r}");
+        }
+        let g = outcome(&mut e);
+        assert_eq!(g.0, w.0, "{form}: token ids");
+        assert_eq!(g.1, w.1, "{form}: logits");
+        assert_eq!((g.2, g.3), (w.2, w.3), "{form}: score (tokens, total NLL)");
+        assert_eq!(g.4, w.4, "{form}: greedy tokens");
+    }
+}
+
+/// The GPU path uploads the embedding from the GGUF's own types (Q4_K, F16, Q8_0) through the tile
+/// fillers, in f32 and f16; the values are fp16-exact, so both agree with the twin.
+#[test]
+fn gguf_forms_match_their_twin_on_the_gpu() {
+    for embed in [EmbedDtype::F32, EmbedDtype::F16] {
+        let mut want = Engine::load(&model_dir().join("twin"), &opts("gpu", embed)).unwrap();
+        let w = outcome(&mut want);
+        for form in FORMS {
+            let mut e = Engine::load(&model_dir().join(form), &opts("gpu", embed)).unwrap();
+            let g = outcome(&mut e);
+            assert_eq!(g.0, w.0, "{form}: token ids");
+            let worst = g.1.iter().zip(&w.1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-4, "{form} {embed:?}: logits differ by {worst}");
+            assert_eq!(g.2, w.2);
+            assert!(((g.3 - w.3) / g.2 as f64).abs() < 1e-4, "{form} {embed:?}: nll");
+            assert_eq!(g.4, w.4, "{form} {embed:?}: greedy tokens");
+        }
+    }
+}
+
+/// The tokenizer rebuilt from `tokenizer.ggml.*` encodes and decodes like the model's tokenizer.json on the
+/// awkward strings of tokenizer_cases.json (whose ids transformers produced), with and without
+/// `tokenizer.ggml.pre` (microsoft's file has none), and carries the chat template.
+#[test]
+fn gguf_tokenizer_matches_tokenizer_json() {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let json = bitnode_engine::tokenizer::Tokenizer::load(&model_dir().join("twin")).unwrap();
+    for form in FORMS {
+        let tok = bitnode_engine::tokenizer::Tokenizer::load(&model_dir().join(form)).unwrap();
+        assert_eq!(tok.vocab_size(), json.vocab_size(), "{form}");
+        for c in v["cases"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(text).unwrap(), want, "{form}: encode {text:?}");
+            assert_eq!(
+                tok.encode_plain(text).unwrap(),
+                json.encode_plain(text).unwrap(),
+                "{form}: {text:?}"
+            );
+            assert_eq!(
+                tok.decode(&want).unwrap(),
+                c["decoded_skip_special"].as_str().unwrap(),
+                "{form}: decode {text:?}"
+            );
+        }
+        let specials = tok.gguf.as_ref().unwrap();
+        assert!(specials
+            .chat_template
+            .as_deref()
+            .unwrap()
+            .contains("<|start_header_id|>"));
+        assert_eq!(specials.bos_token.as_deref(), Some("<|begin_of_text|>"));
+        // The data loader renders chats with the GGUF's template and texts.
+        let spec = bitnode_engine::data::DataSpec::for_model(&model_dir().join(form), &tok, 396, 64);
+        assert_eq!(spec.chat_template, specials.chat_template);
+        assert_eq!(
+            (spec.bos_token.as_str(), spec.eos_token.as_str()),
+            ("<|begin_of_text|>", "<|end_of_text|>")
+        );
+    }
+}
+
+fn gguf_err(r: Result<Model, EngineError>) -> String {
+    match r {
+        Err(e @ EngineError::Gguf { .. }) => e.to_string(),
+        Err(e) => panic!("expected a GGUF error, got {e}"),
+        Ok(_) => panic!("a broken file loaded"),
+    }
+}
+
+/// A truncated or corrupt file passed as the model is refused with the reader's reason and the path,
+/// never a panic; so is a file that holds something else.
+#[test]
+fn broken_gguf_files_are_refused_clearly() {
+    let src = std::fs::read(model_dir().join("tq2_0.gguf")).unwrap();
+    let dir = tempdir("gguf-broken");
+    // Cut inside the header (the token list) and inside the tensor data.
+    for cut in [100, 4_000, src.len() / 2, src.len() - 1] {
+        let p = dir.join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &src[..cut]).unwrap();
+        let msg = gguf_err(Model::load(&p));
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+        assert!(
+            ["truncated", "past the end", "cannot fit"]
+                .iter()
+                .any(|w| msg.contains(w)),
+            "cut at {cut}: {msg}"
+        );
+        // The engine and the tokenizer say the same, without panicking.
+        assert!(Engine::load(&p, &opts("cpu", EmbedDtype::F32)).is_err());
+        assert!(bitnode_engine::tokenizer::Tokenizer::load(&p).is_err());
+    }
+    let p = dir.join("not.gguf");
+    std::fs::write(&p, b"{\"model_type\": \"bitnet\"}").unwrap();
+    assert!(gguf_err(Model::load(&p)).contains("not a GGUF file"));
+    // A huge tensor count in an otherwise valid header.
+    let mut huge = src.clone();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes()[..8]);
+    let p = dir.join("huge.gguf");
+    std::fs::write(&p, &huge).unwrap();
+    let msg = Engine::load(&p, &opts("cpu", EmbedDtype::F32))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains(&p.display().to_string()) && msg.contains("cannot fit"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The activation rule: `bitnet.hidden_activation` wins; a gated SiLU model is refused with the reason
+/// until the engine implements SiLU.
+#[test]
+fn silu_models_are_refused_for_now() {
+    let src = std::fs::read(model_dir().join("tq1_0.gguf")).unwrap();
+    // tq1_0 says `bitnet.hidden_activation = "relu2"`; "swish" has the same length and means SiLU.
+    let at = src.windows(5).position(|w| w == b"relu2").unwrap();
+    let mut silu = src.clone();
+    silu[at..at + 5].copy_from_slice(b"swish");
+    let dir = tempdir("gguf-silu");
+    let p = dir.join("silu.gguf");
+    std::fs::write(&p, &silu).unwrap();
+    let msg = match Model::load(&p) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a SiLU model loaded"),
+    };
+    assert!(msg.contains("gated SiLU models are not supported yet"), "{msg}");
+    assert!(bitnode_engine::model::load_config(&p).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
