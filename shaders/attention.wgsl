@@ -30,25 +30,28 @@ var<workgroup> qs: array<vec4<f32>, 64>;
 var<workgroup> pr: array<f32, 256>;
 
 @compute @workgroup_size(256)
-fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+fn attention(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
     let t = wg.y;
     if t >= step.t {
         return;
     }
-    attend(wg.x, t, row_slot(t), row_pos(t) + 1u, lid3.x);
+    attend(wg.x, t, row_slot(t), row_pos(t) + 1u, lane_index(ln));
 }
 
 @compute @workgroup_size(256)
-fn attention_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3: vec3<u32>) {
+fn attention_rows(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
     let t = wg.y;
     if t >= step.t {
         return;
     }
-    attend(wg.x, t, rows[t].x, rows[t].y + 1u, lid3.x);
+    attend(wg.x, t, rows[t].x, rows[t].y + 1u, lane_index(ln));
 }
 
 // Query head `h` of chunk row `t` over the first `n` positions of cache slot `slot`. Called in uniform
-// control flow (t and the slot are the workgroup's).
+// control flow (t and the slot are the workgroup's). Its block max and sum are reduce_max / reduce_sum,
+// with subgroup operations where the device has them (attention.wgsl is compiled with reduce.wgsl or
+// reduce_subgroup.wgsl, as rmsnorm_quant is): two barriers per block of 256 keys instead of eighteen, in
+// what is most of a long prompt's time. `lid` is lane_index's numbering of the threads.
 fn attend(h: u32, t: u32, slot: u32, n: u32, lid: u32) {
     // The cache row of this head's KV head in this slot.
     let kvh = slot * p.nkv + h / (p.nh / p.nkv);
@@ -87,14 +90,14 @@ fn attend(h: u32, t: u32, slot: u32, n: u32, lid: u32) {
             let dot4 = d0 + d1;
             sc = (dot4.x + dot4.y + dot4.z + dot4.w) * p.scale;
         }
-        let bm = wg_max(sc, lid);
+        let bm = reduce_max(sc, lid);
         let nm = max(m, bm);
         var e = 0.0;
         if j < n {
             e = exp(sc - nm);
         }
         pr[lid] = e;
-        let bl = wg_sum(e, lid);
+        let bl = reduce_sum(e, lid);
         let f = exp(m - nm);
         l = l * f + bl;
         let cnt = min(256u, n - b);

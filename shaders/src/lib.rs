@@ -35,7 +35,16 @@ pub const MATMUL_TERNARY_SUBGROUP: &str = concat!(
     include_str!("../matmul_ternary.wgsl")
 );
 pub const ROPE: &str = concat!(include_str!("../common.wgsl"), include_str!("../rope.wgsl"));
-pub const ATTENTION: &str = concat!(include_str!("../common.wgsl"), include_str!("../attention.wgsl"));
+pub const ATTENTION: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce.wgsl"),
+    include_str!("../attention.wgsl")
+);
+pub const ATTENTION_SUBGROUP: &str = concat!(
+    include_str!("../common.wgsl"),
+    include_str!("../reduce_subgroup.wgsl"),
+    include_str!("../attention.wgsl")
+);
 pub const LM_HEAD: &str = concat!(
     include_str!("../common.wgsl"),
     include_str!("../gemm_tile.wgsl"),
@@ -88,4 +97,5 @@ pub const ALL: &[(&str, &str)] = &[
 pub const ALL_SUBGROUP: &[(&str, &str)] = &[
     ("rmsnorm_quant", RMSNORM_QUANT_SUBGROUP),
     ("matmul_ternary", MATMUL_TERNARY_SUBGROUP),
+    ("attention", ATTENTION_SUBGROUP),
 ];

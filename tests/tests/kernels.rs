@@ -253,14 +253,18 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
 
 #[test]
 fn rope_and_attention_match_cpu() {
-    let g = gpu(None);
     let mut rng = Rng::new(3);
-    for &(nh, nkv, hd, start, t) in &[
-        (4usize, 2usize, 32usize, 0usize, 7usize),
-        (4, 1, 16, 5, 1),
-        (6, 3, 64, 300, 4),
-        (2, 2, 128, 0, 260),
-    ] {
+    // attention's block max and sum have a subgroup variant: both paths run.
+    for (g, &(nh, nkv, hd, start, t)) in gpu_paths(None).into_iter().flat_map(|g| {
+        [
+            (4usize, 2usize, 32usize, 0usize, 7usize),
+            (4, 1, 16, 5, 1),
+            (6, 3, 64, 300, 4),
+            (2, 2, 128, 0, 260),
+        ]
+        .iter()
+        .map(move |c| (g.clone(), c))
+    }) {
         let cap = start + t;
         let stride = (nh + 2 * nkv) * hd;
         let (cos, sin) = cpu::rope_table(10000.0, hd, cap);

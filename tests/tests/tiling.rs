@@ -1,9 +1,7 @@
 //! Dynamic tiling: with a forced 32 KiB binding limit every large tensor (embedding / lm_head, fused
 //! gate-up, q|k|v) is split into row tiles and prompts are run in small chunks. The outputs must be
 //! bit-identical to the untiled run, because tiling only changes which dispatch computes a row. The
-//! untiled run takes the prompt in one chunk of more than 64 tokens, so its projections run the
-//! register-tiled GEMM (`matmul_ternary_tiled`) while the small chunks run `matmul_ternary`: the two
-//! kernels must agree bit for bit over a whole model.
+//! untiled run takes the prompt (65+ tokens) in one chunk, the tiled one in chunks of under 64.
 use bitnode_engine::cpu::SampleParams;
 use bitnode_engine::{EmbedDtype, Engine, EngineOptions};
 use bitnode_tests::tempdir;

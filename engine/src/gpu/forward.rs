@@ -57,14 +57,16 @@ struct Ops {
     sample: [Op; 2],
 }
 
-/// Prompt chunks of at least this many tokens run the register-tiled projections (`matmul_ternary_tiled`,
-/// 128 x 128 tiles), shorter ones `matmul_ternary` (16 tokens per workgroup), whose smaller tiles keep
-/// more workgroups busy when there are few tokens. `BITNODE_TILED_MIN` overrides it (a tuning knob).
+/// Prompt chunks of at least `BITNODE_TILED_MIN` tokens run the register-tiled projections
+/// (`matmul_ternary_tiled`); by default none do. Measured on an H200 (BENCHMARKS.md), prompts ran faster
+/// on `matmul_ternary` (16 tokens per workgroup) at every length: 7,348 against 6,041 tok/s at 512 and
+/// 6,194 against 5,263 at 1,024 with 64-token blocks (5,706 with 128): a chunk of at most 512 tokens does
+/// not give the tiled kernel enough blocks, while training's batches of thousands of rows do.
 fn tiled_min_tokens() -> u32 {
     std::env::var("BITNODE_TILED_MIN")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+        .unwrap_or(u32::MAX)
 }
 
 /// Tokens per workgroup of the tiled prompt projections: 64 (chunks of at most 512 tokens give too few
@@ -549,7 +551,8 @@ impl GpuBackend {
         };
         let body = make_body(false);
         // Batch steps (rows) have one row per sequence: never long enough for the tiled kernel.
-        let body_tiled = rows.is_none().then(|| make_body(true));
+        // Only built when asked for (`BITNODE_TILED_MIN`): its pipelines would cost load time for nothing.
+        let body_tiled = (rows.is_none() && std::env::var_os("BITNODE_TILED_MIN").is_some()).then(|| make_body(true));
 
         let decode_body = if self.lora.is_none() && c.max(qd).max(f) <= kernels::FUSED_MAX_INPUT {
             let fused_rows = kernels::fused_rows();

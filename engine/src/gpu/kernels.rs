@@ -758,16 +758,13 @@ fn attention_op(
     step: &wgpu::Buffer,
 ) -> Op {
     let pr = AttentionParams::new(nh, nkv, hd, cap);
-    op(
-        gpu,
-        entry,
-        sh::ATTENTION,
-        &[],
-        &pr,
-        bufs,
-        step,
-        Grid::ByTokens(nh as u32),
-    )
+    // attend's block max and sum take subgroup operations where the device has them.
+    let src = if gpu.subgroups() {
+        sh::ATTENTION_SUBGROUP
+    } else {
+        sh::ATTENTION
+    };
+    op(gpu, entry, src, &[], &pr, bufs, step, Grid::ByTokens(nh as u32))
 }
 
 /// Keys per workgroup of `attention_split_rope` (its `SPLIT`).
