@@ -99,7 +99,7 @@ fn put_array(out: &mut Vec<u8>, a: &Array) {
         Array::U64(v) => each(out, vt::U64, v, |o, x| o.extend_from_slice(&x.to_le_bytes())),
         Array::I64(v) => each(out, vt::I64, v, |o, x| o.extend_from_slice(&x.to_le_bytes())),
         Array::F64(v) => each(out, vt::F64, v, |o, x| o.extend_from_slice(&x.to_le_bytes())),
-        Array::Array(v) => each(out, vt::ARRAY, v, |o, x| put_array(o, x)),
+        Array::Array(v) => each(out, vt::ARRAY, v, put_array),
     }
 }
 
@@ -181,7 +181,7 @@ impl GgufWriter {
             msg,
         };
         let ne0 = ne.first().copied().unwrap_or(1) as u64;
-        if ne0 % ty.block_size() != 0 {
+        if !ne0.is_multiple_of(ty.block_size()) {
             return Err(bad(format!(
                 "ne[0] = {ne0} is not a multiple of {ty}'s block size {}",
                 ty.block_size()
@@ -249,6 +249,7 @@ impl GgufWriter {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::super::reader::Gguf;
     use super::*;
