@@ -658,7 +658,7 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
 }
 
 /// A layer's projections under llama.cpp's GGUF names, in `Layer` order (`PROJECTIONS`' HF names).
-const GGUF_PROJECTIONS: [&str; 7] = [
+pub const GGUF_PROJECTIONS: [&str; 7] = [
     "attn_q",
     "attn_k",
     "attn_v",

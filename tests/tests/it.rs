@@ -7,5 +7,6 @@ mod gguf;
 mod kernels;
 mod load;
 mod lora;
+mod lora_gguf;
 mod parity;
 mod tiling;

@@ -7,6 +7,8 @@
 //! bitnode accepts is a file the rest of the ecosystem would not. The reader works on a byte slice so that
 //! the caller can memory-map the file: tensor data is never copied until a decoder converts it.
 //!
+//! [`GgufWriter`] writes the container back (bitnode's LoRA adapters as llama.cpp LoRA GGUFs, `crate::lora`).
+//!
 //! `crate::model` maps a file's tensors onto the engine's layers (`Model::from_gguf`), `crate::config` reads
 //! its hyperparameters and picks the FFN activation, and [`tokenizer`] rebuilds its tokenizer.
 mod decode;
@@ -14,6 +16,7 @@ mod error;
 mod reader;
 pub mod tokenizer;
 mod types;
+mod writer;
 
 pub use decode::{
     decodes_to_f32, float_to_ternary, i2s_to_ternary, rows_to_f32, to_f32, to_ternary, tq1_0_to_ternary,
@@ -22,6 +25,7 @@ pub use decode::{
 pub use error::{GgufError, Result};
 pub use reader::{Array, Gguf, TensorInfo, Value, DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_NAME_LEN};
 pub use types::{GgmlType, FTYPE_I2_S, I2S_BLOCK};
+pub use writer::{GgufWriter, VERSION};
 
 #[cfg(test)]
 mod tests;

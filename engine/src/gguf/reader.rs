@@ -24,7 +24,7 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_ARRAY_DEPTH: usize = 8;
 
 /// Metadata value type ids (`gguf_type`).
-mod vt {
+pub(super) mod vt {
     pub const U8: u32 = 0;
     pub const I8: u32 = 1;
     pub const U16: u32 = 2;

@@ -57,6 +57,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// LoRA adapter utilities.
+    Adapter {
+        #[command(subcommand)]
+        cmd: AdapterCmd,
+    },
     /// LoRA fine-tuning; writes a PEFT-compatible adapter directory (and loss.svg) to --out.
     Finetune(Box<FinetuneArgs>),
     /// Create this device's identity (ed25519, stored 0600) and a commented config.toml.
@@ -154,7 +159,7 @@ pub struct InferArgs {
     /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A LoRA adapter directory (PEFT format).
+    /// A LoRA adapter: a PEFT directory, or a llama.cpp LoRA GGUF file (`bitnode adapter export`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[arg(long)]
@@ -187,6 +192,7 @@ pub struct ScoreArgs {
     /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: the built-in `tiny` model.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A LoRA adapter: a PEFT directory, or a llama.cpp LoRA GGUF file.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[arg(long)]
@@ -261,7 +267,7 @@ pub struct FinetuneArgs {
     pub data: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
-    /// Start from this PEFT adapter instead of a fresh one.
+    /// Start from this adapter (a PEFT directory or a llama.cpp LoRA GGUF file) instead of a fresh one.
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
@@ -397,6 +403,26 @@ pub enum ModelCmd {
     },
     /// Forget a name (the content stays in the store while jobs or other names use it).
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum AdapterCmd {
+    /// Write a PEFT adapter directory as a llama.cpp LoRA GGUF (F32), which llama.cpp (`--lora`) and QVAC
+    /// load; `--adapter` of infer, score and finetune's `--init-adapter` take such a file too.
+    Export {
+        /// The GGUF file to write (atomically: a temporary file, then a rename).
+        #[arg(long)]
+        gguf: PathBuf,
+        /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model the adapter was trained on: a model directory or a GGUF file. Its shapes are
+        /// checked and its architecture (`general.architecture`; `bitnet` for a directory) goes in the file.
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

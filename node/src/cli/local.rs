@@ -1,6 +1,6 @@
-//! The commands that run on this device alone: `infer`, `score`, `finetune`, `model synth`, `bench`,
+//! The commands that run on this device alone: `infer`, `score`, `finetune`, `adapter`, `model synth`, `bench`,
 //! `devices`, and `job-exec` (how the daemon runs a job in a child process).
-use super::args::{BenchCmd, DeviceArgs, FinetuneArgs, InferArgs, ModelCmd, ScoreArgs};
+use super::args::{AdapterCmd, BenchCmd, DeviceArgs, FinetuneArgs, InferArgs, ModelCmd, ScoreArgs};
 use crate::config;
 use crate::exec::{self, JobEvent, JobOutput, JobPaths};
 use anyhow::{bail, Context};
@@ -88,6 +88,35 @@ pub fn score(home: &Path, a: ScoreArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bitnode adapter`.
+pub fn adapter(cmd: AdapterCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdapterCmd::Export {
+            gguf,
+            adapter,
+            base,
+            json,
+        } => {
+            let r = bitnode_engine::lora::export_gguf(&adapter, &base, &gguf)
+                .with_context(|| format!("exporting {} as GGUF", adapter.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "wrote {} ({} LoRA tensors, rank {}, alpha {}, architecture {}, {})",
+                    r.path.display(),
+                    r.tensors,
+                    r.rank,
+                    r.alpha,
+                    r.architecture,
+                    bitnode_engine::util::human_bytes(r.bytes)
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Tells a running daemon that the store changed, so its advert lists what it holds now (peers route

@@ -42,6 +42,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Infer(a) => local::infer(&home, a),
         Cmd::Score(a) => local::score(&home, a),
         Cmd::Finetune(a) => local::finetune(*a),
+        Cmd::Adapter { cmd } => local::adapter(cmd),
         Cmd::Model { cmd } => local::model(&home, cmd),
         Cmd::Bench { cmd } => local::bench(&home, cmd),
         Cmd::Devices { json } => local::devices(json),
