@@ -399,8 +399,8 @@ impl GpuBackend {
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
         // The prompt body, with the projections as `matmul_ternary` (each weight word serves 16 tokens
-        // per workgroup: short chunks and batch steps) or as the register-tiled GEMM (128 x 128 tiles:
-        // long prompt chunks, see `tiled_min_tokens`).
+        // per workgroup: prompt chunks and batch steps) or, where asked for, as the register-tiled GEMM
+        // (see `tiled_min_tokens`).
         let make_body = |tiled: bool| -> Vec<Op> {
             let tm = tiled_tokens();
             #[allow(clippy::too_many_arguments)]
