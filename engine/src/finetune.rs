@@ -406,7 +406,7 @@ pub fn finetune_with(
         let grad_norm = match &gpu_trainer {
             Some(gt) => {
                 opt.step += 1;
-                gt.apply(&adapter, &opt.opt, lr, opt.step, opt.max_grad_norm)?
+                gt.apply(&opt.opt, lr, opt.step, opt.max_grad_norm)?
             }
             None => opt.apply(&mut adapter, &mut grad, lr),
         };
@@ -549,7 +549,7 @@ pub fn bench(
         match &gt {
             Some(gt) => {
                 gpu_micro_batch(gt, &seqs, wgt)?;
-                gt.apply(&adapter, &opt, 1e-4, step, Some(1.0))?;
+                gt.apply(&opt, 1e-4, step, Some(1.0))?;
             }
             None => {
                 let mut grad = cpu_adapter.zeros_like();

@@ -83,6 +83,17 @@ struct LayerSpec {
     linears: [LinearSpec; 7],
 }
 
+impl LayerSpec {
+    /// A layer's four norms and its seven projections, in `PROJECTIONS` order (both loaders build seven).
+    fn new(norms: [Vec<f32>; 4], linears: Vec<LinearSpec>) -> LayerSpec {
+        let linears: [LinearSpec; 7] = match linears.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("seven projections per layer"),
+        };
+        LayerSpec { norms, linears }
+    }
+}
+
 /// A full-precision [rows, cols] matrix still inside the memory map (embedding, lm_head).
 pub struct MappedMatrix {
     files: Arc<WeightFiles>,
@@ -388,14 +399,24 @@ impl Model {
                 };
                 linears.push(LinearSpec { name, out, inp, scale });
             }
-            let linears: [LinearSpec; 7] = match linears.try_into() {
-                Ok(a) => a,
-                Err(_) => unreachable!("seven projections per layer"),
-            };
-            specs.push(LayerSpec { norms, linears });
+            specs.push(LayerSpec::new(norms, linears));
         }
-        Ok(Model {
-            dir: path.to_path_buf(),
+        Ok(Model::assemble(path, config, embed, lm_head, norm, files, specs))
+    }
+
+    /// A model from its checked parts (safetensors or GGUF), nothing converted yet.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        dir: &Path,
+        config: ModelConfig,
+        embed: MappedMatrix,
+        lm_head: Option<MappedMatrix>,
+        norm: Vec<f32>,
+        files: Arc<WeightFiles>,
+        specs: Vec<LayerSpec>,
+    ) -> Model {
+        Model {
+            dir: dir.to_path_buf(),
             config,
             embed,
             lm_head,
@@ -404,7 +425,7 @@ impl Model {
             specs,
             host: OnceLock::new(),
             converting: Mutex::new(()),
-        })
+        }
     }
 
     /// Checks every tensor the config asks for (presence, shape, dtype, offline scales) and reads the
@@ -461,23 +482,9 @@ impl Model {
             for (n, (out, inp)) in PROJECTIONS.iter().zip(shapes) {
                 linears.push(check_linear(&files, c.form, &format!("{p}.{n}"), out, inp)?);
             }
-            let linears: [LinearSpec; 7] = match linears.try_into() {
-                Ok(a) => a,
-                Err(_) => unreachable!("seven projections per layer"),
-            };
-            specs.push(LayerSpec { norms, linears });
+            specs.push(LayerSpec::new(norms, linears));
         }
-        Ok(Model {
-            dir: dir.to_path_buf(),
-            config,
-            embed,
-            lm_head,
-            norm,
-            files,
-            specs,
-            host: OnceLock::new(),
-            converting: Mutex::new(()),
-        })
+        Ok(Model::assemble(dir, config, embed, lm_head, norm, files, specs))
     }
 
     /// Every layer in host memory, converted (in parallel) on the first call and kept: the CPU reference

@@ -261,14 +261,7 @@ impl GpuTrainer {
     /// `grad_clip`) and its clipping coefficient, AdamW on every LoRA tensor with the clipped gradients,
     /// gradients cleared for the next step. Only the norm (4 bytes) comes back. Returns the gradient norm
     /// before clipping.
-    pub fn apply(
-        &self,
-        _like: &Adapter,
-        o: &crate::cpu::AdamW,
-        lr: f64,
-        step: u64,
-        max_norm: Option<f32>,
-    ) -> Result<f32> {
+    pub fn apply(&self, o: &crate::cpu::AdamW, lr: f64, step: u64, max_norm: Option<f32>) -> Result<f32> {
         let g = &*self.gpu;
         // The dispatches are built on the first step and reused: each step only rewrites the parameter
         // blocks of AdamW (lr, bias corrections) and of the clipping (max_norm).
@@ -407,28 +400,9 @@ impl GpuTrainer {
     fn run_profiled(&self, items: &[Item], t: u32) -> Result<()> {
         let mut by: Vec<k::KernelTime> = vec![];
         let mut dispatches = 0;
-        for (si, seg) in items.split(|it| matches!(it, Item::Upload(_))).enumerate() {
-            if si > 0 {
-                // The upload that ended the previous segment: the si-th Upload item.
-                let ti = items
-                    .iter()
-                    .filter_map(|it| match it {
-                        Item::Upload(ti) => Some(*ti),
-                        _ => None,
-                    })
-                    .nth(si - 1)
-                    .ok_or_else(|| EngineError::Invalid("upload items out of step".into()))?;
-                self.upload_tile(ti)?;
-            }
-            let timed: Vec<k::Timed<'_>> = seg
-                .iter()
-                .filter_map(|it| match it {
-                    Item::Op(op, lm_t) => Some(k::Timed::Op(op, t, *lm_t)),
-                    Item::Copy(src, dst, n) => Some(k::Timed::Copy(src, dst, *n)),
-                    Item::Upload(_) => None,
-                })
-                .collect();
-            let (part, n) = k::time_dispatches(&self.gpu, &timed)?;
+        // Times the dispatches since the last upload and adds them to the per-kernel totals.
+        let mut time = |seg: &[k::Timed<'_>]| -> Result<()> {
+            let (part, n) = k::time_dispatches(&self.gpu, seg)?;
             dispatches += n;
             for (name, count, us) in part {
                 match by.iter_mut().find(|e| e.0 == name) {
@@ -439,7 +413,21 @@ impl GpuTrainer {
                     None => by.push((name, count, us)),
                 }
             }
+            Ok(())
+        };
+        let mut seg: Vec<k::Timed<'_>> = vec![];
+        for it in items {
+            match it {
+                Item::Op(op, lm_t) => seg.push(k::Timed::Op(op, t, *lm_t)),
+                Item::Copy(src, dst, n) => seg.push(k::Timed::Copy(src, dst, *n)),
+                Item::Upload(ti) => {
+                    time(&seg)?;
+                    seg.clear();
+                    self.upload_tile(*ti)?;
+                }
+            }
         }
+        time(&seg)?;
         by.sort_by(|a, b| b.2.total_cmp(&a.2));
         let total: f64 = by.iter().map(|e| e.2).sum();
         eprintln!(
