@@ -67,3 +67,10 @@ fn row_pos(t: u32) -> u32 {
     }
     return t % step.seq;
 }
+
+// The logistic function, computed from exp(-|x|) so that no exp overflows (CPU twin: cpu::sigmoid); the
+// gated SiLU FFN (MODE 3 of matmul_ternary, silu_mul.wgsl) uses it.
+fn sigmoid(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+}

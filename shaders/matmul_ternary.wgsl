@@ -5,9 +5,9 @@
 // multiply-adds; the +1 offset is removed with qsum[t] = sum_i q[t, i]. Integer sums are exact, so the GPU
 // result equals the CPU reference bit for bit up to the final float scaling.
 //
-// MODE 0 stores, MODE 1 adds into y (the residual stream: saves a separate residual-add kernel), MODE 2 is
-// the fused gate/up of the MLP: the tile holds `rows` gate rows followed by the `rows` matching up rows and
-// writes relu(gate)^2 * up.
+// MODE 0 stores, MODE 1 adds into y (the residual stream: saves a separate residual-add kernel), MODES 2
+// and 3 are the fused gate/up of the MLP: the tile holds `rows` gate rows followed by the `rows` matching
+// up rows and writes act(gate) * up, act = relu^2 in MODE 2 (the 2B-4T family), silu in MODE 3 (1bitLLM).
 //
 // A workgroup is 8 rows x ML lanes; lanes stride over the words of a row so reads are coalesced, and each
 // weight word is reused for TT tokens: the rows of a batched decode step (one per sequence, up to 16 by
@@ -17,6 +17,16 @@
 // (fewer loads in flight per row); `ML` stays a tuning knob (`BITNODE_MT_LANES`).
 
 override MODE: u32 = 0u;
+
+// The gate's activation of the fused gate/up (MODE 2: relu(g)^2, MODE 3: silu(g) = g sigmoid(g)); CPU
+// twins cpu::relu2_mul and cpu::silu_mul compute the same products.
+fn gate_act(g: f32) -> f32 {
+    if MODE == 3u {
+        return g * sigmoid(g);
+    }
+    let r = max(g, 0.0);
+    return r * r;
+}
 // Lanes per row: 8, 16 or 32 (the workgroup is 8 ML threads).
 override ML: u32 = 32u;
 const TT: u32 = 16u;
@@ -78,8 +88,7 @@ fn mt_out(row: u32, t: u32, g: i32, u: i32) {
         y[dst] += a;
     } else {
         let b = f32(u - qsum[t]) * scale[p.rows + row] / s[t];
-        let r = max(a, 0.0);
-        y[dst] = r * r * b;
+        y[dst] = gate_act(a) * b;
     }
 }
 
@@ -96,7 +105,7 @@ fn dot4t(c: vec4<u32>, cu: vec4<u32>, t: u32, i: u32, g: ptr<function, vec4<i32>
     let x2 = qx(t + 2u, i);
     let x3 = qx(t + 3u, i);
     *g += vec4<i32>(ternary_dot(c, x0), ternary_dot(c, x1), ternary_dot(c, x2), ternary_dot(c, x3));
-    if MODE == 2u {
+    if MODE >= 2u {
         *u += vec4<i32>(ternary_dot(cu, x0), ternary_dot(cu, x1), ternary_dot(cu, x2), ternary_dot(cu, x3));
     }
 }
@@ -134,7 +143,7 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         for (var i = lane; i < p.words; i += ML) {
             let c = (vec4<u32>(w[row * p.words + i]) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
             var cu = vec4<u32>(0u);
-            if MODE == 2u {
+            if MODE >= 2u {
                 cu = (vec4<u32>(w[(p.rows + row) * p.words + i]) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(0x03030303u);
             }
             dot4t(c, cu, t0, i, &g0, &u0);
@@ -157,7 +166,7 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     let s0 = red_sum(lid);
     workgroupBarrier();
     var v0 = 0;
-    if MODE == 2u {
+    if MODE >= 2u {
         red_put(slot, u0, u1);
         workgroupBarrier();
         v0 = red_sum(lid);
@@ -171,7 +180,7 @@ fn matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         workgroupBarrier();
         let s1 = red_sum(lid);
         var v1 = 0;
-        if MODE == 2u {
+        if MODE >= 2u {
             workgroupBarrier();
             red_put(slot, u2, u3);
             workgroupBarrier();
@@ -268,13 +277,13 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
                 var wu = vec4<u32>(0u);
                 if n == 4u {
                     wv = vec4<u32>(w[base + i0], w[base + i0 + 1u], w[base + i0 + 2u], w[base + i0 + 3u]);
-                    if MODE == 2u {
+                    if MODE >= 2u {
                         wu = vec4<u32>(w[baseu + i0], w[baseu + i0 + 1u], w[baseu + i0 + 2u], w[baseu + i0 + 3u]);
                     }
                 } else {
                     for (var k = 0u; k < n; k++) {
                         wv[k] = w[base + i0 + k];
-                        if MODE == 2u {
+                        if MODE >= 2u {
                             wu[k] = w[baseu + i0 + k];
                         }
                     }
@@ -285,7 +294,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
                         let xq = xq_s[4u * i + sh];
                         qsl += dot4I8Packed(0x01010101u, xq);
                         a += dot4I8Packed((wv[k] >> (2u * sh)) & 0x03030303u, xq);
-                        if MODE == 2u {
+                        if MODE >= 2u {
                             au += dot4I8Packed((wu[k] >> (2u * sh)) & 0x03030303u, xq);
                         }
                     }
@@ -304,8 +313,7 @@ fn rmsnorm_matmul_ternary(@builtin(workgroup_id) wg: vec3<u32>, ln: Lane) {
                 y[dst] += g;
             } else {
                 let u = f32(sums.y - qs) * scale[p.rows + row] / sx;
-                let rr = max(g, 0.0);
-                y[dst] = rr * rr * u;
+                y[dst] = gate_act(g) * u;
             }
         }
     }
@@ -355,8 +363,7 @@ fn mt_store4(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
                 y[dst] += a;
             } else {
                 let b = f32(u[j] - qsum[t]) * scale[p.rows + r] / s[t];
-                let rr = max(a, 0.0);
-                y[dst] = rr * rr * b;
+                y[dst] = gate_act(a) * b;
             }
         }
     }
@@ -365,7 +372,7 @@ fn mt_store4(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
 // A thread's outputs for token t: rows row.. (sums g) and row + 64.. (sums u); in MODE 2, g and u are the
 // gate and up sums of rows row..row+3.
 fn mt_store8(t: u32, row: u32, g: vec4<i32>, u: vec4<i32>) {
-    if MODE == 2u {
+    if MODE >= 2u {
         mt_store4(t, row, g, u);
     } else {
         mt_store4(t, row, g, g);
@@ -380,7 +387,7 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
     let ty = lid / 16u;
     // MODE 2 covers 64 outputs (gate rows in local rows 0..64, up rows in 64..128).
     var r0 = wg.x * 128u;
-    if MODE == 2u {
+    if MODE >= 2u {
         r0 = wg.x * 64u;
     }
     let t0 = wg.y * TM;
@@ -410,7 +417,7 @@ fn matmul_ternary_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_inv
             let kw = e % 4u;
             var wr = r0 + lr;
             var ok = wr < p.rows;
-            if MODE == 2u {
+            if MODE >= 2u {
                 wr = r0 + lr % 64u;
                 ok = wr < p.rows;
                 if lr >= 64u {

@@ -20,12 +20,23 @@ pub enum WeightForm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
-    /// `relu(x)^2`: BitNet b1.58 2B-4T (HF `hidden_act: "relu2"`), the only one the kernels implement.
+    /// `relu(x)^2`: BitNet b1.58 2B-4T (HF `hidden_act: "relu2"`).
     Relu2,
-    /// `silu(x)`: the 1bitLLM family (`bitnet_b1_58-*`), which QVAC's published TQ1_0/TQ2_0 files come from.
-    /// Recorded so that the rule that picks it is in one place; models that need it are refused at load
-    /// until the engine implements it (see [`ModelConfig::check_supported`]).
+    /// `silu(x) = x sigmoid(x)`: the 1bitLLM family (`bitnet_b1_58-*`), which QVAC's published TQ1_0/TQ2_0
+    /// files come from (HF `hidden_act: "silu"`).
     Silu,
+}
+
+impl std::str::FromStr for Activation {
+    type Err = String;
+    /// `relu2` or `silu` (the names of `--activation` and of HF's `hidden_act`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "relu2" => Ok(Activation::Relu2),
+            "silu" => Ok(Activation::Silu),
+            other => Err(format!("activation {other:?} is not one bitnode knows (relu2 or silu)")),
+        }
+    }
 }
 
 impl Activation {
@@ -141,11 +152,12 @@ impl ModelConfig {
         }
         let raw: RawConfig = serde_json::from_value(v).map_err(|e| cerr(e.to_string()))?;
         let _ = &raw.model_type;
-        if let Some(act) = &raw.hidden_act {
-            if act != "relu2" {
-                return Err(cerr(format!("hidden_act {act:?} is not supported (BitNet uses relu2)")));
-            }
-        }
+        let activation = match &raw.hidden_act {
+            Some(act) => act
+                .parse::<Activation>()
+                .map_err(|_| cerr(format!("hidden_act {act:?} is not supported (relu2 or silu)")))?,
+            None => Activation::Relu2,
+        };
         if let Some(rs) = &raw.rope_scaling {
             if !rs.is_null() {
                 return Err(cerr("rope_scaling is not supported for bitnet models".into()));
@@ -206,7 +218,7 @@ impl ModelConfig {
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: ids(&raw.eos_token_id),
             form,
-            activation: Activation::Relu2,
+            activation,
         }
         .checked()
         .map_err(cerr)
@@ -247,18 +259,6 @@ impl ModelConfig {
             ));
         }
         Ok(self)
-    }
-
-    /// Refuses what the config can describe but the engine cannot run yet: the gated SiLU FFN.
-    pub fn check_supported(&self) -> std::result::Result<(), String> {
-        match self.activation {
-            Activation::Relu2 => Ok(()),
-            Activation::Silu => Err(
-                "gated SiLU models are not supported yet: the FFN activation is silu (the 1bitLLM family); \
-                 bitnode's kernels implement relu2 (the BitNet b1.58 2B-4T family) only"
-                    .into(),
-            ),
-        }
     }
 }
 

@@ -20,6 +20,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct FinetuneConfig {
     pub model: PathBuf,
+    /// Overrides the FFN activation the model's files imply (`--activation`).
+    pub activation: Option<crate::config::Activation>,
     pub data: PathBuf,
     pub out: PathBuf,
     pub init_adapter: Option<PathBuf>,
@@ -264,7 +266,11 @@ pub fn finetune_with(
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         return Err(EngineError::Invalid("--lr must be a positive number".into()));
     }
-    let model = std::sync::Arc::new(Model::load(&cfg.model)?);
+    let mut model = Model::load(&cfg.model)?;
+    if let Some(a) = cfg.activation {
+        model.config.activation = a;
+    }
+    let model = std::sync::Arc::new(model);
     let context = model.config.max_position_embeddings;
     if cfg.seq_len > context {
         return Err(EngineError::Invalid(format!(

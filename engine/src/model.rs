@@ -274,10 +274,6 @@ impl Model {
             )));
         };
         let config = ModelConfig::from_gguf(&g.gguf, path)?;
-        config.check_supported().map_err(|msg| EngineError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
         let c = &config;
         let (cdim, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let qd = c.num_heads * c.head_dim;
@@ -655,10 +651,6 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
     if is_gguf(path) {
         let g = crate::loader::GgufWeights::open(path)?;
         let c = ModelConfig::from_gguf(&g.gguf, path)?;
-        c.check_supported().map_err(|msg| EngineError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
         return Ok(c);
     }
     ModelConfig::load(&path.join("config.json"))

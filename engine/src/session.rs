@@ -47,6 +47,10 @@ pub struct EngineOptions {
     pub embed_dtype: EmbedDtype,
     /// A LoRA adapter directory (PEFT format) applied at runtime.
     pub lora: Option<std::path::PathBuf>,
+    /// Overrides the FFN activation the model's files imply (`--activation`): for a GGUF file whose
+    /// `{arch}.hidden_activation` key is missing and whose vocabulary misleads the rule (see
+    /// [`crate::config::gguf_activation`]).
+    pub activation: Option<crate::config::Activation>,
 }
 
 impl Default for EngineOptions {
@@ -56,6 +60,7 @@ impl Default for EngineOptions {
             max_binding: None,
             embed_dtype: EmbedDtype::Auto,
             lora: None,
+            activation: None,
         }
     }
 }
@@ -137,13 +142,17 @@ impl Engine {
                 Tokenizer::load(dir).map(|tok| (tok, t.elapsed().as_secs_f64()))
             });
             let loaded = (|| {
-                let model = Arc::new(match config {
+                let mut model = match config {
                     Some(config) => {
                         let files = Arc::new(crate::loader::WeightFiles::open(dir)?);
                         Model::from_parts(dir, config, files)?
                     }
                     None => Model::load(dir)?,
-                });
+                };
+                if let Some(a) = opts.activation {
+                    model.config.activation = a;
+                }
+                let model = Arc::new(model);
                 load.open_seconds = t0.elapsed().as_secs_f64();
                 let backend = make_backend_reporting(model.clone(), opts, &mut load)?;
                 Ok((model, backend))

@@ -320,7 +320,7 @@ impl<'m> CpuTrainer<'m> {
                 t,
             );
             let mut mm = vec![0f32; t * f];
-            cpu::relu2_mul(&mut mm, &g, &u);
+            cpu::gated_mul(cfg.activation, &mut mm, &g, &u);
             let m2 = norm(&mm, &layer.ffn_sub_norm, eps, t, f);
             let mut d = vec![0f32; t * c];
             project(
@@ -380,7 +380,7 @@ impl<'m> CpuTrainer<'m> {
         for (li, layer) in layers.iter().enumerate().rev() {
             let cache = &caches[li];
             let gl = &mut grad.layers[li];
-            // MLP: y = h + down(ffn_sub_norm(relu2(gate(n2)) * up(n2)))
+            // MLP: y = h + down(ffn_sub_norm(act(gate(n2)) * up(n2)))
             let mut dm2 = vec![0f32; t * f];
             project_backward(
                 &mut dm2,
@@ -399,7 +399,7 @@ impl<'m> CpuTrainer<'m> {
             let mut dm = vec![0f32; t * f];
             cpu::rmsnorm_backward(&mut dm, &dm2, &cache.m, &layer.ffn_sub_norm, eps, t, f);
             let (mut dg, mut du) = (vec![0f32; t * f], vec![0f32; t * f]);
-            cpu::relu2_mul_backward(&mut dg, &mut du, &dm, &cache.g, &cache.u);
+            cpu::gated_mul_backward(cfg.activation, &mut dg, &mut du, &dm, &cache.g, &cache.u);
             let mut dn2 = vec![0f32; t * c];
             project_backward(
                 &mut dn2,

@@ -514,7 +514,15 @@ fn finetune(
         .out
         .clone()
         .ok_or_else(|| anyhow!("a fine-tune job needs an output directory (no out path was given)"))?;
+    let activation = match r.activation.as_deref() {
+        Some(a) => Some(
+            a.parse::<bitnode_engine::config::Activation>()
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let cfg = FinetuneConfig {
+        activation,
         model: paths.model.clone(),
         data,
         out,
@@ -932,6 +940,7 @@ pub(crate) mod tests {
             val_split: 0.0,
             save_every: Some(2),
             max_memory: None,
+            activation: None,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct FinetuneRequest {
     /// Checkpoint (and stream it back to the submitter) every N steps, so another device can resume.
     pub save_every: Option<usize>,
     pub max_memory: Option<u64>,
+    /// `--activation`: the FFN activation, overriding what the model's files imply ("relu2" or "silu").
+    #[serde(default)]
+    pub activation: Option<String>,
 }
 
 /// Every kind of job a device can run for another.

@@ -55,6 +55,7 @@ pub const NLL: &str = concat!(include_str!("../common.wgsl"), include_str!("../n
 pub const SAMPLE: &str = concat!(include_str!("../common.wgsl"), include_str!("../sample.wgsl"));
 // Training (Engine II): backward passes, the LoRA branch and the optimizer.
 pub const RELU2_MUL: &str = concat!(include_str!("../common.wgsl"), include_str!("../relu2_mul.wgsl"));
+pub const SILU_MUL: &str = concat!(include_str!("../common.wgsl"), include_str!("../silu_mul.wgsl"));
 pub const MATMUL_TERNARY_BACKWARD: &str = concat!(
     include_str!("../common.wgsl"),
     include_str!("../gemm_tile.wgsl"),
@@ -85,6 +86,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("nll", NLL),
     ("sample", SAMPLE),
     ("relu2_mul", RELU2_MUL),
+    ("silu_mul", SILU_MUL),
     ("matmul_ternary_backward", MATMUL_TERNARY_BACKWARD),
     ("lm_head_backward", LM_HEAD_BACKWARD),
     ("rope_backward", ROPE_BACKWARD),

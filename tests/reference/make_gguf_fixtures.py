@@ -32,6 +32,10 @@ change), the same weights in four forms:
                            keys llama.cpp's converter writes;
   i2_s.gguf                arch "bitnet-b1.58", general.file_type 40, projections I2_S, embedding Q8_0, no
                            tokenizer.ggml.pre (as in microsoft's file).
+  twin_silu/, tq2_0_silu.gguf
+                           the same weights as a gated SiLU model (hidden_act silu; bitnet.hidden_activation
+                           silu, Q4_K embedding).
+tests/reference/make_gguf_expected.py then adds what transformers computes for each twin (expected.json).
 Hidden and FFN width 256, 4 heads of 64, 1 KV head, one layer, the 400-token vocabulary: the embedding values
 are (8q - 60)/256 for 4-bit q, which Q4_K, Q8_0 and F16 all hold exactly, and each projection is ternary
 times one fp16-exact scale, so every form decodes to the same numbers bit for bit. Each file < 300 KB.
@@ -283,15 +287,15 @@ def embd_q8_0(q):
     return b.reshape(rows, -1)
 
 
-def write_twin(tok, vocab, layers, embd, final):
+def write_twin(tok, vocab, layers, embd, final, name="twin", act="relu2"):
     from safetensors.numpy import save_file
 
-    d = MODEL_OUT / "twin"
+    d = MODEL_OUT / name
     d.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((TOK_SRC / "config.json").read_text())
     cfg.update(
         hidden_size=C, intermediate_size=F, num_attention_heads=NH, num_key_value_heads=NKV, head_dim=HD,
-        num_hidden_layers=L, max_position_embeddings=CTX, vocab_size=vocab, rope_theta=10000.0,
+        num_hidden_layers=L, max_position_embeddings=CTX, vocab_size=vocab, rope_theta=10000.0, hidden_act=act,
     )
     (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for f in ["tokenizer.json", "tokenizer_config.json"]:
@@ -406,6 +410,14 @@ def model_fixtures():
         ],
     )
     gguf_model("i2_s.gguf", "bitnet-b1.58", "I2_S", "Q8_0", q, tok, vocab, layers, final, None, [])
+    # The same weights as a gated SiLU model (the 1bitLLM family's FFN, what QVAC's published files hold):
+    # its twin says `hidden_act: silu`, its GGUF form `bitnet.hidden_activation = silu` (the vocabulary is
+    # gpt2, which alone would pick ReLU²).
+    write_twin(tok, vocab, layers, embd, final, name="twin_silu", act="silu")
+    gguf_model(
+        "tq2_0_silu.gguf", "bitnet", "TQ2_0", "Q4_K", q, tok, vocab, layers, final, "llama-bpe",
+        [lambda w: w.add_string("bitnet.hidden_activation", "silu")],
+    )
     # The k-quant and Q8_0 embeddings dequantize (by the gguf package) to exactly the twin's values.
     assert np.array_equal(gguf.quants.dequantize(embd_q4_k(q), Q.Q4_K), embd)
     assert np.array_equal(gguf.quants.dequantize(embd_q8_0(q), Q.Q8_0), embd)

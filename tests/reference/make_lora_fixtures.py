@@ -2,6 +2,7 @@
 """Regenerate the LoRA training fixture tests/fixtures/lora/ (run after make_fixtures.py).
 
     python tests/reference/make_lora_fixtures.py
+    python tests/reference/make_lora_fixtures.py --silu     (after make_gguf_fixtures.py: lora_silu/)
 
 It trains PEFT + torch AdamW on the tiny `online_tied` BitNet (transformers' real BitNetForCausalLM, float32,
 CPU, single-threaded, eager attention), from a saved initial adapter, on fixed batches without shuffling,
@@ -45,18 +46,27 @@ from transformers import BitNetForCausalLM  # noqa: E402
 
 from make_fixtures import CORPUS  # noqa: E402
 
+import sys  # noqa: E402
+
+# `--silu`: the same run, shorter, on `online_tied_silu`, into tests/fixtures/lora_silu/: PEFT's gradients and
+# AdamW steps for the gated SiLU FFN (the 1bitLLM family). online_tied_silu is online_tied's weights (a
+# symlink to its safetensors) under `hidden_act: silu`. Not the GGUF fixtures' twin_silu: its embedding
+# values are multiples of 1/32, so some int8 activations sit exactly on a rounding tie, and PEFT's own
+# gradients then move by 1e-3 between float32 and float64; online_tied's seed was picked to avoid ties.
+SILU = sys.argv[1:] == ["--silu"]
+
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
 HERE = Path(__file__).resolve().parent
-BASE = HERE.parent / "fixtures" / "online_tied"
-OUT = HERE.parent / "fixtures" / "lora"
+BASE = HERE.parent / "fixtures" / ("online_tied_silu" if SILU else "online_tied")
+OUT = HERE.parent / "fixtures" / ("lora_silu" if SILU else "lora")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 8.0
-SEQ, BATCH, ACCUM, STEPS = 16, 2, 2, 6
+SEQ, BATCH, ACCUM, STEPS = 16, 2, 2, (3 if SILU else 6)
 LR, WD, BETAS, EPS = 5e-3, 0.01, (0.9, 0.999), 1e-8
 WARMUP, MAX_NORM = 2, 1.0
 MASK_PROMPT = 4  # odd micro-batches mask their first 4 labels, as a prompt/completion record would
@@ -72,6 +82,19 @@ def lr_lambda(k: int) -> float:
 def load_base():
     model = BitNetForCausalLM.from_pretrained(str(BASE), dtype=torch.float32, attn_implementation="eager")
     return model
+
+
+def write_silu_base():
+    src = HERE.parent / "fixtures" / "online_tied"
+    if BASE.exists():
+        shutil.rmtree(BASE)
+    BASE.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["hidden_act"] = "silu"
+    (BASE / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        (BASE / f).write_bytes((src / f).read_bytes())
+    (BASE / "model.safetensors").symlink_to("../online_tied/model.safetensors")
 
 
 def check_bitnode_adapter():
@@ -90,6 +113,11 @@ def check_bitnode_adapter():
 
 
 def main():
+    if SILU:
+        write_silu_base()
+        base_name = "online_tied_silu"
+    else:
+        base_name = "online_tied"
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
@@ -158,10 +186,10 @@ def main():
         nll = pm2(input_ids=torch.tensor([held_out]), labels=torch.tensor([held_out])).loss.item()
     for d in ("init_adapter", "final_adapter"):
         c = json.loads((OUT / d / "adapter_config.json").read_text())
-        c["base_model_name_or_path"] = "online_tied"  # no machine paths in fixtures
+        c["base_model_name_or_path"] = base_name  # no machine paths in fixtures
         (OUT / d / "adapter_config.json").write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     expected = {
-        "base": "online_tied",
+        "base": base_name,
         "rank": RANK,
         "alpha": ALPHA,
         "targets": TARGETS,
@@ -190,8 +218,6 @@ def main():
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:] == ["--check-bitnode-adapter"]:
         check_bitnode_adapter()
     else:

@@ -109,6 +109,29 @@ fn relu2_mul_backward_matches_finite_differences() {
 }
 
 #[test]
+fn silu_mul_backward_matches_finite_differences() {
+    let mut rng = Rng::new(15);
+    let n = 64;
+    // Wide gate values: the tails, where sigmoid saturates, are where a careless formula overflows.
+    let g: Vec<f32> = randn(&mut rng, n, 3.0);
+    let u = randn(&mut rng, n, 1.0);
+    let dy = randn(&mut rng, n, 1.0);
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    cpu::silu_mul_backward(&mut dg, &mut du, &dy, &g, &u);
+    let f = |g: &[f32], u: &[f32]| {
+        let mut o = vec![0f32; n];
+        cpu::silu_mul(&mut o, g, u);
+        dot(&o, &dy)
+    };
+    check("silu dg", &dg, &numeric(&g, 1e-3, |gs| f(gs, &u)), 1e-3);
+    check("silu du", &du, &numeric(&u, 1e-3, |us| f(&g, us)), 1e-3);
+    // Far out in the tails the product is finite and the sigmoid exact at its limits.
+    let (mut o, big) = (vec![0f32; 2], [-200.0f32, 200.0]);
+    cpu::silu_mul(&mut o, &big, &[1.0, 1.0]);
+    assert_eq!(o, vec![0.0, 200.0]);
+}
+
+#[test]
 fn attention_backward_matches_finite_differences() {
     let mut rng = Rng::new(14);
     let (t, nh, nkv, hd) = (5, 4, 2, 8);

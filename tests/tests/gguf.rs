@@ -23,6 +23,7 @@ fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
         max_binding: None,
         embed_dtype: embed,
         lora: None,
+        activation: None,
     }
 }
 
@@ -116,6 +117,75 @@ fn gguf_forms_match_their_twin_on_the_gpu() {
             assert_eq!(g.2, w.2);
             assert!(((g.3 - w.3) / g.2 as f64).abs() < 1e-4, "{form} {embed:?}: nll");
             assert_eq!(g.4, w.4, "{form} {embed:?}: greedy tokens");
+        }
+    }
+}
+
+/// Each GGUF form against transformers itself (`tests/reference/make_gguf_expected.py`, run on the form's
+/// offline twin: packed ternary times the stored fp16 scale, the embedding as stored): the prompt's logits,
+/// the windowed NLL within the parity tests' tolerance, and the greedy tokens; ReLU² forms against `twin`,
+/// the gated SiLU form against `twin_silu`. On the CPU reference and on the GPU.
+#[test]
+fn gguf_forms_match_transformers_on_their_twin() {
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = [
+        ("twin", &FORMS[..], Activation::Relu2),
+        ("twin_silu", &["tq2_0_silu.gguf"][..], Activation::Silu),
+    ];
+    for (twin, forms, act) in cases {
+        let exp: Value =
+            serde_json::from_str(&std::fs::read_to_string(model_dir().join(twin).join("expected.json")).unwrap())
+                .unwrap();
+        let (prompt, score_ids) = (ids(&exp["prompt_ids"]), ids(&exp["score_ids"]));
+        // Logits at every prompt position, [T, V].
+        let want_logits: Vec<f32> = exp["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .collect();
+        let want_nll = exp["score_nll"].as_f64().unwrap();
+        for form in forms {
+            for dev in ["cpu", "gpu"] {
+                let mut e = Engine::load(&model_dir().join(form), &opts(dev, EmbedDtype::F32)).unwrap();
+                assert_eq!(e.model.config.activation, act, "{form}");
+                assert_eq!(
+                    e.tokenizer.encode("The quick brown fox").unwrap(),
+                    prompt,
+                    "{form}: prompt ids"
+                );
+                assert_eq!(e.tokenizer.encode(&text()).unwrap(), score_ids, "{form}: text ids");
+                let logits = e.logits(&prompt).unwrap();
+                assert_eq!(logits.len(), want_logits.len(), "{form}: logits shape");
+                let scale = want_logits.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1.0);
+                let worst = logits
+                    .iter()
+                    .zip(&want_logits)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-4 * scale,
+                    "{form} on {dev}: logits differ from transformers by {worst}"
+                );
+                let (n, total) = e.score_ids(&score_ids).unwrap();
+                assert_eq!(n as u64, exp["score_tokens"].as_u64().unwrap(), "{form}");
+                let nll = total / n as f64;
+                assert!(
+                    (nll - want_nll).abs() < 2e-3,
+                    "{form} on {dev}: nll {nll} vs transformers {want_nll}"
+                );
+                let g = e
+                    .generate_ids(&prompt, 12, &SampleParams::default(), 0, false, &mut |_| true)
+                    .unwrap();
+                assert_eq!(g.tokens, ids(&exp["greedy_ids"]), "{form} on {dev}: greedy tokens");
+                eprintln!("{form} on {dev}: nll {nll:.6} vs transformers {want_nll:.6}, max logit error {worst:.2e}");
+            }
         }
     }
 }
@@ -217,10 +287,11 @@ fn broken_gguf_files_are_refused_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The activation rule: `bitnet.hidden_activation` wins; a gated SiLU model is refused with the reason
-/// until the engine implements SiLU.
+/// The activation rule: `bitnet.hidden_activation` wins, and the engine runs what it names: the same
+/// weights under SiLU load as a SiLU model and score differently from their ReLU² form; the engine's
+/// `activation` option (`--activation`) overrides the file.
 #[test]
-fn silu_models_are_refused_for_now() {
+fn hidden_activation_picks_the_ffn() {
     let src = std::fs::read(model_dir().join("tq1_0.gguf")).unwrap();
     // tq1_0 says `bitnet.hidden_activation = "relu2"`; "swish" has the same length and means SiLU.
     let at = src.windows(5).position(|w| w == b"relu2").unwrap();
@@ -229,11 +300,30 @@ fn silu_models_are_refused_for_now() {
     let dir = tempdir("gguf-silu");
     let p = dir.join("silu.gguf");
     std::fs::write(&p, &silu).unwrap();
-    let msg = match Model::load(&p) {
-        Err(e) => e.to_string(),
-        Ok(_) => panic!("a SiLU model loaded"),
+    let m = Model::load(&p).unwrap();
+    assert_eq!(m.config.activation, Activation::Silu);
+    assert_eq!(
+        bitnode_engine::model::load_config(&p).unwrap().activation,
+        Activation::Silu
+    );
+    let score = |path: &std::path::Path, activation: Option<Activation>| {
+        let o = EngineOptions {
+            activation,
+            ..opts("cpu", EmbedDtype::F32)
+        };
+        let mut e = Engine::load(path, &o).unwrap();
+        let ids = e.tokenizer.encode(&text()).unwrap();
+        let (n, total) = e.score_ids(&ids).unwrap();
+        total / n as f64
     };
-    assert!(msg.contains("gated SiLU models are not supported yet"), "{msg}");
-    assert!(bitnode_engine::model::load_config(&p).is_err());
+    let relu_file = model_dir().join("tq1_0.gguf");
+    let (relu, silu) = (score(&relu_file, None), score(&p, None));
+    assert!(
+        relu.is_finite() && silu.is_finite() && (relu - silu).abs() > 1e-3,
+        "{relu} {silu}"
+    );
+    // `--activation` overrides the file either way.
+    assert_eq!(score(&relu_file, Some(Activation::Silu)), silu);
+    assert_eq!(score(&p, Some(Activation::Relu2)), relu);
     let _ = std::fs::remove_dir_all(&dir);
 }

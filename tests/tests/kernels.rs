@@ -39,14 +39,19 @@ fn pack_q(q: &[i8]) -> Vec<u32> {
         .collect()
 }
 
-/// What matmul_ternary's `mode` makes of the projections y1 (and y2, the up rows in mode 2) on top of `y`.
+/// What matmul_ternary's `mode` makes of the projections y1 (and y2, the up rows in modes 2 and 3) on top
+/// of `y`.
 fn mode_want(mode: u32, y: &[f32], y1: &[f32], y2: &[f32]) -> Vec<f32> {
+    let mut h = vec![0f32; y1.len()];
     match mode {
         0 => y1.to_vec(),
         1 => y.iter().zip(y1).map(|(a, b)| a + b).collect(),
-        _ => {
-            let mut h = vec![0f32; y1.len()];
+        2 => {
             cpu::relu2_mul(&mut h, y1, y2);
+            h
+        }
+        _ => {
+            cpu::silu_mul(&mut h, y1, y2);
             h
         }
     }
@@ -224,28 +229,33 @@ fn matmul_ternary_matches_cpu_in_every_mode_and_tiling() {
             let gr = f32s(&g.download(&rb, (4 * t * o) as u64).unwrap());
             let (d, at) = max_rel_diff(&gr, &mode_want(1, &base, &y1, &y2));
             assert!(d < 1e-6, "accumulate: diff {d} at {at}");
-            // mode 2: fused gate/up with relu^2
-            let gu = k::ternary_tiles(&g, &[&w, &w2], true).unwrap();
-            let hb = g.storage("h", (4 * t * o) as u64).unwrap();
-            let ops: Vec<_> = gu
-                .iter()
-                .map(|tl| k::matmul_ternary(&g, tl, 2, 0, o, &qb, &sb, &sumb, &hb, &step))
-                .collect();
-            k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
-            let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
-            let (d, at) = max_rel_diff(&gh, &mode_want(2, &[], &y1, &y2));
-            assert!(d < 1e-5, "gate_up: diff {d} at {at}");
-            // The tiled kernel's fused gate/up (prompt chunks) gives matmul_ternary's result.
-            for tm in [64, 128] {
-                let ht = g.storage("ht", (4 * t * o) as u64).unwrap();
+            // modes 2 and 3: fused gate/up with relu^2 and with silu
+            for gm in [2u32, 3] {
+                let gu = k::ternary_tiles(&g, &[&w, &w2], true).unwrap();
+                let hb = g.storage("h", (4 * t * o) as u64).unwrap();
                 let ops: Vec<_> = gu
                     .iter()
-                    .map(|tl| k::matmul_ternary_tiled(&g, tl, 2, 0, o, &qb, &sb, &sumb, &ht, &step, tm))
+                    .map(|tl| k::matmul_ternary(&g, tl, gm, 0, o, &qb, &sb, &sumb, &hb, &step))
                     .collect();
                 k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
-                let gt = f32s(&g.download(&ht, (4 * t * o) as u64).unwrap());
-                let (d, at) = max_rel_diff(&gt, &gh);
-                assert!(d < 1e-6, "tiled gate_up (tm {tm}) {t}x{o}x{i}: diff {d} at {at}");
+                let gh = f32s(&g.download(&hb, (4 * t * o) as u64).unwrap());
+                let (d, at) = max_rel_diff(&gh, &mode_want(gm, &[], &y1, &y2));
+                assert!(d < 1e-5, "gate_up mode {gm}: diff {d} at {at}");
+                // The tiled kernel's fused gate/up (prompt chunks) gives matmul_ternary's result.
+                for tm in [64, 128] {
+                    let ht = g.storage("ht", (4 * t * o) as u64).unwrap();
+                    let ops: Vec<_> = gu
+                        .iter()
+                        .map(|tl| k::matmul_ternary_tiled(&g, tl, gm, 0, o, &qb, &sb, &sumb, &ht, &step, tm))
+                        .collect();
+                    k::run(&g, &ops.iter().collect::<Vec<_>>(), t as u32, 0);
+                    let gt = f32s(&g.download(&ht, (4 * t * o) as u64).unwrap());
+                    let (d, at) = max_rel_diff(&gt, &gh);
+                    assert!(
+                        d < 1e-6,
+                        "tiled gate_up mode {gm} (tm {tm}) {t}x{o}x{i}: diff {d} at {at}"
+                    );
+                }
             }
         }
     }
@@ -540,8 +550,8 @@ fn rmsnorm_matmul_ternary_matches_cpu_composition() {
             let (mut y1, mut y2) = (vec![0f32; t * o], vec![0f32; t * o]);
             cpu::matmul_ternary(&mut y1, &q, &s, &w, t);
             cpu::matmul_ternary(&mut y2, &q, &s, &w2, t);
-            for mode in 0..3u32 {
-                let tiles = if mode == 2 {
+            for mode in 0..4u32 {
+                let tiles = if mode >= 2 {
                     k::ternary_tiles(&g, &[&w, &w2], true).unwrap()
                 } else {
                     k::ternary_tiles(&g, &[&w], false).unwrap()
@@ -598,8 +608,8 @@ fn rmsnorm_matmul_ternary_equals_rmsnorm_quant_then_matmul_ternary() {
                 g.storage("qs", 4 * t as u64).unwrap(),
             );
             let quant = k::rmsnorm_quant(&g, i, 1e-5, &nb, &xb, &qb, &sb, &sumb, &step);
-            for mode in 0..3u32 {
-                let tiles = if mode == 2 {
+            for mode in 0..4u32 {
+                let tiles = if mode >= 2 {
                     k::ternary_tiles(&g, &[&w, &w2], true).unwrap()
                 } else {
                     k::ternary_tiles(&g, &[&w], false).unwrap()
@@ -718,7 +728,7 @@ fn fetch(g: &bitnode_engine::gpu::Gpu, b: &wgpu::Buffer, n: usize) -> Vec<f32> {
 }
 
 #[test]
-fn rmsnorm_and_relu2_backward_match_cpu() {
+fn rmsnorm_and_gated_activations_match_cpu() {
     let g = gpu(None);
     let mut rng = Rng::new(21);
     for &(t, c) in &[(1usize, 64usize), (5, 352), (3, 2560)] {
@@ -777,6 +787,30 @@ fn rmsnorm_and_relu2_backward_match_cpu() {
         k::run(&g, &[&op], t as u32, 0);
         assert!(max_rel_diff(&fetch(&g, &outb, t * c), &wout).0 < 1e-6, "relu2_mul");
         assert!(max_rel_diff(&fetch(&g, &dub, t * c), &wu).0 < 1e-6);
+
+        // The SiLU twin: its exp may round differently on the device, hence the looser bound.
+        let (mut wg, mut wu) = (vec![0f32; t * c], vec![0f32; t * c]);
+        cpu::silu_mul_backward(&mut wg, &mut wu, &dy, &gg, &u);
+        let op = k::silu_mul_backward(
+            &g,
+            c,
+            &upload(&g, &dy),
+            &upload(&g, &gg),
+            &upload(&g, &u),
+            &dgb,
+            &dub,
+            &step,
+        );
+        k::run(&g, &[&op], t as u32, 0);
+        let (d, at) = max_rel_diff(&fetch(&g, &dgb, t * c), &wg);
+        assert!(d < 1e-5, "silu_mul_backward dg {t}x{c}: {d} at {at}");
+        let (d, at) = max_rel_diff(&fetch(&g, &dub, t * c), &wu);
+        assert!(d < 1e-5, "silu_mul_backward du {t}x{c}: {d} at {at}");
+        cpu::silu_mul(&mut wout, &gg, &u);
+        let op = k::silu_mul(&g, c, &upload(&g, &gg), &upload(&g, &u), &outb, &step);
+        k::run(&g, &[&op], t as u32, 0);
+        let (d, at) = max_rel_diff(&fetch(&g, &outb, t * c), &wout);
+        assert!(d < 1e-5, "silu_mul {t}x{c}: {d} at {at}");
     }
 }
 
@@ -1397,6 +1431,7 @@ fn params_match_wgsl() {
         ("sample", "Params", size_of::<k::SamplerParams>()),
         ("sample", "RowParams", size_of::<k::RowParams>()),
         ("relu2_mul", "Params", size_of::<k::Relu2MulParams>()),
+        ("silu_mul", "Params", size_of::<k::Relu2MulParams>()),
         (
             "matmul_ternary_backward",
             "Params",

@@ -67,7 +67,20 @@ fn worst(a: &Adapter, b: &[Vec<Option<LoraPair>>]) -> (f64, String) {
 
 #[test]
 fn cpu_lora_training_matches_peft_and_torch_adamw() {
-    let dir = fixtures().join("lora");
+    train_matches_peft("lora");
+}
+
+/// The same check on the gated SiLU FFN (the 1bitLLM family): PEFT's run on `online_tied_silu`
+/// (online_tied's weights under `hidden_act: silu`).
+#[test]
+fn cpu_lora_training_of_a_silu_model_matches_peft() {
+    train_matches_peft("lora_silu");
+}
+
+/// Trains from the fixture's initial adapter on its micro-batches and compares every step with PEFT + torch
+/// AdamW: the first step's gradients, each step's loss, learning rate and gradient norm, the final adapter.
+fn train_matches_peft(fixture: &str) {
+    let dir = fixtures().join(fixture);
     let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let model = Model::load(&fixtures().join(e["base"].as_str().unwrap())).unwrap();
     let mut adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
@@ -105,7 +118,7 @@ fn cpu_lora_training_matches_peft_and_torch_adamw() {
         if step == 0 {
             let (err, at) = worst(&grad, &grads1);
             assert!(err < 1e-3, "first-step gradient differs from PEFT by {err:.2e} at {at}");
-            eprintln!("first-step gradients: worst relative error {err:.2e} ({at})");
+            eprintln!("{fixture}: first-step gradients: worst relative error {err:.2e} ({at})");
         }
         let want_loss = e["losses"][step].as_f64().unwrap();
         worst_loss = worst_loss.max((loss - want_loss).abs());
@@ -295,11 +308,17 @@ fn lora_dropout_gradients_are_exact_and_reproducible() {
 /// test above ties to PEFT: the loss and every LoRA gradient of a sequence with masked prompt labels.
 #[test]
 fn gpu_trainer_gradients_match_the_cpu_trainer() {
+    gpu_grads_match_cpu("lora");
+    // The gated SiLU FFN: silu_mul and silu_mul_backward in the GPU trainer.
+    gpu_grads_match_cpu("lora_silu");
+}
+
+fn gpu_grads_match_cpu(fixture: &str) {
     use bitnode_engine::gpu::train::GpuTrainer;
-    let dir = fixtures().join("lora");
-    let model = std::sync::Arc::new(Model::load(&fixtures().join("online_tied")).unwrap());
-    let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
+    let dir = fixtures().join(fixture);
     let e: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = std::sync::Arc::new(Model::load(&fixtures().join(e["base"].as_str().unwrap())).unwrap());
+    let adapter = Adapter::load(&dir.join("init_adapter"), &model.config).unwrap();
     let mbs = micro_batches(&e);
     let cpu_trainer = CpuTrainer::new(&model);
     let plan = bitnode_engine::gpu::train::plan(&model, &adapter, 64, 1, None).unwrap();
@@ -406,6 +425,7 @@ fn gpu_finetune_follows_the_cpu_trainer_and_resumes() {
     let data = tempdir("gpu-ft-data").join("river.txt");
     std::fs::write(&data, text).unwrap();
     let cfg = |device: &str, out: &str, save_every: Option<usize>, resume: Option<std::path::PathBuf>| FinetuneConfig {
+        activation: None,
         model: fixtures().join("online_tied"),
         data: data.clone(),
         out: tempdir(out),

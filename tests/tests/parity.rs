@@ -102,6 +102,7 @@ fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
         max_binding: None,
         embed_dtype: embed,
         lora: None,
+        activation: None,
     }
 }
 

@@ -17,6 +17,7 @@ fn forced_tiny_binding_limit_gives_identical_outputs() {
             max_binding: limit,
             embed_dtype: embed,
             lora: None,
+            activation: None,
         };
         let mut e = Engine::load(&dir, &o).unwrap();
         let ids = e

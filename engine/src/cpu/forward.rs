@@ -181,7 +181,7 @@ impl CpuBackend {
                 li,
                 c,
             );
-            relu2_mul(&mut h, &g, &u);
+            crate::cpu::gated_mul(cfg.activation, &mut h, &g, &u);
             rmsnorm_quant(&mut qx[..t * f], &mut s, &h, &layer.ffn_sub_norm, eps, t, f);
             matmul_ternary(&mut o, &qx[..t * f], &s, &layer.down_proj, t);
             add_lora(&mut [(&mut o, 6)], &h, &layer.ffn_sub_norm, li, f);

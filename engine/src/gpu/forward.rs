@@ -398,6 +398,8 @@ impl GpuBackend {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
+        // The fused gate/up projection's MODE: it applies the model's FFN activation.
+        let gm = kernels::gated_mode(cfg.activation);
         // The prompt body, with the projections as `matmul_ternary` (each weight word serves 16 tokens
         // per workgroup: prompt chunks and batch steps) or, where asked for, as the register-tiled GEMM
         // (see `tiled_min_tokens`).
@@ -502,10 +504,10 @@ impl GpuBackend {
                     &a.step,
                 ));
                 for t in &l.gate_up {
-                    body.push(mt(g, t, 2, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step));
+                    body.push(mt(g, t, gm, 0, f, &a.xq, &a.xs, &a.qsum, &a.h, &a.step));
                 }
                 if let Some(lo) = self.lora.as_ref().filter(|lo| !lo.gate.is_empty()) {
-                    // gate and up as two projections, each with its branch, then relu²(gate) * up.
+                    // gate and up as two projections, each with its branch, then act(gate) * up.
                     for t in &lo.gate[li] {
                         body.push(mt(g, t, 0, 0, f, &a.xq, &a.xs, &a.qsum, &lo.g, &a.step));
                     }
@@ -523,7 +525,7 @@ impl GpuBackend {
                     ));
                     body.extend(lora_ops(g, lo, li, 4, c, f, 0, &lo.g, &a.step).into_iter().flatten());
                     body.extend(lora_ops(g, lo, li, 5, c, f, 0, &lo.u, &a.step).into_iter().flatten());
-                    body.push(kernels::relu2_mul(g, f, &lo.g, &lo.u, &a.h, &a.step));
+                    body.push(kernels::gated_mul(g, cfg.activation, f, &lo.g, &lo.u, &a.h, &a.step));
                 }
                 body.push(kernels::rmsnorm_quant(
                     g,
@@ -612,7 +614,7 @@ impl GpuBackend {
                     d.push(kernels::rmsnorm_matmul_ternary(
                         g,
                         t,
-                        2,
+                        gm,
                         fused_rows,
                         eps,
                         &a.x,

@@ -2,6 +2,7 @@
 //! the bind group once and returns an [`Op`]; the forward pass records prepared ops, so a decode step does
 //! no allocation and creates no bind groups.
 use super::Gpu;
+use crate::config::Activation;
 use crate::error::{EngineError, Result};
 use crate::model::{MappedMatrix, TernaryLinear};
 use bitnode_shaders as sh;
@@ -491,7 +492,8 @@ pub fn rmsnorm(
     )
 }
 
-/// `mode`: 0 store, 1 add into y (residual), 2 gate/up relu^2 (tile must be gate_up).
+/// `mode`: 0 store, 1 add into y (residual), 2 gate/up relu^2, 3 gate/up silu (tile must be gate_up; see
+/// [`gated_mode`]).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ternary(
     gpu: &Gpu,
@@ -538,7 +540,7 @@ pub fn matmul_ternary_tiled(
 ) -> Op {
     // MODE 2 takes 64 outputs (64 gate and 64 up rows) per workgroup, the others 128 rows.
     let tm = if tm == 64 { 64 } else { 128 };
-    let grid = Grid::TokenBlocks(tile.rows.div_ceil(if mode == 2 { 64 } else { 128 }), tm);
+    let grid = Grid::TokenBlocks(tile.rows.div_ceil(if mode >= 2 { 64 } else { 128 }), tm);
     ternary_op(
         gpu,
         "matmul_ternary_tiled",
@@ -1012,14 +1014,99 @@ pub fn relu2_mul_backward(
     relu2_op(gpu, "relu2_mul_backward", f, &bufs, step)
 }
 
+/// out = silu(g) * u, [T, F]. CPU twin: `cpu::silu_mul`.
+pub fn silu_mul(
+    gpu: &Gpu,
+    f: usize,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    gated_op(gpu, "silu_mul", sh::SILU_MUL, f, &[(3, g), (4, u), (7, out)], step)
+}
+
+/// dg, du [T, F] from dout, g, u. CPU twin: `cpu::silu_mul_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn silu_mul_backward(
+    gpu: &Gpu,
+    f: usize,
+    dout: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    dg: &wgpu::Buffer,
+    du: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    let bufs = [(2, dout), (3, g), (4, u), (5, dg), (6, du)];
+    gated_op(gpu, "silu_mul_backward", sh::SILU_MUL, f, &bufs, step)
+}
+
+/// The model's gated MLP product `act(g) * u`: `relu2_mul` or `silu_mul` (CPU twin: `cpu::gated_mul`).
+pub fn gated_mul(
+    gpu: &Gpu,
+    act: Activation,
+    f: usize,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    match act {
+        Activation::Relu2 => relu2_mul(gpu, f, g, u, out, step),
+        Activation::Silu => silu_mul(gpu, f, g, u, out, step),
+    }
+}
+
+/// Backward of [`gated_mul`] (CPU twin: `cpu::gated_mul_backward`).
+#[allow(clippy::too_many_arguments)]
+pub fn gated_mul_backward(
+    gpu: &Gpu,
+    act: Activation,
+    f: usize,
+    dout: &wgpu::Buffer,
+    g: &wgpu::Buffer,
+    u: &wgpu::Buffer,
+    dg: &wgpu::Buffer,
+    du: &wgpu::Buffer,
+    step: &wgpu::Buffer,
+) -> Op {
+    match act {
+        Activation::Relu2 => relu2_mul_backward(gpu, f, dout, g, u, dg, du, step),
+        Activation::Silu => silu_mul_backward(gpu, f, dout, g, u, dg, du, step),
+    }
+}
+
+/// The `matmul_ternary` MODE of the fused gate/up projection for the model's activation: 2 writes
+/// relu(gate)^2 * up, 3 writes silu(gate) * up.
+pub fn gated_mode(act: Activation) -> u32 {
+    match act {
+        Activation::Relu2 => 2,
+        Activation::Silu => 3,
+    }
+}
+
 /// An entry point of relu2_mul.wgsl over [T, F]: 256 columns per workgroup.
 fn relu2_op(gpu: &Gpu, entry: &'static str, f: usize, bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer) -> Op {
+    gated_op(gpu, entry, sh::RELU2_MUL, f, bufs, step)
+}
+
+/// An entry point of relu2_mul.wgsl or silu_mul.wgsl (the same parameters and bindings) over [T, F]: 256
+/// columns per workgroup.
+fn gated_op(
+    gpu: &Gpu,
+    entry: &'static str,
+    src: &'static str,
+    f: usize,
+    bufs: &[(u32, &wgpu::Buffer)],
+    step: &wgpu::Buffer,
+) -> Op {
     let pr = Relu2MulParams {
         f: f as u32,
         ..Default::default()
     };
     let grid = Grid::ByTokens((f as u32).div_ceil(256));
-    op(gpu, entry, sh::RELU2_MUL, &[], &pr, bufs, step, grid)
+    op(gpu, entry, src, &[], &pr, bufs, step, grid)
 }
 
 /// dx [T, I] (+)= W_eff^T dy over one weight tile; `accumulate` for every tile after the first.

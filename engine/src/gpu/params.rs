@@ -200,7 +200,7 @@ pub struct RowParams {
     pub _b: u32,
 }
 
-/// relu2_mul.wgsl's `Params` (`relu2_mul`, `relu2_mul_backward`).
+/// relu2_mul.wgsl's and silu_mul.wgsl's `Params` (`relu2_mul`, `silu_mul` and their backwards).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Relu2MulParams {

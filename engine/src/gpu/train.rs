@@ -782,6 +782,7 @@ impl GpuTrainer {
         let d = Dims::new(&self.model.config, self.rank);
         let (c, f, nh, nkv, hd, qd, kvd, w) = (d.c, d.f, d.nh, d.nkv, d.hd, d.qd, d.kvd, d.w);
         let eps = self.model.config.rms_norm_eps as f32;
+        let act = self.model.config.activation;
         let lw = &self.layers[li];
         let tt = t as u32;
         // 128-token blocks once there are enough rows to fill the GPU with them (micro-batches), else 64.
@@ -836,7 +837,7 @@ impl GpuTrainer {
         if let Some((p, sh)) = self.shape(li, 5, c, f, 0) {
             ops.extend(k::lora(g, &sh, &a.n2, &p.a, &p.b, &a.lh[5], &a.u, step));
         }
-        ops.push(k::relu2_mul(g, f, &a.g, &a.u, &a.m, step));
+        ops.push(k::gated_mul(g, act, f, &a.g, &a.u, &a.m, step));
         ops.push(k::rmsnorm(g, f, eps, &lw.ffn_sub_norm, &a.m, &a.m2, step));
         ops.push(quant(f, &lw.ffn_sub_norm, &a.m));
         out.extend(ops.drain(..).map(|o| Item::Op(o, tt)));
@@ -871,6 +872,7 @@ impl GpuTrainer {
         let d = Dims::new(&self.model.config, self.rank);
         let (c, f, nh, nkv, hd, qd, kvd, w) = (d.c, d.f, d.nh, d.nkv, d.hd, d.qd, d.kvd, d.w);
         let eps = self.model.config.rms_norm_eps as f32;
+        let act = self.model.config.activation;
         let lw = &self.layers[li];
         let tt = t as u32;
         let mut out: Vec<Item> = vec![];
@@ -890,7 +892,7 @@ impl GpuTrainer {
                 None => vec![],
             }
         };
-        // MLP: y = h + down(ffn_sub_norm(relu2(gate(n2)) * up(n2)))
+        // MLP: y = h + down(ffn_sub_norm(act(gate(n2)) * up(n2)))
         for (n, tile) in lw.down.iter().enumerate() {
             ops.push(k::matmul_ternary_backward(g, tile, c, n > 0, &bw.dres, &bw.dm2, step));
         }
@@ -906,7 +908,9 @@ impl GpuTrainer {
             &bw.dm,
             step,
         ));
-        ops.push(k::relu2_mul_backward(g, f, &bw.dm, &a.g, &a.u, &bw.dg, &bw.du, step));
+        ops.push(k::gated_mul_backward(
+            g, act, f, &bw.dm, &a.g, &a.u, &bw.dg, &bw.du, step,
+        ));
         for (n, tile) in lw.gate.iter().enumerate() {
             ops.push(k::matmul_ternary_backward(g, tile, f, n > 0, &bw.dg, &bw.dn2, step));
         }

@@ -159,6 +159,10 @@ pub struct InferArgs {
     /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: a built-in random `tiny` model, synthesized into the bitnode home on first use.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The FFN activation, overriding the one the model's files imply: relu2 or silu (README, "GGUF
+    /// models"; for a GGUF file whose vocabulary misleads the rule).
+    #[arg(long)]
+    pub activation: Option<bitnode_engine::config::Activation>,
     /// A LoRA adapter: a PEFT directory, or a llama.cpp LoRA GGUF file (`bitnode adapter export`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -192,6 +196,10 @@ pub struct ScoreArgs {
     /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S). Default: the built-in `tiny` model.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The FFN activation, overriding the one the model's files imply: relu2 or silu (README, "GGUF
+    /// models"; for a GGUF file whose vocabulary misleads the rule).
+    #[arg(long)]
+    pub activation: Option<bitnode_engine::config::Activation>,
     /// A LoRA adapter: a PEFT directory, or a llama.cpp LoRA GGUF file.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -262,6 +270,10 @@ pub struct FinetuneArgs {
     /// Model directory, or a BitNet GGUF file (TQ1_0, TQ2_0, I2_S).
     #[arg(long)]
     pub model: PathBuf,
+    /// The FFN activation, overriding the one the model's files imply: relu2 or silu (README, "GGUF
+    /// models"; for a GGUF file whose vocabulary misleads the rule).
+    #[arg(long)]
+    pub activation: Option<bitnode_engine::config::Activation>,
     /// .txt (one document), or .jsonl with {"text"}, {"prompt","completion"} or {"messages"} per line.
     #[arg(long)]
     pub data: PathBuf,

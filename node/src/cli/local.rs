@@ -313,13 +313,15 @@ pub fn engine_options(home: &std::path::Path, dev: &DeviceArgs) -> anyhow::Resul
         max_binding: dev.max_binding.or(cfg.engine.max_binding),
         embed_dtype,
         lora: None,
+        activation: None,
     })
 }
 
 /// `bitnode infer`'s arguments as a job: the spec, where its files are, and the engine options.
 pub fn infer_job(a: InferArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
     let model = model_or_builtin(a.model, home)?;
-    let opts = engine_options(home, &a.dev)?;
+    let mut opts = engine_options(home, &a.dev)?;
+    opts.activation = a.activation;
     let spec = JobSpec::Infer(InferRequest {
         model: model.display().to_string(),
         adapter: a.adapter.as_ref().map(|p| p.display().to_string()),
@@ -343,7 +345,8 @@ pub fn infer_job(a: InferArgs, home: &std::path::Path) -> anyhow::Result<(JobSpe
 /// `bitnode score`'s arguments as a job (the text is read here: it travels in the spec).
 pub fn score_job(a: ScoreArgs, home: &std::path::Path) -> anyhow::Result<(JobSpec, JobPaths, EngineOptions)> {
     let model = model_or_builtin(a.model, home)?;
-    let opts = engine_options(home, &a.dev)?;
+    let mut opts = engine_options(home, &a.dev)?;
+    opts.activation = a.activation;
     let text = std::fs::read_to_string(&a.text_file).with_context(|| format!("reading {}", a.text_file.display()))?;
     let spec = JobSpec::Score(ScoreRequest {
         model: model.display().to_string(),
@@ -398,6 +401,7 @@ pub fn finetune_job(a: FinetuneArgs) -> anyhow::Result<(JobSpec, JobPaths)> {
         val_split: a.val_split,
         save_every: a.save_every,
         max_memory: a.max_memory,
+        activation: a.activation.map(|a| a.name().to_string()),
     }));
     let paths = JobPaths {
         model: a.model,

@@ -103,15 +103,30 @@ pub fn peers(home: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An inference job runs on a warm engine of whichever device takes it, loaded as the model's files say:
+/// `--activation` is for local runs (and `submit finetune`, whose request carries it).
+fn refuse_activation(a: Option<bitnode_engine::config::Activation>) -> anyhow::Result<()> {
+    if a.is_some() {
+        anyhow::bail!(
+            "--activation applies to local `bitnode infer` and `bitnode score` (and to `submit finetune`); a \
+             device serving this job reads the activation from the model file (its `{{arch}}.hidden_activation` \
+             key, else the architecture and vocabulary)"
+        );
+    }
+    Ok(())
+}
+
 /// `bitnode submit infer|score|finetune`: the job the local command would run, sent to the daemon.
 pub fn submit(home: &Path, cmd: SubmitCmd) -> anyhow::Result<()> {
     let (spec, paths, submit, json) = match cmd {
         SubmitCmd::Infer { args, submit } => {
+            refuse_activation(args.activation)?;
             let json = args.json;
             let (spec, paths, _) = infer_job(args, home)?;
             (spec, paths, submit, json)
         }
         SubmitCmd::Score { args, submit } => {
+            refuse_activation(args.activation)?;
             let json = args.json;
             let (spec, paths, _) = score_job(args, home)?;
             (spec, paths, submit, json)

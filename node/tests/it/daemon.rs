@@ -105,6 +105,7 @@ pub fn finetune_request(home: &Path, model: &Path, out: &Path, steps: usize, to:
         val_split: 0.0,
         save_every: Some(5),
         max_memory: None,
+        activation: None,
     }));
     let paths = bitnode::exec::JobPaths {
         model: model.to_path_buf(),
