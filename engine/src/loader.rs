@@ -27,9 +27,12 @@ pub struct GgufWeights {
 }
 
 impl GgufWeights {
-    /// Maps and parses `path`; a corrupt or truncated file is refused here by the strict reader (which
-    /// checks every count, offset and size against the file before allocating), with the path.
+    /// Maps and parses `path` (a GGUF file, or a store entry holding one: see [`crate::model::gguf_file`]);
+    /// a corrupt or truncated file is refused here by the strict reader (which checks every count, offset
+    /// and size against the file before allocating), with the path.
     pub fn open(path: &Path) -> Result<Self> {
+        let inner = crate::model::gguf_file(path);
+        let path = inner.as_deref().unwrap_or(path);
         let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
         // SAFETY: as for safetensors shards: a read-only map, and a file truncated under us may fault.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;

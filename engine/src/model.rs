@@ -640,9 +640,25 @@ impl Model {
 
 /// Whether `path` names a GGUF model rather than a model directory: any file is taken for one (the strict
 /// reader then refuses a file that is not GGUF, by its magic), so that `--model` accepts a `.gguf` file
-/// wherever it accepts a directory, whatever the file is called.
+/// wherever it accepts a directory, whatever the file is called; so is a directory that holds
+/// [`GGUF_IN_DIR`] and no `config.json` (how the model store keeps a GGUF model).
 pub fn is_gguf(path: &Path) -> bool {
-    path.is_file()
+    gguf_file(path).is_some()
+}
+
+/// The file name of a GGUF model inside a directory: the model store holds directories (its content hash
+/// and transfers work on a directory's files), so `bitnode model add`, `submit` and the API store a GGUF
+/// file as `<entry>/model.gguf`.
+pub const GGUF_IN_DIR: &str = "model.gguf";
+
+/// The GGUF file `path` names: `path` itself when it is a file, `path/model.gguf` when `path` is a
+/// directory that holds one and no `config.json`; `None` for a Hugging Face directory or nothing.
+pub fn gguf_file(path: &Path) -> Option<std::path::PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    let inner = path.join(GGUF_IN_DIR);
+    (inner.is_file() && !path.join("config.json").exists()).then_some(inner)
 }
 
 /// A model's config without opening its weights: `config.json` of a directory, or a GGUF file's header

@@ -203,7 +203,7 @@ fn endpoint(home: &Path, o: &Options) -> anyhow::Result<(String, Option<String>)
 /// imported into this home's store and named by its hash, which this home's daemon resolves.
 fn model_field(home: &Path, m: Option<&str>) -> anyhow::Result<String> {
     if let Some(m) = m {
-        if !Path::new(m).is_dir() {
+        if !Path::new(m).is_dir() && !Path::new(m).is_file() {
             return Ok(m.to_string());
         }
     }

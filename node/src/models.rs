@@ -3,7 +3,9 @@
 //!
 //! The hash is SHA-256 over the directory's regular files in name order, each as
 //! `name \0 length(le u64) bytes`: renaming, truncating or changing any file changes it. A directory is
-//! content-addressable when it holds `config.json` (a model) or `adapter_config.json` (a PEFT adapter).
+//! content-addressable when it holds `config.json` (a model) or `adapter_config.json` (a PEFT adapter), or
+//! `model.gguf` (a GGUF model). A GGUF file is imported as a directory holding it under that name, and
+//! hashes as that directory would, so the file and its store entry have one hash.
 //!
 //! Layout under `<home>/models/by-hash/`:
 //! - `<64 hex digits>/`: a stored directory, written to a temporary directory and renamed into place, so a
@@ -21,8 +23,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The files whose presence makes a directory content-addressable: a model or a PEFT adapter.
-pub const MARKERS: [&str; 2] = ["config.json", "adapter_config.json"];
+/// The files whose presence makes a directory content-addressable: a model, a PEFT adapter, or a GGUF
+/// model ([`bitnode_engine::model::GGUF_IN_DIR`]).
+pub const MARKERS: [&str; 3] = ["config.json", "adapter_config.json", bitnode_engine::model::GGUF_IN_DIR];
 
 /// Most files one stored directory may hold (the same bound as a bundle: models have a handful).
 pub const MAX_MODEL_FILES: usize = MAX_BUNDLE_FILES;
@@ -30,8 +33,25 @@ pub const MAX_MODEL_FILES: usize = MAX_BUNDLE_FILES;
 /// Distinguishes temporary directories of concurrent imports within one process.
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// The files of a model or adapter directory that make up its content, in name order.
-fn model_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The files of a model or adapter directory that make up its content, in name order, with the names they
+/// have in the store: a GGUF file stands for a directory holding it as `model.gguf`.
+fn model_files(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    if dir.is_file() {
+        let mut magic = [0u8; 4];
+        let n = std::fs::File::open(dir)
+            .and_then(|mut f| read_full(&mut f, &mut magic))
+            .with_context(|| format!("reading {}", dir.display()))?;
+        if n < 4 || &magic != b"GGUF" {
+            bail!(
+                "{} is a file but not a GGUF model (no GGUF magic); a Hugging Face model is a directory",
+                dir.display()
+            );
+        }
+        return Ok(vec![(
+            bitnode_engine::model::GGUF_IN_DIR.to_string(),
+            dir.to_path_buf(),
+        )]);
+    }
     let mut files = vec![];
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
@@ -49,11 +69,11 @@ fn model_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .any(|f| f.file_name().is_some_and(|n| MARKERS.iter().any(|m| n == *m)));
     if !has_marker {
         bail!(
-            "{} has neither config.json nor adapter_config.json: not a model or adapter directory",
+            "{} has neither config.json, adapter_config.json nor model.gguf: not a model or adapter directory",
             dir.display()
         );
     }
-    Ok(files)
+    Ok(files.into_iter().map(|f| (name_of(&f), f)).collect())
 }
 
 fn name_of(f: &Path) -> String {
@@ -91,8 +111,7 @@ fn scan(dir: &Path, chunks: bool) -> anyhow::Result<(String, Vec<ManifestFile>)>
     let mut h = Sha256::new();
     let mut buf = vec![0u8; MODEL_CHUNK];
     let mut out = vec![];
-    for f in model_files(dir)? {
-        let name = name_of(&f);
+    for (name, f) in model_files(dir)? {
         let mut file = std::fs::File::open(&f).with_context(|| format!("opening {}", f.display()))?;
         let len = file.metadata()?.len();
         h.update(name.as_bytes());
@@ -193,7 +212,7 @@ impl Store {
     pub(crate) fn layout(&self, hash: &str) -> anyhow::Result<Vec<(PathBuf, u64)>> {
         let dir = self.require(hash)?;
         let mut v = vec![];
-        for f in model_files(&dir)? {
+        for (_, f) in model_files(&dir)? {
             let len = std::fs::metadata(&f)
                 .with_context(|| format!("reading {}", f.display()))?
                 .len();
@@ -345,9 +364,8 @@ impl Store {
             return Ok(hash);
         }
         let tmp = self.temp_dir(&hash)?;
-        for f in model_files(dir)? {
-            let name = f.file_name().context("file without a name")?;
-            if let Err(e) = std::fs::copy(&f, tmp.join(name)) {
+        for (name, f) in model_files(dir)? {
+            if let Err(e) = std::fs::copy(&f, tmp.join(&name)) {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e).with_context(|| format!("copying {}", f.display()));
             }
@@ -374,7 +392,7 @@ impl Store {
             }
         }
         if !files.iter().any(|(n, _)| MARKERS.contains(&n.as_str())) {
-            bail!("neither config.json nor adapter_config.json among the files: not a model or adapter");
+            bail!("neither config.json, adapter_config.json nor model.gguf among the files: not a model or adapter");
         }
         let tmp = self.temp_dir("files")?;
         for (name, bytes) in files {

@@ -95,9 +95,15 @@ pub fn add(home: &Path, dir: &Path, name: Option<&str>) -> anyhow::Result<NamedM
         "adapter"
     } else if dir.join("config.json").is_file() {
         "model"
+    } else if bitnode_engine::model::is_gguf(dir) {
+        // Read its header now: a file that is not a BitNet GGUF model is refused with the reader's reason
+        // before it is copied into the store. (A GGUF adapter is run locally: `--adapter FILE.gguf`.)
+        bitnode_engine::model::load_config(dir).with_context(|| format!("reading {}", dir.display()))?;
+        "model"
     } else {
         bail!(
-            "{} holds neither config.json nor adapter_config.json: not a model or adapter",
+            "{} is neither a model directory (config.json), a GGUF model file, nor an adapter directory \
+             (adapter_config.json)",
             dir.display()
         );
     };

@@ -44,10 +44,11 @@ pub(crate) enum Input {
 }
 
 impl Input {
-    /// An existing directory is a directory; else a name or hash in the store; else a well-formed hash is
-    /// taken to be a peer's. Anything else is left a directory, whose import says it is missing.
+    /// An existing directory (or GGUF file) is imported; else a name or hash in the store; else a
+    /// well-formed hash is taken to be a peer's. Anything else is left a directory, whose import says it is
+    /// missing.
     pub(crate) fn of(home: &Path, p: &Path) -> anyhow::Result<Input> {
-        if p.is_dir() {
+        if p.is_dir() || p.is_file() {
             return Ok(Input::Dir(p.to_path_buf()));
         }
         let Some(s) = p.to_str() else {

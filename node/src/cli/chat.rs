@@ -30,9 +30,10 @@ fn resolve_model(home: &Path, m: Option<&str>) -> anyhow::Result<(String, Option
         }
         Input::Dir(dir) => dir,
     };
-    if !dir.join("config.json").is_file() {
+    if !dir.join("config.json").is_file() && !bitnode_engine::model::is_gguf(&dir) {
         bail!(
-            "{} is neither a model name (see `bitnode model list`), a model's hash, nor a model directory",
+            "{} is neither a model name (see `bitnode model list`), a model's hash, a model directory nor a \
+             GGUF model file",
             dir.display()
         );
     }

@@ -6,6 +6,7 @@ mod adapter;
 mod cli;
 mod daemon;
 mod demo;
+mod gguf;
 mod harness;
 mod hostile;
 mod jobs;
