@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod loader;
 pub mod lora;
 pub mod model;
+pub mod model_export;
 pub mod probe;
 pub mod rng;
 pub mod session;

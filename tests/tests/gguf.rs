@@ -327,3 +327,72 @@ fn hidden_activation_picks_the_ffn() {
     assert_eq!(score(&p, Some(Activation::Relu2)), relu);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bitnode model export --gguf`: a Hugging Face directory written as a `bitnet` TQ2_0 GGUF loads back as
+/// the same model, tied (the twin) and untied (the twin given its own `lm_head`, written to `output.weight`
+/// in F32), with the same tokens, logits, NLL and greedy tokens bit for bit on the CPU reference.
+#[test]
+fn exported_gguf_models_equal_their_source_tied_and_untied() {
+    use safetensors::{tensor::TensorView, SafeTensors};
+    let dir = tempdir("gguf-export");
+    let src = model_dir().join("twin");
+    let untied = dir.join("untied");
+    std::fs::create_dir_all(&untied).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), untied.join(f)).unwrap();
+    }
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = Value::Bool(false);
+    std::fs::write(untied.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    // A head unlike the embedding, of fp16-exact values: (k mod 17 - 8) / 64.
+    let head: Vec<f32> = (0..400 * 256)
+        .map(|k| ((k * 7919) % 17) as f32 / 64.0 - 0.125)
+        .collect();
+    let head_bytes: Vec<u8> = bytemuck::cast_slice(&head).to_vec();
+    let mut views: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).unwrap(),
+            )
+        })
+        .collect();
+    views.push((
+        "lm_head.weight".into(),
+        TensorView::new(safetensors::Dtype::F32, vec![400, 256], &head_bytes).unwrap(),
+    ));
+    std::fs::write(
+        untied.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    for (name, d, tied) in [("twin", src, true), ("untied", untied, false)] {
+        let out = dir.join(format!("{name}.gguf"));
+        let r = bitnode_engine::model_export::export_model(&d, &out).unwrap();
+        assert_eq!((r.tied, r.max_scale_rounding), (tied, 0.0), "{name}: {r:?}");
+        let mut want = Engine::load(&d, &opts("cpu", EmbedDtype::F32)).unwrap();
+        let mut got = Engine::load(&out, &opts("cpu", EmbedDtype::F32)).unwrap();
+        assert_eq!(got.model.tied(), tied, "{name}");
+        assert_eq!(got.model.config.activation, Activation::Relu2);
+        assert_eq!(
+            got.model.layers().unwrap(),
+            want.model.layers().unwrap(),
+            "{name}: layers"
+        );
+        let (w, g) = (outcome(&mut want), outcome(&mut got));
+        assert_eq!(g.0, w.0, "{name}: token ids");
+        assert_eq!(g.1, w.1, "{name}: logits");
+        assert_eq!((g.2, g.3), (w.2, w.3), "{name}: score");
+        assert_eq!(g.4, w.4, "{name}: greedy tokens");
+    }
+    // Widths TQ2_0 cannot hold are refused with the reason.
+    let e = bitnode_engine::model_export::export_model(&fixtures().join("online_tied"), &dir.join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 256"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -408,6 +408,18 @@ pub enum ModelCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a Hugging Face BitNet directory as a GGUF file that llama.cpp and QVAC load: architecture
+    /// `bitnet`, TQ2_0 projections, the embedding in its stored float type, the tokenizer and chat template.
+    Export {
+        /// The GGUF file to write.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The named models and adapters in this device's store.
     List {
         #[arg(long)]

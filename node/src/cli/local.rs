@@ -151,6 +151,23 @@ pub fn model(home: &Path, cmd: ModelCmd) -> anyhow::Result<()> {
             synth::synth(p, &out, seed, fmt)?;
             println!("wrote {} ({} preset, {format}) to {}", p.name, p.name, out.display());
         }
+        ModelCmd::Export { gguf, model, json } => {
+            let r = bitnode_engine::model_export::export_model(&model, &gguf)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "wrote {} ({}, {} tensors, TQ2_0 projections, embedding {}{}; largest scale change from \
+                     fp16 rounding {:.1e})",
+                    r.path.display(),
+                    bitnode_engine::util::human_bytes(r.bytes),
+                    r.tensors,
+                    r.embedding_type,
+                    if r.tied { ", tied" } else { ", untied output" },
+                    r.max_scale_rounding
+                );
+            }
+        }
         ModelCmd::Add { dir, name, json } => {
             let m = crate::names::add(home, &dir, name.as_deref())?;
             if json {
