@@ -144,10 +144,15 @@ impl Adapter {
     }
 
     /// Reads a PEFT adapter directory, or a llama.cpp LoRA GGUF file (any file: see
-    /// [`Adapter::load_gguf`]), and checks it against the model it will be applied to.
+    /// [`Adapter::load_gguf`]; or a store entry holding one as [`GGUF_ADAPTER_IN_DIR`]), and checks it
+    /// against the model it will be applied to.
     pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Adapter> {
         if dir.is_file() {
             return Self::load_gguf(dir, cfg);
+        }
+        let inner = dir.join(GGUF_ADAPTER_IN_DIR);
+        if inner.is_file() && !dir.join("adapter_config.json").exists() {
+            return Self::load_gguf(&inner, cfg);
         }
         let cpath = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cpath).map_err(|e| EngineError::io(&cpath, e))?;
@@ -332,6 +337,20 @@ pub struct GgufExport {
     pub alpha: f32,
     pub tensors: usize,
     pub bytes: u64,
+}
+
+/// The file name of a LoRA GGUF inside a directory: the model store keeps a GGUF adapter as an entry
+/// holding it under this name (as it keeps a GGUF model as `model.gguf`).
+pub const GGUF_ADAPTER_IN_DIR: &str = "adapter.gguf";
+
+/// Whether `path` is a GGUF file whose header says it is an adapter (`general.type = "adapter"`): how the
+/// store and `bitnode model add` tell a LoRA GGUF from a model GGUF. Reads the header only.
+pub fn is_gguf_adapter(path: &Path) -> bool {
+    path.is_file()
+        && crate::loader::GgufWeights::open(path)
+            .ok()
+            .and_then(|g| g.gguf.get_str("general.type").ok().flatten().map(|t| t == "adapter"))
+            .unwrap_or(false)
 }
 
 /// `bitnode adapter export --gguf OUT --adapter DIR --base MODEL`: the adapter (checked against the base's

@@ -4,8 +4,8 @@
 //! The hash is SHA-256 over the directory's regular files in name order, each as
 //! `name \0 length(le u64) bytes`: renaming, truncating or changing any file changes it. A directory is
 //! content-addressable when it holds `config.json` (a model) or `adapter_config.json` (a PEFT adapter), or
-//! `model.gguf` (a GGUF model). A GGUF file is imported as a directory holding it under that name, and
-//! hashes as that directory would, so the file and its store entry have one hash.
+//! `model.gguf` / `adapter.gguf` (a GGUF model / LoRA adapter). A GGUF file is imported as a directory
+//! holding it under that name, and hashes as that directory would, so the file and its entry have one hash.
 //!
 //! Layout under `<home>/models/by-hash/`:
 //! - `<64 hex digits>/`: a stored directory, written to a temporary directory and renamed into place, so a
@@ -24,8 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The files whose presence makes a directory content-addressable: a model, a PEFT adapter, or a GGUF
-/// model ([`bitnode_engine::model::GGUF_IN_DIR`]).
-pub const MARKERS: [&str; 3] = ["config.json", "adapter_config.json", bitnode_engine::model::GGUF_IN_DIR];
+/// model or adapter ([`bitnode_engine::model::GGUF_IN_DIR`], [`bitnode_engine::lora::GGUF_ADAPTER_IN_DIR`]).
+pub const MARKERS: [&str; 4] = [
+    "config.json",
+    "adapter_config.json",
+    bitnode_engine::model::GGUF_IN_DIR,
+    bitnode_engine::lora::GGUF_ADAPTER_IN_DIR,
+];
 
 /// Most files one stored directory may hold (the same bound as a bundle: models have a handful).
 pub const MAX_MODEL_FILES: usize = MAX_BUNDLE_FILES;
@@ -34,7 +39,8 @@ pub const MAX_MODEL_FILES: usize = MAX_BUNDLE_FILES;
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The files of a model or adapter directory that make up its content, in name order, with the names they
-/// have in the store: a GGUF file stands for a directory holding it as `model.gguf`.
+/// have in the store: a GGUF file stands for a directory holding it as `model.gguf` (or `adapter.gguf`,
+/// for a LoRA GGUF).
 fn model_files(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     if dir.is_file() {
         let mut magic = [0u8; 4];
@@ -47,10 +53,12 @@ fn model_files(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
                 dir.display()
             );
         }
-        return Ok(vec![(
-            bitnode_engine::model::GGUF_IN_DIR.to_string(),
-            dir.to_path_buf(),
-        )]);
+        let name = if bitnode_engine::lora::is_gguf_adapter(dir) {
+            bitnode_engine::lora::GGUF_ADAPTER_IN_DIR
+        } else {
+            bitnode_engine::model::GGUF_IN_DIR
+        };
+        return Ok(vec![(name.to_string(), dir.to_path_buf())]);
     }
     let mut files = vec![];
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -69,7 +77,8 @@ fn model_files(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
         .any(|f| f.file_name().is_some_and(|n| MARKERS.iter().any(|m| n == *m)));
     if !has_marker {
         bail!(
-            "{} has neither config.json, adapter_config.json nor model.gguf: not a model or adapter directory",
+            "{} has neither config.json, adapter_config.json, model.gguf nor adapter.gguf: not a model or adapter \
+             directory",
             dir.display()
         );
     }
@@ -392,7 +401,7 @@ impl Store {
             }
         }
         if !files.iter().any(|(n, _)| MARKERS.contains(&n.as_str())) {
-            bail!("neither config.json, adapter_config.json nor model.gguf among the files: not a model or adapter");
+            bail!("no config.json, adapter_config.json, model.gguf or adapter.gguf among the files: not a model or adapter");
         }
         let tmp = self.temp_dir("files")?;
         for (name, bytes) in files {

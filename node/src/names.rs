@@ -93,17 +93,20 @@ pub fn add(home: &Path, dir: &Path, name: Option<&str>) -> anyhow::Result<NamedM
     check_name(&name)?;
     let kind = if dir.join("adapter_config.json").is_file() {
         "adapter"
+    } else if bitnode_engine::lora::is_gguf_adapter(dir) {
+        // A llama.cpp LoRA GGUF: checked against a base model when a job applies it.
+        "adapter"
     } else if dir.join("config.json").is_file() {
         "model"
     } else if bitnode_engine::model::is_gguf(dir) {
         // Read its header now: a file that is not a BitNet GGUF model is refused with the reader's reason
-        // before it is copied into the store. (A GGUF adapter is run locally: `--adapter FILE.gguf`.)
+        // before it is copied into the store.
         bitnode_engine::model::load_config(dir).with_context(|| format!("reading {}", dir.display()))?;
         "model"
     } else {
         bail!(
-            "{} is neither a model directory (config.json), a GGUF model file, nor an adapter directory \
-             (adapter_config.json)",
+            "{} is neither a model directory (config.json), a GGUF model file, an adapter directory \
+             (adapter_config.json) nor a LoRA GGUF file",
             dir.display()
         );
     };

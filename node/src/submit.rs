@@ -89,14 +89,6 @@ impl Input {
 pub fn prepare(home: &Path, mut spec: JobSpec, paths: &JobPaths, to: &str, detach: bool) -> anyhow::Result<Request> {
     let store = Store::new(home);
     let model_in = Input::of(home, &paths.model)?;
-    if let Some(a) = paths.adapter.as_deref().filter(|a| a.is_file()) {
-        // The store holds directories; a GGUF adapter runs here (`bitnode infer|score --adapter`).
-        anyhow::bail!(
-            "{}: a GGUF adapter file cannot be submitted to the mesh yet; submit its PEFT directory, or run \
-             it on this device with `bitnode infer` / `score` / `finetune`",
-            a.display()
-        );
-    }
     let adapter_in = paths.adapter.as_deref().map(|a| Input::of(home, a)).transpose()?;
     let need = match (model_in.dir(), &spec) {
         (Some(m), _) => {

@@ -23,7 +23,9 @@ fn resolve_model(home: &Path, m: Option<&str>) -> anyhow::Result<(String, Option
     let dir = match Input::of(home, &given)? {
         Input::Elsewhere(hash) => return Ok((hash, None)),
         Input::Stored { hash, dir } => {
-            if dir.join("adapter_config.json").is_file() {
+            if dir.join("adapter_config.json").is_file()
+                || dir.join(bitnode_engine::lora::GGUF_ADAPTER_IN_DIR).is_file()
+            {
                 bail!("{} is an adapter, not a model", given.display());
             }
             return Ok((hash, Some(ModelSizing::read(&dir)?)));

@@ -94,8 +94,87 @@ fn gguf_models_are_stored_submitted_and_served() {
         assert_eq!(named["result"]["nll"], local["nll"], "{name}: {named}");
     }
 
-    // The API: the official client lists the GGUF models and completes with them; greedy equals
-    // `bitnode infer` on the file.
+    // A LoRA GGUF (trained here, exported by `bitnode adapter export`) goes into the store as an adapter and
+    // travels with a submitted job; the NLL is the local command's with the same file.
+    let peft = phone.home.join("lora-peft");
+    let lora = phone.home.join("lora.gguf");
+    cli_ok(
+        &phone.home,
+        &[
+            "finetune",
+            "--model",
+            tq_s,
+            "--data",
+            t,
+            "--out",
+            peft.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-2",
+            "--device",
+            "cpu",
+        ],
+    );
+    cli_ok(
+        &phone.home,
+        &[
+            "adapter",
+            "export",
+            "--gguf",
+            lora.to_str().unwrap(),
+            "--adapter",
+            peft.to_str().unwrap(),
+            "--base",
+            tq_s,
+        ],
+    );
+    let l = lora.to_str().unwrap();
+    let added = last(&cli_ok(&phone.home, &["model", "add", l, "--name", "lora", "--json"]));
+    assert_eq!(added["kind"], "adapter", "{added}");
+    let remote = last(&cli_ok(
+        &phone.home,
+        &[
+            "submit",
+            "score",
+            "--model",
+            tq_s,
+            "--adapter",
+            l,
+            "--text-file",
+            t,
+            "--json",
+        ],
+    ));
+    assert_eq!(remote["executed_by"], desktop.id.as_str(), "{remote}");
+    let local = last(&cli_ok(
+        &phone.home,
+        &[
+            "score",
+            "--model",
+            tq_s,
+            "--adapter",
+            l,
+            "--text-file",
+            t,
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    ));
+    let plain = last(&cli_ok(
+        &phone.home,
+        &["score", "--model", tq_s, "--text-file", t, "--device", "cpu", "--json"],
+    ));
+    assert_eq!(remote["result"]["nll"], local["nll"], "remote {remote} local {local}");
+    assert_ne!(local["nll"], plain["nll"], "the adapter changes the model");
+
+    // The API: the official client lists the GGUF models and completes with them (and with the GGUF
+    // adapter); greedy equals `bitnode infer` on the file.
     let url = phone.status()["api_url"].as_str().expect("the API listens").to_string();
     let (prompt, n) = ("The quick brown fox", 8);
     let script = r#"
@@ -108,6 +187,8 @@ for m in ["tq", "tq-silu"]:
     out[m] = r.choices[0].text
     ch = c.chat.completions.create(model=m, messages=[{"role": "user", "content": prompt}], max_tokens=n, temperature=0)
     out[m + "-chat"] = ch.usage.prompt_tokens
+r = c.completions.create(model="tq", prompt=prompt, max_tokens=n, temperature=0, extra_body={"adapter": "lora"})
+out["tq-lora"] = r.choices[0].text
 print(json.dumps(out))
 "#;
     let out = Command::new(python())
@@ -142,6 +223,26 @@ print(json.dumps(out))
             ],
         ));
         assert_eq!(r[name], local["text"], "{name}: API {r} local {local}");
+        if name == "tq" {
+            let with = last(&cli_ok(
+                &phone.home,
+                &[
+                    "infer",
+                    "--model",
+                    model,
+                    "--adapter",
+                    l,
+                    "--prompt",
+                    prompt,
+                    "--max-tokens",
+                    &n.to_string(),
+                    "--device",
+                    "cpu",
+                    "--json",
+                ],
+            ));
+            assert_eq!(r["tq-lora"], with["text"], "API with the GGUF adapter {r} local {with}");
+        }
         // The chat template came from the file (tokenizer.chat_template): more tokens than the bare prompt.
         assert!(
             r[format!("{name}-chat")].as_u64().unwrap() > local["prompt_tokens"].as_u64().unwrap(),
