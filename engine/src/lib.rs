@@ -6,6 +6,7 @@ pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod error;
+pub mod fast;
 pub mod finetune;
 pub mod gguf;
 pub mod gpu;

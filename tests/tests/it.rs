@@ -3,6 +3,7 @@
 mod backward;
 mod batch;
 mod data;
+mod fast;
 mod gguf;
 mod kernels;
 mod load;

@@ -1,0 +1,56 @@
+//! The fast CPU kernels (`bitnode_engine::fast`) against their reference twins (`cpu::*`): the same bits on
+//! random shapes, ragged tails included, on every code path this CPU can run.
+use bitnode_engine::model::TernaryLinear;
+use bitnode_engine::rng::Rng;
+use bitnode_engine::{cpu, fast, ternary};
+
+fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> TernaryLinear {
+    let mut words = vec![];
+    for _ in 0..out {
+        let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
+        ternary::pack_row(&t, &mut words);
+    }
+    TernaryLinear {
+        out,
+        inp,
+        words,
+        scale: 0.5 + rng.uniform(),
+    }
+}
+
+#[test]
+fn fast_matmul_ternary_equals_the_reference_on_every_path() {
+    let mut rng = Rng::new(18);
+    let path = fast::matmul_ternary::path();
+    eprintln!("this CPU's path: {path:?}");
+    // Input widths: less than one 128-element group, whole groups, groups plus a ragged tail of words.
+    for &(t, o, i) in &[
+        (1usize, 7usize, 16usize),
+        (1, 33, 112),
+        (3, 64, 128),
+        (2, 5, 144),
+        (1, 96, 256),
+        (17, 40, 400),
+        (4, 24, 2576),
+    ] {
+        let w = random_linear(&mut rng, o, i);
+        // The whole int8 range, -128 included (the quantizer never writes it, the kernel must not care).
+        let q: Vec<i8> = (0..t * i).map(|_| rng.next_u64() as u8 as i8).collect();
+        let s: Vec<f32> = (0..t).map(|_| 10.0 + 100.0 * rng.uniform()).collect();
+        let mut want = vec![0f32; t * o];
+        cpu::matmul_ternary(&mut want, &q, &s, &w, t);
+        for p in [fast::Path::Avx2, fast::Path::Portable] {
+            let mut got = vec![f32::NAN; t * o];
+            fast::matmul_ternary::matmul_ternary_on(p, &mut got, &q, &s, &w, t);
+            let off = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(off, 0, "{p:?} {t}x{o}x{i}: {off} of {} outputs differ", t * o);
+        }
+        let mut got = vec![f32::NAN; t * o];
+        fast::matmul_ternary(&mut got, &q, &s, &w, t);
+        assert_eq!(got, want, "the default path, {t}x{o}x{i}");
+    }
+}
