@@ -144,7 +144,7 @@ fn gpu_trainer(
 
 /// The wgpu adapter `--device` names, or None for the CPU reference trainer.
 fn gpu_adapter(device: &str) -> Result<Option<wgpu::Adapter>> {
-    if device.eq_ignore_ascii_case("cpu") {
+    if device.eq_ignore_ascii_case("cpu") || device.eq_ignore_ascii_case("cpu-reference") {
         return Ok(None);
     }
     match crate::gpu::pick_adapter(device)? {

@@ -102,12 +102,13 @@ fn probe_cpu(budget: Duration, samples: usize) -> Probe {
     let q: Vec<i8> = (0..t * i).map(|_| (rng.next_u64() % 255) as i8).collect();
     let s = vec![1.0f32; t];
     let mut y = vec![0f32; t * o];
-    // The reference kernel runs on this thread only, so this thread's CPU time is exactly the time it took,
+    // The kernel runs on this thread only, so this thread's CPU time is exactly the time it took,
     // however many other threads or processes shared the core meanwhile. That gives the rate per core;
     // the device offers it on every CPU this process may use.
     let clock = Clock::ThreadCpu.usable();
+    // The kernel the CPU backend runs (`--device cpu`: crate::fast, here on this one thread).
     let per_sec = time_samples(clock, budget, samples, || {
-        cpu::matmul_ternary(&mut y, &q, &s, &w, t);
+        crate::fast::matmul_ternary(&mut y, &q, &s, &w, t);
         Ok(1)
     })
     .unwrap_or_default();

@@ -39,7 +39,8 @@ impl std::str::FromStr for EmbedDtype {
 pub struct EngineOptions {
     /// `None`/"auto": discrete GPU, then integrated, then virtual, then the CPU reference (software Vulkan is
     /// skipped: it is slower than the reference). "gpu": the best wgpu adapter of any kind, lavapipe
-    /// included. "cpu": the CPU reference. A number: that index in `bitnode devices`. Anything else: a
+    /// included. "cpu": the CPU backend with the fast SIMD kernels; "cpu-reference": the same with the plain
+    /// reference kernels (the oracle). A number: that index in `bitnode devices`. Anything else: a
     /// case-insensitive substring of the adapter name.
     pub adapter: Option<String>,
     /// Caps the buffer and binding size below the adapter's (tiling tests; phones).
@@ -379,10 +380,19 @@ fn make_backend_reporting(
     report: &mut LoadReport,
 ) -> Result<Box<dyn Backend>> {
     let want = opts.adapter.as_deref().unwrap_or("auto");
+    // "cpu": the CPU backend with the fast kernels (`crate::fast`), on the cores this process may use;
+    // "cpu-reference": the plain reference kernels, the oracle (the same bits, much slower).
+    let reference = want.eq_ignore_ascii_case("cpu-reference");
     let cpu = |model: Arc<Model>| -> Result<CpuBackend> {
         model.layers()?;
-        Ok(CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16))
+        let b = CpuBackend::new(model, opts.embed_dtype == EmbedDtype::F16);
+        Ok(if reference {
+            b
+        } else {
+            b.fast(crate::probe::usable_cpus().floor().max(1.0) as usize)
+        })
     };
+    let is_cpu = reference || want.eq_ignore_ascii_case("cpu");
     let mut gpu = |model: Arc<Model>, adapter: wgpu::Adapter| -> Result<gpu::forward::GpuBackend> {
         let t = Instant::now();
         let dev = Arc::new(gpu::Gpu::new(adapter, opts.max_binding)?);
@@ -393,7 +403,7 @@ fn make_backend_reporting(
     };
     if let Some(dir) = &opts.lora {
         let lora = crate::lora::Adapter::load(dir, &model.config)?;
-        if !want.eq_ignore_ascii_case("cpu") {
+        if !is_cpu {
             match gpu::pick_adapter(want)? {
                 Some(adapter) => return Ok(Box::new(gpu(model, adapter)?.with_lora(&lora)?)),
                 None if !want.eq_ignore_ascii_case("auto") => {
@@ -406,14 +416,16 @@ fn make_backend_reporting(
         }
         return Ok(Box::new(cpu(model)?.with_lora(lora)));
     }
-    if want.eq_ignore_ascii_case("cpu") {
+    if is_cpu {
         return Ok(Box::new(cpu(model)?));
     }
     match gpu::pick_adapter(want)? {
         Some(adapter) => Ok(Box::new(gpu(model, adapter)?)),
         None if want.eq_ignore_ascii_case("auto") => {
-            tracing::debug!("no hardware GPU adapter: CPU reference backend");
-            eprintln!("warning: no GPU adapter found; running on the CPU reference backend (slow; `--device gpu` selects software Vulkan)");
+            tracing::debug!("no hardware GPU adapter: the CPU backend");
+            eprintln!(
+                "warning: no GPU adapter found; running on the CPU backend (`--device gpu` selects software Vulkan)"
+            );
             Ok(Box::new(cpu(model)?))
         }
         None => Err(EngineError::NoAdapter(format!(

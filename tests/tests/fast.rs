@@ -54,3 +54,49 @@ fn fast_matmul_ternary_equals_the_reference_on_every_path() {
         assert_eq!(got, want, "the default path, {t}x{o}x{i}");
     }
 }
+
+/// `--device cpu` (the fast kernels, on threads) gives the reference backend's bits: logits of every
+/// position, the windowed NLL and greedy tokens, on a transformers fixture and on the GGUF twin (whose
+/// 256-wide rows take the AVX2 groups), with and without continuous batching's slots.
+#[test]
+fn the_fast_cpu_backend_equals_the_reference() {
+    use bitnode_engine::{EmbedDtype, Engine, EngineOptions};
+    let opts = |dev: &str| EngineOptions {
+        adapter: Some(dev.into()),
+        embed_dtype: EmbedDtype::F32,
+        ..Default::default()
+    };
+    for dir in [
+        bitnode_tests::fixtures().join("online_untied"),
+        bitnode_tests::fixtures().join("gguf_model/tq2_0.gguf"),
+    ] {
+        let mut want = Engine::load(&dir, &opts("cpu-reference")).unwrap();
+        let mut got = Engine::load(&dir, &opts("cpu")).unwrap();
+        assert!(
+            got.backend.device_name().starts_with("cpu ("),
+            "{}",
+            got.backend.device_name()
+        );
+        assert_eq!(want.backend.device_name(), "cpu reference");
+        let ids: Vec<u32> = (0..150u32).map(|i| (i * 37 + 5) % 390).collect();
+        assert_eq!(
+            got.logits(&ids[..40]).unwrap(),
+            want.logits(&ids[..40]).unwrap(),
+            "{}",
+            dir.display()
+        );
+        assert_eq!(
+            got.score_ids(&ids).unwrap(),
+            want.score_ids(&ids).unwrap(),
+            "{}",
+            dir.display()
+        );
+        let p = bitnode_engine::cpu::SampleParams::default();
+        let g = |e: &mut Engine| {
+            e.generate_ids(&ids[..7], 12, &p, 0, false, &mut |_| true)
+                .unwrap()
+                .tokens
+        };
+        assert_eq!(g(&mut got), g(&mut want), "{}", dir.display());
+    }
+}

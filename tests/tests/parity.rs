@@ -109,6 +109,14 @@ fn opts(adapter: &str, embed: EmbedDtype) -> EngineOptions {
 #[test]
 fn cpu_reference_matches_transformers() {
     for case in CASES {
+        check(case, &opts("cpu-reference", EmbedDtype::F32), 2e-3, 1e-4);
+    }
+}
+
+/// The CPU backend with the fast kernels (`--device cpu`), against transformers too.
+#[test]
+fn cpu_fast_matches_transformers() {
+    for case in CASES {
         check(case, &opts("cpu", EmbedDtype::F32), 2e-3, 1e-4);
     }
 }

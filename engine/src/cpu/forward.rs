@@ -21,6 +21,8 @@ pub struct CpuBackend {
     /// unquantized normed input, as PEFT does.
     lora: Option<Arc<crate::lora::Adapter>>,
     slots: Slots,
+    /// Threads for the fast ternary projections (`crate::fast`); 0: the reference `matmul_ternary`.
+    fast_threads: usize,
 }
 
 /// The caches of continuous batching: per layer [slots, NKV, P, HD], one repetition set per slot, and the
@@ -61,7 +63,15 @@ impl CpuBackend {
             sin: vec![],
             lora: None,
             slots: Slots::default(),
+            fast_threads: 0,
         }
+    }
+
+    /// The same backend with the fast ternary projections of `crate::fast` (SIMD, on `threads` threads):
+    /// `--device cpu`. They give the reference's bits, so every output is the reference's.
+    pub fn fast(mut self, threads: usize) -> Self {
+        self.fast_threads = threads.max(1);
+        self
     }
 
     pub fn with_lora(mut self, a: crate::lora::Adapter) -> Self {
@@ -97,6 +107,14 @@ impl CpuBackend {
         let (qd, kvd) = (nh * hd, nkv * hd);
         let eps = cfg.rms_norm_eps as f32;
         let lora = self.lora.clone();
+        let threads = self.fast_threads;
+        let matmul_ternary = |y: &mut [f32], q: &[i8], s: &[f32], w: &crate::model::TernaryLinear, t: usize| {
+            if threads == 0 {
+                matmul_ternary(y, q, s, w, t)
+            } else {
+                crate::fast::matmul_ternary_threads(y, q, s, w, t, threads)
+            }
+        };
         // y += LoRA(target) of the normed input `n`, for every projection that reads it (q, k and v share
         // one). The fused rmsnorm_quant keeps only the quantized form, so `n` is computed here, once per
         // input; `rmsnorm_quant` is rmsnorm followed by act_quant, so the base path is unchanged.
@@ -216,7 +234,18 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn device_name(&self) -> String {
-        "cpu reference".into()
+        if self.fast_threads == 0 {
+            "cpu reference".into()
+        } else {
+            format!(
+                "cpu ({}, {} threads)",
+                match crate::fast::matmul_ternary::path() {
+                    crate::fast::Path::Avx2 => "AVX2",
+                    crate::fast::Path::Portable => "portable",
+                },
+                self.fast_threads
+            )
+        }
     }
 
     fn begin(&mut self, positions: usize) -> Result<()> {

@@ -115,7 +115,23 @@ pub fn matmul_ternary_portable(y: &mut [f32], q: &[i8], s: &[f32], w: &TernaryLi
 
 /// `matmul_ternary` on a given path; `Path::Avx2` on a CPU without AVX2 falls back to the portable one.
 pub fn matmul_ternary_on(p: Path, y: &mut [f32], q: &[i8], s: &[f32], w: &TernaryLinear, t: usize) {
-    let (o, inp) = (w.out, w.inp);
+    rows_on(p, y, w.out, q, s, w, t, 0..w.out);
+}
+
+/// Rows `rows` of the projection for `t` tokens into `y` ([T, stride]): row r of token ti at
+/// `y[ti * stride + r - rows.start]`.
+#[allow(clippy::too_many_arguments)]
+fn rows_on(
+    p: Path,
+    y: &mut [f32],
+    stride: usize,
+    q: &[i8],
+    s: &[f32],
+    w: &TernaryLinear,
+    t: usize,
+    rows: std::ops::Range<usize>,
+) {
+    let inp = w.inp;
     let words = inp / 16;
     let avx2 = p == Path::Avx2 && path() == Path::Avx2;
     let mut perm = Vec::new();
@@ -128,7 +144,7 @@ pub fn matmul_ternary_on(p: Path, y: &mut [f32], q: &[i8], s: &[f32], w: &Ternar
         } else {
             0
         };
-        for r in 0..o {
+        for r in rows.clone() {
             let row = &w.words[r * words..(r + 1) * words];
             let mut acc = dot_codes(row, x, whole);
             #[cfg(target_arch = "x86_64")]
@@ -136,7 +152,44 @@ pub fn matmul_ternary_on(p: Path, y: &mut [f32], q: &[i8], s: &[f32], w: &Ternar
                 // SAFETY: AVX2 was detected; `row` has `whole` words of whole groups and `perm` their bytes.
                 acc += unsafe { dot_codes_avx2(&row[..whole], &perm) };
             }
-            y[ti * o + r] = (acc - qsum) as f32 * w.scale / s[ti];
+            y[ti * stride + r - rows.start] = (acc - qsum) as f32 * w.scale / s[ti];
+        }
+    }
+}
+
+/// Multiply-adds below which one thread does the whole projection (a thread costs tens of microseconds).
+const PARALLEL_MIN: usize = 1 << 21;
+
+/// `matmul_ternary` on up to `threads` threads, each taking a range of rows (every output is computed
+/// as on one thread, so the bits do not depend on the thread count).
+pub fn matmul_ternary_threads(y: &mut [f32], q: &[i8], s: &[f32], w: &TernaryLinear, t: usize, threads: usize) {
+    let (o, p) = (w.out, path());
+    let threads = threads.clamp(1, o.max(1));
+    if threads == 1 || t * o * w.inp < PARALLEL_MIN {
+        return rows_on(p, y, o, q, s, w, t, 0..o);
+    }
+    let per = o.div_ceil(threads);
+    let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| (k * per, ((k + 1) * per).min(o)))
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| {
+                sc.spawn(move || {
+                    let mut part = vec![0f32; t * (b - a)];
+                    rows_on(p, &mut part, b - a, q, s, w, t, a..b);
+                    (a, part)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    for (a, part) in parts {
+        let n = part.len() / t.max(1);
+        for ti in 0..t {
+            y[ti * o + a..ti * o + a + n].copy_from_slice(&part[ti * n..(ti + 1) * n]);
         }
     }
 }

@@ -207,7 +207,7 @@ pub fn devices(json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else if list.is_empty() {
-        println!("no wgpu adapters found; bitnode will use the CPU reference backend (slow)");
+        println!("no wgpu adapters found; bitnode will use the CPU backend");
     } else {
         for a in &list {
             println!("[{}] {} ({}, {})", a.index, a.name, a.backend, a.device_type);
