@@ -100,3 +100,29 @@ fn the_fast_cpu_backend_equals_the_reference() {
         assert_eq!(g(&mut got), g(&mut want), "{}", dir.display());
     }
 }
+
+/// The fast lm_head (transposed head, eight rows per register, threads over 64-row blocks) gives the
+/// reference's bits on both paths, a ragged last block included.
+#[test]
+fn fast_lm_head_equals_the_reference() {
+    let mut rng = Rng::new(19);
+    for &(t, c, v) in &[(1usize, 64usize, 400usize), (3, 256, 64), (5, 96, 1000), (2, 768, 129)] {
+        let x = bitnode_tests::randn(&mut rng, t * c, 1.0);
+        let w = bitnode_tests::randn(&mut rng, v * c, 0.5);
+        let mut want = vec![0f32; t * v];
+        cpu::lm_head(&mut want, &x, &w, t, c, v);
+        let wt = fast::lm_head::transpose(&w, v, c);
+        for p in [fast::Path::Avx2, fast::Path::Portable] {
+            for threads in [1, 2, 3] {
+                let mut got = vec![f32::NAN; t * v];
+                fast::lm_head::lm_head_on(p, &mut got, &x, &wt, t, c, v, threads);
+                let off = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(off, 0, "{p:?} {threads} threads {t}x{c}x{v}: {off} logits differ");
+            }
+        }
+    }
+}

@@ -92,7 +92,23 @@ impl CpuBackend {
             let h = self.model.head();
             let mut w = h.rows_f32(0, h.rows);
             self.round(&mut w);
+            if self.fast_threads > 0 {
+                // The fast lm_head reads the head transposed ([C, V]); it replaces the [V, C] copy.
+                w = crate::fast::lm_head::transpose(&w, h.rows, h.cols);
+            }
             self.head = Some(w);
+        }
+    }
+
+    /// The head's logits for `t` rows of `x` ([T, C]) into `logits` ([T, V]): the reference `lm_head`, or
+    /// the fast one (the same bits) on the transposed head. `ensure_head` first.
+    fn head_logits(&self, logits: &mut [f32], x: &[f32], t: usize) {
+        let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
+        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
+        if self.fast_threads == 0 {
+            lm_head(logits, x, w, t, c, v);
+        } else {
+            crate::fast::lm_head(logits, x, w, t, c, v, self.fast_threads);
         }
     }
 }
@@ -214,10 +230,9 @@ impl CpuBackend {
     fn last_logits(&mut self, xf: &[f32]) -> Vec<f32> {
         let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
         self.ensure_head();
-        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
         let t = xf.len() / c;
         let mut logits = vec![0f32; v];
-        lm_head(&mut logits, &xf[(t - 1) * c..], w, 1, c, v);
+        self.head_logits(&mut logits, &xf[(t - 1) * c..], 1);
         logits
     }
 
@@ -334,11 +349,10 @@ impl Backend for CpuBackend {
         check_tokens(&tokens, self.model.config.vocab_size)?;
         let at: Vec<(usize, usize)> = rows.iter().map(|r| (r.slot, r.pos)).collect();
         let xf = self.run_layers(&tokens, Kv::Rows(&at))?;
-        let (c, v) = (self.model.config.hidden_size, self.model.config.vocab_size);
+        let v = self.model.config.vocab_size;
         self.ensure_head();
-        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
         let mut logits = vec![0f32; rows.len() * v];
-        lm_head(&mut logits, &xf, w, rows.len(), c, v);
+        self.head_logits(&mut logits, &xf, rows.len());
         let picks: Vec<SampleRow> = rows
             .iter()
             .map(|r| SampleRow {
@@ -391,25 +405,24 @@ impl Backend for CpuBackend {
         if !matches!(want, Want::Nothing) {
             self.ensure_head();
         }
-        let w: &[f32] = self.head.as_deref().unwrap_or(&[]);
         match want {
             Want::Nothing => Ok(Got::Nothing),
             Want::AllLogits => {
                 let mut logits = vec![0f32; t * vsz];
-                lm_head(&mut logits, &xf, w, t, c, vsz);
+                self.head_logits(&mut logits, &xf, t);
                 Ok(Got::Logits(logits))
             }
             Want::Nll(targets) => {
                 let n = targets.len().min(t);
                 let mut logits = vec![0f32; n * vsz];
-                lm_head(&mut logits, &xf[..n * c], w, n, c, vsz);
+                self.head_logits(&mut logits, &xf[..n * c], n);
                 let mut out = vec![0f32; n];
                 super::nll(&mut out, &logits, &targets[..n], vsz);
                 Ok(Got::Nll(out))
             }
             Want::Sample { params, u } => {
                 let mut logits = vec![0f32; vsz];
-                lm_head(&mut logits, &xf[(t - 1) * c..], w, 1, c, vsz);
+                self.head_logits(&mut logits, &xf[(t - 1) * c..], 1);
                 Ok(Got::Token(sample(&logits, &self.seen, &params, u)))
             }
         }

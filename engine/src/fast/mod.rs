@@ -3,6 +3,8 @@
 //! oracle: every kernel here has the reference function of the same name as its twin, and the tests compare
 //! them on random shapes including ragged tails. `--device cpu` runs the CPU backend with these kernels
 //! (on the cores `probe::usable_cpus` allows); `--device cpu-reference` runs the reference ones.
+pub mod lm_head;
 pub mod matmul_ternary;
 
+pub use lm_head::lm_head;
 pub use matmul_ternary::{matmul_ternary, matmul_ternary_portable, matmul_ternary_threads, Path};
