@@ -25,17 +25,6 @@ pub struct ModelExport {
     pub tied: bool,
 }
 
-/// The GGUF tensor name of each projection, in `Layer` order.
-const NAMES: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
-
 /// One projection as TQ2_0 blocks (ggml `block_tq2_0`: `qs[64]`, then fp16 `d`; element e of a block at
 /// `qs[32 * (e / 128) + e % 32]`, bits `2 * ((e % 128) / 32)`, code = value + 1), the inverse of
 /// `gguf::tq2_0_to_ternary`.
@@ -277,7 +266,7 @@ pub fn export_model(dir: &Path, out: &Path) -> Result<ModelExport> {
             &l.up_proj,
             &l.down_proj,
         ];
-        for (n, p) in NAMES.iter().zip(projections) {
+        for (n, p) in crate::model::GGUF_PROJECTIONS.iter().zip(projections) {
             let (bytes, rounding) = tq2_0_bytes(p);
             worst = worst.max(rounding);
             w.add_tensor(&format!("blk.{li}.{n}.weight"), &[p.inp, p.out], GgmlType::TQ2_0, bytes)

@@ -48,6 +48,21 @@ pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()
 }
 
+/// A random ternary projection [out, inp] (uniform over -1, 0, 1) with a scale in [0.5, 1.5).
+pub fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> bitnode_engine::model::TernaryLinear {
+    let mut words = vec![];
+    for _ in 0..out {
+        let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
+        bitnode_engine::ternary::pack_row(&t, &mut words);
+    }
+    bitnode_engine::model::TernaryLinear {
+        out,
+        inp,
+        words,
+        scale: 0.5 + rng.uniform(),
+    }
+}
+
 /// A fresh temporary directory under the target dir (removed by the caller or left for inspection).
 pub fn tempdir(name: &str) -> PathBuf {
     let base = std::env::temp_dir().join("bitnode-test-tmp");

@@ -1,22 +1,8 @@
 //! The fast CPU kernels (`bitnode_engine::fast`) against their reference twins (`cpu::*`): the same bits on
 //! random shapes, ragged tails included, on every code path this CPU can run.
-use bitnode_engine::model::TernaryLinear;
 use bitnode_engine::rng::Rng;
-use bitnode_engine::{cpu, fast, ternary};
-
-fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> TernaryLinear {
-    let mut words = vec![];
-    for _ in 0..out {
-        let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
-        ternary::pack_row(&t, &mut words);
-    }
-    TernaryLinear {
-        out,
-        inp,
-        words,
-        scale: 0.5 + rng.uniform(),
-    }
-}
+use bitnode_engine::{cpu, fast};
+use bitnode_tests::random_linear;
 
 #[test]
 fn fast_matmul_ternary_equals_the_reference_on_every_path() {

@@ -1,10 +1,9 @@
 //! Every WGSL kernel against its CPU twin on random inputs, through the same launchers the model uses.
 use bitnode_engine::cpu::{self, SampleParams};
 use bitnode_engine::gpu::kernels::{self as k, Step};
-use bitnode_engine::model::{Model, TernaryLinear};
+use bitnode_engine::model::Model;
 use bitnode_engine::rng::Rng;
-use bitnode_engine::ternary;
-use bitnode_tests::{gpu, gpu_paths, max_rel_diff, randn, tempdir};
+use bitnode_tests::{gpu, gpu_paths, max_rel_diff, randn, random_linear, tempdir};
 use std::sync::Arc;
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -13,20 +12,6 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 
 fn step_buf(g: &bitnode_engine::gpu::Gpu, s: Step) -> wgpu::Buffer {
     g.uniform("step", bytemuck::bytes_of(&s))
-}
-
-fn random_linear(rng: &mut Rng, out: usize, inp: usize) -> TernaryLinear {
-    let mut words = vec![];
-    for _ in 0..out {
-        let t: Vec<i8> = (0..inp).map(|_| (rng.next_u64() % 3) as i8 - 1).collect();
-        ternary::pack_row(&t, &mut words);
-    }
-    TernaryLinear {
-        out,
-        inp,
-        words,
-        scale: 0.5 + rng.uniform(),
-    }
 }
 
 fn pack_q(q: &[i8]) -> Vec<u32> {

@@ -83,30 +83,13 @@ pub fn lm_head_on(
     threads: usize,
 ) {
     let blocks: Vec<(usize, usize)> = (0..v).step_by(BLOCK).map(|a| (a, (a + BLOCK).min(v))).collect();
-    let threads = threads.clamp(1, blocks.len().max(1));
-    let per = blocks.len().div_ceil(threads);
-    let parts: Vec<Vec<(usize, usize, Vec<f32>)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = blocks
-            .chunks(per.max(1))
-            .map(|chunk| {
-                sc.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|&(a, b)| {
-                            let mut out = vec![0f32; t * (b - a)];
-                            range(p, &mut out, x, wt, t, c, v, a, b);
-                            (a, b, out)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+    // Each block is one task: the threads take the next block as they finish one.
+    let parts = crate::util::parallel_map(blocks, threads, |(a, b)| {
+        let mut out = vec![0f32; t * (b - a)];
+        range(p, &mut out, x, wt, t, c, v, a, b);
+        (a, b, out)
     });
-    for (a, b, out) in parts.into_iter().flatten() {
+    for (a, b, out) in parts {
         let n = b - a;
         for ti in 0..t {
             logits[ti * v + a..ti * v + b].copy_from_slice(&out[ti * n..(ti + 1) * n]);

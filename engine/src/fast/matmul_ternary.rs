@@ -169,22 +169,11 @@ pub fn matmul_ternary_threads(y: &mut [f32], q: &[i8], s: &[f32], w: &TernaryLin
         return rows_on(p, y, o, q, s, w, t, 0..o);
     }
     let per = o.div_ceil(threads);
-    let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..threads)
-            .map(|k| (k * per, ((k + 1) * per).min(o)))
-            .filter(|(a, b)| a < b)
-            .map(|(a, b)| {
-                sc.spawn(move || {
-                    let mut part = vec![0f32; t * (b - a)];
-                    rows_on(p, &mut part, b - a, q, s, w, t, a..b);
-                    (a, part)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+    let ranges: Vec<(usize, usize)> = (0..o).step_by(per).map(|a| (a, (a + per).min(o))).collect();
+    let parts = crate::util::parallel_map(ranges, threads, |(a, b)| {
+        let mut part = vec![0f32; t * (b - a)];
+        rows_on(p, &mut part, b - a, q, s, w, t, a..b);
+        (a, part)
     });
     for (a, part) in parts {
         let n = part.len() / t.max(1);

@@ -995,7 +995,7 @@ pub fn relu2_mul(
     out: &wgpu::Buffer,
     step: &wgpu::Buffer,
 ) -> Op {
-    relu2_op(gpu, "relu2_mul", f, &[(3, g), (4, u), (7, out)], step)
+    gated_op(gpu, "relu2_mul", sh::RELU2_MUL, f, &[(3, g), (4, u), (7, out)], step)
 }
 
 /// dg, du [T, F] from dout, g, u. CPU twin: `cpu::relu2_mul_backward`.
@@ -1011,7 +1011,7 @@ pub fn relu2_mul_backward(
     step: &wgpu::Buffer,
 ) -> Op {
     let bufs = [(2, dout), (3, g), (4, u), (5, dg), (6, du)];
-    relu2_op(gpu, "relu2_mul_backward", f, &bufs, step)
+    gated_op(gpu, "relu2_mul_backward", sh::RELU2_MUL, f, &bufs, step)
 }
 
 /// out = silu(g) * u, [T, F]. CPU twin: `cpu::silu_mul`.
@@ -1084,11 +1084,6 @@ pub fn gated_mode(act: Activation) -> u32 {
         Activation::Relu2 => 2,
         Activation::Silu => 3,
     }
-}
-
-/// An entry point of relu2_mul.wgsl over [T, F]: 256 columns per workgroup.
-fn relu2_op(gpu: &Gpu, entry: &'static str, f: usize, bufs: &[(u32, &wgpu::Buffer)], step: &wgpu::Buffer) -> Op {
-    gated_op(gpu, entry, sh::RELU2_MUL, f, bufs, step)
 }
 
 /// An entry point of relu2_mul.wgsl or silu_mul.wgsl (the same parameters and bindings) over [T, F]: 256

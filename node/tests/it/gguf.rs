@@ -3,7 +3,7 @@
 //! `model.gguf`, which transfers like any model), and is served by the OpenAI-compatible API to the official
 //! `openai` client; every answer equals what the local commands print for the file.
 use crate::harness::*;
-use crate::serve::python;
+use crate::serve::{greedy_infer_json, python};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -207,21 +207,7 @@ print(json.dumps(out))
         assert!(r["models"].as_array().unwrap().iter().any(|m| m == name), "{r}");
     }
     for (model, name) in [(tq_s, "tq"), (silu_s, "tq-silu")] {
-        let local = last(&cli_ok(
-            &phone.home,
-            &[
-                "infer",
-                "--model",
-                model,
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                &n.to_string(),
-                "--device",
-                "cpu",
-                "--json",
-            ],
-        ));
+        let local = greedy_infer_json(&phone.home, Path::new(model), prompt, n);
         assert_eq!(r[name], local["text"], "{name}: API {r} local {local}");
         if name == "tq" {
             let with = last(&cli_ok(

@@ -66,7 +66,7 @@ pub(crate) fn curl(args: &[&str]) -> (u16, Value, String) {
 }
 
 /// `bitnode infer --json` of the same model, prompt and limit, greedy: its last line.
-fn greedy_infer_json(home: &Path, model: &Path, prompt: &str, n: usize) -> Value {
+pub(crate) fn greedy_infer_json(home: &Path, model: &Path, prompt: &str, n: usize) -> Value {
     let out = cli_ok(
         home,
         &[
